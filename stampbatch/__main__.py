@@ -1,0 +1,3 @@
+from stampbatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Argument parsers and thin command functions of the CLI, one module per group of stages."""

@@ -1,0 +1,181 @@
+"""CLI for the data stages: simulate, ingest, fetch, inspect."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from stampbatch.errors import UsageError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _compression(text: str) -> str | None:
+    if text in ("none", ""):
+        return None
+    if text not in ("lzf", "gzip"):
+        raise argparse.ArgumentTypeError("choose none, lzf or gzip")
+    return text
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chunk-rows", type=_positive_int, default=4096,
+                   help="stamps per HDF5 chunk (default 4096)")
+    p.add_argument("--compression", type=_compression, default=None, metavar="none|lzf|gzip",
+                   help="HDF5 compression of /stamps (default none: noisy stamps barely compress)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="write simulated stamps (labelled, or unlabelled candidates)",
+                       description="Simulate co-added 21x21 stamps: point sources of SNR 3-100 with "
+                                   "Gaussian/Moffat PSFs and hard negatives, written to an HDF5 store.")
+    p.add_argument("out", type=Path, metavar="OUT.h5")
+    p.add_argument("--n", type=_positive_int, required=True, help="number of stamps")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--candidates", action="store_true",
+                   help="write an unlabelled candidate file (truth kept in /meta for evaluation)")
+    p.add_argument("--config", type=Path, metavar="SIM.toml",
+                   help="simulator settings (TOML, keys of SimConfig)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    _add_store_options(p)
+    p.set_defaults(func=run_simulate)
+
+    p = sub.add_parser("ingest", help="convert .npy/.npz stamp arrays into an HDF5 store",
+                       description="Ingest the reference layout: stamps_sources.npy (positives) and "
+                                   "stamps_noise.npy (negatives), each (N, 441) or (N, 21, 21); or "
+                                   "unlabelled candidate arrays. Pickled arrays are refused.")
+    p.add_argument("out", type=Path, metavar="OUT.h5")
+    p.add_argument("--sources", type=Path, metavar="A.npy", help="stamps with a source (label 1)")
+    p.add_argument("--noise", type=Path, metavar="B.npy", help="stamps without a source (label 0)")
+    p.add_argument("--candidates", type=Path, metavar="C.npy", help="unlabelled candidate stamps")
+    p.add_argument("--key", default=None, help="array name inside an .npz (default: its only array)")
+    _add_store_options(p)
+    p.set_defaults(func=run_ingest)
+
+    p = sub.add_parser("fetch", help="download a file, resumable, verified by sha256",
+                       description="Download URL to DEST: streamed to a temporary file, resumed with "
+                                   "HTTP Range after an interruption, retried with backoff, and moved "
+                                   "into place only when its sha256 matches.")
+    p.add_argument("url")
+    p.add_argument("dest", type=Path)
+    p.add_argument("--sha256", required=True, metavar="HEX", help="expected sha256 (64 hex digits)")
+    p.add_argument("--retries", type=int, default=5, help="attempts after a dropped connection")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds without data before retrying")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=run_fetch)
+
+    p = sub.add_parser("inspect", help="summarise a store: schema, counts, balance, SNR, scores",
+                       description="Validate an HDF5 store and summarise it.")
+    p.add_argument("files", type=Path, nargs="+", metavar="FILE.h5")
+    p.set_defaults(func=run_inspect)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from stampbatch import simulate
+    from stampbatch.config import from_mapping, load_toml
+
+    config = simulate.SimConfig()
+    if args.config is not None:
+        config = from_mapping(simulate.SimConfig, load_toml(args.config), str(args.config))
+    info = simulate.write_simulated(
+        args.out, args.n, config=config, seed=args.seed, candidates=args.candidates,
+        chunk_rows=args.chunk_rows, compression=args.compression, overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    kind = "candidate" if args.candidates else "labelled"
+    print(f"wrote {info.n_stamps:,} {kind} stamps to {info.path}")
+    return 0
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    from stampbatch import fetch
+
+    if args.candidates is None and (args.sources is None or args.noise is None):
+        raise UsageError("give --sources and --noise (a labelled store) or --candidates")
+    if args.candidates is not None and (args.sources or args.noise):
+        raise UsageError("--candidates cannot be combined with --sources/--noise")
+    info = fetch.ingest(
+        args.out, sources=args.sources, noise=args.noise, candidates=args.candidates,
+        key=args.key, chunk_rows=args.chunk_rows, compression=args.compression,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {info.n_stamps:,} stamps to {info.path}")
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from stampbatch import fetch
+
+    path = fetch.download(args.url, args.dest, args.sha256, retries=args.retries,
+                          timeout=args.timeout, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"downloaded {args.url} to {path} (sha256 verified)")
+    return 0
+
+
+def describe_store(path: Path) -> str:
+    """A human summary of one store (used by ``inspect``)."""
+    from stampbatch import store
+
+    info = store.open_store(path)
+    lines = [f"{path}"]
+    if info.is_score_file:
+        attrs = store.read_attrs(path)
+        lines.append(f"  score side file for {attrs.get('source_file')} ({info.n_stamps:,} stamps)")
+    else:
+        lines.append(f"  schema {store.SCHEMA_VERSION}, {info.n_stamps:,} stamps of "
+                     f"{info.stamp_shape[0]}x{info.stamp_shape[1]}, chunks of {info.chunk_rows}, "
+                     f"compression {info.compression or 'none'}")
+        if info.labelled:
+            labels = store.read_labels(path)
+            n_pos = int((labels == 1).sum())
+            lines.append(f"  labels: {n_pos:,} source / {len(labels) - n_pos:,} no source "
+                         f"({100.0 * n_pos / len(labels):.1f}% sources)")
+        else:
+            lines.append("  unlabelled (candidate file)")
+        if info.meta_columns:
+            lines.append(f"  meta: {', '.join(info.meta_columns)}")
+            meta = store.read_meta(path, [c for c in ("snr", "kind") if c in info.meta_columns])
+            if "snr" in meta:
+                snr = meta["snr"][np.isfinite(meta["snr"]) & (meta["snr"] > 0)]
+                if len(snr):
+                    lines.append(f"  SNR of sources: {snr.min():.1f} to {snr.max():.1f} "
+                                 f"(median {np.median(snr):.1f})")
+            if "kind" in meta:
+                kinds, counts = np.unique(meta["kind"], return_counts=True)
+                lines.append("  kinds: " + ", ".join(f"{k} {c:,}" for k, c in zip(kinds, counts)))
+    if not info.scored_models:
+        lines.append("  scores: none")
+    for model in info.scored_models:
+        attrs = store.score_status(path, model)
+        if attrs is None:
+            lines.append(f"  scores/{model}: INCOMPLETE (interrupted run; rerun score)")
+            continue
+        s = store.read_scores(path, model, with_maps=False)
+        p = s.probability
+        finite = np.isfinite(p)
+        lines.append(
+            f"  scores/{model}: {int(finite.sum()):,} scored, {int((p[finite] >= 0.5).sum()):,} "
+            f"with P(source) >= 0.5, {len(s.occlusion_index):,} occlusion maps"
+            + (f", {int((~finite).sum()):,} unscorable (NaN/Inf)" if (~finite).any() else "")
+            + f"; arch {attrs.get('architecture', '?')}, model sha256 "
+              f"{str(attrs.get('model_sha256', '?'))[:12]}, scored {attrs.get('scored_at', '?')}"
+        )
+    return "\n".join(lines)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    for path in args.files:
+        print(describe_store(path))
+    return 0

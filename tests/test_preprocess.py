@@ -1,0 +1,97 @@
+"""The vectorised normalisation against the per-stamp reference, and degenerate stamps."""
+
+import numpy as np
+import pytest
+
+from stampbatch import preprocess
+
+
+def notebook_normalize(image: np.ndarray) -> np.ndarray:
+    """The teaching notebook's per-stamp code, verbatim in spirit (float64, in place)."""
+    image = np.array(image, dtype=np.float64)
+    per25, per50, per75 = np.percentile(image, [25, 50, 75])
+    sigma_g = 0.7413 * (per75 - per25)
+    image[image < (per50 - 2 * sigma_g)] = per50 - 2 * sigma_g
+    image -= np.min(image)
+    image /= np.sum(image)
+    return image
+
+
+def test_matches_per_stamp_reference_bit_for_bit_in_float32():
+    rng = np.random.default_rng(3)
+    stamps = (rng.normal(100.0, 5.0, size=(500, 21, 21))).astype(np.float32)
+    stamps[:, 10, 10] += rng.uniform(0, 200, size=500).astype(np.float32)
+    fast = preprocess.normalize(stamps)
+    loop = np.stack([preprocess.normalize_reference(s) for s in stamps])
+    assert fast.dtype == np.float32 and fast.shape == stamps.shape
+    np.testing.assert_array_equal(fast, loop)
+
+
+def test_matches_the_notebook_float64_code_to_float32_tolerance():
+    rng = np.random.default_rng(4)
+    stamps = rng.normal(0.0, 1.0, size=(200, 21, 21)).astype(np.float32)
+    fast = preprocess.normalize(stamps)
+    ref = np.stack([notebook_normalize(s) for s in stamps])
+    np.testing.assert_allclose(fast, ref, rtol=2e-6, atol=1e-9)
+
+
+def test_properties_unit_sum_zero_floor_and_clipping():
+    rng = np.random.default_rng(5)
+    stamps = rng.normal(0.0, 1.0, size=(50, 21, 21)).astype(np.float32)
+    out = preprocess.normalize(stamps)
+    np.testing.assert_allclose(out.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert np.all(out.min(axis=(1, 2)) == 0.0)
+    # The lowest pixels were raised to a common floor: several pixels share the minimum.
+    assert np.all((out == 0).sum(axis=(1, 2)) >= 2)
+
+
+def test_input_is_not_modified_and_other_stamp_sizes_work():
+    rng = np.random.default_rng(6)
+    stamps = rng.normal(size=(7, 15, 15)).astype(np.float32)
+    before = stamps.copy()
+    out = preprocess.normalize(stamps)
+    np.testing.assert_array_equal(stamps, before)
+    ref = np.stack([preprocess.normalize_reference(s) for s in stamps])
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+
+
+def test_non_square_pixel_count_uses_interpolated_percentiles():
+    rng = np.random.default_rng(7)
+    stamps = rng.normal(size=(20, 10, 10)).astype(np.float32)  # 100 pixels: fractional positions
+    out = preprocess.normalize(stamps)
+    ref = np.stack([notebook_normalize(s) for s in stamps])
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("value", [0.0, 7.5, -3.0])
+def test_constant_stamps_become_flat_not_nan(value):
+    stamps = np.full((3, 21, 21), value, dtype=np.float32)
+    out = preprocess.normalize(stamps)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, 1.0 / 441)
+
+
+def test_non_finite_stamps_are_refused_or_flagged():
+    stamps = np.random.default_rng(8).normal(size=(4, 21, 21)).astype(np.float32)
+    stamps[1, 3, 3] = np.nan
+    stamps[3, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="2 stamp\\(s\\) have NaN or Inf pixels \\(first at row 1\\)"):
+        preprocess.normalize(stamps)
+    out, valid = preprocess.normalize_with_mask(stamps)
+    assert valid.tolist() == [True, False, True, False]
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[1], 1.0 / 441)
+    np.testing.assert_array_equal(out[0], preprocess.normalize(stamps[[0]])[0])
+
+
+def test_integer_input_and_empty_batch():
+    stamps = np.arange(2 * 21 * 21, dtype=np.int32).reshape(2, 21, 21)
+    out = preprocess.normalize(stamps)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert preprocess.normalize(np.zeros((0, 21, 21))).shape == (0, 21, 21)
+
+
+def test_wrong_rank_is_refused():
+    with pytest.raises(ValueError, match="shape"):
+        preprocess.normalize(np.zeros((21, 21)))
