@@ -7,8 +7,8 @@ The reference normalisation (the astroML teaching notebook) does, for each stamp
     subtract the minimum                    # the floor becomes 0
     divide by the sum                       # unit total flux: contrast, not brightness
 
-Here it runs on all stamps at once: one ``np.partition`` per percentile position over the
-flattened stamps (exact, like ``np.percentile``'s linear interpolation), the clip threshold
+Here it runs on all stamps at once: one SIMD ``np.sort`` of every flattened stamp, read at the
+percentile positions (exact, like ``np.percentile``'s linear interpolation), the clip threshold
 in float64 so the result matches the per-stamp loop to float32 rounding.
 
 Degenerate stamps, decided here once:
@@ -35,8 +35,9 @@ def _percentiles_rows(flat: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
     positions = np.array([(n - 1) * q / 100.0 for q in qs])
     lo = np.floor(positions).astype(np.intp)
     hi = np.minimum(lo + 1, n - 1)
-    kth = np.unique(np.concatenate([lo, hi]))
-    part = np.partition(flat, kth, axis=1)
+    # A full row sort beats np.partition by ~10x here: numpy 2 sorts float32 rows with SIMD
+    # (AVX-512/AVX2) while partition is scalar; the order statistics are identical.
+    part = np.sort(flat, axis=1)
     frac = positions - lo
     out = np.empty((flat.shape[0], len(qs)), dtype=np.float64)
     for i in range(len(qs)):  # loop over the three percentiles, not over stamps
