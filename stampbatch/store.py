@@ -181,6 +181,10 @@ def atomic_path(path: Path | str, *, overwrite: bool = False, suffix: str = ".h5
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + suffix, dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp makes the file private (0600); a store is shared data: honour the umask instead.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         _fsync_file(tmp)

@@ -1,5 +1,6 @@
 """The HDF5 stamp store: schema, atomic creation, validation of bad files, chunked reads, scores."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -322,3 +323,12 @@ def test_copy_of_a_store_validates(tmp_path):
     make_store(tmp_path / "a.h5")
     shutil.copy(tmp_path / "a.h5", tmp_path / "b.h5")
     assert store.open_store(tmp_path / "b.h5").n_stamps == 100
+
+
+def test_new_store_permissions_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        make_store(tmp_path / "p.h5")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "p.h5").stat().st_mode & 0o777 == 0o644
