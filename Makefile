@@ -27,7 +27,7 @@ slurm-down:
 	bash tests/slurm/down.sh
 
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check stampbatch tests benchmarks
+	$(VENV)/bin/ruff check stampbatch tests benchmarks tools
 
 test: $(INSTALLED) slurm-up lint
 	$(PY) -m pytest
