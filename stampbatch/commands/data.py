@@ -146,9 +146,18 @@ def describe_store(path: Path) -> str:
             lines.append("  unlabelled (candidate file)")
         if info.meta_columns:
             lines.append(f"  meta: {', '.join(info.meta_columns)}")
-            meta = store.read_meta(path, [c for c in ("snr", "kind") if c in info.meta_columns])
+            meta = store.read_meta(path, [c for c in ("snr", "kind", "true_label") if c in info.meta_columns])
             if "snr" in meta:
-                snr = meta["snr"][np.isfinite(meta["snr"]) & (meta["snr"] > 0)]
+                # Only real sources: hard negatives (hot pixels, streaks …) carry an SNR too.
+                if info.labelled:
+                    is_source = store.read_labels(path) == 1
+                elif "true_label" in meta:
+                    is_source = meta["true_label"] == 1
+                elif "kind" in meta:
+                    is_source = meta["kind"] == "source"
+                else:
+                    is_source = np.ones(len(meta["snr"]), dtype=bool)
+                snr = meta["snr"][is_source & np.isfinite(meta["snr"]) & (meta["snr"] > 0)]
                 if len(snr):
                     lines.append(f"  SNR of sources: {snr.min():.1f} to {snr.max():.1f} "
                                  f"(median {np.median(snr):.1f})")

@@ -1,0 +1,544 @@
+"""The stamp simulator: reproducibility, class/kind mix, SNR definition, shapes, store output."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stampbatch import simulate, store
+from stampbatch.cli import main
+from stampbatch.config import from_mapping, to_toml
+from stampbatch.errors import UsageError
+from stampbatch.preprocess import normalize
+from stampbatch.simulate import SimConfig, SimConfigError, simulate_stamps
+
+CENTRE = 10  # pixel index of the centre of a 21x21 stamp
+
+
+@pytest.fixture(scope="module")
+def batch() -> simulate.SimulatedBatch:
+    """20,000 stamps with the default settings (shared: simulating takes ~0.3 s)."""
+    return simulate_stamps(20_000, SimConfig(), np.random.default_rng(123))
+
+
+def _background(meta: dict[str, np.ndarray]) -> np.ndarray:
+    return np.where(meta["sky_subtracted"], 0.0, meta["sky"])
+
+
+def _residual(b: simulate.SimulatedBatch, sel: np.ndarray) -> np.ndarray:
+    """(stamp - background level) / sigma for the selected stamps."""
+    m = b.meta
+    return (b.stamps[sel] - _background(m)[sel, None, None]) / m["sigma"][sel, None, None]
+
+
+def _binomial_ok(count: int, n: int, p: float, z: float = 4.5) -> bool:
+    return abs(count - n * p) <= z * math.sqrt(n * p * (1 - p)) + 1
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_default_config_is_valid_and_round_trips_through_toml_and_json():
+    cfg = SimConfig()
+    cfg.validate()
+    assert from_mapping(SimConfig, json.loads(cfg.to_json()), "json") == cfg
+    import tomllib
+
+    assert from_mapping(SimConfig, tomllib.loads(to_toml(cfg)), "toml") == cfg
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"source_fraction": -0.1}, "source_fraction must lie in [0, 1]"),
+    ({"moffat_fraction": 1.5}, "moffat_fraction must lie in [0, 1]"),
+    ({"snr_min": 50.0, "snr_max": 10.0}, "snr_min (50.0) must not exceed snr_max (10.0)"),
+    ({"snr_min": 0.0}, "snr_min must be > 0"),
+    ({"offcentre_fraction": 0.5, "hot_pixel_fraction": 0.4, "streak_fraction": 0.3},
+     "exceeds 1"),
+    ({"fwhm_min": 7.0}, "fwhm_min (7.0) must not exceed fwhm_max (6.0)"),
+    ({"moffat_beta_min": 1.0}, "moffat_beta_min must be > 1"),
+    ({"sky_min": 0.0}, "sky_min must be > 0"),
+    ({"n_coadd_min": 0}, "n_coadd_min must be >= 1"),
+    ({"stamp_shape": (3, 21)}, "stamp_shape must be two integers >= 5"),
+    ({"stamp_shape": (11, 11)}, "offcentre_min_distance = 6.0 px does not fit a 11x11 stamp"),
+    ({"snr_max": float("nan")}, "snr_max must be finite"),
+    ({"max_centre_offset": 7.0}, "offcentre_min_distance (6.0) must exceed max_centre_offset"),
+])
+def test_bad_settings_are_refused_with_the_setting_named(changes, words):
+    cfg = dataclasses.replace(SimConfig(), **changes)
+    with pytest.raises(SimConfigError, match=None) as info:
+        cfg.validate()
+    assert words in str(info.value)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(SimConfigError):
+        simulate_stamps(10, cfg, np.random.default_rng(0))
+
+
+def test_bad_settings_from_a_file_name_the_file():
+    with pytest.raises(UsageError, match=r"sim.toml: snr_min \(5.0\) must not exceed"):
+        from_mapping(SimConfig, {"snr_min": 5.0, "snr_max": 4.0}, "sim.toml")
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+
+def test_same_seed_same_stamps_and_different_seed_different_stamps():
+    a = simulate_stamps(500, SimConfig(), np.random.default_rng(7))
+    b = simulate_stamps(500, SimConfig(), np.random.default_rng(7))
+    c = simulate_stamps(500, SimConfig(), np.random.default_rng(8))
+    np.testing.assert_array_equal(a.stamps, b.stamps)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    for k in a.meta:
+        np.testing.assert_array_equal(a.meta[k], b.meta[k])
+    assert not np.array_equal(a.stamps, c.stamps)
+    assert not np.array_equal(a.meta["snr"], c.meta["snr"])
+
+
+def _read_all(path: Path) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+    info = store.open_store(path)
+    stamps = store.read_stamps(path)
+    labels = store.read_labels(path) if info.labelled else None
+    return stamps, labels, store.read_meta(path)
+
+
+def test_file_contents_depend_on_seed_config_and_n_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(simulate, "SIM_BLOCK_ROWS", 512)  # several blocks, cheaply
+    n = 1500
+    a = simulate.write_simulated(tmp_path / "a.h5", n, seed=5, chunk_rows=64, workers=1,
+                                 progress=False)
+    b = simulate.write_simulated(tmp_path / "b.h5", n, seed=5, chunk_rows=4096, workers=3,
+                                 progress=False)
+    c = simulate.write_simulated(tmp_path / "c.h5", n, seed=6, progress=False)
+    assert (a.chunk_rows, b.chunk_rows) == (64, n)
+    sa, la, ma = _read_all(a.path)
+    sb, lb, mb = _read_all(b.path)
+    sc, _, _ = _read_all(c.path)
+    np.testing.assert_array_equal(sa, sb)
+    np.testing.assert_array_equal(la, lb)
+    assert sorted(ma) == sorted(mb)
+    for k in ma:
+        np.testing.assert_array_equal(ma[k], mb[k])
+    assert not np.array_equal(sa, sc)
+    # Block b of the file is simulate_stamps with the block's own generator.
+    second = simulate_stamps(512, SimConfig(), simulate.block_rng(5, 1))
+    np.testing.assert_array_equal(sa[512:1024], second.stamps)
+    np.testing.assert_array_equal(la[512:1024], second.labels)
+    # Blocks are independent streams: no two blocks repeat the same noise.
+    assert not np.array_equal(sa[:512], sa[512:1024])
+
+
+# --------------------------------------------------------------------------- classes and kinds
+
+
+def test_labels_kinds_and_configured_fractions(batch):
+    m, n = batch.meta, len(batch)
+    cfg = SimConfig()
+    assert batch.stamps.shape == (n, 21, 21) and batch.stamps.dtype == np.float32
+    assert batch.labels.dtype == np.int8 and set(np.unique(batch.labels)) == {0, 1}
+    np.testing.assert_array_equal(batch.labels == 1, m["kind"] == "source")
+    assert set(np.unique(m["kind"])) == set(simulate.KINDS)
+    n_pos = int(batch.labels.sum())
+    assert _binomial_ok(n_pos, n, cfg.source_fraction)
+    n_neg = n - n_pos
+    expected = {"offcentre": cfg.offcentre_fraction, "hot_pixel": cfg.hot_pixel_fraction,
+                "cosmic_ray": cfg.cosmic_ray_fraction, "streak": cfg.streak_fraction}
+    expected["background"] = 1.0 - sum(expected.values())
+    for kind, p in expected.items():
+        assert _binomial_ok(int((m["kind"] == kind).sum()), n_neg, p), kind
+    assert _binomial_ok(int(m["sky_subtracted"].sum()), n, cfg.sky_subtracted_fraction)
+    assert _binomial_ok(int((m["noise_corr"] > 0).sum()), n, cfg.correlated_noise_fraction)
+    assert _binomial_ok(int(np.isfinite(m["psf_beta"]).sum()), n, cfg.moffat_fraction)
+    for name, col in m.items():
+        assert col.shape == (n,), name
+
+
+def test_fractions_follow_the_config():
+    cfg = SimConfig(source_fraction=0.2, offcentre_fraction=0.0, hot_pixel_fraction=1.0,
+                    cosmic_ray_fraction=0.0, streak_fraction=0.0)
+    b = simulate_stamps(4000, cfg, np.random.default_rng(1))
+    assert _binomial_ok(int(b.labels.sum()), 4000, 0.2)
+    assert set(np.unique(b.meta["kind"])) == {"source", "hot_pixel"}
+    none = simulate_stamps(300, SimConfig(source_fraction=0.0), np.random.default_rng(2))
+    assert none.labels.sum() == 0 and "source" not in set(none.meta["kind"])
+
+
+def test_snr_is_log_uniform_over_the_range_and_zero_for_background(batch):
+    m = batch.meta
+    bg = m["kind"] == "background"
+    np.testing.assert_array_equal(m["snr"][bg], 0.0)
+    np.testing.assert_array_equal(m["flux"][bg], 0.0)
+    assert np.isnan(m["dx"][bg]).all() and np.isnan(m["dy"][bg]).all()
+    snr = m["snr"][~bg].astype(np.float64)
+    assert snr.min() >= 3.0 and snr.max() <= 100.0
+    u = (np.log(snr) - np.log(3.0)) / (np.log(100.0) - np.log(3.0))  # uniform on [0, 1]
+    assert abs(u.mean() - 0.5) < 0.015
+    np.testing.assert_allclose(np.quantile(u, [0.1, 0.25, 0.5, 0.75, 0.9]),
+                               [0.1, 0.25, 0.5, 0.75, 0.9], atol=0.02)
+    assert (snr < 5).mean() > 0.1  # faint ones are really there, not just bright ones
+
+
+def test_fwhm_and_beta_ranges(batch):
+    m = batch.meta
+    assert m["psf_fwhm"].min() >= 2.0 and m["psf_fwhm"].max() <= 6.0
+    assert m["psf_fwhm"].min() < 2.1 and m["psf_fwhm"].max() > 5.9
+    beta = m["psf_beta"][np.isfinite(m["psf_beta"])]
+    assert beta.min() >= 2.5 and beta.max() <= 5.0
+
+
+# --------------------------------------------------------------------------- SNR definition
+
+
+def _shapes(b: simulate.SimulatedBatch, sel: np.ndarray) -> np.ndarray:
+    """The unit-flux shape of each selected stamp's injected signal, re-rendered from meta."""
+    m = b.meta
+    kinds = m["kind"][sel]
+    out = np.zeros((int(sel.sum()), 21, 21), np.float32)
+    psf = np.isin(kinds, ("source", "offcentre"))
+    out[psf] = simulate.render_psf((21, 21), m["dx"][sel][psf], m["dy"][sel][psf],
+                                   m["psf_fwhm"][sel][psf], m["psf_beta"][sel][psf])
+    st = kinds == "streak"
+    out[st] = simulate.render_trail((21, 21), m["dx"][sel][st], m["dy"][sel][st],
+                                    m["psf_fwhm"][sel][st], m["trail_length"][sel][st],
+                                    m["trail_angle"][sel][st].astype(np.float64))
+    hot = np.flatnonzero(kinds == "hot_pixel")
+    rows = np.rint(m["dy"][sel][hot]).astype(int) + CENTRE
+    cols = np.rint(m["dx"][sel][hot]).astype(int) + CENTRE
+    out[hot, rows, cols] = 1.0
+    return out
+
+
+def test_matched_filter_snr_equals_the_stored_snr_white_noise():
+    """With white noise and no source shot noise the filter statistic is N(snr, 1)."""
+    cfg = SimConfig(source_fraction=0.5, correlated_noise_fraction=0.0, source_shot_noise=False,
+                    offcentre_fraction=0.3, hot_pixel_fraction=0.3, cosmic_ray_fraction=0.0,
+                    streak_fraction=0.4)
+    b = simulate_stamps(8000, cfg, np.random.default_rng(11))
+    m = b.meta
+    for kind in ("source", "offcentre", "hot_pixel", "streak"):
+        sel = m["kind"] == kind
+        z = simulate.matched_filter_snr(b.stamps[sel], _shapes(b, sel), m["sigma"][sel],
+                                        _background(m)[sel])
+        d = z - m["snr"][sel]
+        k = int(sel.sum())
+        assert abs(d.mean()) < 4.0 / math.sqrt(k), (kind, d.mean())
+        assert abs(d.std() - 1.0) < 0.08, (kind, d.std())
+        np.testing.assert_array_equal(m["snr_eff"][sel], m["snr"][sel])
+
+
+def test_matched_filter_snr_with_every_effect_on(batch):
+    """Default settings (shot noise, correlated noise): the mean response still equals snr."""
+    m = batch.meta
+    sel = m["kind"] == "source"
+    z = simulate.matched_filter_snr(batch.stamps[sel], _shapes(batch, sel), m["sigma"][sel],
+                                    _background(m)[sel])
+    assert abs(z.mean() / m["snr"][sel].mean() - 1.0) < 0.01
+    for lo, hi in ((3, 6), (6, 20), (20, 100)):  # and within each SNR range
+        r = sel[sel] & (m["snr"][sel] >= lo) & (m["snr"][sel] < hi)
+        assert abs(z[r].mean() / m["snr"][sel][r].mean() - 1.0) < 0.03, (lo, hi)
+
+
+def test_snr_eff_is_the_significance_against_correlated_noise():
+    cfg = SimConfig(source_fraction=1.0, correlated_noise_fraction=1.0, source_shot_noise=False)
+    b = simulate_stamps(6000, cfg, np.random.default_rng(12))
+    m = b.meta
+    sel = np.ones(len(b), bool)
+    z = simulate.matched_filter_snr(b.stamps, _shapes(b, sel), m["sigma"], _background(m))
+    ratio = m["snr_eff"] / m["snr"]
+    assert ratio.max() < 0.95 and ratio.min() > 0.4  # correlation costs significance
+    z_true = z * ratio  # the statistic in units of its real noise
+    assert abs((z_true - m["snr_eff"]).mean()) < 0.06
+    assert abs((z_true - m["snr_eff"]).std() - 1.0) < 0.05
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def test_background_noise_level_sky_and_correlation(batch):
+    m = batch.meta
+    bg = m["kind"] == "background"
+    for corr in (True, False):  # per-pixel sigma as stored, white or correlated
+        res = _residual(batch, bg & ((m["noise_corr"] > 0) == corr))
+        assert abs(res.mean()) < 0.01 and abs(res.std() - 1.0) < 0.01, corr
+    sub = bg & m["sky_subtracted"]
+    assert abs(batch.stamps[sub].mean() / m["sigma"][sub].mean()) < 0.05  # sky removed
+    kept = bg & ~m["sky_subtracted"]
+    np.testing.assert_allclose(batch.stamps[kept].mean(axis=(1, 2)), m["sky"][kept],
+                               atol=float(4 * m["sigma"][kept].max() / 21))
+    sky_exp = m["sky"] / m["n_coadd"]
+    np.testing.assert_allclose(m["sigma"] ** 2, m["n_coadd"] * (sky_exp + m["read_noise"] ** 2),
+                               rtol=1e-4)
+    # Neighbouring pixels correlate by 2c/(1+2c^2) on resampled stamps, not at all otherwise.
+    for corr in (True, False):
+        sel = bg & ((m["noise_corr"] > 0) == corr)
+        r = _residual(batch, sel)
+        measured = (r[:, :, 1:] * r[:, :, :-1]).mean()
+        c = m["noise_corr"][sel].astype(np.float64)
+        expected = (2 * c / (1 + 2 * c**2)).mean()
+        assert abs(measured - expected) < 0.02, (corr, measured, expected)
+
+
+def test_source_shot_noise_adds_the_signal_to_the_variance():
+    """At the peak pixel of identical bright sources the variance is sigma^2 + signal."""
+    fixed = dict(source_fraction=1.0, snr_min=100.0, snr_max=100.0, fwhm_min=2.0,
+                 fwhm_max=2.0, moffat_fraction=0.0, max_centre_offset=0.0, sky_min=50.0,
+                 sky_max=50.0, read_noise_min=3.0, read_noise_max=3.0, n_coadd_min=4,
+                 n_coadd_max=4, correlated_noise_fraction=0.0, sky_subtracted_fraction=1.0)
+    for shot in (True, False):
+        b = simulate_stamps(4000, SimConfig(source_shot_noise=shot, **fixed),
+                            np.random.default_rng(5))
+        peak = b.stamps[:, CENTRE, CENTRE].astype(np.float64)
+        sigma, signal = float(b.meta["sigma"][0]), peak.mean()
+        expected = math.sqrt(sigma**2 + signal) if shot else sigma
+        assert signal > 3 * sigma**2  # the shot noise dominates there
+        assert abs(peak.std() / expected - 1.0) < 0.05, shot
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def test_positives_are_centred_and_peak_at_the_centre(batch):
+    m = batch.meta
+    pos = m["kind"] == "source"
+    assert np.hypot(m["dx"][pos], m["dy"][pos]).max() <= 0.5 + 1e-6
+    bright = pos & (m["snr"] > 30) & (m["psf_fwhm"] < 4)
+    res = _residual(batch, bright)
+    peak = res.reshape(len(res), -1).argmax(axis=1)
+    rows, cols = np.divmod(peak, 21)
+    assert np.abs(rows - CENTRE).max() <= 1 and np.abs(cols - CENTRE).max() <= 1
+    assert (rows == CENTRE).mean() > 0.7 and (cols == CENTRE).mean() > 0.7
+
+
+def test_offcentre_negatives_are_far_from_the_centre(batch):
+    m = batch.meta
+    off = m["kind"] == "offcentre"
+    r = np.hypot(m["dx"][off], m["dy"][off])
+    assert r.min() > 6.0 and r.max() <= math.hypot(10.5, 10.5)
+    assert (np.abs(m["dx"][off]) <= 10.5).all() and (np.abs(m["dy"][off]) <= 10.5).all()
+    bright = off & (m["snr"] > 40)
+    res = _residual(batch, bright)
+    rows, cols = np.divmod(res.reshape(len(res), -1).argmax(axis=1), 21)
+    assert (np.hypot(rows - CENTRE, cols - CENTRE) > 5.0).all()
+
+
+def test_hot_pixels_are_single_pixels(batch):
+    m = batch.meta
+    hot = (m["kind"] == "hot_pixel") & (m["snr"] > 20)
+    res = _residual(batch, hot)
+    flat = res.reshape(len(res), -1)
+    above = flat > m["snr"][hot, None] / 2
+    assert (above.sum(axis=1) == 1).all()
+    rows, cols = np.divmod(flat.argmax(axis=1), 21)
+    np.testing.assert_array_equal(cols - CENTRE, m["dx"][hot].astype(int))
+    np.testing.assert_array_equal(rows - CENTRE, m["dy"][hot].astype(int))
+    assert np.abs(m["dx"][hot]).max() <= 3 and np.abs(m["dy"][hot]).max() <= 3
+    # The rest of the stamp is plain noise: no PSF wings around the spike.
+    flat[np.arange(len(flat)), flat.argmax(axis=1)] = 0.0
+    assert np.abs(flat).max() < 6.5
+
+
+def test_cosmic_rays_are_short_sharp_tracks(batch):
+    m = batch.meta
+    cr = (m["kind"] == "cosmic_ray") & (m["snr"] > 40)
+    res = _residual(batch, cr)
+    hits = res > 8.0
+    counts = hits.sum(axis=(1, 2))
+    assert counts.min() >= 1 and counts.max() <= 3
+    assert (counts > 1).any() and (counts == 1).any()
+    for stamp_hits in hits[counts > 1]:  # a straight, connected track
+        r, c = np.nonzero(stamp_hits)
+        assert max(np.ptp(r), np.ptp(c)) == len(r) - 1
+    away = ~hits
+    for _ in range(2):  # pixels two steps from any track pixel hold plain noise
+        grown = hits.copy()
+        grown[:, 1:] |= hits[:, :-1]
+        grown[:, :-1] |= hits[:, 1:]
+        grown[:, :, 1:] |= hits[:, :, :-1]
+        grown[:, :, :-1] |= hits[:, :, 1:]
+        hits = grown
+    assert np.abs(res[~hits & away]).max() < 6.5
+
+
+def test_streaks_are_trailed_and_not_centred(batch):
+    m = batch.meta
+    st = m["kind"] == "streak"
+    assert np.hypot(m["dx"][st], m["dy"][st]).min() >= 3.0
+    assert m["trail_length"][st].min() >= 8 and m["trail_length"][st].max() <= 40
+    assert (m["trail_length"][~st] == 0).all() and np.isnan(m["trail_angle"][~st]).all()
+    # A rendered trail is elongated along its angle, with unit flux when it fits the stamp.
+    t = simulate.render_trail((81, 81), np.array([0.0]), np.array([0.0]), np.array([3.0]),
+                              np.array([20.0]), np.array([np.pi / 2]))[0]
+    assert abs(t.sum() - 1.0) < 1e-3
+    yy, xx = np.mgrid[-40:41, -40:41]
+    var_y, var_x = (t * yy**2).sum(), (t * xx**2).sum()
+    sigma2 = (3.0 / 2.3548) ** 2 + 1 / 12
+    assert abs(var_y - (20.0**2 / 12 + sigma2)) < 0.05 and abs(var_x - sigma2) < 0.05
+
+
+@pytest.mark.parametrize("beta", [np.nan, 2.5, 4.0])
+def test_render_psf_flux_centre_and_fwhm(beta):
+    shape = (101, 101)
+    psf = simulate.render_psf(shape, np.array([0.3, 0.0]), np.array([-0.2, 0.0]),
+                              np.array([3.0, 10.0]), np.array([beta, beta]))
+    assert psf.dtype == np.float32 and psf.shape == (2, *shape)
+    yy, xx = np.mgrid[-50:51, -50:51]
+    if np.isnan(beta):
+        assert abs(psf[0].sum() - 1.0) < 1e-5
+    else:  # the Moffat wings beyond the stamp carry (1 + R^2/alpha^2)^(1-beta) of the flux
+        alpha = 3.0 / (2 * math.sqrt(2 ** (1 / beta) - 1))
+        lost = (1 + 50.0**2 / alpha**2) ** (1 - beta)
+        assert abs(psf[0].sum() - 1.0) < lost + 2e-3
+    core = np.hypot(xx, yy) < 8
+    cx = (psf[0] * xx * core).sum() / (psf[0] * core).sum()
+    cy = (psf[0] * yy * core).sum() / (psf[0] * core).sum()
+    assert abs(cx - 0.3) < 0.02 and abs(cy + 0.2) < 0.02
+    # Half maximum of the wide (10 px) PSF along its central row, linearly interpolated.
+    row = psf[1, 50].astype(np.float64)
+    half = row.max() / 2
+    right = np.flatnonzero(row[50:] < half)[0] + 50
+    x_half = (right - 1) + (row[right - 1] - half) / (row[right - 1] - row[right])
+    assert abs(2 * (x_half - 50) - 10.0) < 0.15
+
+
+def test_high_snr_classes_separate_on_a_central_statistic(batch):
+    """Sanity without a network: centred sources above SNR 20 stand out after normalisation."""
+    m = batch.meta
+    norm = normalize(batch.stamps)
+    central = norm[:, CENTRE - 1:CENTRE + 2, CENTRE - 1:CENTRE + 2].sum(axis=(1, 2))
+    src = central[(m["kind"] == "source") & (m["snr"] > 20)]
+    bkg = central[m["kind"] == "background"]
+    auc = (src[:, None] > bkg[None, :]).mean()
+    assert auc > 0.99
+    assert np.median(src) > 3 * np.median(bkg)
+
+
+# --------------------------------------------------------------------------- store output
+
+
+def test_write_simulated_makes_a_valid_labelled_store(tmp_path):
+    cfg = SimConfig(snr_min=5.0, fwhm_max=4.0)
+    info = simulate.write_simulated(tmp_path / "sim.h5", 700, config=cfg, seed=3,
+                                    chunk_rows=256, progress=False)
+    info = store.open_store(info.path, check_labels_values=True)
+    assert info.n_stamps == 700 and info.labelled and info.stamp_shape == (21, 21)
+    assert info.chunk_rows == 256
+    assert {"snr", "snr_eff", "kind", "psf_fwhm", "dx", "dy", "sky", "sigma"} <= set(
+        info.meta_columns)
+    assert "true_label" not in info.meta_columns
+    meta = store.read_meta(info.path)
+    labels = store.read_labels(info.path)
+    np.testing.assert_array_equal(labels == 1, meta["kind"] == "source")
+    assert meta["snr"][meta["snr"] > 0].min() >= 5.0
+    attrs = store.read_attrs(info.path)
+    assert attrs["seed"] == 3
+    assert from_mapping(SimConfig, json.loads(attrs["simulator_config"])) == cfg
+    # Same stamps as simulating in memory with the first block's generator.
+    mem = simulate_stamps(700, cfg, simulate.block_rng(3, 0))
+    np.testing.assert_array_equal(store.read_stamps(info.path), mem.stamps)
+
+
+def test_candidates_file_has_no_labels_and_keeps_the_truth(tmp_path):
+    lab = simulate.write_simulated(tmp_path / "l.h5", 400, seed=9, progress=False)
+    cand = simulate.write_simulated(tmp_path / "c.h5", 400, seed=9, candidates=True,
+                                    progress=False)
+    assert not cand.labelled and "true_label" in cand.meta_columns
+    with pytest.raises(store.StoreError, match="has no /labels"):
+        store.read_labels(cand.path)
+    meta = store.read_meta(cand.path)
+    np.testing.assert_array_equal(meta["true_label"], store.read_labels(lab.path))
+    assert meta["true_label"].dtype == np.int8
+    np.testing.assert_array_equal(store.read_stamps(cand.path), store.read_stamps(lab.path))
+    np.testing.assert_array_equal(meta["kind"], store.read_meta(lab.path, ["kind"])["kind"])
+
+
+def test_existing_file_is_refused_unless_overwrite(tmp_path):
+    path = tmp_path / "sim.h5"
+    simulate.write_simulated(path, 50, seed=1, progress=False)
+    before = store.read_stamps(path)
+    with pytest.raises(store.StoreError, match="already exists"):
+        simulate.write_simulated(path, 60, seed=2, progress=False)
+    np.testing.assert_array_equal(store.read_stamps(path), before)
+    info = simulate.write_simulated(path, 60, seed=2, overwrite=True, progress=False)
+    assert info.n_stamps == 60
+
+
+def test_bad_arguments_write_nothing(tmp_path):
+    path = tmp_path / "sim.h5"
+    with pytest.raises(SimConfigError, match=r"sim.h5: simulator settings: snr_min"):
+        simulate.write_simulated(path, 10, config=SimConfig(snr_min=-1.0), progress=False)
+    with pytest.raises(SimConfigError, match="number of stamps must be positive"):
+        simulate.write_simulated(path, 0, progress=False)
+    with pytest.raises(SimConfigError, match="seed must be >= 0"):
+        simulate.write_simulated(path, 10, seed=-4, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failure_midway_leaves_no_file(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(simulate, "SIM_BLOCK_ROWS", 100)
+    real = simulate.simulate_stamps
+    calls = itertools.count()  # next() is atomic: safe from the simulation threads
+
+    def failing(n, config, rng):
+        if next(calls) == 3:
+            raise MemoryError("simulated failure in block 3")
+        return real(n, config, rng)
+
+    monkeypatch.setattr(simulate, "simulate_stamps", failing)
+    with pytest.raises(MemoryError, match="block 3"):
+        simulate.write_simulated(tmp_path / "sim.h5", 1000, progress=False, workers=workers)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_line_on_stderr(tmp_path, capsys):
+    simulate.write_simulated(tmp_path / "p.h5", 100, progress=True)
+    err = capsys.readouterr().err
+    assert "simulate: 100/100 stamps (100.0%)" in err
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_simulate_and_inspect(tmp_path, capsys):
+    out = tmp_path / "train.h5"
+    assert main(["simulate", str(out), "--n", "600", "--seed", "4", "--quiet",
+                 "--chunk-rows", "128"]) == 0
+    assert f"wrote 600 labelled stamps to {out}" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "600 stamps of 21x21, chunks of 128" in text
+    labels = store.read_labels(out)
+    assert f"labels: {int(labels.sum())} source / {int((labels == 0).sum())} no source" in text
+    assert "SNR of sources: 3." in text and "kinds: background" in text and "streak" in text
+
+    cand = tmp_path / "cand.h5"
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text("source_fraction = 0.1\nsnr_min = 10.0\n")
+    assert main(["simulate", str(cand), "--n", "300", "--candidates", "--config", str(cfg),
+                 "--quiet"]) == 0
+    assert "wrote 300 candidate stamps" in capsys.readouterr().out
+    assert main(["inspect", str(cand)]) == 0
+    assert "unlabelled (candidate file)" in capsys.readouterr().out
+    attrs = store.read_attrs(cand)
+    assert json.loads(attrs["simulator_config"])["snr_min"] == 10.0
+
+
+def test_cli_errors(tmp_path, capsys):
+    out = tmp_path / "x.h5"
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("snr_min = 50.0\nsnr_max = 10.0\n")
+    assert main(["simulate", str(out), "--n", "10", "--config", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.toml" in err and "snr_min (50.0) must not exceed snr_max (10.0)" in err
+    cfg.write_text("snr_minimum = 5.0\n")
+    assert main(["simulate", str(out), "--n", "10", "--config", str(cfg), "--quiet"]) == 2
+    assert "unknown option(s) ['snr_minimum']" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["simulate", str(out), "--n", "10", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["simulate", str(out), "--n", "10", "--quiet"]) == 1
+    assert "already exists" in capsys.readouterr().err
