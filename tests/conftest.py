@@ -46,8 +46,9 @@ def _slurm_ready() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     states = out.stdout.split()
-    return out.returncode == 0 and any(s.rstrip("*~#") in ("idle", "mixed", "allocated")
-                                       for s in states)
+    # "completing": a cancelled job is still within KillWait (5 s); the node is fine.
+    return out.returncode == 0 and any(s.rstrip("*~#") in ("idle", "mixed", "allocated",
+                                                           "completing") for s in states)
 
 
 @pytest.fixture(scope="session")

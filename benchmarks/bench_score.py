@@ -1,0 +1,330 @@
+"""The Dask scorer against the straightforward approach, same files, same run.
+
+    .venv/bin/python benchmarks/bench_score.py [--n 200000] [--big 2000000] [--maps 2000]
+                                               [--ref-maps 100] [--workdir DIR] [--json OUT]
+
+Measures, with an (untrained: speed does not depend on the weights) vgg6:
+
+1. inference backends on normalised stamps: compiled tf.function vs ONNX Runtime, run as the
+   scorer's worker runs them (two concurrent pipelines on the two cores); agreement;
+2. end to end, HDF5 in -> HDF5 out, probabilities of ``--n`` stamps, each a whole process:
+   ``stampbatch score`` (ONNX Runtime and tf.function backends, 1 worker x 2 threads and
+   2 workers x 1 thread) vs the straightforward script (load the file, normalise stamp by
+   stamp, ``model.predict(batch_size=1024)``, write the probabilities);
+3. occlusion maps for all rows: batched ``occlusion_maps`` vs the notebook's per-stamp loop
+   (one predict per stamp) on ``--ref-maps`` stamps; and ``stampbatch score --occlusion all``
+   end to end;
+4. memory and scaling: peak RSS summed over the scorer's process tree (driver, scheduler,
+   workers) scoring ``--big`` stamps, and the time for half as many.
+
+Other work on a shared machine makes every number noisy: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_candidates(path: Path, n: int, seed: int = 0) -> Path:
+    """n unit-noise 21x21 stamps, 30 % with a centred source of random brightness."""
+    from stampbatch import store
+
+    if path.exists() and store.open_store(path).n_stamps == n:
+        return path
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:21, :21]
+    psf = np.exp(-((yy - 10) ** 2 + (xx - 10) ** 2) / (2 * 1.5**2)).astype(np.float32)
+    with store.StoreWriter(path, labelled=False, overwrite=True) as w:
+        for lo in range(0, n, 100_000):
+            m = min(100_000, n - lo)
+            block = rng.standard_normal((m, 21, 21), dtype=np.float32)
+            src = rng.random(m) < 0.3
+            block[src] += rng.uniform(2, 30, size=(int(src.sum()), 1, 1)).astype(np.float32) * psf
+            w.append(block)
+    return path
+
+
+def make_model(path: Path) -> Path:
+    if not path.exists():
+        from stampbatch import models
+
+        models.build_model("vgg6").save(path)
+    return path
+
+
+class TreeMemory:
+    """Peak of the summed RSS of a process and all its descendants, polled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                break
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(0.2)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_process(cmd: list[str]) -> dict:
+    """Run a whole process; wall time and peak tree RSS."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    mem = TreeMemory(proc.pid)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    peak = mem.stop()
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
+    res = {"wall_s": wall, "peak_rss_mb": peak / 1e6}
+    found = re.search(r"in ([\d,.]+) s \(([\d,]+) stamps/s\)", out)
+    if found:   # the scorer's own report: from its start to its end, interpreter start-up excluded
+        res["scorer_reported_stamps_per_s"] = float(found.group(2).replace(",", ""))
+    return res
+
+
+def score_cmd(cand: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    if out.exists():
+        shutil.rmtree(out)
+    return [sys.executable, "-m", "stampbatch", "score", str(cand), "--model", str(model),
+            "--out", str(out), "--quiet", *extra]
+
+
+def scores_of(out: Path, cand: Path, name: str):
+    from stampbatch import store
+
+    return store.read_scores(store.score_target(cand, out), name)
+
+
+# --------------------------------------------------------------------------- straightforward
+
+
+def baseline_main(cand: str, model_path: str, out: str) -> None:
+    """The straightforward whole-process run (the teaching notebook's way, applied to a file)."""
+    import keras
+
+    from stampbatch import preprocess, store
+
+    model = keras.models.load_model(model_path, safe_mode=True, compile=False)
+    stamps = store.read_stamps(cand)                                   # whole file in memory
+    norm = np.stack([preprocess.normalize_reference(s) for s in stamps])
+    p = model.predict(norm[..., None], batch_size=1024, verbose=0)[:, 1]
+    store.create_score_file(out, cand, len(p), stamps.shape[1:])
+    with store.ScoreWriter(out, "baseline", len(p), stamps.shape[1:]) as w:
+        w.write_probability(0, p)
+        w.commit({"method": "straightforward"})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def bench_backends(model_path: Path, n: int = 65536) -> dict:
+    from stampbatch import inference, preprocess
+
+    rng = np.random.default_rng(1)
+    x = preprocess.normalize(rng.standard_normal((n, 21, 21), dtype=np.float32))
+    source = inference.resolve_model(model_path)
+    res: dict = {}
+    outs = {}
+    for backend in ("onnx", "tf"):
+        spec = inference.prepare_model(source, backend)
+        for threads_per_call, pipelines in ((1, 2), (2, 1)):
+            predict = inference.load_predictor(spec, threads_per_call)
+            batches = [x[i:i + 4096] for i in range(0, n, 4096)]
+            with ThreadPoolExecutor(pipelines) as pool:
+                list(pool.map(predict, batches[:pipelines]))                  # warm-up
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    p = np.concatenate(list(pool.map(predict, batches)))
+                    times.append(time.perf_counter() - t0)
+            key = f"{backend} {pipelines} pipeline(s) x {threads_per_call} thread(s)"
+            res[key] = n / float(np.median(times))
+            outs[backend] = p
+    res["max_abs_diff_onnx_vs_tf"] = float(np.abs(outs["onnx"] - outs["tf"]).max())
+    return res
+
+
+def bench_end_to_end(cand: Path, model: Path, work: Path, n: int, repeats: int) -> dict:
+    """Whole processes, interleaved ``repeats`` times; medians (and every wall time)."""
+    base_out = work / "baseline.scores.h5"
+    fresh = work / "fresh_model" / "vgg6.keras"           # first use: exports ONNX
+    if fresh.parent.exists():
+        shutil.rmtree(fresh.parent)
+    fresh.parent.mkdir()
+    shutil.copy(model, fresh)
+    r = run_process(score_cmd(cand, fresh, work / "o0"))
+    res: dict = {"stampbatch onnx, first run (includes the ONNX export)":
+                 {"wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"],
+                  "stamps_per_s": n / r["wall_s"]}}
+
+    def baseline() -> list[str]:
+        if base_out.exists():
+            base_out.unlink()
+        return [sys.executable, __file__, "--baseline", str(cand), str(model), str(base_out)]
+
+    runs = {
+        "straightforward (normalize_reference loop + model.predict(1024))": baseline,
+        "stampbatch onnx, 1 worker x 2 threads": lambda: score_cmd(cand, model, work / "o1"),
+        "stampbatch onnx, 2 workers x 1 thread": lambda: score_cmd(
+            cand, model, work / "o2", "--workers", "2", "--threads-per-worker", "1"),
+        "stampbatch tf.function, 1 worker x 2 threads": lambda: score_cmd(
+            cand, model, work / "t1", "--backend", "tf"),
+    }
+    walls: dict[str, list[float]] = {k: [] for k in runs}
+    reported: dict[str, list[float]] = {k: [] for k in runs}
+    peaks: dict[str, float] = {k: 0.0 for k in runs}
+    for _ in range(repeats):
+        for label, cmd in runs.items():
+            r = run_process(cmd())
+            walls[label].append(r["wall_s"])
+            peaks[label] = max(peaks[label], r["peak_rss_mb"])
+            if "scorer_reported_stamps_per_s" in r:
+                reported[label].append(r["scorer_reported_stamps_per_s"])
+    for label in runs:
+        wall = float(np.median(walls[label]))
+        res[label] = {"wall_s": wall, "all_wall_s": walls[label], "peak_rss_mb": peaks[label],
+                      "stamps_per_s": n / wall}
+        if reported[label]:
+            res[label]["scorer_reported_stamps_per_s"] = float(np.median(reported[label]))
+    from stampbatch import store
+
+    base = store.read_scores(base_out, "baseline").probability
+    res["max_abs_diff_vs_straightforward"] = float(
+        np.abs(scores_of(work / "o1", cand, "vgg6").probability - base).max())
+    res["max_abs_diff_tf_vs_onnx"] = float(np.abs(
+        scores_of(work / "o1", cand, "vgg6").probability
+        - scores_of(work / "t1", cand, "vgg6").probability).max())
+    return res
+
+
+def bench_occlusion(model_path: Path, cand: Path, work: Path, n_maps: int, n_ref: int) -> dict:
+    import keras
+
+    from stampbatch import inference, occlusion, preprocess, store
+
+    stamps = preprocess.normalize(store.read_stamps(cand, 0, n_maps))
+    spec = inference.prepare_model(inference.resolve_model(model_path), "onnx")
+    predict = inference.load_predictor(spec, 1)
+    occlusion.occlusion_maps(stamps[:32], predict, threads=2)                 # warm-up
+    t0 = time.perf_counter()
+    maps = occlusion.occlusion_maps(stamps, predict, threads=2)
+    t_fast = time.perf_counter() - t0
+    model = keras.models.load_model(model_path, safe_mode=True, compile=False)
+    t0 = time.perf_counter()
+    ref = occlusion.occlusion_maps_reference(
+        stamps[:n_ref], lambda v: model.predict(v, verbose=0)[:, 1])
+    t_ref = time.perf_counter() - t0
+    small = work / "occ_candidates.h5"
+    store.create_store(small, store.read_stamps(cand, 0, n_maps), overwrite=True)
+    r = run_process(score_cmd(small, model_path, work / "occ", "--occlusion", "all"))
+    r.pop("scorer_reported_stamps_per_s", None)
+    return {
+        "batched occlusion_maps (ONNX Runtime, 2 pipelines) maps/s": n_maps / t_fast,
+        "per-stamp loop (model.predict per stamp) maps/s": n_ref / t_ref,
+        "speed-up": (n_maps / t_fast) / (n_ref / t_ref),
+        "max_abs_diff_batched_vs_loop": float(np.abs(maps[:n_ref] - ref).max()),
+        "stampbatch score --occlusion all (end to end)": {**r, "maps_per_s": n_maps / r["wall_s"]},
+    }
+
+
+def bench_memory(model: Path, work: Path, big: int) -> dict:
+    res = {}
+    for n in (big // 2, big):
+        cand = make_candidates(work / f"candidates_{n}.h5", n, seed=3)
+        r = run_process(score_cmd(cand, model, work / f"mem{n}"))
+        res[f"{n:,} stamps"] = {**r, "stamps_per_s": n / r["wall_s"]}
+    a, b = res[f"{big // 2:,} stamps"], res[f"{big:,} stamps"]
+    res["time ratio (2x stamps)"] = b["wall_s"] / a["wall_s"]
+    return res
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--baseline":
+        baseline_main(*sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=200_000, help="stamps, end to end")
+    parser.add_argument("--big", type=int, default=2_000_000, help="stamps, memory run")
+    parser.add_argument("--maps", type=int, default=2000, help="occlusion maps, batched")
+    parser.add_argument("--ref-maps", type=int, default=100, help="occlusion maps, loop")
+    parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs (median)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/stampbatch-bench-score"))
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["backends", "end-to-end", "occlusion", "memory"])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    model = make_model(work / "vgg6.keras")
+    cand = make_candidates(work / f"candidates_{args.n}.h5", args.n)
+    results: dict = {"load_average_at_start": os.getloadavg(), "cores": os.cpu_count()}
+    sections = [("backends", lambda: bench_backends(model)),
+                ("end-to-end", lambda: bench_end_to_end(cand, model, work, args.n,
+                                                        args.repeats)),
+                ("occlusion", lambda: bench_occlusion(model, cand, work, args.maps,
+                                                       args.ref_maps)),
+                ("memory", lambda: bench_memory(model, work, args.big))]
+    for name, fn in sections:
+        if name in args.skip:
+            continue
+        t0 = time.perf_counter()
+        results[name] = fn()
+        print(f"== {name} ({time.perf_counter() - t0:.0f} s)")
+        print(json.dumps(results[name], indent=2))
+    results["load_average_at_end"] = os.getloadavg()
+    if "end-to-end" in results:
+        e = results["end-to-end"]
+        ours = e["stampbatch onnx, 1 worker x 2 threads"]["stamps_per_s"]
+        base = next(v for k, v in e.items() if k.startswith("straightforward"))
+        print(f"end to end: {ours:,.0f} stamps/s, "
+              f"{ours / base['stamps_per_s']:.1f}x the straightforward run")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

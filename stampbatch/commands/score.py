@@ -1,0 +1,219 @@
+"""CLI for scoring: score (Dask, local or Slurm) and plot-occlusion."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from stampbatch.errors import UsageError
+
+_WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _occlusion(text: str) -> str:
+    from stampbatch.errors import StampbatchError
+    from stampbatch.score import OcclusionMode
+
+    try:
+        return str(OcclusionMode.parse(text))
+    except StampbatchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _walltime(text: str) -> str:
+    if not _WALLTIME.match(text):
+        raise argparse.ArgumentTypeError(f"expected a Slurm walltime like 01:00:00 or 1-00:00:00, "
+                                         f"got {text!r}")
+    return text
+
+
+def _rows(text: str) -> list[int]:
+    try:
+        rows = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected row numbers like 1,2,3, got {text!r}") from None
+    if not rows or min(rows) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative row numbers, got {text!r}")
+    return rows
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score", help="score candidate files with trained models (Dask; local or Slurm)",
+        description="Score candidate stamp files with one or more trained models: P(source) for "
+                    "every stamp and occlusion maps for the rows asked for, written to "
+                    "/scores/<model> in each file (or a side file with --out). Crash-safe: "
+                    "finished chunks are journaled, so a killed run resumes where it stopped.")
+    p.add_argument("candidates", nargs="+", metavar="CANDIDATES",
+                   help="candidate .h5 files, globs ('survey/*.h5') or @list.txt (one path a line)")
+    p.add_argument("--model", action="append", required=True, metavar="RUN_DIR_OR_FILE",
+                   help="a training run directory or a .keras file (repeat for several models)")
+    p.add_argument("--name", help="store the scores as /scores/NAME (one model only; default: "
+                                  "the run directory's name or the .keras file's stem)")
+    p.add_argument("--occlusion", type=_occlusion, default="none", metavar="none|all|above:P",
+                   help="which stamps get an occlusion map (default none)")
+    p.add_argument("--occlusion-patch", type=_positive_int, default=5, metavar="K",
+                   help="side of the square occluding patch in pixels (default 5)")
+    p.add_argument("--chunk-size", type=_positive_int, default=4096, metavar="ROWS",
+                   help="stamps per task, rounded to the files' HDF5 chunking (default 4096)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="write scores to DIR/<file stem>.scores.h5 instead of into the candidate "
+                        "files (for read-only inputs)")
+    p.add_argument("--backend", choices=("auto", "onnx", "tf"), default="auto",
+                   help="inference backend (default auto: ONNX Runtime, the faster one here)")
+    p.add_argument("--force", action="store_true",
+                   help="rescore files already scored by this model, replace scores of another "
+                        "model file under the same name, discard a journal with other settings")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unusable candidate files (listed at the end) instead of stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    where = p.add_argument_group("where to run (default: a local Dask cluster for this machine)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="join a running Dask scheduler (e.g. tcp://host:8786)")
+    where.add_argument("--workers", type=_positive_int, metavar="N",
+                       help="worker processes (local) or Slurm jobs (--slurm without --gpus)")
+    where.add_argument("--threads-per-worker", type=_positive_int, metavar="N",
+                       help="threads per local worker process (default: all cores, up to 4)")
+    where.add_argument("--slurm", action="store_true",
+                       help="start Dask workers as Slurm jobs (dask-jobqueue)")
+    where.add_argument("--gpus", type=_non_negative_int, default=0, metavar="N",
+                       help="with --slurm: N jobs of one GPU each (--gres=gpu:1)")
+    where.add_argument("--partition", help="Slurm partition")
+    where.add_argument("--account", help="Slurm account")
+    where.add_argument("--walltime", type=_walltime, default="01:00:00", metavar="HH:MM:SS",
+                       help="Slurm walltime per worker job (default 01:00:00)")
+    where.add_argument("--cores", type=_positive_int, default=4,
+                       help="CPU cores per Slurm worker job (default 4)")
+    where.add_argument("--memory", default="4GB", help="memory per Slurm worker job (default 4GB)")
+    where.add_argument("--slurm-log-dir", type=Path, metavar="DIR",
+                       help="where the Slurm worker jobs write their logs")
+    p.set_defaults(func=run_score)
+
+    p = sub.add_parser(
+        "plot-occlusion", help="draw stamps with their occlusion maps overlaid (PNG)",
+        description="Draw scored stamps with their occlusion maps overlaid, pixel for pixel.")
+    p.add_argument("file", type=Path, metavar="FILE.h5",
+                   help="a scored candidate file, or a side file written with --out")
+    p.add_argument("--model", required=True, metavar="NAME", help="the /scores/NAME to show")
+    sel = p.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--rows", type=_rows, metavar="1,2,3", help="stamp rows (with maps)")
+    sel.add_argument("--top", type=_positive_int, metavar="K",
+                     help="the K mapped stamps with the highest P(source)")
+    p.add_argument("--candidates", type=Path, metavar="CANDIDATES.h5",
+                   help="the candidate file holding the stamps (default: FILE itself, or the "
+                        "source recorded in a side file)")
+    p.add_argument("--out", type=Path, required=True, metavar="FIG.png")
+    p.set_defaults(func=run_plot_occlusion)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from stampbatch import score
+
+    slurm_only = [flag for flag, value in (("--gpus", args.gpus), ("--partition", args.partition),
+                                           ("--account", args.account)) if value]
+    if slurm_only and not args.slurm:
+        raise UsageError(f"{', '.join(slurm_only)} need --slurm")
+    if args.slurm and args.scheduler:
+        raise UsageError("--scheduler and --slurm exclude each other")
+    slurm = None
+    if args.slurm:
+        slurm = score.SlurmOptions(
+            workers=args.workers or 1, gpus=args.gpus, cores=args.cores, memory=args.memory,
+            partition=args.partition, account=args.account, walltime=args.walltime,
+            log_directory=str(args.slurm_log_dir) if args.slurm_log_dir else None)
+    summary = score.score_files(
+        args.candidates, args.model, name=args.name, occlusion=args.occlusion,
+        patch=args.occlusion_patch, chunk_size=args.chunk_size, out_dir=args.out,
+        backend=args.backend, force=args.force, skip_bad=args.skip_bad,
+        scheduler=args.scheduler, slurm=slurm,
+        n_workers=None if args.slurm else args.workers,
+        threads_per_worker=args.threads_per_worker, progress=not args.quiet)
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary) -> str:  # noqa: ANN001 - score.ScoreSummary
+    """The end-of-run report: stamps, per-model counts, unscorable rows, time, rate."""
+    lines = []
+    if summary.stamps_scored:
+        lines.append(f"scored {summary.stamps_scored:,} stamps from {len(summary.files)} file(s) "
+                     f"in {summary.wall_s:,.1f} s ({summary.stamps_per_s:,.0f} stamps/s) on "
+                     f"{summary.scheduler}")
+    elif summary.targets:
+        lines.append(f"wrote journaled scores of {len(summary.targets)} file(s) "
+                     f"in {summary.wall_s:,.1f} s")
+    else:
+        lines.append("nothing to score")
+    for m in summary.models.values():
+        if m.stamps:
+            lines.append(f"  {m.name} ({m.backend}, sha256 {m.sha256[:12]}): {m.stamps:,} stamps, "
+                         f"{m.above_half:,} with P(source) >= 0.5, {m.maps:,} occlusion maps")
+    if summary.unscorable:
+        lines.append(f"  {summary.unscorable:,} stamps unscorable (NaN/Inf pixels): "
+                     "probability NaN, no map")
+    for target in summary.targets:
+        lines.append(f"  results: {target}")
+    for target, model in summary.up_to_date:
+        lines.append(f"  up to date: {target} /scores/{model}")
+    if summary.skipped:
+        lines.append(f"skipped {len(summary.skipped)} file(s):")
+        lines.extend(f"  {path}: {reason}" for path, reason in summary.skipped)
+    return "\n".join(lines)
+
+
+def run_plot_occlusion(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from stampbatch import plots, store
+    from stampbatch.errors import StampbatchError
+
+    scores = store.read_scores(args.file, args.model, with_maps=False)
+    index = scores.occlusion_index
+    if len(index) == 0:
+        raise StampbatchError(f"{args.file}: /scores/{args.model} has no occlusion maps (score "
+                              "with --occlusion all or above:P)")
+    if args.rows is not None:
+        missing = sorted(set(args.rows) - set(index.tolist()))
+        if missing:
+            raise StampbatchError(f"{args.file}: rows {missing[:10]} have no occlusion map for "
+                                  f"{args.model} ({len(index):,} rows have one)")
+        rows = list(dict.fromkeys(args.rows))
+    else:
+        p = scores.probability[index]
+        order = np.argsort(-np.nan_to_num(p, nan=-1.0), kind="stable")[: args.top]
+        rows = [int(r) for r in index[order]]
+    source = args.candidates
+    if source is None:
+        info = store.open_store(args.file)
+        source = Path(store.read_attrs(args.file)["source_file"]) if info.is_score_file \
+            else args.file
+    stamps, _ = store.read_rows(source, np.asarray(rows))
+    by_row = store.read_occlusion(args.file, args.model, rows)
+    maps = np.stack([by_row[r] for r in rows])
+    probs = scores.probability[np.asarray(rows)]
+    shown = ", ".join(str(r) for r in rows[:12]) + (" …" if len(rows) > 12 else "")
+    title = f"{args.file.name}: /scores/{args.model}, rows {shown} (panels in this order)"
+    path = plots.plot_occlusion(stamps, maps, probs, list(range(len(rows))), args.out, title=title)
+    print(f"wrote {path} ({len(rows)} stamps)")
+    return 0

@@ -1,0 +1,147 @@
+"""CLI for training: train, models, report.
+
+TensorFlow is imported only inside the commands that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from stampbatch.errors import UsageError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train one architecture on a labelled store; write a run directory",
+        description="Train a CNN on a labelled HDF5 stamp store (stratified 70/10/20 split, "
+                    "streamed batches, a checkpoint every epoch), evaluate it on the test split "
+                    "and write OUT/: model.keras, config.toml, history.json, split.npz, "
+                    "metrics.json and PNG figures. Rerunning on the same OUT resumes an "
+                    "interrupted run; a finished run is not retrained. Options override the "
+                    "--config file.")
+    p.add_argument("--data", type=Path, metavar="TRAIN.h5",
+                   help="labelled stamp store (or 'data' in --config)")
+    p.add_argument("--arch", metavar="NAME",
+                   help="architecture (see 'stampbatch models'; or 'architecture' in --config)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory")
+    p.add_argument("--config", type=Path, metavar="FILE.toml",
+                   help="training settings (keys of TrainConfig; a run's config.toml works)")
+    p.add_argument("--epochs", type=_positive_int, help="maximum epochs (default 20)")
+    p.add_argument("--batch-size", type=_positive_int, help="stamps per batch (default 256)")
+    p.add_argument("--learning-rate", type=_positive_float, help="learning rate (default 0.01)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"),
+                   help="sgd (momentum 0.9, default) or adam")
+    p.add_argument("--seed", type=int, help="seed of the split, weights and shuffling (default 0)")
+    p.add_argument("--patience", type=int,
+                   help="epochs without a better validation loss before stopping (default 5; "
+                        "0 never stops early)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="no random flips/rotations of training stamps")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("models", help="list the architectures with parameters and cost per stamp",
+                       description="List the registered architectures: trainable and other "
+                                   "parameters, multiply-adds (MACs) and FLOPs per stamp.")
+    p.add_argument("--stamp-size", type=_positive_int, default=21, metavar="N",
+                   help="stamp side in pixels (default 21)")
+    p.set_defaults(func=run_models)
+
+    p = sub.add_parser("report", help="write RUNS_DIR/report.html comparing every finished run",
+                       description="Compare the runs (subdirectories with metrics.json) of "
+                                   "RUNS_DIR side by side in one HTML page.")
+    p.add_argument("runs_dir", type=Path, metavar="RUNS_DIR")
+    p.set_defaults(func=run_report)
+
+
+def _train_settings(args: argparse.Namespace) -> tuple[Path, str, Any]:
+    from stampbatch.config import from_mapping, load_toml
+    from stampbatch.train import TrainConfig
+
+    settings: dict[str, Any] = {}
+    source = "command line"
+    if args.config is not None:
+        settings = dict(load_toml(args.config))
+        source = f"{args.config} (with command-line options)"
+    data = settings.pop("data", None)
+    arch = settings.pop("architecture", None)
+    if args.data is not None:
+        data = args.data
+    if args.arch is not None:
+        arch = args.arch
+    if data is None:
+        raise UsageError("give --data TRAIN.h5 (or 'data' in --config)")
+    if arch is None:
+        raise UsageError("give --arch NAME (or 'architecture' in --config); "
+                         "see 'stampbatch models'")
+    for option in ("epochs", "batch_size", "learning_rate", "optimizer", "seed", "patience",
+                   "augment"):
+        value = getattr(args, option)
+        if value is not None:
+            settings[option] = value
+    config = from_mapping(TrainConfig, settings, source)
+    return Path(data), str(arch), config
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from stampbatch.models import check_architecture
+
+    data, arch, config = _train_settings(args)
+    check_architecture(arch)
+    from stampbatch.train import train_run
+
+    metrics = train_run(data, arch, args.out, config, progress=not args.quiet)
+    op = metrics["operating_point"]
+    line = (f"{arch}: {metrics['epochs_run']} epochs, test accuracy {metrics['accuracy']:.4f}, "
+            f"ROC AUC {metrics['roc_auc']:.4f}, completeness {op['completeness']:.3f} at FPR "
+            f"{op['fpr']:.4f} (P >= {op['threshold']:.3g})")
+    above = (metrics.get("completeness_vs_snr") or {}).get("above_snr") or {}
+    if above.get("completeness_at_operating_point") is not None:
+        line += (f", {above['completeness_at_operating_point']:.3f} above SNR "
+                 f"{above['snr_min']:g}")
+    print(line)
+    print(f"run directory: {args.out}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from stampbatch.models import architecture_names, describe
+
+    rows = [describe(name, (args.stamp_size, args.stamp_size)) for name in architecture_names()]
+    print(f"{'architecture':<12} {'parameters':>12} {'MACs/stamp':>14} {'MFLOP/stamp':>12}")
+    for r in rows:
+        print(f"{r['name']:<12} {r['parameters']:>12,} {r['macs_per_stamp']:>14,} "
+              f"{2 * r['macs_per_stamp'] / 1e6:>12.2f}")
+    print(f"(stamps of {args.stamp_size}x{args.stamp_size}; MACs counted from the Conv and Dense "
+          f"layer shapes, 1 MAC = 2 FLOP)")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from stampbatch.report import write_report
+
+    path = write_report(args.runs_dir)
+    print(path)
+    return 0

@@ -1,0 +1,115 @@
+"""The main job end to end, as ``make demo`` runs it.
+
+simulated training stamps → every architecture trained through submitit (Slurm when the
+machine has it, the local executor otherwise) → a simulated candidate set of 200,000
+trajectory stamps scored by every model with the Dask scorer (occlusion maps for the
+stamps above P = 0.5) → HDF5 scores, the training report and occlusion figures.
+
+    python -m stampbatch.demo --out demo-output [--train-stamps 30000] [--candidates 200000]
+
+Each step is the same ``stampbatch`` command a user would type, so the demo doubles as a
+worked example; it prints each command before running it. Rerunning resumes: finished
+stores, trained runs and complete scores are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stampbatch import cli, store
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_SPEC = REPO / "jobs" / "demo.toml"
+DEMO_CANDIDATES = REPO / "jobs" / "demo_candidates.toml"
+
+
+def run(args: list[str]) -> None:
+    """Run one stampbatch command, echoing it; stop the demo if it fails."""
+    print(f"\n$ stampbatch {shlex.join(args)}", flush=True)
+    t0 = time.monotonic()
+    code = cli.main(args)
+    if code != 0:
+        raise SystemExit(f"demo: 'stampbatch {args[0]}' failed (exit {code})")
+    print(f"  ({time.monotonic() - t0:,.1f} s)", flush=True)
+
+
+def completeness_table(candidates: Path, models: list[str]) -> str:
+    """Recall and false-positive rate of each model against the candidates' hidden truth."""
+    truth = store.read_meta(candidates, ["true_label", "snr"])
+    label = truth["true_label"].astype(bool)
+    snr = truth["snr"]
+    lines = [f"{'model':<12}{'P>=0.5':>10}{'completeness':>14}{'SNR>=7':>9}{'FPR':>10}"]
+    for model in models:
+        p = store.read_scores(candidates, model, with_maps=False).probability
+        hit = p >= 0.5
+        bright = label & (snr >= 7)
+        lines.append(
+            f"{model:<12}{int(hit.sum()):>10,}{hit[label].mean():>14.3f}"
+            f"{hit[bright].mean():>9.3f}{hit[~label].mean():>10.5f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo-output"), help="where everything goes")
+    parser.add_argument("--train-stamps", type=int, default=30_000, help="labelled training stamps")
+    parser.add_argument("--candidates", type=int, default=200_000, help="candidate stamps to score")
+    parser.add_argument("--epochs", type=int, default=None, help="override every architecture's epochs")
+    parser.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto")
+    args = parser.parse_args(argv)
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    train, candidates, runs = out / "train.h5", out / "candidates.h5", out / "runs"
+    t_start = time.monotonic()
+
+    if not train.exists():
+        run(["simulate", str(train), "--n", str(args.train_stamps), "--seed", "1"])
+    if not candidates.exists():
+        run(["simulate", str(candidates), "--n", str(args.candidates), "--seed", "2", "--candidates",
+             "--config", str(DEMO_CANDIDATES)])
+    run(["inspect", str(train), str(candidates)])
+
+    launch = ["launch", str(DEMO_SPEC), "--data", str(train), "--runs", str(runs), "--executor",
+              args.executor, "--wait"]
+    if args.epochs:
+        launch += ["--epochs", str(args.epochs)]
+    run(launch)
+
+    run_dirs = sorted(p.parent for p in runs.glob("*/model.keras"))
+    if not run_dirs:
+        raise SystemExit(f"demo: no trained model under {runs}")
+    score = ["score", str(candidates), "--occlusion", "above:0.5"]
+    for run_dir in run_dirs:
+        score += ["--model", str(run_dir)]
+    run(score)
+
+    models = [p.name for p in run_dirs]
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    for model in models:
+        run(["plot-occlusion", str(candidates), "--model", model, "--top", "6",
+             "--out", str(figures / f"occlusion_{model}.png")])
+    run(["inspect", str(candidates)])
+
+    print("\nAgainst the candidates' hidden truth (kept in /meta for evaluation):")
+    print(completeness_table(candidates, models))
+    report = runs / "report.html"
+    print(f"\nDemo finished in {time.monotonic() - t_start:,.0f} s.")
+    print(f"  scores (HDF5):      {candidates}  (/scores/<model>/probability, occlusion, occlusion_index)")
+    print(f"  training report:    {report}")
+    print(f"  run directories:    {runs}/<arch>/ (model.keras, metrics.json, figures)")
+    print(f"  occlusion figures:  {figures}/")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

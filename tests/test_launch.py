@@ -1,0 +1,548 @@
+"""The submitit launcher: job files, command-line options, the sbatch script, the manifest,
+and real training jobs — through submitit's local executor, and on the real single-node
+Slurm of tests/slurm/up.sh (marked ``slurm``)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import REPO, gaussian_stamps
+
+from stampbatch import cli, launch, store, train
+from stampbatch.errors import UsageError
+
+ALL_ARCHS = ["simple", "simple_bn", "vgg6", "resnet50"]
+
+
+def make_store(path: Path, n: int = 300, *, seed: int = 1, **kwargs) -> Path:
+    labels = (np.arange(n) % 2).astype(np.int8)
+    store.create_store(path, gaussian_stamps(n, seed=seed, sources=labels == 1), labels,
+                       **kwargs)
+    return path
+
+
+def make_corrupt_store(path: Path) -> Path:
+    """A store whose header, labels and schema are sound but one gzip chunk of /stamps is
+    garbage (a damaged copy): it passes the launch-time check and fails inside the job."""
+    make_store(path, 300, chunk_rows=100, compression="gzip")
+    with h5py.File(path, "r") as h5:
+        chunk = h5["stamps"].id.get_chunk_info(1)
+    with open(path, "r+b") as fh:
+        fh.seek(chunk.byte_offset + chunk.size // 4)
+        fh.write(b"\xff" * (chunk.size // 2))
+    return path
+
+
+@pytest.fixture
+def train_store(tmp_path) -> Path:
+    return make_store(tmp_path / "train.h5")
+
+
+def job_file(tmp_path: Path, data: Path, archs: list[str], *, executor: str = "slurm",
+             epochs: int = 1, time_min: int = 10, extra: str = "", slurm: str = "") -> Path:
+    """A job file for tiny test jobs: 1 CPU, 1 GB, no early stopping, time limit far from
+    reached (submitit's USR2 may come 60 s early: keep the limit well above the run)."""
+    path = tmp_path / "job.toml"
+    path.write_text(f"""
+data = "{data}"
+architectures = {json.dumps(archs)}
+runs = "{tmp_path / 'runs'}"
+epochs = {epochs}
+executor = "{executor}"
+
+[train]
+batch_size = 64
+patience = 0
+
+{extra}
+
+[slurm]
+partition = "debug"
+time_min = {time_min}
+signal_delay_s = 30
+cpus_per_task = 1
+mem_gb = 1
+{slurm}
+""")
+    return path
+
+
+def read_manifest(runs: Path) -> dict:
+    return json.loads((runs / launch.MANIFEST_NAME).read_text())
+
+
+def assert_complete_run(run_dir: Path, arch: str, epochs: int) -> dict:
+    for name in ("model.keras", "metrics.json", "history.json", "config.toml", "split.npz"):
+        assert (run_dir / name).is_file(), f"{run_dir / name} missing"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["architecture"] == arch
+    assert metrics["epochs_run"] == epochs
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["loss"]) == epochs
+    return metrics
+
+
+# --------------------------------------------------------------------------- job files
+
+
+def test_shipped_job_file_resolves(tmp_path, train_store):
+    spec = launch.load_spec(REPO / "jobs" / "train_all.toml")
+    assert spec.architectures == ALL_ARCHS
+    assert spec.slurm.gpus_per_job == 1 and spec.slurm.container_image
+    spec = launch.apply_options(spec, data=train_store, runs=tmp_path / "runs")
+    plans = launch.resolve(spec)
+    assert [p.arch for p in plans] == ALL_ARCHS
+    by_arch = {p.arch: p for p in plans}
+    # top-level epochs (30) over [train]; [overrides.resnet50] over both
+    assert by_arch["vgg6"].config.epochs == 30 and by_arch["vgg6"].config.batch_size == 256
+    assert by_arch["resnet50"].config.epochs == 20
+    assert by_arch["resnet50"].config.batch_size == 128
+    assert by_arch["simple"].run_dir == (tmp_path / "runs" / "simple").absolute()
+    assert all(p.data == train_store.absolute() for p in plans)
+
+
+@pytest.mark.parametrize("text, bad, valid", [
+    ("epoch = 3", "epoch", "epochs"),
+    ("[slurm]\ngpus = 1", "gpus", "gpus_per_job"),
+    ("[slurm]\ntime = 60", "time", "time_min"),
+    ("[train]\nlr = 0.1", "lr", "learning_rate"),
+    ("[overrides.vgg6]\nlr = 0.1", "lr", "learning_rate"),
+])
+def test_misspelt_key_lists_the_valid_ones(tmp_path, text, bad, valid):
+    path = tmp_path / "job.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(UsageError) as err:
+        launch.load_spec(path)
+    message = str(err.value)
+    assert f"unknown option(s) ['{bad}']" in message
+    assert f"'{valid}'" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('epochs = "ten"', "expected an integer, got 'ten'"),
+    ('architectures = "vgg6"', "expected a list"),
+    ("[slurm]\nmem_gb = \"lots\"", "expected a number"),
+    ("[slurm]\ngpus_per_job = 1.5", "expected an integer"),
+    ('[slurm]\nextra_sbatch = ["-N 2"]', "'--key=value'"),
+    ("[slurm]\ncpus_per_task = 0", "cpus_per_task must be at least 1"),
+    ('[slurm]\ncontainer_runtime = "docker"', "apptainer, singularity"),
+    ("[slurm]\ntime_min = 1\nsignal_delay_s = 90", "must be shorter than the time limit"),
+    ('executor = "pbs"', "executor must be one of auto, slurm, local"),
+    ("[train]\nmomentum = 1.5", "momentum must be in [0, 1)"),
+    ('architectures = ["vgg6", "vgg6"]', "listed twice"),
+    ("[overrides.vgg6]\ndata = 5", "data must be a path"),
+])
+def test_bad_values_are_one_line_usage_errors(tmp_path, text, expected):
+    path = tmp_path / "job.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(UsageError) as err:
+        launch.load_spec(path)
+    assert expected in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_architecture_lists_known_ones(tmp_path, train_store):
+    spec = launch.LaunchSpec(data=train_store, architectures=["vgg7"])
+    with pytest.raises(UsageError, match="unknown architecture 'vgg7'; known architectures: "
+                                         "simple, simple_bn, vgg6, resnet50"):
+        launch.resolve(spec)
+    spec = launch.LaunchSpec(data=train_store, architectures=["vgg6"],
+                             overrides={"vgg66": {"epochs": 2}})
+    with pytest.raises(UsageError, match=r"\[overrides\]: unknown architecture 'vgg66'"):
+        launch.resolve(spec)
+
+
+def test_stores_are_checked_before_anything_is_submitted(tmp_path, train_store):
+    with pytest.raises(UsageError, match="no data store"):
+        launch.resolve(launch.LaunchSpec(architectures=["simple"]))
+    missing = tmp_path / "missing.h5"
+    with pytest.raises(store.StoreError, match=f"{missing}: no such file"):
+        launch.resolve(launch.LaunchSpec(data=missing, architectures=["simple"]))
+    notes = tmp_path / "notes.h5"
+    notes.write_text("not hdf5")
+    spec = launch.LaunchSpec(data=train_store, architectures=["simple", "vgg6"],
+                             overrides={"vgg6": {"data": str(notes)}})
+    with pytest.raises(store.StoreError, match=f"{notes}: not an HDF5 file"):
+        launch.resolve(spec)
+    candidates = tmp_path / "candidates.h5"
+    store.create_store(candidates, gaussian_stamps(20))
+    with pytest.raises(UsageError, match=f"{candidates}: has no /labels"):
+        launch.resolve(launch.LaunchSpec(data=candidates, architectures=["simple"]))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_options_override_the_file(tmp_path, train_store):
+    other = make_store(tmp_path / "other.h5", 100, seed=2)
+    spec = launch.spec_from_mapping({
+        "data": str(train_store), "architectures": ["simple", "vgg6"], "epochs": 3,
+        "train": {"epochs": 5, "learning_rate": 0.05},
+        "overrides": {"vgg6": {"epochs": 7, "learning_rate": 0.001, "data": str(other)}},
+    })
+    plans = {p.arch: p for p in launch.resolve(spec)}
+    assert plans["simple"].config.epochs == 3 and plans["simple"].config.learning_rate == 0.05
+    assert plans["vgg6"].config.epochs == 7 and plans["vgg6"].config.learning_rate == 0.001
+    assert plans["vgg6"].data == other.absolute() and plans["simple"].data == train_store
+    # --epochs applies to every architecture, per-architecture overrides included
+    cli_spec = launch.apply_options(spec, epochs=1, architectures=["vgg6"], runs=tmp_path / "r",
+                                    data=other, executor="local")
+    plans = launch.resolve(cli_spec)
+    assert [(p.arch, p.config.epochs, p.config.learning_rate) for p in plans] == \
+        [("vgg6", 1, 0.001)]
+    assert cli_spec.runs == tmp_path / "r" and cli_spec.executor == "local"
+    assert cli_spec.data == other
+    assert spec.epochs == 3 and spec.overrides["vgg6"]["epochs"] == 7  # the original is kept
+    with pytest.raises(UsageError, match="executor must be one of"):
+        launch.apply_options(spec, executor="pbs")
+
+
+def test_executor_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    assert launch.choose_executor("auto") == "local"
+    assert launch.choose_executor("local") == "local"
+    with pytest.raises(UsageError, match="sbatch and srun not found on PATH"):
+        launch.choose_executor("slurm")
+    for name in ("sbatch", "srun"):
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    assert launch.choose_executor("auto") == "slurm"
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def test_dry_run_prints_gpu_time_limit_and_container(tmp_path, train_store, capsys):
+    image = tmp_path / "stampbatch.sif"
+    path = job_file(tmp_path, train_store, ["simple", "vgg6"], time_min=45, slurm=f"""
+gpus_per_job = 1
+account = "astro"
+qos = "normal"
+constraint = "a100"
+extra_sbatch = ["--mail-type=FAIL", "--exclusive"]
+setup = ["module load apptainer"]
+container_image = "{image}"
+container_binds = ["/scratch:/data"]
+""")
+    text = path.read_text()
+    assert cli.main(["launch", str(path), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    script = captured.out
+    assert script.startswith("#!/bin/bash\n")
+    for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --time=45", "#SBATCH --array=0-1%2",
+                 "#SBATCH --partition=debug", "#SBATCH --account=astro", "#SBATCH --qos=normal",
+                 "#SBATCH --constraint=a100", "#SBATCH --mem=1G", "#SBATCH --cpus-per-task=1",
+                 "#SBATCH --mail-type=FAIL", "#SBATCH --exclusive", "#SBATCH --signal=USR2@30",
+                 "module load apptainer"):
+        assert line + "\n" in script
+    runs = (tmp_path / "runs").absolute()
+    wrapper = (f"apptainer exec --nv --bind {runs},{train_store.parent},/scratch:/data "
+               f"{image} python3 -u -m submitit.core._submit")
+    assert wrapper in script
+    assert "task 0: simple" in captured.err and "task 1: vgg6" in captured.err
+    assert not runs.exists()  # nothing submitted, nothing written
+
+    # no GPU asked: no --gres/--gpus line and no --nv; singularity as the runtime
+    path.write_text(text.replace("gpus_per_job = 1", "container_runtime = \"singularity\""))
+    assert cli.main(["launch", str(path), "--dry-run", "--arch", "simple"]) == 0
+    script = capsys.readouterr().out
+    assert "gpus" not in script and "gres" not in script and "--array" not in script
+    assert f"singularity exec --bind {runs}," in script and "--nv" not in script
+
+
+@pytest.mark.slurm
+def test_slurm_accepts_the_generated_script(slurm_cluster, tmp_path, train_store):
+    path = job_file(tmp_path, train_store, ["simple", "vgg6"], slurm="gpus_per_job = 1")
+    spec = launch.load_spec(path)
+    script = tmp_path / "job.sh"
+    script.write_text(launch.sbatch_script(spec, launch.resolve(spec), tmp_path / "%j"))
+    ok = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "to start at" in ok.stderr
+    too_many = script.read_text().replace("--gpus-per-node=1", "--gpus-per-node=3")
+    script.write_text(too_many)
+    refused = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True,
+                             text=True)
+    assert refused.returncode != 0
+
+
+@pytest.mark.slurm
+def test_slurm_refusal_is_one_line_and_leaves_nothing(slurm_cluster, tmp_path, train_store,
+                                                      capsys):
+    path = job_file(tmp_path, train_store, ["simple", "vgg6"], slurm="gpus_per_job = 3")
+    assert cli.main(["launch", str(path)]) == 1  # the node has 2 (fake) GPUs
+    err = capsys.readouterr().err
+    assert err == ("stampbatch launch: error: slurm submission of 2 job(s) failed: sbatch: "
+                   "error: Batch job submission failed: Requested node configuration is not "
+                   "available\n")
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- the manifest
+
+
+def _append_many(runs: str, worker: int, count: int) -> None:
+    for i in range(count):
+        launch.append_manifest(Path(runs), {"id": f"{worker}-{i}", "jobs": []})
+
+
+def test_manifest_appends_are_atomic_and_never_lost(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_append_many, args=(str(runs), w, 10)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    ids = [r["id"] for r in read_manifest(runs)["launches"]]
+    assert sorted(ids) == sorted(f"{w}-{i}" for w in range(4) for i in range(10))
+    for w in range(4):  # each writer's launches in its own order
+        mine = [i for i in ids if i.startswith(f"{w}-")]
+        assert mine == [f"{w}-{i}" for i in range(10)]
+    before = (runs / launch.MANIFEST_NAME).read_bytes()
+    with pytest.raises(TypeError):
+        launch.append_manifest(runs, {"id": "bad", "jobs": [object()]})
+    assert (runs / launch.MANIFEST_NAME).read_bytes() == before
+    assert sorted(p.name for p in runs.iterdir() if "partial" in p.name) == []
+    (runs / launch.MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(launch.LaunchError, match="unreadable launch manifest"):
+        launch.read_manifest(runs)
+
+
+def test_error_line_of_a_job_log(tmp_path):
+    log = tmp_path / "12_0_0_log.err"
+    log.write_text(
+        "submitit INFO (2026-01-01 00:00:00,000) - Starting with JobEnvironment(...)\n"
+        "E0000 00:00:1795641704.838074 cuda_platform.cc:52] failed call to cuInit: CUDA error\n"
+        "Traceback (most recent call last):\n"
+        '  File "/x/train.py", line 1, in train_run\n'
+        "    raise ValueError('first')\n"
+        "ValueError: first\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "Traceback (most recent call last):\n"
+        '  File "/x/launch.py", line 2, in __call__\n'
+        "stampbatch.train.TrainError: /data/train.h5: every label is 0 (no-source)\n"
+        "  with a second line\n"
+        "srun: error: vm: task 0: Exited with exit code 1\n")
+    assert launch._error_line(log) == "TrainError: /data/train.h5: every label is 0 (no-source)"
+    with open(log, "a") as fh:
+        fh.write("slurmstepd-vm: error: *** JOB 12 ON vm CANCELLED AT 2026-01-01T00:00:09 ***\n"
+                 "E0000 00:00:1795641709.1 cuda_platform.cc:52] failed call to cuInit: error\n")
+    assert launch._error_line(log, killed=True).startswith("slurmstepd-vm: error: *** JOB 12")
+    assert launch._error_line(log).startswith("TrainError:")  # the job raised: its exception
+    log.write_text("slurmstepd: error: Detected 1 oom-kill event(s) in StepId=12.0.\n"
+                   "I0000 cudart_stub.cc:31] Could not find cuda drivers\n")
+    assert launch._error_line(log).startswith("slurmstepd: error: Detected 1 oom-kill")
+    assert launch._error_line(tmp_path / "missing.err") is None
+
+
+def test_status_and_collect_without_runs(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    assert cli.main(["status", str(tmp_path / "runs")]) == 2
+    assert "no launch-manifest.json" in capsys.readouterr().err
+    assert cli.main(["collect", str(tmp_path / "runs")]) == 1
+    assert "no finished runs yet" in capsys.readouterr().err
+    assert cli.main(["status", str(tmp_path / "nowhere")]) == 2
+
+
+# --------------------------------------------------------------------------- local executor
+
+
+@pytest.mark.slow
+def test_local_executor_trains_and_reports_a_failed_job(tmp_path, train_store, capsys):
+    bad = make_corrupt_store(tmp_path / "damaged.h5")
+    path = job_file(tmp_path, train_store, ["simple", "simple_bn"], executor="local",
+                    extra=f'[overrides.simple_bn]\ndata = "{bad}"')
+    runs = tmp_path / "runs"
+    t0 = time.monotonic()
+    code = cli.main(["launch", str(path), "--wait", "--poll", "0.5"])
+    elapsed = time.monotonic() - t0
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    assert "1 of 2 job(s) did not complete: simple_bn (FAILED)" in err
+    assert "launched 2 job(s) (local)" in out
+
+    assert_complete_run(runs / "simple", "simple", 1)
+    assert (runs / "report.html").is_file()
+    record = read_manifest(runs)["launches"][0]
+    assert record["executor"] == "local"
+    assert [j["arch"] for j in record["jobs"]] == ["simple", "simple_bn"]
+    assert record["jobs"][1]["data"] == str(bad)
+
+    statuses = {s.arch: s for s in launch.job_statuses(runs)}
+    assert statuses["simple"].state == "COMPLETED" and statuses["simple"].error is None
+    failed = statuses["simple_bn"]
+    assert failed.state == "FAILED"
+    assert failed.error == "OSError: Can't synchronously read data (filter returned failure " \
+                           "during read)"
+    assert failed.log.is_file() and failed.log == Path(record["jobs"][1]["stderr"])
+    assert f"  error: {failed.error}" in out and str(failed.log) in out
+    assert train.run_state(runs / "simple_bn")["status"] == "failed"
+    print(f"local launch of 2 tiny jobs: {elapsed:.1f} s")
+
+
+# --------------------------------------------------------------------------- real Slurm
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_trains_two_architectures(slurm_cluster, tmp_path, train_store, capsys):
+    # one (fake) GPU each: the node has two, so both run at once; TensorFlow falls back to CPU
+    path = job_file(tmp_path, train_store, ["simple", "vgg6"], slurm="gpus_per_job = 1")
+    runs = tmp_path / "runs"
+    t0 = time.monotonic()
+    assert cli.main(["launch", str(path)]) == 0  # returns at once
+    submit_s = time.monotonic() - t0
+    assert submit_s < 15
+    out = capsys.readouterr().out
+    record = read_manifest(runs)["launches"][0]
+    assert record["executor"] == "slurm"
+    array_id = record["jobs"][0]["job_id"].split("_")[0]
+    assert [(j["arch"], j["job_id"]) for j in record["jobs"]] == \
+        [("simple", f"{array_id}_0"), ("vgg6", f"{array_id}_1")]
+    assert f"simple {array_id}_0, vgg6 {array_id}_1" in out
+    assert record["jobs"][1]["run_dir"] == str((runs / "vgg6").absolute())
+    assert record["spec"]["data"] == str(train_store)
+    assert record["submitted_at"].endswith("Z") and record["folder"].endswith("/%j")
+
+    statuses = launch.wait_for_jobs(record, poll_s=1.0, timeout_s=300)
+    assert [s.state for s in statuses] == ["COMPLETED", "COMPLETED"]
+    for arch in ("simple", "vgg6"):
+        assert_complete_run(runs / arch, arch, 1)
+        assert f"job {array_id}_" in (runs / arch / launch.EVENTS_NAME).read_text()
+
+    # sacct lags the controller: the final state must still come back from the scheduler
+    deadline = time.monotonic() + 30
+    while launch._slurm_states([f"{array_id}_0", f"{array_id}_1"]) != \
+            {f"{array_id}_0": "COMPLETED", f"{array_id}_1": "COMPLETED"}:
+        assert time.monotonic() < deadline, "sacct never reported COMPLETED"
+        time.sleep(1)
+    tres = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,AllocTRES", "-j", array_id],
+                          capture_output=True, text=True, check=True).stdout
+    assert tres.count("gres/gpu=1") == 2, tres  # the GPU request was really scheduled
+    assert cli.main(["status", str(runs)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["ARCH", "JOB", "STATE", "EPOCH"]
+    for line, (arch, task) in zip(table[1:], [("simple", 0), ("vgg6", 1)]):
+        words = line.split()
+        assert words[:4] == [arch, f"{array_id}_{task}", "COMPLETED", "1/1"]
+        best = train.run_state(runs / arch)["best_val_accuracy"]
+        assert words[4] == f"{best:.4f}"
+        assert words[-1].endswith(f"{array_id}_{task}_0_log.err") and Path(words[-1]).is_file()
+    assert cli.main(["collect", str(runs)]) == 0
+    assert "report: " in capsys.readouterr().out
+    assert "vgg6" in (runs / "report.html").read_text()
+    print(f"slurm: 2 tiny jobs submitted in {submit_s:.1f} s, done in "
+          f"{time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_interrupted_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
+    import submitit
+
+    data = make_store(tmp_path / "big.h5", 20_000)
+    path = job_file(tmp_path, data, ["simple"], epochs=4)
+    spec = launch.load_spec(path)
+    runs = tmp_path / "runs"
+    run_dir = runs / "simple"
+    t0 = time.monotonic()
+    record = launch.launch(spec, spec_file=path)
+    entry = record["jobs"][0]
+    job = submitit.SlurmJob(folder=record["folder"], job_id=entry["job_id"])
+
+    deadline = time.monotonic() + 240
+    while train.run_state(run_dir)["epoch"] < 1:  # the first epoch checkpoint is committed
+        assert time.monotonic() < deadline, "no epoch checkpoint within 240 s"
+        assert not (runs / "simple" / "FAILED").exists()
+        time.sleep(0.2)
+    before = json.loads((run_dir / "history.json").read_text())
+    # a second launch for the same architecture must not race the running job
+    with pytest.raises(UsageError, match="job .* of an earlier launch is still"):
+        launch.launch(spec, spec_file=path)
+    job._interrupt()  # SIGTERM then USR2: what Slurm sends on preemption
+    interrupted_at = time.monotonic() - t0
+
+    statuses = launch.wait_for_jobs(record, poll_s=1.0, timeout_s=300)
+    assert statuses[0].state == "COMPLETED", statuses[0].error
+    metrics = assert_complete_run(run_dir, "simple", 4)
+    history = json.loads((run_dir / "history.json").read_text())
+    k = len(before["loss"])
+    assert 1 <= k < 4
+    for key in before:  # epochs trained before the interruption are kept, not redone
+        assert history[key][:k] == before[key]
+    events = (run_dir / launch.EVENTS_NAME).read_text()
+    assert "starting simple, 4 epochs" in events
+    assert "interrupted after epoch" in events
+    resumed = [ln for ln in events.splitlines() if "(restart 1): resuming at epoch" in ln]
+    assert resumed, events
+    epoch_at_resume = int(resumed[0].split("resuming at epoch ")[1].split("/")[0])
+    assert epoch_at_resume >= k
+    assert f"resuming from epoch {epoch_at_resume} of 4" in statuses[0].log.read_text()
+    assert metrics["epochs_run"] == 4
+    print(f"slurm interrupt after {interrupted_at:.1f} s (epoch {k}), resumed at epoch "
+          f"{epoch_at_resume}, done in {time.monotonic() - t0:.1f} s")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_failing_job_leaves_the_other_intact(slurm_cluster, tmp_path, train_store,
+                                                   capsys):
+    bad = make_corrupt_store(tmp_path / "damaged.h5")
+    path = job_file(tmp_path, train_store, ["simple", "vgg6"],
+                    extra=f'[overrides.vgg6]\ndata = "{bad}"')
+    runs = tmp_path / "runs"
+    assert cli.main(["launch", str(path), "--wait", "--poll", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert "1 of 2 job(s) did not complete: vgg6 (FAILED)" in err
+
+    assert_complete_run(runs / "simple", "simple", 1)
+    assert not (runs / "vgg6" / "metrics.json").exists()
+    record = read_manifest(runs)["launches"][0]
+    log = Path(record["jobs"][1]["stderr"])
+    error = "OSError: Can't synchronously read data (filter returned failure during read)"
+    assert f"  error: {error}" in out and str(log) in out
+    assert error in log.read_text()
+
+    assert cli.main(["status", str(runs)]) == 1  # a failed job: non-zero
+    table = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]
+            if not line.startswith("  ")}
+    assert rows["simple"][2] == "COMPLETED" and rows["vgg6"][2] == "FAILED"
+    assert rows["vgg6"][-1] == str(log)
+    assert f"  error: {error}" in table
+    assert cli.main(["collect", str(runs)]) == 0
+    collected = capsys.readouterr().out
+    assert "not completed:" in collected and "vgg6 job" in collected and error in collected
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_cancelled_job_is_reported_with_slurms_message(slurm_cluster, tmp_path,
+                                                             train_store):
+    path = job_file(tmp_path, train_store, ["simple"], epochs=50)
+    record = launch.launch(launch.load_spec(path), spec_file=path)
+    job_id = record["jobs"][0]["job_id"]
+    deadline = time.monotonic() + 120
+    while launch.statuses_of([(record, record["jobs"][0])])[0].state != "RUNNING":
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], check=True)
+    status = launch.wait_for_jobs(record, poll_s=1.0, timeout_s=120)[0]
+    assert status.state == "CANCELLED"
+    # Slurm's verdict, not the lines the job went on logging during KillWait
+    assert status.error.startswith("slurmstepd")
+    assert re.search(rf"\*\*\* (JOB {job_id}|STEP {job_id}\.0) ON \S+ CANCELLED AT ",
+                     status.error), status.error
+    print(f"cancelled job's error line: {status.error}")
+    assert not (tmp_path / "runs" / "simple" / "metrics.json").exists()

@@ -1,0 +1,603 @@
+"""The Dask scorer on real files, a real tiny trained model, real Dask (and the real Slurm)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, gaussian_stamps
+
+from stampbatch import inference, preprocess, score, store
+from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.occlusion import occlusion_maps
+
+pytestmark = pytest.mark.slow
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _train(run_dir: Path, arch: str, seed: int) -> Path:
+    """A real (tiny, briefly trained) model saved as a run directory."""
+    import keras
+
+    from stampbatch import models
+
+    n = 1200
+    labels = (np.arange(n) % 2).astype(np.int8)
+    x = preprocess.normalize(gaussian_stamps(n, seed=seed, sources=labels == 1, amplitude=5.0))
+    keras.utils.set_random_seed(seed)
+    model = models.build_model(arch)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
+    model.fit(x[..., None], keras.utils.to_categorical(labels, 2), epochs=3, batch_size=16,
+              verbose=0)
+    run_dir.mkdir(parents=True)
+    model.save(run_dir / "model.keras")
+    (run_dir / "config.toml").write_text(f'architecture = "{arch}"\n')
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {"vgg6": _train(root / "vgg6", "vgg6", 0),
+            "simple": _train(root / "simple", "simple", 1)}
+
+
+@pytest.fixture(scope="module")
+def keras_models(runs):
+    return {name: inference.load_keras(run / "model.keras") for name, run in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                           dashboard_address=None)
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def candidates(path: Path, n: int, *, seed: int = 11, chunk_rows: int = 256,
+               shape=(21, 21)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    stamps = gaussian_stamps(n, seed=seed, sources=rng.random(n) < 0.4, amplitude=5.0,
+                             shape=shape)
+    store.create_store(path, stamps, chunk_rows=chunk_rows)
+    return stamps
+
+
+def expected_p(model, stamps: np.ndarray) -> np.ndarray:
+    return model.predict(preprocess.normalize(stamps)[..., None], verbose=0,
+                         batch_size=512)[:, 1]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def run_cli(*args: str, env_extra: dict | None = None, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="1",
+               **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "stampbatch", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def test_probabilities_equal_model_predict_and_provenance(tmp_path, runs, keras_models, client):
+    path = tmp_path / "cand.h5"
+    stamps = candidates(path, 1500)
+    summary = score.score_files([path], [runs["vgg6"]], chunk_size=500, client=client,
+                                progress=False, log=quiet)
+    s = store.read_scores(path, "vgg6")
+    p = expected_p(keras_models["vgg6"], stamps)
+    assert np.ptp(p) > 0.05                      # a model whose outputs vary
+    np.testing.assert_allclose(s.probability, p, rtol=0, atol=1e-5)
+    assert len(s.occlusion_index) == 0 and s.occlusion.shape == (0, 21, 21)
+    attrs = s.attrs
+    assert attrs["model_sha256"] == sha(runs["vgg6"] / "model.keras")
+    assert attrs["architecture"] == "vgg6"
+    assert attrs["occlusion_mode"] == "none" and attrs["n_unscorable"] == 0
+    assert attrs["chunk_rows"] == 512            # 500 rounded to the file's 256-row chunks
+    assert attrs["backend"] == "onnx" and attrs["stampbatch_version"]
+    assert attrs["scored_at"].endswith("+00:00")
+    # the stamps are untouched and the journal and lock are gone
+    np.testing.assert_array_equal(store.read_stamps(path), stamps)
+    assert not list(tmp_path.glob("*.stampbatch-journal")) and not list(tmp_path.glob("*.lock"))
+    m = summary.models["vgg6"]
+    assert summary.stamps_scored == 1500 and m.stamps == 1500
+    assert m.above_half == int((s.probability >= 0.5).sum())
+
+
+def test_above_threshold_selects_rows_and_maps_match(tmp_path, runs, keras_models, client):
+    path = tmp_path / "cand.h5"
+    stamps = candidates(path, 700, seed=12)
+    p = expected_p(keras_models["vgg6"], stamps)
+    cut = float(np.quantile(p, 0.9))
+    score.score_files([path], [runs["vgg6"]], occlusion=f"above:{cut}", chunk_size=256,
+                      client=client, progress=False, log=quiet)
+    s = store.read_scores(path, "vgg6")
+    np.testing.assert_array_equal(s.occlusion_index, np.flatnonzero(s.probability >= cut))
+    assert 40 < len(s.occlusion_index) < 100
+    assert s.attrs["occlusion_mode"] == f"above:{cut:g}" and s.attrs["occlusion_patch"] == 5
+    model = keras_models["vgg6"]
+    rows = s.occlusion_index[:6]
+    ref = occlusion_maps(preprocess.normalize(stamps[rows]),
+                         lambda x: model.predict(x, verbose=0, batch_size=2048)[:, 1])
+    np.testing.assert_allclose(s.occlusion[:6], ref, rtol=0, atol=1e-5)
+    got = store.read_occlusion(path, "vgg6", [int(rows[2])])
+    np.testing.assert_array_equal(got[int(rows[2])], s.occlusion[2])
+
+
+def test_many_files_many_models_globs_and_list_files(tmp_path, runs, keras_models, client):
+    a, b, c = (tmp_path / f"{x}.h5" for x in "abc")
+    sa, sb, sc = candidates(a, 200, seed=1), candidates(b, 300, seed=2), candidates(c, 60, seed=3)
+    (tmp_path / "list.txt").write_text("# survey night 2\nc.h5\n")
+    summary = score.score_files([str(tmp_path / "[ab].h5"), f"@{tmp_path / 'list.txt'}"],
+                                [runs["vgg6"], runs["simple"] / "model.keras"],
+                                occlusion="above:0.5", patch=7, chunk_size=256,
+                                client=client, progress=False, log=quiet)
+    assert sorted(summary.files) == [a, b, c]
+    for path, stamps in ((a, sa), (b, sb), (c, sc)):
+        assert store.list_scores(path) == ["simple", "vgg6"]
+        for name in ("vgg6", "simple"):
+            s = store.read_scores(path, name)
+            np.testing.assert_allclose(s.probability, expected_p(keras_models[name], stamps),
+                                       atol=1e-5)
+            np.testing.assert_array_equal(s.occlusion_index, np.flatnonzero(s.probability >= .5))
+            assert s.attrs["occlusion_patch"] == 7 and s.occlusion.shape[1:] == (21, 21)
+    assert summary.models["simple"].stamps == 560
+    assert summary.models["vgg6"].maps == sum(
+        len(store.read_scores(p, "vgg6").occlusion_index) for p in (a, b, c)) > 100
+
+
+def test_each_worker_loads_each_model_once(tmp_path, runs, client):
+    path = tmp_path / "cand.h5"
+    candidates(path, 2560, chunk_rows=128)
+    for _ in range(2):
+        score.score_files([path], [runs["vgg6"], runs["simple"]], chunk_size=128, client=client,
+                          force=True, progress=False, log=quiet)
+    counts = client.run(inference.load_counts)
+    shas = {sha(runs[n] / "model.keras") for n in ("vgg6", "simple")}
+    assert counts and all(set(c) >= shas for c in counts.values())
+    assert all(c[s] == 1 for c in counts.values() for s in shas)   # 2 runs x 20 chunks, 1 load
+
+
+def test_tf_and_onnx_backends_agree(tmp_path, runs, client):
+    path = tmp_path / "cand.h5"
+    candidates(path, 300, seed=5)
+    for backend in ("tf", "onnx"):
+        score.score_files([path], [runs["vgg6"]], name=f"vgg6_{backend}", backend=backend,
+                          occlusion="above:0.5", chunk_size=256, client=client, progress=False,
+                          log=quiet)
+    t, o = store.read_scores(path, "vgg6_tf"), store.read_scores(path, "vgg6_onnx")
+    assert t.attrs["backend"] == "tf" and o.attrs["backend"] == "onnx"
+    np.testing.assert_allclose(t.probability, o.probability, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(t.occlusion_index, o.occlusion_index)
+    assert len(o.occlusion_index) > 50
+    np.testing.assert_allclose(t.occlusion, o.occlusion, rtol=0, atol=1e-5)
+
+
+def test_nan_stamps_are_flagged_and_the_rest_scored(tmp_path, runs, keras_models, client):
+    path = tmp_path / "cand.h5"
+    rng = np.random.default_rng(4)
+    stamps = gaussian_stamps(200, seed=4, sources=rng.random(200) < 0.5, amplitude=5.0)
+    bad = np.array([3, 77, 150])
+    stamps[3, 4, 4] = np.nan
+    stamps[77, 10, 10] = np.inf
+    stamps[150] = np.nan
+    store.create_store(path, stamps, chunk_rows=64)
+    summary = score.score_files([path], [runs["vgg6"]], occlusion="all", client=client,
+                                progress=False, log=quiet)
+    s = store.read_scores(path, "vgg6")
+    assert np.flatnonzero(np.isnan(s.probability)).tolist() == bad.tolist()
+    good = np.setdiff1d(np.arange(200), bad)
+    np.testing.assert_array_equal(s.occlusion_index, good)
+    np.testing.assert_allclose(s.probability[good],
+                               expected_p(keras_models["vgg6"], stamps[good]), atol=1e-5)
+    assert s.attrs["n_unscorable"] == 3 and summary.unscorable == 3
+
+
+def test_rescoring_is_a_no_op_and_another_model_under_the_same_name_is_refused(
+        tmp_path, runs, client):
+    path = tmp_path / "cand.h5"
+    candidates(path, 300)
+    score.score_files([path], [runs["vgg6"]], client=client, progress=False, log=quiet)
+    first = store.read_scores(path, "vgg6")
+    messages: list[str] = []
+    again = score.score_files([path], [runs["vgg6"]], client=client, progress=False,
+                              log=messages.append)
+    assert again.stamps_scored == 0 and again.up_to_date == [(path, "vgg6")]
+    assert "already scored" in messages[0] and "--force" in messages[0]
+    assert store.read_scores(path, "vgg6").attrs["scored_at"] == first.attrs["scored_at"]
+    other = tmp_path / "vgg6.keras"          # a different model file named vgg6
+    shutil.copy(runs["simple"] / "model.keras", other)
+    with pytest.raises(score.ScoreError, match="different model file"):
+        score.score_files([path], [other], client=client, progress=False, log=quiet)
+    score.score_files([path], [other], force=True, client=client, progress=False, log=quiet)
+    assert store.read_scores(path, "vgg6").attrs["model_sha256"] == sha(other)
+
+
+def test_side_file_for_a_read_only_candidate(tmp_path, runs, keras_models, client):
+    path = tmp_path / "cand.h5"
+    stamps = candidates(path, 300)
+    os.chmod(path, 0o444)          # root could still write: the mode bits are what we honour
+    before = sha(path)
+    with pytest.raises(score.ScoreError, match="read-only.*--out"):
+        score.score_files([path], [runs["vgg6"]], client=client, progress=False, log=quiet)
+    assert not list(tmp_path.glob("*.stampbatch-journal"))
+    out = tmp_path / "scores"
+    summary = score.score_files([path], [runs["vgg6"]], out_dir=out, client=client,
+                                progress=False, log=quiet)
+    side = out / "cand.scores.h5"
+    assert summary.targets == [side] and sha(path) == before
+    np.testing.assert_allclose(store.read_scores(side, "vgg6").probability,
+                               expected_p(keras_models["vgg6"], stamps), atol=1e-5)
+    assert store.open_store(side).is_score_file
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+def test_candidate_on_a_read_only_mount(tmp_path, runs, client):
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    candidates(src / "cand.h5", 100)
+    subprocess.run(["mount", "--bind", str(src), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        with pytest.raises(score.ScoreError, match="read-only file system"):
+            score.score_files([ro / "cand.h5"], [runs["vgg6"]], client=client,
+                              progress=False, log=quiet)
+        score.score_files([ro / "cand.h5"], [runs["vgg6"]], out_dir=tmp_path / "out",
+                          client=client, progress=False, log=quiet)
+        assert store.list_scores(tmp_path / "out" / "cand.scores.h5") == ["vgg6"]
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a read-only bind mount needs root")
+def test_onnx_cache_beside_the_model_or_in_the_user_cache(tmp_path, runs, monkeypatch):
+    monkeypatch.setenv("STAMPBATCH_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "models"
+    src.mkdir()
+    shutil.copy(runs["simple"] / "model.keras", src / "m.keras")
+    spec = inference.prepare_model(inference.resolve_model(src / "m.keras"), "onnx")
+    digest = sha(src / "m.keras")
+    assert spec.onnx_path == str(src / f"m.{digest[:12]}.onnx")          # beside the model
+    again = inference.prepare_model(inference.resolve_model(src / "m.keras"), "auto")
+    assert again == spec                                                 # cached, verified
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(src / "m.keras", fresh / "m.keras")
+    subprocess.run(["mount", "--bind", str(fresh), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        spec_ro = inference.prepare_model(inference.resolve_model(ro / "m.keras"), "onnx")
+        assert spec_ro.onnx_path == str(tmp_path / "cache" / "onnx" / f"{digest}.onnx")
+        x = inference.probe_stamps((21, 21))
+        np.testing.assert_allclose(inference.load_predictor(spec_ro)(x),
+                                   inference.load_predictor(spec)(x), atol=1e-6)
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_models_are_refused_with_one_line(tmp_path, runs):
+    pkl = tmp_path / "model.keras"
+    pkl.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(inference.ModelError, match="pickle"):
+        inference.resolve_model(pkl)
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(b"this is not a zip archive at all")
+    with pytest.raises(inference.ModelError, match="not a Keras model file"):
+        inference.resolve_model(junk)
+    zipped = tmp_path / "other.keras"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("readme.txt", "hi")
+    with pytest.raises(inference.ModelError, match="no config.json"):
+        inference.resolve_model(zipped)
+    with pytest.raises(inference.ModelError, match="not a Keras model file"):
+        inference.resolve_model(REPO / "pyproject.toml")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(inference.ModelError, match="without model.keras"):
+        inference.resolve_model(tmp_path / "empty_run")
+    with pytest.raises(inference.ModelError, match="no such"):
+        inference.resolve_model(tmp_path / "missing")
+    # a run directory whose model.keras is a pickle is refused the same way
+    with pytest.raises(inference.ModelError, match="pickle"):
+        inference.resolve_model(tmp_path)
+
+
+def test_a_logit_model_is_refused(tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((21, 21, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(2)])       # no softmax: logits
+    path = tmp_path / "logits.keras"
+    model.save(path)
+    with pytest.raises(inference.ModelError, match="softmax"):
+        inference.prepare_model(inference.resolve_model(path))
+
+
+def test_stamp_shape_mismatch_and_missing_files(tmp_path, runs, client):
+    good = tmp_path / "good.h5"
+    small = tmp_path / "small.h5"
+    candidates(good, 200)
+    candidates(small, 50, shape=(15, 15))
+    with pytest.raises(score.ScoreError, match=r"15x15 but model vgg6 .* takes 21x21"):
+        score.score_files([small], [runs["vgg6"]], client=client, progress=False, log=quiet)
+    missing = tmp_path / "night3.h5"
+    with pytest.raises(StampbatchError, match="night3.h5: no such file"):
+        score.score_files([good, missing], [runs["vgg6"]], client=client, progress=False,
+                          log=quiet)
+    assert store.list_scores(good) == []             # nothing scored
+    summary = score.score_files([good, missing, small], [runs["vgg6"]], skip_bad=True,
+                                client=client, progress=False, log=quiet)
+    assert summary.files == [good] and store.list_scores(good) == ["vgg6"]
+    assert [p for p, _ in summary.skipped] == [missing, small]
+    assert "no such file" in summary.skipped[0][1] and "15x15" in summary.skipped[1][1]
+    with pytest.raises(UsageError, match="one model only"):
+        score.score_files([good], [runs["vgg6"], runs["simple"]], name="x")
+    with pytest.raises(UsageError, match="between 0 and 1"):
+        score.score_files([good], [runs["vgg6"]], occlusion="above:1.5")
+
+
+def test_occlusion_mode_and_candidate_expansion(tmp_path):
+    assert str(score.OcclusionMode.parse("above:0.5")) == "above:0.5"
+    assert score.OcclusionMode.parse("all").kind == "all"
+    with pytest.raises(UsageError):
+        score.OcclusionMode.parse("top:3")
+    for name in ("a.h5", "b.h5"):
+        (tmp_path / name).touch()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "list.txt").write_text("../a.h5\n\n# comment\n/abs/missing.h5\n")
+    got = score.expand_candidates([str(tmp_path / "*.h5"), f"@{tmp_path / 'sub' / 'list.txt'}",
+                                   str(tmp_path / "none*.h5")])
+    assert [os.path.abspath(p) for p in got] == [str(tmp_path / "a.h5"), str(tmp_path / "b.h5"),
+                                                 "/abs/missing.h5", str(tmp_path / "none*.h5")]
+    with pytest.raises(UsageError, match="no such list file"):
+        score.expand_candidates(["@" + str(tmp_path / "nope.txt")])
+    assert [score._walltime_seconds(t) for t in ("01:00:00", "30:00", "1-02:30", "2-00:00:10")] \
+        == [3600, 1800, 95400, 172810]
+
+
+def test_journal_with_other_settings_is_refused_unless_force(tmp_path, runs, client):
+    path = tmp_path / "cand.h5"
+    candidates(path, 600)
+    journal = score.Journal(path, "vgg6")
+    journal.dir.mkdir(parents=True)
+    (journal.dir / "manifest.json").write_text('{"format": 1, "chunk_rows": 999}')
+    with pytest.raises(score.ScoreError, match="unfinished run.*--force"):
+        score.score_files([path], [runs["vgg6"]], client=client, progress=False, log=quiet)
+    score.score_files([path], [runs["vgg6"]], force=True, client=client, progress=False,
+                      log=quiet)
+    assert store.list_scores(path) == ["vgg6"] and not journal.dir.exists()
+
+
+def test_a_crash_while_writing_scores_is_repaired_from_the_journal(
+        tmp_path, runs, client, monkeypatch):
+    """Dying after /scores was half written (before commit) leaves it incomplete; a rerun
+    rewrites it from the journal, which is deleted only after the commit."""
+    ref, path = tmp_path / "ref.h5", tmp_path / "cand.h5"
+    stamps = candidates(ref, 500)
+    store.create_store(path, stamps, chunk_rows=256)
+    score.score_files([ref], [runs["vgg6"]], occlusion="above:0.5", chunk_size=256,
+                      client=client, progress=False, log=quiet)
+
+    def die(self, attrs):
+        raise KeyboardInterrupt      # as abrupt as it gets in-process: nothing is committed
+
+    monkeypatch.setattr(store.ScoreWriter, "commit", die)
+    with pytest.raises(KeyboardInterrupt):
+        score.score_files([path], [runs["vgg6"]], occlusion="above:0.5", chunk_size=256,
+                          client=client, progress=False, log=quiet)
+    monkeypatch.undo()
+    assert store.list_scores(path) == [] and store.score_status(path, "vgg6") is None
+    journal = score.Journal(path, "vgg6")
+    assert sorted(journal.done()) == [0, 256]
+    assert not (tmp_path / "cand.h5.stampbatch.lock").exists()       # released on the way out
+    summary = score.score_files([path], [runs["vgg6"]], occlusion="above:0.5", chunk_size=256,
+                                client=client, progress=False, log=quiet)
+    assert summary.stamps_scored == 0 and summary.targets == [path]   # nothing recomputed
+    a, b = store.read_scores(ref, "vgg6"), store.read_scores(path, "vgg6")
+    np.testing.assert_array_equal(a.probability, b.probability)
+    np.testing.assert_array_equal(a.occlusion_index, b.occlusion_index)
+    np.testing.assert_array_equal(a.occlusion, b.occlusion)
+    assert not journal.dir.exists()
+
+
+def _tmpfs(where: Path, size: str) -> None:
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                   check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.parametrize("free_kib", [200, 700])
+def test_disk_full_keeps_stamps_and_journal_then_resumes(tmp_path, runs, client, free_kib):
+    """A real full disk (tmpfs) while journaling (200 KiB free: the journal needs ~0.4 MB) or
+    before writing /scores (700 KiB free: the journal fits, /scores would not)."""
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    stamps = candidates(ref_dir / "cand.h5", 600, chunk_rows=128)
+    size_kib = os.path.getsize(ref_dir / "cand.h5") // 1024 + free_kib
+    score.score_files([ref_dir / "cand.h5"], [runs["vgg6"]], occlusion="above:0.5", client=client,
+                      chunk_size=128, progress=False, log=quiet)
+    ref = store.read_scores(ref_dir / "cand.h5", "vgg6")
+    disk = tmp_path / "disk"
+    _tmpfs(disk, f"{size_kib}k")
+    try:
+        path = disk / "cand.h5"
+        store.create_store(path, stamps, chunk_rows=128)
+        with pytest.raises(score.ScoreError, match="disk full") as info:
+            score.score_files([path], [runs["vgg6"]], occlusion="above:0.5", client=client,
+                              chunk_size=128, progress=False, log=quiet)
+        assert "\n" not in str(info.value) and "rerun" in str(info.value)
+        np.testing.assert_array_equal(store.read_stamps(path), stamps)   # stamps intact
+        journal = score.Journal(path, "vgg6")
+        done = journal.done()
+        assert done, "some chunks were journaled before the disk filled"
+        assert (len(done) < 5) == (free_kib < 500)
+        for lo, hi in done.items():
+            np.testing.assert_array_equal(journal.load(lo, hi).probability,
+                                          ref.probability[lo:hi])
+        assert store.list_scores(path) == []
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        score.score_files([path], [runs["vgg6"]], occlusion="above:0.5", client=client,
+                          chunk_size=128, progress=False, log=quiet)
+        got = store.read_scores(path, "vgg6")
+        np.testing.assert_array_equal(got.probability, ref.probability)
+        np.testing.assert_array_equal(got.occlusion_index, ref.occlusion_index)
+        np.testing.assert_array_equal(got.occlusion, ref.occlusion)
+        np.testing.assert_array_equal(store.read_stamps(path), stamps)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _wait_for(condition, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"scorer exited early ({proc.returncode}): {err[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def test_sigkill_resume_is_identical_and_a_second_scorer_is_refused(
+        tmp_path, runs, keras_models, client):
+    """Kill -9 the scorer mid-run; a second scorer meanwhile is refused; the rerun matches."""
+    n, rows = 8192, 64
+    ref_path = tmp_path / "ref.h5"
+    stamps = candidates(ref_path, n, seed=21, chunk_rows=rows)
+    path = tmp_path / "cand.h5"
+    store.create_store(path, stamps, chunk_rows=rows)
+    cut = f"{np.quantile(expected_p(keras_models['vgg6'], stamps), 0.98):.6f}"  # ~160 maps
+    occ = f"above:{cut}"
+    args = ["score", str(path), "--model", str(runs["vgg6"]), "--chunk-size", str(rows),
+            "--occlusion", occ, "--quiet"]
+    proc = run_cli(*args)
+    journal = score.Journal(path, "vgg6")
+    try:
+        _wait_for(lambda: len(journal.done()) >= 4, 240, proc)
+        # a second scorer on the same file, from this process, is refused at once
+        with pytest.raises(score.ScoreError,
+                           match=rf"being scored by another stampbatch process \(pid {proc.pid}\)"):
+            score.score_files([path], [runs["vgg6"]], client=client, progress=False, log=quiet)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    n_done = len(journal.done())
+    assert 4 <= n_done < n // rows, n_done
+    assert store.list_scores(path) == []
+    np.testing.assert_array_equal(store.read_stamps(path), stamps)
+    # the uninterrupted reference, then the resumed run (a new process)
+    score.score_files([ref_path], [runs["vgg6"]], chunk_size=rows, occlusion=occ,
+                      client=client, progress=False, log=quiet)
+    again = run_cli(*args)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert f"scored {n - rows * n_done:,} stamps" in out
+    ref, got = store.read_scores(ref_path, "vgg6"), store.read_scores(path, "vgg6")
+    np.testing.assert_array_equal(got.probability, ref.probability)
+    np.testing.assert_array_equal(got.occlusion_index, ref.occlusion_index)
+    np.testing.assert_array_equal(got.occlusion, ref.occlusion)
+    assert len(ref.occlusion_index) > 0
+    assert not journal.dir.exists()
+
+
+def test_cli_summary_scheduler_address_inspect_and_plot(tmp_path, runs, client):
+    from stampbatch import cli
+
+    path = tmp_path / "cand.h5"
+    candidates(path, 500)
+    code = cli.main(["score", str(path), "--model", str(runs["vgg6"]), "--occlusion", "all",
+                     "--scheduler", client.scheduler.address, "--quiet"])
+    assert code == 0
+    s = store.read_scores(path, "vgg6")
+    assert len(s.occlusion_index) == 500
+    fig = tmp_path / "occ.png"
+    assert cli.main(["plot-occlusion", str(path), "--model", "vgg6", "--top", "3",
+                     "--out", str(fig)]) == 0
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig2 = tmp_path / "occ2.png"
+    assert cli.main(["plot-occlusion", str(path), "--model", "vgg6", "--rows", "4,2",
+                     "--out", str(fig2)]) == 0 and fig2.stat().st_size > 1000
+
+
+def test_cli_output_and_errors(tmp_path, runs, capsys):
+    from stampbatch import cli
+
+    path = tmp_path / "cand.h5"
+    candidates(path, 300)
+    assert cli.main(["score", str(path), "--model", str(runs["vgg6"]), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "scored 300 stamps from 1 file(s)" in out and "local Dask cluster" in out
+    assert "vgg6 (onnx, sha256" in out and "with P(source) >= 0.5" in out
+    assert cli.main(["score", str(path), "--model", str(tmp_path / "nope.keras")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.keras: no such model file" in err
+    assert cli.main(["score", str(path), "--model", str(runs["vgg6"]), "--gpus", "1"]) == 2
+    assert "--gpus need --slurm" in capsys.readouterr().err
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "scores/vgg6: 300 scored" in capsys.readouterr().out
+
+
+@pytest.mark.slurm
+def test_scoring_on_slurm_workers(tmp_path, runs, keras_models, slurm_cluster):
+    path = tmp_path / "cand.h5"
+    stamps = candidates(path, 1200)
+    logs = tmp_path / "slurm-logs"
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    summary = score.score_files(
+        [path], [runs["vgg6"]], occlusion="above:0.5", chunk_size=256, progress=False,
+        log=quiet, slurm=score.SlurmOptions(workers=1, gpus=1, cores=1, memory="2GB",
+                                            partition=slurm_cluster, walltime="00:10:00",
+                                            log_directory=str(logs), start_timeout=120))
+    assert summary.scheduler.startswith("Slurm (1 job(s) x 1 cores")
+    # a GPU was asked for: ONNX Runtime only if it has CUDA, else TensorFlow (which can use it)
+    want = "onnx" if inference._ort_has_cuda() else "tf"
+    assert summary.models["vgg6"].backend == want
+    s = store.read_scores(path, "vgg6")
+    np.testing.assert_allclose(s.probability, expected_p(keras_models["vgg6"], stamps),
+                               atol=1e-5)
+    np.testing.assert_array_equal(s.occlusion_index, np.flatnonzero(s.probability >= 0.5))
+    # the worker ran as a Slurm job that asked for one GPU (accounting lags: poll)
+    assert list(logs.glob("stampbatch-score-*.err"))
+    end, tres = time.monotonic() + 30, ""
+    while time.monotonic() < end and "gres/gpu=1" not in tres:
+        tres = subprocess.run(["sacct", "-n", "-X", "--name", "stampbatch-score", "-S", started,
+                               "-o", "ReqTRES%80"], capture_output=True, text=True).stdout
+        time.sleep(1)
+    assert "gres/gpu=1" in tres

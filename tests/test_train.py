@@ -1,0 +1,585 @@
+"""Training: split, streaming, metrics, run directory, resume, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import gaussian_stamps
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from stampbatch import cli, store
+from stampbatch.errors import UsageError
+from stampbatch.store import StoreError
+from stampbatch.train import (
+    FIGURES,
+    StampStream,
+    TrainConfig,
+    TrainError,
+    augment_dihedral,
+    class_weights,
+    compute_metrics,
+    operating_point,
+    read_run_config,
+    run_state,
+    split_rows,
+    train_run,
+)
+
+keras = pytest.importorskip("keras")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+KINDS = np.array(["background", "offcentre", "hot_pixel"])
+
+
+def write_labelled_store(path: Path, n: int = 300, *, seed: int = 1, nan_rows=()) -> Path:
+    """Half bright centred sources; SNR and kind metadata; optional rows of NaN stamps."""
+    labels = (np.arange(n) % 2).astype(np.int8)
+    stamps = gaussian_stamps(n, seed=seed, sources=labels == 1)
+    stamps[list(nan_rows), 3, 4] = np.nan
+    rng = np.random.default_rng(seed)
+    snr = np.where(labels == 1, rng.uniform(3.0, 100.0, n), 0.0)
+    kind = np.where(labels == 1, "source", KINDS[np.arange(n) // 2 % 3])
+    store.create_store(path, stamps, labels, {"snr": snr, "kind": kind}, chunk_rows=64)
+    return path
+
+
+def tiny(**kw) -> TrainConfig:
+    settings = {"epochs": 1, "batch_size": 32}
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_labelled_store(tmp_path_factory.mktemp("data") / "train.h5")
+
+
+@pytest.fixture(scope="module")
+def vgg6_run(data, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / "vgg6"
+    metrics = train_run(data, "vgg6", out, tiny(epochs=2), progress=False)
+    return out, metrics
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_config_validation_names_the_option():
+    TrainConfig().validate()
+    for bad, word in (({"epochs": 0}, "epochs"), ({"optimizer": "rmsprop"}, "optimizer"),
+                      ({"learning_rate": -1.0}, "learning_rate"), ({"momentum": 1.0}, "momentum"),
+                      ({"class_weight": "auto"}, "class_weight"),
+                      ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction"),
+                      ({"target_fpr": 0.0}, "target_fpr"), ({"patience": -1}, "patience")):
+        with pytest.raises(ValueError, match=word):
+            TrainConfig(**bad).validate()
+
+
+@pytest.mark.slow
+def test_config_round_trips_through_run_directory(vgg6_run, data):
+    out, _ = vgg6_run
+    arch, path, config = read_run_config(out)
+    assert (arch, path, config) == ("vgg6", str(data.resolve()), tiny(epochs=2))
+
+
+# --------------------------------------------------------------------------- split and streams
+
+
+def test_split_is_stratified_disjoint_and_reproducible():
+    labels = np.r_[np.zeros(700, np.int8), np.ones(300, np.int8)]
+    config = TrainConfig(seed=3)
+    split = split_rows(labels, config)
+    sizes = {k: len(v) for k, v in split.items()}
+    assert sizes == {"train": 700, "val": 100, "test": 200}
+    everything = np.concatenate(list(split.values()))
+    assert np.array_equal(np.sort(everything), np.arange(1000))
+    for part in split.values():
+        assert np.all(np.diff(part) > 0)
+        assert labels[part].mean() == pytest.approx(0.3, abs=0.011)
+    again = split_rows(labels, config)
+    assert all(np.array_equal(split[k], again[k]) for k in split)
+    other = split_rows(labels, TrainConfig(seed=4))
+    assert not np.array_equal(split["test"], other["test"])
+
+
+def test_split_that_empties_a_class_is_refused():
+    labels = np.r_[np.zeros(300, np.int8), np.ones(4, np.int8)]
+    with pytest.raises(TrainError, match="train.h5: .*(val|split)"):
+        split_rows(labels, TrainConfig(val_fraction=0.05, test_fraction=0.05), "train.h5")
+
+
+def test_class_weights_balance_the_classes():
+    labels = np.r_[np.zeros(75), np.ones(25)].astype(np.int8)
+    w = class_weights(labels, "balanced")
+    np.testing.assert_allclose(w, [100 / 150, 100 / 50])
+    assert w[0] * 75 == pytest.approx(w[1] * 25)
+    np.testing.assert_array_equal(class_weights(labels, "none"), [1.0, 1.0])
+
+
+def test_augmentation_applies_the_symmetries_of_the_square():
+    rng = np.random.default_rng(0)
+    stamps = rng.random((4000, 5, 5)).astype(np.float32)
+    original = stamps.copy()
+    out = augment_dihedral(stamps, np.random.default_rng(1))
+    variants = [np.rot90(original, k, axes=(1, 2)) for k in range(4)]
+    variants += [v[:, :, ::-1] for v in variants]
+    which = np.full(len(out), -1)
+    for t, v in enumerate(variants):
+        which[np.all(out == v, axis=(1, 2))] = t
+    assert np.all(which >= 0)  # every stamp is one of the 8 symmetric images of itself
+    counts = np.bincount(which, minlength=8)
+    assert counts.min() > 400  # all 8 used, about equally
+    # a centred symmetric source is unchanged by every symmetry
+    yy, xx = np.mgrid[:5, :5]
+    blob = np.exp(-((yy - 2) ** 2 + (xx - 2) ** 2) / 2.0).astype(np.float32)
+    same = augment_dihedral(np.repeat(blob[None], 50, axis=0), np.random.default_rng(2))
+    np.testing.assert_array_equal(same, np.repeat(blob[None], 50, axis=0))
+    # non-square stamps keep their shape
+    rect = augment_dihedral(rng.random((100, 3, 5)).astype(np.float32), rng)
+    assert rect.shape == (100, 3, 5)
+
+
+def test_training_stream_batches_and_drops_nonfinite_stamps(tmp_path):
+    path = write_labelled_store(tmp_path / "nan.h5", 200, nan_rows=(0, 1, 2, 3, 4))
+    rows = np.arange(200)
+    weights = np.array([0.5, 2.0], np.float32)
+    stream = StampStream(path, rows, 16, (21, 21), weights=weights, seed=0, augment=True,
+                         read_rows=40, shuffle_stamps=80)
+    gen = stream.training_batches()
+    batches = [next(gen) for _ in range(13)]  # 195 finite stamps: 12 full batches per pass
+    for x, y, w in batches:
+        assert x.shape == (16, 21, 21, 1) and x.dtype == np.float32
+        assert np.isfinite(x).all()
+        np.testing.assert_allclose(x.sum(axis=(1, 2, 3)), 1.0, rtol=1e-4)
+        np.testing.assert_array_equal(y.sum(axis=1), 1.0)
+        np.testing.assert_array_equal(w, weights[y.argmax(axis=1)])
+    assert stream.dropped_first_pass == 5
+    # evaluation: every row once, in order, non-finite ones with weight 0
+    ev = StampStream(path, rows, 64, (21, 21), read_rows=40, shuffle_stamps=80)
+    parts = list(ev.evaluation_batches())
+    assert len(parts) == ev.n_evaluation_batches() == 4
+    w = np.concatenate([p[2] for p in parts])
+    assert len(w) == 200 and np.flatnonzero(w == 0).tolist() == [0, 1, 2, 3, 4]
+    labels = np.concatenate([p[1] for p in parts]).argmax(axis=1)
+    np.testing.assert_array_equal(labels, store.read_labels(path))
+
+
+def test_training_passes_are_reshuffled(tmp_path):
+    path = write_labelled_store(tmp_path / "s.h5", 128)
+    stream = StampStream(path, np.arange(128), 128, (21, 21), seed=0, read_rows=32,
+                         shuffle_stamps=64)
+    gen = stream.training_batches()
+    first, second = next(gen)[0], next(gen)[0]
+    assert not np.array_equal(first, second)
+    again = StampStream(path, np.arange(128), 128, (21, 21), seed=0, read_rows=32,
+                        shuffle_stamps=64).training_batches()
+    np.testing.assert_array_equal(next(again)[0], first)  # reproducible from the seed
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_compute_metrics_against_scikit_learn():
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.zeros(400, int), np.ones(200, int)]
+    prob = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1)
+    snr = np.where(labels == 1, rng.uniform(3, 100, 600), 0.0)
+    kind = np.where(labels == 1, "source", np.where(np.arange(600) % 2, "streak", "background"))
+    m = compute_metrics(labels, prob, snr=snr, kind=kind, target_fpr=0.05)
+    pred = (prob >= 0.5).astype(int)
+    assert m["accuracy"] == pytest.approx(accuracy_score(labels, pred))
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(labels, prob))
+    assert m["precision"] == pytest.approx(precision_score(labels, pred))
+    assert m["recall"] == pytest.approx(recall_score(labels, pred))
+    assert m["confusion_matrix"] == confusion_matrix(labels, pred).tolist()
+    op = m["operating_point"]
+    neg, pos = prob[labels == 0], prob[labels == 1]
+    assert op["fpr"] == pytest.approx(np.mean(neg >= op["threshold"])) and op["fpr"] <= 0.05
+    assert op["completeness"] == pytest.approx(np.mean(pos >= op["threshold"]))
+    # the lowest such threshold: the next lower score would exceed the target FPR
+    lower = prob[prob < op["threshold"]].max()
+    assert np.mean(neg >= lower) > 0.05
+    cvs = m["completeness_vs_snr"]
+    assert cvs["bin_edges"] == [3, 5, 7, 10, 15, 20, 30, 50, 100]
+    assert sum(cvs["counts"]) == 200
+    s_pos = snr[labels == 1]
+    in_bin = (s_pos >= 10) & (s_pos < 15)
+    assert cvs["counts"][3] == in_bin.sum()
+    assert cvs["completeness"][3] == pytest.approx(np.mean(pos[in_bin] >= 0.5))
+    assert cvs["completeness_at_operating_point"][3] == pytest.approx(
+        np.mean(pos[in_bin] >= op["threshold"]))
+    bright = s_pos >= 7
+    assert cvs["above_snr"]["count"] == bright.sum()
+    assert cvs["above_snr"]["completeness_at_operating_point"] == pytest.approx(
+        np.mean(pos[bright] >= op["threshold"]))
+    assert set(m["fpr_by_kind"]) == {"background", "streak"}
+    streak = (labels == 0) & (kind == "streak")
+    assert m["fpr_by_kind"]["streak"] == pytest.approx(np.mean(prob[streak] >= 0.5))
+    assert m["negatives_by_kind"] == {"background": 200, "streak": 200}
+    json.dumps(m, allow_nan=False)  # plain JSON
+
+
+def test_compute_metrics_on_hand_made_arrays():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    prob = np.array([0.1, 0.2, 0.6, 0.3, 0.4, 0.7, 0.8, 0.9])
+    snr = np.array([0, 0, 0, 0, 4.0, 4.5, 8.0, 200.0])  # 200: outside the bins
+    m = compute_metrics(labels, prob, snr=snr, target_fpr=0.25)
+    assert m["confusion_matrix"] == [[3, 1], [1, 3]]
+    assert m["accuracy"] == 0.75 and m["precision"] == 0.75 and m["recall"] == 0.75
+    assert m["roc_auc"] == pytest.approx(15 / 16)  # one (neg 0.6 > pos 0.4) of 16 pairs wrong
+    # lowest threshold with FPR <= 0.25: 0.4 (only the negative at 0.6 passes it)
+    assert m["operating_point"] == {"target_fpr": 0.25, "threshold": 0.4, "fpr": 0.25,
+                                    "completeness": 1.0}
+    cvs = m["completeness_vs_snr"]
+    assert cvs["counts"] == [2, 0, 1, 0, 0, 0, 0, 0]
+    assert cvs["completeness"] == [0.5, None, 1.0, None, None, None, None, None]
+    assert cvs["completeness_at_operating_point"][0] == 1.0
+    assert "fpr_by_kind" not in m
+    # a target below any achievable FPR: nothing selected, threshold above every score
+    strict = operating_point(np.array([0, 1, 0]), np.array([0.9, 0.9, 0.1]), 0.1)
+    assert strict["threshold"] > 0.9 and strict["fpr"] == 0 and strict["completeness"] == 0
+
+
+def test_compute_metrics_refuses_one_class_and_nan():
+    with pytest.raises(ValueError, match="both classes"):
+        compute_metrics(np.ones(4), np.full(4, 0.7))
+    with pytest.raises(ValueError, match="finite"):
+        compute_metrics(np.array([0, 1]), np.array([np.nan, 0.5]))
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+@pytest.mark.slow
+def test_run_directory_contents(vgg6_run, data):
+    out, metrics = vgg6_run
+    for name in ("model.keras", "config.toml", "history.json", "split.npz", "metrics.json",
+                 "predictions.npz", *FIGURES):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint" / "state.json").is_file()
+    assert not list(out.rglob("*.partial*"))
+    history = json.loads((out / "history.json").read_text())
+    assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert all(len(v) == 2 for v in history.values())
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == metrics
+    for key in ("architecture", "data", "n_train", "n_val", "n_test", "epochs_run", "epochs",
+                "wall_time_s", "parameters", "macs_per_stamp", "accuracy", "roc_auc",
+                "precision", "recall", "confusion_matrix", "operating_point",
+                "completeness_vs_snr", "fpr_by_kind", "best_val_loss", "best_val_accuracy"):
+        assert key in metrics, key
+    assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (210, 30, 60)
+    assert metrics["epochs_run"] == metrics["epochs"] == 2
+    assert metrics["parameters"] == 25_458 and metrics["macs_per_stamp"] == 1_039_888
+    assert metrics["best_val_loss"] == pytest.approx(min(history["val_loss"]))
+    assert set(metrics["fpr_by_kind"]) == set(KINDS)
+    assert sum(sum(r) for r in metrics["confusion_matrix"]) == 60
+    with np.load(out / "split.npz") as split:
+        parts = [split[k] for k in ("train", "val", "test")]
+    assert sum(map(len, parts)) == 300 and len(np.unique(np.concatenate(parts))) == 300
+    assert run_state(out) == {"status": "done", "epoch": 2, "epochs": 2,
+                              "best_val_loss": metrics["best_val_loss"],
+                              "best_val_accuracy": metrics["best_val_accuracy"],
+                              "architecture": "vgg6"}
+
+
+@pytest.mark.slow
+def test_figures_are_png_files(vgg6_run):
+    import matplotlib.image
+
+    out, _ = vgg6_run
+    for name in FIGURES:
+        raw = (out / name).read_bytes()
+        assert raw[:8] == PNG_MAGIC, name
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+@pytest.mark.slow
+def test_saved_model_reproduces_test_predictions_and_metrics(vgg6_run, data):
+    from stampbatch.preprocess import normalize
+
+    out, metrics = vgg6_run
+    model = keras.models.load_model(out / "model.keras", safe_mode=True)
+    with np.load(out / "predictions.npz", allow_pickle=False) as npz:
+        rows, labels, prob = npz["rows"], npz["labels"], npz["probability"]
+    with np.load(out / "split.npz") as split:
+        np.testing.assert_array_equal(rows, split["test"])
+    raw, truth = store.read_rows(data, rows)
+    np.testing.assert_array_equal(labels, truth)
+    again = model.predict(normalize(raw)[..., None], verbose=0)[:, 1]
+    np.testing.assert_allclose(again, prob, rtol=1e-5, atol=1e-6)
+    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, prob))
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, prob >= 0.5))
+    # the saved model holds the best epoch's weights
+    best = json.loads((out / "checkpoint" / "state.json").read_text())["best_file"]
+    reference = keras.models.clone_model(model)
+    reference.load_weights(out / "checkpoint" / best)
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_finished_run_is_not_retrained(vgg6_run, data):
+    out, metrics = vgg6_run
+    before = snapshot(out)
+    assert train_run(data, "vgg6", out, tiny(epochs=2), progress=False) == metrics
+    assert snapshot(out) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["simple", "simple_bn"])
+def test_small_architectures_train_and_learn(data, tmp_path, arch):
+    metrics = train_run(data, arch, tmp_path / arch, tiny(epochs=3), progress=False)
+    assert metrics["architecture"] == arch and metrics["epochs_run"] == 3
+    assert metrics["roc_auc"] > 0.95  # bright centred sources: easy
+    model = keras.models.load_model(tmp_path / arch / "model.keras", safe_mode=True)
+    assert model.name == arch
+
+
+@pytest.mark.slow
+def test_resnet50_trains_one_epoch(tmp_path):
+    path = write_labelled_store(tmp_path / "small.h5", 64)
+    metrics = train_run(path, "resnet50", tmp_path / "resnet50",
+                        tiny(batch_size=16, val_fraction=0.125, test_fraction=0.25),
+                        progress=False)
+    assert metrics["epochs_run"] == 1 and metrics["n_test"] == 16
+    assert metrics["parameters"] > 23_000_000
+    model = keras.models.load_model(tmp_path / "resnet50" / "model.keras", safe_mode=True)
+    assert model.output_shape == (None, 2)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise Interrupt("simulated preemption after epoch 1")
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_from_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    config = tiny(epochs=2)
+    with pytest.raises(Interrupt):
+        train_run(data, "simple_bn", out, config, progress=False,
+                  callbacks=[InterruptAfterFirstEpoch()])
+    state = run_state(out)
+    assert state["status"] == "failed" and state["epoch"] == 1 and state["epochs"] == 2
+    assert "preemption" in state["message"]
+    first = json.loads((out / "history.json").read_text())
+    assert all(len(v) == 1 for v in first.values())
+    assert not (out / "metrics.json").exists() and not (out / "model.keras").exists()
+    with np.load(out / "split.npz") as split:
+        split_before = {k: split[k].copy() for k in split.files}
+
+    metrics = train_run(data, "simple_bn", out, config, progress=False)
+    history = json.loads((out / "history.json").read_text())
+    assert all(len(v) == 2 for v in history.values())
+    assert {k: v[:1] for k, v in history.items()} == first  # epoch 1 kept as it was
+    assert metrics["epochs_run"] == 2
+    assert run_state(out)["status"] == "done" and not (out / "FAILED").exists()
+    with np.load(out / "split.npz") as split:
+        assert all(np.array_equal(split[k], split_before[k]) for k in split.files)
+    # the optimizer state travelled too: its step counter covers both epochs (7 steps each)
+    ckpt = json.loads((out / "checkpoint" / "state.json").read_text())
+    resumed = keras.models.load_model(out / "checkpoint" / ckpt["model_file"], safe_mode=True)
+    assert int(resumed.optimizer.iterations) == 2 * 7
+
+
+@pytest.mark.slow
+def test_resume_may_extend_epochs_but_not_change_settings(data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train_run(data, "simple", out, tiny(epochs=2), progress=False,
+                  callbacks=[InterruptAfterFirstEpoch()])
+    before = snapshot(out)
+    with pytest.raises(TrainError, match="learning_rate 0.01 -> 0.1"):
+        train_run(data, "simple", out, tiny(epochs=2, learning_rate=0.1), progress=False)
+    assert snapshot(out) == before
+    metrics = train_run(data, "simple", out, tiny(epochs=3), progress=False)
+    assert metrics["epochs_run"] == 3 and metrics["epochs"] == 3
+    assert read_run_config(out)[2].epochs == 3
+
+
+@pytest.mark.slow
+def test_nonfinite_stamps_are_skipped_and_counted(tmp_path, capfd):
+    path = write_labelled_store(tmp_path / "nan.h5", 300, nan_rows=range(0, 300, 25))
+    metrics = train_run(path, "simple", tmp_path / "run", tiny(), progress=False)
+    with np.load(tmp_path / "run" / "split.npz") as split:
+        n_bad_test = np.isin(split["test"], np.arange(0, 300, 25)).sum()
+        n_bad_train = np.isin(split["train"], np.arange(0, 300, 25)).sum()
+    assert metrics["n_test_unscorable"] == n_bad_test
+    assert sum(map(sum, metrics["confusion_matrix"])) == 60 - n_bad_test
+    if n_bad_train:
+        assert f"{n_bad_train} training stamps have NaN or Inf" in capfd.readouterr().err
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_architecture(data, tmp_path):
+    with pytest.raises(UsageError, match="unknown architecture 'vgg7'.*simple, simple_bn, vgg6, "
+                                         "resnet50"):
+        train_run(data, "vgg7", tmp_path / "run", tiny(), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_store_without_labels(tmp_path):
+    path = tmp_path / "cand.h5"
+    store.create_store(path, gaussian_stamps(50))
+    with pytest.raises(TrainError, match="cand.h5: has no /labels"):
+        train_run(path, "simple", tmp_path / "run", tiny(), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_store_with_one_class(tmp_path):
+    path = tmp_path / "one.h5"
+    store.create_store(path, gaussian_stamps(50), np.zeros(50, np.int8))
+    with pytest.raises(TrainError, match="one.h5: every label is 0"):
+        train_run(path, "simple", tmp_path / "run", tiny(), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fractions_leaving_a_class_empty(tmp_path):
+    path = tmp_path / "rare.h5"
+    labels = np.zeros(200, np.int8)
+    labels[:3] = 1
+    store.create_store(path, gaussian_stamps(200, sources=labels == 1), labels)
+    with pytest.raises(TrainError, match="rare.h5"):
+        train_run(path, "simple", tmp_path / "run", tiny(val_fraction=0.05, test_fraction=0.05),
+                  progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_not_a_store(tmp_path):
+    path = tmp_path / "notes.h5"
+    path.write_text("not HDF5")
+    with pytest.raises(StoreError, match="notes.h5: not an HDF5 file"):
+        train_run(path, "simple", tmp_path / "run", tiny(), progress=False)
+    with pytest.raises(StoreError, match="no such file"):
+        train_run(tmp_path / "missing.h5", "simple", tmp_path / "run", tiny(), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_invalid_config_is_a_usage_error(data, tmp_path):
+    with pytest.raises(UsageError, match="optimizer"):
+        train_run(data, "simple", tmp_path / "run", tiny(optimizer="lbfgs"), progress=False)
+
+
+@pytest.mark.slow
+def test_run_directory_of_another_architecture(vgg6_run, data):
+    out, _ = vgg6_run
+    before = snapshot(out)
+    with pytest.raises(TrainError, match="finished run of architecture 'vgg6', not 'simple'"):
+        train_run(data, "simple", out, tiny(epochs=2), progress=False)
+    other = write_labelled_store(data.parent / "other.h5", 100, seed=7)
+    with pytest.raises(TrainError, match="trained on .*train.h5"):
+        train_run(other, "vgg6", out, tiny(epochs=2), progress=False)
+    with pytest.raises(TrainError, match="other settings"):
+        train_run(data, "vgg6", out, tiny(epochs=3), progress=False)
+    assert snapshot(out) == before
+
+
+def test_directory_with_foreign_run_files(data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.keras").write_text("someone else's")
+    with pytest.raises(TrainError, match="not a stampbatch run directory"):
+        train_run(data, "simple", out, tiny(), progress=False)
+    assert (out / "model.keras").read_text() == "someone else's"
+
+
+@pytest.mark.slow
+def test_diverging_training_stops_with_a_clear_error(data, tmp_path):
+    with pytest.raises(TrainError, match="diverged.*lower the learning rate"):
+        train_run(data, "simple", tmp_path / "run", tiny(learning_rate=1e12), progress=False)
+    assert run_state(tmp_path / "run")["status"] == "failed"
+
+
+def test_run_state_of_new_directory(tmp_path):
+    assert run_state(tmp_path / "nothing")["status"] == "new"
+    assert run_state(tmp_path)["epoch"] == 0
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_models(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    for name in ("simple", "simple_bn", "vgg6", "resnet50"):
+        assert name in lines
+    assert "25,458" in lines["vgg6"] and "1,039,888" in lines["vgg6"] and "2.08" in lines["vgg6"]
+    assert "0.87" in lines["simple"]
+
+
+@pytest.mark.slow
+def test_cli_train_with_config_file_and_overrides(data, tmp_path, capsys):
+    config = tmp_path / "train.toml"
+    config.write_text('architecture = "simple"\nepochs = 5\nbatch_size = 64\n'
+                      'learning_rate = 0.05\n')
+    out = tmp_path / "run"
+    code = cli.main(["train", "--data", str(data), "--config", str(config), "--epochs", "1",
+                     "--batch-size", "32", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "simple epoch 1/1: loss" in captured.err and "stamps/s" in captured.err
+    assert "ROC AUC" in captured.out
+    arch, _, saved = read_run_config(out)
+    assert arch == "simple"
+    assert (saved.epochs, saved.batch_size, saved.learning_rate) == (1, 32, 0.05)
+    # a second call is idempotent and quick
+    assert cli.main(["train", "--data", str(data), "--config", str(out / "config.toml"),
+                     "--out", str(out), "--quiet"]) == 0
+
+
+@pytest.mark.slow
+def test_cli_report(vgg6_run, capsys):
+    out, _ = vgg6_run
+    assert cli.main(["report", str(out.parent)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.endswith("report.html") and Path(printed).is_file()
+    assert "vgg6" in Path(printed).read_text()
+
+
+def test_cli_train_bad_input(data, tmp_path, capsys):
+    assert cli.main(["train", "--data", str(data), "--arch", "nope", "--out",
+                     str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stampbatch train: error: unknown architecture 'nope'")
+    assert len(err.splitlines()) == 1
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(os.urandom(64))
+    assert cli.main(["train", "--data", str(bad), "--arch", "vgg6", "--out",
+                     str(tmp_path / "r")]) == 1
+    assert "bad.h5: not an HDF5 file" in capsys.readouterr().err
+    config = tmp_path / "typo.toml"
+    config.write_text("epoch = 3\n")
+    assert cli.main(["train", "--data", str(data), "--arch", "vgg6", "--config", str(config),
+                     "--out", str(tmp_path / "r")]) == 2
+    assert "unknown option(s) ['epoch']" in capsys.readouterr().err
+    assert cli.main(["train", "--arch", "vgg6", "--out", str(tmp_path / "r")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--data", str(data), "--arch", "vgg6", "--out", "x",
+                  "--learning-rate", "fast"])
