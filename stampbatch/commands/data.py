@@ -7,17 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stampbatch.commands._types import positive_int
 from stampbatch.errors import UsageError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _compression(text: str) -> str | None:
@@ -29,7 +20,7 @@ def _compression(text: str) -> str | None:
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chunk-rows", type=_positive_int, default=4096,
+    p.add_argument("--chunk-rows", type=positive_int, default=4096,
                    help="stamps per HDF5 chunk (default 4096)")
     p.add_argument("--compression", type=_compression, default=None, metavar="none|lzf|gzip",
                    help="HDF5 compression of /stamps (default none: noisy stamps barely compress)")
@@ -41,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Simulate co-added 21x21 stamps: point sources of SNR 3-100 with "
                                    "Gaussian/Moffat PSFs and hard negatives, written to an HDF5 store.")
     p.add_argument("out", type=Path, metavar="OUT.h5")
-    p.add_argument("--n", type=_positive_int, required=True, help="number of stamps")
+    p.add_argument("--n", type=positive_int, required=True, help="number of stamps")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--candidates", action="store_true",
                    help="write an unlabelled candidate file (truth kept in /meta for evaluation)")

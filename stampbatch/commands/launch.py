@@ -6,29 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from stampbatch.commands._types import positive_float, positive_int
 from stampbatch.errors import UsageError
 
 EXECUTOR_CHOICES = ("auto", "slurm", "local")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, metavar="FILE.h5", help="labelled stamp store")
     p.add_argument("--arch", action="extend", nargs="+", metavar="NAME", dest="architectures",
                    help="architectures to train (repeatable; default: the file's, or all)")
-    p.add_argument("--epochs", type=_positive_int, metavar="N",
+    p.add_argument("--epochs", type=positive_int, metavar="N",
                    help="epochs for every architecture (overrides per-architecture epochs)")
     p.add_argument("--runs", type=Path, metavar="DIR", help="runs directory")
     p.add_argument("--executor", choices=EXECUTOR_CHOICES,
@@ -55,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "summary and write the report")
     p.add_argument("--dry-run", action="store_true",
                    help="print the sbatch script that would be submitted; submit nothing")
-    p.add_argument("--poll", type=_positive_float, default=5.0, metavar="SECONDS",
+    p.add_argument("--poll", type=positive_float, default=5.0, metavar="SECONDS",
                    help="with --wait: seconds between status checks (default 5)")
     p.set_defaults(func=run_launch)
 

@@ -6,29 +6,10 @@ import argparse
 import re
 from pathlib import Path
 
+from stampbatch.commands._types import non_negative_int, positive_int
 from stampbatch.errors import UsageError
 
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def _occlusion(text: str) -> str:
@@ -73,9 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "the run directory's name or the .keras file's stem)")
     p.add_argument("--occlusion", type=_occlusion, default="none", metavar="none|all|above:P",
                    help="which stamps get an occlusion map (default none)")
-    p.add_argument("--occlusion-patch", type=_positive_int, default=5, metavar="K",
+    p.add_argument("--occlusion-patch", type=positive_int, default=5, metavar="K",
                    help="side of the square occluding patch in pixels (default 5)")
-    p.add_argument("--chunk-size", type=_positive_int, default=4096, metavar="ROWS",
+    p.add_argument("--chunk-size", type=positive_int, default=4096, metavar="ROWS",
                    help="stamps per task, rounded to the files' HDF5 chunking (default 4096)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="write scores to DIR/<file stem>.scores.h5 instead of into the candidate "
@@ -91,19 +72,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     where = p.add_argument_group("where to run (default: a local Dask cluster for this machine)")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="join a running Dask scheduler (e.g. tcp://host:8786)")
-    where.add_argument("--workers", type=_positive_int, metavar="N",
+    where.add_argument("--workers", type=positive_int, metavar="N",
                        help="worker processes (local) or Slurm jobs (--slurm without --gpus)")
-    where.add_argument("--threads-per-worker", type=_positive_int, metavar="N",
+    where.add_argument("--threads-per-worker", type=positive_int, metavar="N",
                        help="threads per local worker process (default: all cores, up to 4)")
     where.add_argument("--slurm", action="store_true",
                        help="start Dask workers as Slurm jobs (dask-jobqueue)")
-    where.add_argument("--gpus", type=_non_negative_int, default=0, metavar="N",
+    where.add_argument("--gpus", type=non_negative_int, default=0, metavar="N",
                        help="with --slurm: N jobs of one GPU each (--gres=gpu:1)")
     where.add_argument("--partition", help="Slurm partition")
     where.add_argument("--account", help="Slurm account")
     where.add_argument("--walltime", type=_walltime, default="01:00:00", metavar="HH:MM:SS",
                        help="Slurm walltime per worker job (default 01:00:00)")
-    where.add_argument("--cores", type=_positive_int, default=4,
+    where.add_argument("--cores", type=positive_int, default=4,
                        help="CPU cores per Slurm worker job (default 4)")
     where.add_argument("--memory", default="4GB", help="memory per Slurm worker job (default 4GB)")
     where.add_argument("--slurm-log-dir", type=Path, metavar="DIR",
@@ -118,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, metavar="NAME", help="the /scores/NAME to show")
     sel = p.add_mutually_exclusive_group(required=True)
     sel.add_argument("--rows", type=_rows, metavar="1,2,3", help="stamp rows (with maps)")
-    sel.add_argument("--top", type=_positive_int, metavar="K",
+    sel.add_argument("--top", type=positive_int, metavar="K",
                      help="the K mapped stamps with the highest P(source)")
     p.add_argument("--candidates", type=Path, metavar="CANDIDATES.h5",
                    help="the candidate file holding the stamps (default: FILE itself, or the "

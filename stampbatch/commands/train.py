@@ -9,27 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from stampbatch.commands._types import positive_float, positive_int
 from stampbatch.errors import UsageError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,9 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory")
     p.add_argument("--config", type=Path, metavar="FILE.toml",
                    help="training settings (keys of TrainConfig; a run's config.toml works)")
-    p.add_argument("--epochs", type=_positive_int, help="maximum epochs (default 20)")
-    p.add_argument("--batch-size", type=_positive_int, help="stamps per batch (default 256)")
-    p.add_argument("--learning-rate", type=_positive_float, help="learning rate (default 0.01)")
+    p.add_argument("--epochs", type=positive_int, help="maximum epochs (default 20)")
+    p.add_argument("--batch-size", type=positive_int, help="stamps per batch (default 256)")
+    p.add_argument("--learning-rate", type=positive_float, help="learning rate (default 0.01)")
     p.add_argument("--optimizer", choices=("sgd", "adam"),
                    help="sgd (momentum 0.9, default) or adam")
     p.add_argument("--seed", type=int, help="seed of the split, weights and shuffling (default 0)")
@@ -65,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the architectures with parameters and cost per stamp",
                        description="List the registered architectures: trainable and other "
                                    "parameters, multiply-adds (MACs) and FLOPs per stamp.")
-    p.add_argument("--stamp-size", type=_positive_int, default=21, metavar="N",
+    p.add_argument("--stamp-size", type=positive_int, default=21, metavar="N",
                    help="stamp side in pixels (default 21)")
     p.set_defaults(func=run_models)
 
