@@ -11,8 +11,8 @@ calls :meth:`TrainJob.checkpoint`, requeues the job, and the requeued job calls
 ``train.train_run`` again, which resumes from the run directory's epoch checkpoint with
 the history intact.
 
-:func:`job_statuses` reads the manifest back and asks the scheduler afresh (``sacct``,
-then ``squeue`` for jobs accounting does not know yet) for each job's state; the run
+:func:`job_statuses` reads the manifest back and asks the scheduler afresh (``squeue``
+for jobs still in the queue, then ``sacct`` for those that have left it) for each job's state; the run
 directory (``train.run_state``) gives the epoch and best validation metrics, the submitit
 log the error line of a failed job. :func:`wait_for_jobs` follows them with a live status
 line, :func:`collect` gathers the finished runs into the side-by-side report.
@@ -631,36 +631,37 @@ def _latest_jobs(manifest: Mapping[str, Any]) -> list[tuple[dict, dict]]:
 
 
 def _slurm_states(job_ids: Iterable[str]) -> dict[str, str]:
-    """Fresh scheduler states: sacct (accounting), then squeue for the ids it lacks
-    (accounting lags the controller by a few seconds, or may be off)."""
+    """Fresh scheduler states: squeue (the controller's own view) for jobs still queued or
+    running, then sacct (accounting) for those that have left the queue. Accounting lags the
+    controller, by tens of seconds on a loaded machine, so it is not trusted for live jobs."""
     ids = sorted(set(job_ids))
     if not ids:
         return {}
     states: dict[str, str] = {}
     mains = sorted({i.split("_")[0] for i in ids})
-    if shutil.which("sacct"):
+    if shutil.which("squeue"):
         try:
-            out = subprocess.run(["sacct", "-o", "JobID,State", "--parsable2", "-j",
-                                  ",".join(mains)], capture_output=True, text=True, timeout=60)
+            out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(mains)],
+                                 capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             out = None
-        if out is not None and out.returncode == 0:
-            for jid, info in SlurmInfoWatcher().read_info(out.stdout).items():
-                if jid in ids and info.get("State"):
-                    states[jid] = info["State"].split()[0]
+        # squeue exits non-zero when some ids have left the queue; the others are still listed.
+        for line in (out.stdout.splitlines() if out is not None else []):
+            jid, _, state = line.strip().partition("|")
+            if jid in ids and state:
+                states[jid] = state.split()[0]
     missing = [i for i in ids if i not in states]
-    if missing and shutil.which("squeue"):
+    if missing and shutil.which("sacct"):
         try:
-            out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j",
+            out = subprocess.run(["sacct", "-o", "JobID,State", "--parsable2", "-j",
                                   ",".join(sorted({i.split("_")[0] for i in missing}))],
                                  capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             out = None
         if out is not None and out.returncode == 0:
-            for line in out.stdout.splitlines():
-                jid, _, state = line.strip().partition("|")
-                if jid in missing and state:
-                    states[jid] = state.split()[0]
+            for jid, info in SlurmInfoWatcher().read_info(out.stdout).items():
+                if jid in missing and info.get("State"):
+                    states[jid] = info["State"].split()[0]
     return states
 
 

@@ -78,14 +78,15 @@ def test_describe(built):
 
 
 def test_resnet50_adaptation_keeps_spatial_maps(built):
-    """Stem at full resolution, then 21 -> 11 -> 6 -> 3 -> 2 through the four stages."""
+    """Stem at full resolution, 21 -> 11 -> 6 in the stem, then 6 -> 3 -> 2 -> 1 through the stages."""
     model = built["resnet50"]
     shapes = {layer.name: tuple(layer.output.shape[1:]) for layer in model.layers}
     assert shapes["stem_relu"] == (21, 21, 64)
-    assert shapes["res2c_out"] == (11, 11, 256)
-    assert shapes["res3d_out"] == (6, 6, 512)
-    assert shapes["res4f_out"] == (3, 3, 1024)
-    assert shapes["res5c_out"] == (2, 2, 2048)
+    assert shapes["stem_pool"] == (6, 6, 64)
+    assert shapes["res2c_out"] == (6, 6, 256)
+    assert shapes["res3d_out"] == (3, 3, 512)
+    assert shapes["res4f_out"] == (2, 2, 1024)
+    assert shapes["res5c_out"] == (1, 1, 2048)
     blocks = [n for n in shapes if n.startswith("res") and n.endswith("_out")]
     assert len(blocks) == 3 + 4 + 6 + 3
     assert 23_000_000 < model.count_params() < 24_000_000
