@@ -15,6 +15,7 @@ stores, trained runs and complete scores are kept.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -27,6 +28,7 @@ from stampbatch import cli, store
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SPEC = REPO / "jobs" / "demo.toml"
 DEMO_CANDIDATES = REPO / "jobs" / "demo_candidates.toml"
+COSTLY_MACS = 10_000_000  # models above this get --costly-occlusion instead of above:0.5
 
 
 def run(args: list[str]) -> None:
@@ -37,6 +39,11 @@ def run(args: list[str]) -> None:
     if code != 0:
         raise SystemExit(f"demo: 'stampbatch {args[0]}' failed (exit {code})")
     print(f"  ({time.monotonic() - t0:,.1f} s)", flush=True)
+
+
+def macs_per_stamp(run_dir: Path) -> int:
+    """Multiply-adds per stamp of a trained run (from its metrics.json)."""
+    return int(json.loads((run_dir / "metrics.json").read_text()).get("macs_per_stamp", 0))
 
 
 def completeness_table(candidates: Path, models: list[str]) -> str:
@@ -63,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=200_000, help="candidate stamps to score")
     parser.add_argument("--epochs", type=int, default=None, help="override every architecture's epochs")
     parser.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto")
+    parser.add_argument("--costly-occlusion", default="above:0.995", metavar="above:P",
+                        help="occlusion selection for models above 10 M multiply-adds per stamp "
+                             "(resnet50); the others map every candidate above 0.5")
     args = parser.parse_args(argv)
 
     out = args.out.resolve()
@@ -86,10 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     run_dirs = sorted(p.parent for p in runs.glob("*/model.keras"))
     if not run_dirs:
         raise SystemExit(f"demo: no trained model under {runs}")
-    score = ["score", str(candidates), "--occlusion", "above:0.5"]
-    for run_dir in run_dirs:
-        score += ["--model", str(run_dir)]
-    run(score)
+    # An occlusion map costs 289 forward passes. For the small models that is cheap; for a
+    # model like resnet50 (~70x vgg6's multiply-adds) the few thousand candidates above 0.5
+    # would take most of an hour on two CPU cores, so its maps are limited to the most
+    # confident candidates here (on a GPU node use --occlusion above:0.5 for every model).
+    cheap = [d for d in run_dirs if macs_per_stamp(d) <= COSTLY_MACS]
+    costly = [d for d in run_dirs if macs_per_stamp(d) > COSTLY_MACS]
+    for group, occlusion in ((cheap, "above:0.5"), (costly, args.costly_occlusion)):
+        if group:
+            score = ["score", str(candidates), "--occlusion", occlusion]
+            for run_dir in group:
+                score += ["--model", str(run_dir)]
+            run(score)
 
     models = [p.name for p in run_dirs]
     figures = out / "figures"
