@@ -323,29 +323,10 @@ class TargetLock:
 # --------------------------------------------------------------------------- journal
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via ``write(fh)`` to a temporary name, fsync, rename onto ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Write via ``write(fh)`` to a temporary name beside ``path``, fsync, rename onto it."""
+    with store.atomic_path(path, overwrite=True, suffix=path.suffix) as tmp, open(tmp, "wb") as fh:
+        write(fh)
 
 
 def _disk_error(exc: OSError, target: Path, what: str, journal: Path) -> ScoreError:

@@ -34,7 +34,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,23 +137,13 @@ class TrainConfig:
 # --------------------------------------------------------------------------- small helpers
 
 
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix); rename it onto ``path`` on success.
-
-    A reader sees the old file or the complete new one, never a partial one.
-    """
+def _atomic(path: Path) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temporary path beside ``path`` (same suffix, as Keras insists on ``.keras`` and
+    ``.weights.h5``); rename it onto ``path`` on success. A reader sees the old file or the
+    complete new one, never a partial one."""
     path = Path(path)
     suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
-    stem = path.name[: len(path.name) - len(suffix)]
-    tmp = path.with_name(f".{stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial{suffix}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return store.atomic_path(path, overwrite=True, suffix=suffix)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
