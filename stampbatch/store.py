@@ -382,20 +382,95 @@ def _open_h5(path: Path | str, mode: str = "r") -> h5py.File:
         raise _fail(path, f"unreadable or truncated HDF5 file ({first})") from exc
 
 
-def _validate(path: Path, h5: h5py.File) -> StoreInfo:
+# Metadata columns that summaries and evaluation read as numbers.
+_NUMERIC_META = ("snr", "true_label", "source_row")
+
+
+def _schema_version(path: Path, h5: h5py.File) -> int:
     version = h5.attrs.get(_ATTR_SCHEMA)
-    is_score_file = _ATTR_SOURCE in h5.attrs and _STAMPS not in h5
     if version is None:
         raise _fail(path, f"not a stampbatch store (no '{_ATTR_SCHEMA}' attribute)")
-    if int(version) != SCHEMA_VERSION:
-        raise _fail(path, f"schema version {int(version)} is not supported (this stampbatch reads {SCHEMA_VERSION})")
-    shape_attr = h5.attrs.get(_ATTR_SHAPE)
-    if shape_attr is None or len(shape_attr) != 2:
-        raise _fail(path, f"missing or malformed '{_ATTR_SHAPE}' attribute")
-    stamp_shape = (int(shape_attr[0]), int(shape_attr[1]))
-    models = tuple(sorted(h5[_SCORES].keys())) if _SCORES in h5 else ()
+    value = np.asarray(version)
+    if value.shape != () or value.dtype.kind not in "iu":
+        raise _fail(path, f"attribute '{_ATTR_SCHEMA}' is {_decode_attr(version)!r}, expected the "
+                          f"integer {SCHEMA_VERSION} (the file was not written by stampbatch, or "
+                          f"was edited)")
+    if int(value) != SCHEMA_VERSION:
+        raise _fail(path, f"schema version {int(value)} is not supported "
+                          f"(this stampbatch reads {SCHEMA_VERSION})")
+    return int(value)
+
+
+def _stamp_shape_attr(path: Path, h5: h5py.File) -> tuple[int, int]:
+    value = h5.attrs.get(_ATTR_SHAPE)
+    arr = np.asarray(value) if value is not None else None
+    if arr is None or arr.shape != (2,) or arr.dtype.kind not in "iu" or (arr < 1).any():
+        found = "missing" if value is None else repr(_decode_attr(value))
+        raise _fail(path, f"attribute '{_ATTR_SHAPE}' is {found}, expected two positive "
+                          f"integers (stamp height, width)")
+    return int(arr[0]), int(arr[1])
+
+
+def _check_filters(path: Path, ds: h5py.Dataset) -> None:
+    """Refuse a dataset whose HDF5 filters (compression plugins) are not available here."""
+    plist = ds.id.get_create_plist()
+    for i in range(plist.get_nfilters()):
+        code, _flags, _values, name = plist.get_filter(i)
+        if not h5py.h5z.filter_avail(code):
+            label = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+            raise _fail(path, f"/{ds.name.lstrip('/')} needs HDF5 filter {code}"
+                              f"{f' ({label})' if label else ''}, which is not installed here; "
+                              f"install its plugin (e.g. pip install hdf5plugin) or re-ingest "
+                              f"the stamps without compression")
+
+
+def _check_scores(path: Path, h5: h5py.File, n: int | None) -> tuple[str, ...]:
+    """Names under /scores; each must be a group, and a complete one must hold its datasets."""
+    if _SCORES not in h5:
+        return ()
+    scores = h5[_SCORES]
+    if not isinstance(scores, h5py.Group):
+        raise _fail(path, f"/{_SCORES} is a dataset, expected a group of models (remove it, "
+                          f"e.g. with h5py, and score again)")
+    for model, grp in scores.items():
+        if not isinstance(grp, h5py.Group):
+            raise _fail(path, f"/{_SCORES}/{model} is a dataset, expected a group")
+        if not bool(grp.attrs.get(_ATTR_COMPLETE, False)):
+            continue  # an interrupted run: reported as incomplete and replaced by the next one
+        for name in (_PROBABILITY, _OCCLUSION_INDEX, _OCCLUSION):
+            if not isinstance(grp.get(name), h5py.Dataset):
+                raise _fail(path, f"/{_SCORES}/{model} is marked complete but has no '{name}' "
+                                  f"dataset (rescore with --force)")
+        prob = grp[_PROBABILITY]
+        if n is not None and prob.shape != (n,):
+            raise _fail(path, f"/{_SCORES}/{model}/{_PROBABILITY} has shape {prob.shape}, "
+                              f"expected ({n},)")
+    return tuple(sorted(scores.keys()))
+
+
+def _check_meta(path: Path, h5: h5py.File, n: int) -> tuple[str, ...]:
+    if _META not in h5:
+        return ()
+    if not isinstance(h5[_META], h5py.Group):
+        raise _fail(path, f"/{_META} is a dataset, expected a group of columns")
+    names: list[str] = []
+    for name, col in h5[_META].items():
+        if not isinstance(col, h5py.Dataset) or col.ndim != 1 or col.shape[0] != n:
+            shape = getattr(col, "shape", "a group")
+            raise _fail(path, f"/meta/{name} has shape {shape}, expected ({n},)")
+        if name in _NUMERIC_META and col.dtype.kind not in "fiub":
+            raise _fail(path, f"/meta/{name} has dtype {col.dtype}, expected numbers")
+        names.append(name)
+    return tuple(sorted(names))
+
+
+def _validate(path: Path, h5: h5py.File) -> StoreInfo:
+    _schema_version(path, h5)
+    is_score_file = _ATTR_SOURCE in h5.attrs and _STAMPS not in h5
+    stamp_shape = _stamp_shape_attr(path, h5)
     if is_score_file:
-        n = int(h5.attrs.get("n_stamps", 0))
+        n = int(np.asarray(h5.attrs.get("n_stamps", 0)).item())
+        models = _check_scores(path, h5, n or None)
         return StoreInfo(path, n, stamp_shape, False, (), models, 0, None, True)
     if _STAMPS not in h5 or not isinstance(h5[_STAMPS], h5py.Dataset):
         raise _fail(path, "has no /stamps dataset")
@@ -407,26 +482,20 @@ def _validate(path: Path, h5: h5py.File) -> StoreInfo:
     n = int(ds.shape[0])
     if n == 0:
         raise _fail(path, "/stamps is empty")
+    _check_filters(path, ds)
     labelled = _LABELS in h5
     if labelled:
         lab = h5[_LABELS]
-        if lab.ndim != 1 or lab.shape[0] != n:
-            raise _fail(path, f"/labels has shape {lab.shape}, expected ({n},) to match /stamps")
+        if not isinstance(lab, h5py.Dataset) or lab.ndim != 1 or lab.shape[0] != n:
+            raise _fail(path, f"/labels has shape {getattr(lab, 'shape', 'a group')}, expected ({n},) "
+                              f"to match /stamps")
         if lab.dtype.kind not in "iu":
             raise _fail(path, f"/labels has dtype {lab.dtype}, expected integers")
-    meta_cols: list[str] = []
-    if _META in h5:
-        for name, col in h5[_META].items():
-            if not isinstance(col, h5py.Dataset) or col.ndim != 1 or col.shape[0] != n:
-                shape = getattr(col, "shape", "a group")
-                raise _fail(path, f"/meta/{name} has shape {shape}, expected ({n},)")
-            meta_cols.append(name)
-    for model in models:
-        grp = h5[_SCORES][model]
-        if _PROBABILITY in grp and grp[_PROBABILITY].shape != (n,):
-            raise _fail(path, f"/scores/{model}/probability has shape {grp[_PROBABILITY].shape}, expected ({n},)")
+        _check_filters(path, lab)
+    meta_cols = _check_meta(path, h5, n)
+    models = _check_scores(path, h5, n)
     chunk_rows = int(ds.chunks[0]) if ds.chunks else n
-    return StoreInfo(path, n, stamp_shape, labelled, tuple(sorted(meta_cols)), models,
+    return StoreInfo(path, n, stamp_shape, labelled, meta_cols, models,
                      chunk_rows, ds.compression, False)
 
 

@@ -119,7 +119,7 @@ def describe_store(path: Path) -> str:
     """A human summary of one store (used by ``inspect``)."""
     from stampbatch import store
 
-    info = store.open_store(path)
+    info = store.open_store(path, check_labels_values=True)
     lines = [f"{path}"]
     if info.is_score_file:
         attrs = store.read_attrs(path)
