@@ -16,9 +16,13 @@ Degenerate stamps, decided here once:
 * constant stamps (all pixels equal, all-zero included) have nothing above the floor; the
   reference divides 0 by 0. They become a flat stamp (every pixel 1/(H*W)): featureless,
   unit sum, a valid model input that no network should call a source.
-* stamps with NaN or Inf pixels cannot be normalised honestly. :func:`normalize` refuses
-  them (ValueError with the count); :func:`normalize_with_mask` returns them flat and marks
-  them invalid so the caller can score the rest and flag these.
+* stamps with NaN or Inf pixels, or with sentinel-like pixels (``|x| >= SENTINEL_ABS``,
+  1e30: the -3.4e38 "no data" fill of many pipelines, float32 max), cannot be normalised
+  honestly. :func:`normalize` refuses them (ValueError with the count);
+  :func:`normalize_with_mask` returns them flat and marks them invalid so the caller can
+  score the rest and flag these. Every pixel of a valid stamp is below 1e30 in magnitude, so
+  the clipped range (< 2e30) and the stamp sum (< 441 * 2e30) stay far inside float32: the
+  float32 arithmetic of the reference cannot overflow.
 """
 
 from __future__ import annotations
@@ -27,19 +31,19 @@ import numpy as np
 
 SIGMA_G_COEFF = 0.7413
 CLIP_SIGMAS = 2.0
+# Pixels this large (in magnitude) are fill values, not flux: the stamp is unusable.
+SENTINEL_ABS = 1e30
 
 
-def _percentiles_rows(flat: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
-    """Percentiles of each row of a 2-D array, linear interpolation (numpy's default), float64."""
-    n = flat.shape[1]
+def _percentiles_sorted(part: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+    """Percentiles of each row of a row-sorted 2-D array, linear interpolation (numpy's
+    default), float64."""
+    n = part.shape[1]
     positions = np.array([(n - 1) * q / 100.0 for q in qs])
     lo = np.floor(positions).astype(np.intp)
     hi = np.minimum(lo + 1, n - 1)
-    # A full row sort beats np.partition by ~10x here: numpy 2 sorts float32 rows with SIMD
-    # (AVX-512/AVX2) while partition is scalar; the order statistics are identical.
-    part = np.sort(flat, axis=1)
     frac = positions - lo
-    out = np.empty((flat.shape[0], len(qs)), dtype=np.float64)
+    out = np.empty((part.shape[0], len(qs)), dtype=np.float64)
     for i in range(len(qs)):  # loop over the three percentiles, not over stamps
         a = part[:, lo[i]].astype(np.float64)
         if frac[i] == 0.0:
@@ -51,9 +55,10 @@ def _percentiles_rows(flat: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
 
 
 def normalize_with_mask(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Normalise stamps; return (float32 (N, H, W) array, bool (N,) mask of finite stamps).
+    """Normalise stamps; return (float32 (N, H, W) array, bool (N,) mask of usable stamps).
 
-    Rows with a NaN or Inf pixel come back flat (1/(H*W)) and False in the mask.
+    Rows with a NaN, Inf or sentinel-like (``|x| >= SENTINEL_ABS``) pixel come back flat
+    (1/(H*W)) and False in the mask.
     """
     arr = np.asarray(stamps)
     if arr.ndim != 3:
@@ -62,10 +67,19 @@ def normalize_with_mask(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     flat = np.array(arr, dtype=np.float32, copy=True).reshape(n, h * w)
     if n == 0:
         return flat.reshape(n, h, w), np.ones(0, dtype=bool)
-    valid = np.isfinite(flat).all(axis=1)
+    # A full row sort beats np.partition by ~10x here: numpy 2 sorts float32 rows with SIMD
+    # (AVX-512/AVX2) while partition is scalar; the order statistics are identical. The sorted
+    # rows also give each stamp's extremes (NaN sorts last), so validity costs no extra pass.
+    part = np.sort(flat, axis=1)
+    limit = np.float32(SENTINEL_ABS)
+    valid = (part[:, 0] > -limit) & (part[:, -1] < limit)
+    with np.errstate(invalid="ignore", over="ignore"):
+        pct = _percentiles_sorted(part, (25.0, 50.0, 75.0))
+    del part
     if not valid.all():
         flat[~valid] = 0.0
-    p25, p50, p75 = _percentiles_rows(flat, (25.0, 50.0, 75.0)).T
+        pct[~valid] = 0.0
+    p25, p50, p75 = pct.T
     floor64 = p50 - CLIP_SIGMAS * (SIGMA_G_COEFF * (p75 - p25))
     below = flat < floor64[:, None]
     np.copyto(flat, np.broadcast_to(floor64.astype(np.float32)[:, None], flat.shape), where=below)
@@ -80,13 +94,14 @@ def normalize_with_mask(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def normalize(stamps: np.ndarray) -> np.ndarray:
     """Normalise an (N, H, W) array of stamps as the reference does; float32 out, same shape.
 
-    Raises ValueError when any stamp holds NaN or Inf pixels (use
+    Raises ValueError when any stamp holds NaN, Inf or sentinel-like pixels (use
     :func:`normalize_with_mask` to normalise the rest and flag those).
     """
     out, valid = normalize_with_mask(stamps)
     if not valid.all():
         bad = np.flatnonzero(~valid)
-        raise ValueError(f"{len(bad)} stamp(s) have NaN or Inf pixels (first at row {bad[0]})")
+        raise ValueError(f"{len(bad)} stamp(s) have NaN, Inf or sentinel (|x| >= {SENTINEL_ABS:g}) "
+                         f"pixels (first at row {bad[0]})")
     return out
 
 

@@ -336,7 +336,7 @@ class StampStream:
                 if self.dropped_first_pass is None:
                     self.dropped_first_pass = dropped
                 if kept == 0:
-                    raise TrainError(f"{self.path}: every training stamp has NaN or Inf pixels")
+                    raise TrainError(f"{self.path}: every training stamp has NaN, Inf or sentinel (|x| >= 1e30) pixels")
                 epoch += 1
         except Exception as exc:
             self.error = exc
@@ -826,7 +826,7 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
             gc.collect()
         if train_stream.dropped_first_pass:
             print(f"warning: {store_path}: {train_stream.dropped_first_pass} training stamps have "
-                  f"NaN or Inf pixels and were skipped", file=sys.stderr)
+                  f"NaN, Inf or sentinel (|x| >= 1e30) pixels and were skipped", file=sys.stderr)
     if state.get("best_file"):
         model.load_weights(ckpt_dir / state["best_file"])
     with _atomic(out_dir / MODEL_FILE) as tmp:

@@ -75,7 +75,7 @@ def test_non_finite_stamps_are_refused_or_flagged():
     stamps = np.random.default_rng(8).normal(size=(4, 21, 21)).astype(np.float32)
     stamps[1, 3, 3] = np.nan
     stamps[3, 0, 0] = np.inf
-    with pytest.raises(ValueError, match="2 stamp\\(s\\) have NaN or Inf pixels \\(first at row 1\\)"):
+    with pytest.raises(ValueError, match="2 stamp\\(s\\) have NaN, Inf or sentinel .* pixels \\(first at row 1\\)"):
         preprocess.normalize(stamps)
     out, valid = preprocess.normalize_with_mask(stamps)
     assert valid.tolist() == [True, False, True, False]
@@ -95,3 +95,52 @@ def test_integer_input_and_empty_batch():
 def test_wrong_rank_is_refused():
     with pytest.raises(ValueError, match="shape"):
         preprocess.normalize(np.zeros((21, 21)))
+
+
+@pytest.mark.parametrize("value", [-3.4e38, 3.4e38, -3e38, 1e30, -1e30, np.finfo(np.float32).max])
+def test_sentinel_pixels_make_a_stamp_unusable_like_nan(value):
+    """A -3.4e38 fill pixel used to normalise to an all-zero stamp scored as valid, and +-3e38
+    overflowed float32 to NaN stamps that the model then turned into NaN probabilities."""
+    stamps = np.random.default_rng(9).normal(size=(5, 21, 21)).astype(np.float32)
+    stamps[2, 4, 4] = value
+    stamps[4] = value
+    with pytest.raises(ValueError, match="2 stamp\\(s\\) have NaN, Inf or sentinel"):
+        preprocess.normalize(stamps)
+    with np.errstate(all="raise"):
+        out, valid = preprocess.normalize_with_mask(stamps)
+    assert valid.tolist() == [True, True, False, True, False]
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out[~valid], np.float32(1 / 441))
+    ref = np.stack([preprocess.normalize_reference(s) for s in stamps[valid]])
+    np.testing.assert_array_equal(out[valid], ref)
+
+
+def test_huge_but_ordinary_pixels_do_not_overflow():
+    """Pixels just below the sentinel threshold: the clipped range and the sum stay finite."""
+    rng = np.random.default_rng(10)
+    stamps = (rng.normal(size=(4, 21, 21)) * 1e29).astype(np.float32)
+    stamps[:, 10, 10] = 9.9e29
+    with np.errstate(all="raise"):
+        out = preprocess.normalize(stamps)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+
+
+def test_training_stream_drops_sentinel_stamps(tmp_path):
+    """Three +-3e38 stamps in a training store made training 'diverge'; now they are counted
+    and dropped like NaN stamps (train.StampStream, which normalises with the mask)."""
+    from stampbatch import store
+    from stampbatch.train import StampStream
+
+    labels = (np.arange(120) % 2).astype(np.int8)
+    stamps = np.random.default_rng(11).normal(size=(120, 21, 21)).astype(np.float32)
+    stamps[5, 0, 0], stamps[6, 1, 1], stamps[7] = 3e38, -3e38, -3.4e38
+    path = tmp_path / "sentinel.h5"
+    store.create_store(path, stamps, labels, chunk_rows=32)
+    stream = StampStream(path, np.arange(120), 16, (21, 21), seed=0, read_rows=40,
+                         shuffle_stamps=40)
+    gen = stream.training_batches()
+    for _ in range(8):  # 117 usable stamps: 7 full batches per pass
+        x, _, _ = next(gen)
+        assert np.isfinite(x).all()
+    assert stream.dropped_first_pass == 3

@@ -151,7 +151,7 @@ def format_summary(summary) -> str:  # noqa: ANN001 - score.ScoreSummary
             lines.append(f"  {m.name} ({m.backend}, sha256 {m.sha256[:12]}): {m.stamps:,} stamps, "
                          f"{m.above_half:,} with P(source) >= 0.5, {m.maps:,} occlusion maps")
     if summary.unscorable:
-        lines.append(f"  {summary.unscorable:,} stamps unscorable (NaN/Inf pixels): "
+        lines.append(f"  {summary.unscorable:,} stamps unscorable (NaN, Inf or |pixel| >= 1e30): "
                      "probability NaN, no map")
     for target in summary.targets:
         lines.append(f"  results: {target}")
