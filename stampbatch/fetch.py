@@ -1,8 +1,8 @@
-"""Bring stamps in: read .npy/.npz stamp arrays, ingest them into a store, download files.
+"""Bring stamps in: read .npy/.npz stamp arrays and ingest them into a store.
 
 Untrusted files are never executed: arrays are read with ``allow_pickle=False`` (a pickled
-object array is refused before any of it is read), and downloads are moved into place only
-once their sha256 matches the expected digest.
+object array is refused before any of it is read). Downloads (``stampbatch fetch``) live in
+:mod:`stampbatch.download`; ``fetch.download`` still finds them.
 
 Memory stays bounded when ingesting: ``.npy`` inputs are memory-mapped and ``.npz`` members
 are streamed from the zip archive, a block of stamps at a time.
@@ -11,12 +11,7 @@ are streamed from the zip archive, a block of stamps at a time.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import os
-import re
-import time
-import urllib.parse
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,26 +19,14 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import requests
-import urllib3
 
 from stampbatch import store
 from stampbatch.errors import StampbatchError, UsageError
 from stampbatch.progress import Progress
 
-try:  # advisory lock on the partial download; not available on Windows
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
-
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _BLOCK_BYTES = 16 << 20  # stamps read per ingest block: about 16 MiB of float32
-_HTTP_CHUNK = 1 << 16
-_MAX_BACKOFF = 60.0
-_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
-# Status codes worth another attempt: server-side failures, and the two 4xx that mean "later".
-_RETRY_STATUS = frozenset({408, 429})
 
 
 class FetchError(StampbatchError):
@@ -333,244 +316,10 @@ def ingest(
     return store.open_store(out)
 
 
-# --------------------------------------------------------------------------- download
+def __getattr__(name: str) -> Any:
+    """``fetch.download`` and ``fetch.fetch_url`` live in :mod:`stampbatch.download`."""
+    if name in ("download", "fetch_url", "Fetched"):
+        from stampbatch import download as _download
 
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class _Retry(Exception):
-    """One attempt failed in a way that another attempt may fix."""
-
-
-_CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
-_UNSATISFIED_RE = re.compile(r"bytes\s+\*/(\d+)")
-
-
-def _describe_network_error(exc: BaseException) -> str:
-    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)):
-        return "timed out"
-    text = _one_line(exc, limit=1000)
-    errno_text = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
-    if errno_text:
-        return errno_text.group(1).strip()
-    return _one_line(exc)
-
-
-def _attempt(session: requests.Session, url: str, part_fh: IO[bytes], offset: int,
-             timeout: float, bar: Progress) -> int | None:
-    """Fetch bytes from ``offset`` into the partial file; return the total size if known.
-
-    Raises :class:`_Retry` for failures another attempt may fix, :class:`FetchError` for
-    those it will not. Returns ``None`` for the total when the server did not say.
-    """
-    headers = {"Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        resp = session.get(url, headers=headers, stream=True, timeout=(timeout, timeout))
-    except requests.exceptions.InvalidURL as exc:
-        raise UsageError(f"{url}: invalid URL ({_one_line(exc)})") from exc
-    except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema) as exc:
-        raise UsageError(f"{url}: not an http(s) URL") from exc
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        raise _Retry(_describe_network_error(exc)) from exc
-    with resp:
-        code = resp.status_code
-        if code == 416:
-            match = _UNSATISFIED_RE.search(resp.headers.get("Content-Range", ""))
-            size = int(match.group(1)) if match else None
-            if size is not None and size == offset:
-                return size  # the partial file already holds every byte
-            part_fh.truncate(0)
-            part_fh.seek(0)
-            raise _Retry(f"HTTP 416 for bytes {offset}- (server has {size} bytes); restarting")
-        if code >= 500 or code in _RETRY_STATUS:
-            raise _Retry(f"HTTP {code} {resp.reason}")
-        if code >= 400:
-            raise FetchError(f"{url}: HTTP {code} {resp.reason}")
-        if code not in (200, 206):
-            raise FetchError(f"{url}: unexpected HTTP {code} {resp.reason}")
-        length = resp.headers.get("Content-Length")
-        body_bytes = int(length) if length and length.isdigit() else None
-        if code == 206:
-            match = _CONTENT_RANGE_RE.search(resp.headers.get("Content-Range", ""))
-            if match is None:
-                raise FetchError(f"{url}: HTTP 206 without a usable Content-Range header")
-            start = int(match.group(1))
-            total = int(match.group(3)) if match.group(3) != "*" else None
-            if start > offset:
-                part_fh.truncate(0)
-                part_fh.seek(0)
-                raise _Retry(f"server resumed at byte {start}, not {offset}; restarting")
-            pos = start
-        else:  # 200: the whole file (a server that ignores Range starts from byte 0 again)
-            pos = 0
-            total = body_bytes
-        part_fh.truncate(pos)
-        part_fh.seek(pos)
-        bar.total = total
-        bar.done = pos
-        expected_end = total if total is not None else (
-            pos + body_bytes if body_bytes is not None else None)
-        try:
-            for data in _body_chunks(resp):
-                part_fh.write(data)
-                pos += len(data)
-                bar.update(len(data))
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            part_fh.flush()
-            raise _Retry(f"connection dropped at byte {pos:,}"
-                         + (f" of {expected_end:,}" if expected_end else "")
-                         + f" ({_describe_network_error(exc)})") from exc
-        part_fh.flush()
-        if expected_end is not None and pos != expected_end:
-            raise _Retry(f"connection dropped at byte {pos:,} of {expected_end:,}")
-        return total if total is not None else pos
-
-
-def _body_chunks(resp: requests.Response) -> Iterator[bytes]:
-    """The body bytes as sent (no content decoding: Range offsets count these bytes).
-
-    ``read1`` hands over whatever has arrived, so bytes received before a stall are saved
-    before the read timeout fires and are not fetched again.
-    """
-    read1 = getattr(resp.raw, "read1", None)
-    if read1 is None:  # urllib3 < 2.3
-        yield from resp.raw.stream(_HTTP_CHUNK, decode_content=False)
-        return
-    while data := read1(_HTTP_CHUNK, decode_content=False):
-        yield data
-
-
-@contextlib.contextmanager
-def _locked_partial(part: Path) -> Iterator[IO[bytes]]:
-    """Open (creating if needed) the partial download, locked against a second downloader."""
-    try:
-        fh = open(part, "r+b") if part.exists() else open(part, "w+b")
-    except OSError as exc:
-        raise _fail(part, f"cannot open the partial download ({_one_line(exc)})") from exc
-    if fcntl is not None:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise _fail(part, "another download into this file is running") from None
-    try:
-        fh.seek(0, os.SEEK_END)
-        yield fh
-    except BaseException:
-        # An empty partial is of no use to a later resume: do not leave it lying around.
-        with contextlib.suppress(OSError):
-            if part.exists() and os.fstat(fh.fileno()).st_size == 0:
-                part.unlink()
-        raise
-    finally:
-        fh.close()
-
-
-def download(
-    url: str,
-    dest: Path | str,
-    sha256: str,
-    *,
-    retries: int = 5,
-    timeout: float = 30.0,
-    overwrite: bool = False,
-    progress: bool = True,
-    backoff: float = 0.5,
-    session: requests.Session | None = None,
-) -> Path:
-    """Download ``url`` to ``dest``, resumable, and verified by its sha256.
-
-    Bytes stream into ``<dest>.part``; an interrupted transfer (this run or an earlier one)
-    resumes with an HTTP Range request, and a server that ignores Range restarts from byte 0.
-    Connection errors, timeouts (``timeout`` seconds without data) and 5xx answers are retried
-    ``retries`` times with exponential backoff; other 4xx answers fail at once. The file is
-    renamed onto ``dest`` only when its sha256 matches; on a mismatch it is deleted. An
-    existing ``dest`` with the right digest is returned without downloading.
-    """
-    dest = Path(dest)
-    if not isinstance(sha256, str) or not _SHA256_RE.fullmatch(sha256.strip()):
-        raise UsageError(f"--sha256 must be 64 hexadecimal digits, got {str(sha256)[:80]!r}")
-    expected = sha256.strip().lower()
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise UsageError(f"{url}: not an http(s) URL")
-    if retries < 0:
-        raise UsageError(f"--retries must be 0 or more, got {retries}")
-    if not timeout > 0:
-        raise UsageError(f"--timeout must be positive, got {timeout}")
-
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if dest.is_dir():
-        raise _fail(dest, "is a directory")
-    if dest.exists():
-        actual = _sha256_file(dest)
-        if actual == expected:
-            return dest
-        if not overwrite:
-            raise _fail(dest, f"already exists with sha256 {actual}, not {expected} "
-                              f"(pass --overwrite to replace it)")
-    if not parent.is_dir():
-        raise _fail(dest, f"directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise _fail(dest, f"directory {parent} is not writable")
-
-    part = dest.with_name(dest.name + ".part")
-    own_session = session is None
-    session = session or requests.Session()
-    try:
-        with _locked_partial(part) as fh:
-            resumed_stale = fh.tell() > 0
-            while True:
-                _transfer(session, url, fh, retries=retries, timeout=timeout, backoff=backoff,
-                          progress=progress, label=f"fetch {dest.name}")
-                actual = _sha256_file(part)
-                if actual == expected:
-                    break
-                if resumed_stale:
-                    # The partial left by an earlier run may belong to another file: start over.
-                    resumed_stale = False
-                    fh.truncate(0)
-                    fh.seek(0)
-                    continue
-                part.unlink(missing_ok=True)
-                raise FetchError(f"{url}: sha256 mismatch: expected {expected}, got {actual}; "
-                                 f"the download was discarded")
-            os.fsync(fh.fileno())
-            os.replace(part, dest)
-    finally:
-        if own_session:
-            session.close()
-    with contextlib.suppress(OSError):
-        fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return dest
-
-
-def _transfer(session: requests.Session, url: str, fh: IO[bytes], *, retries: int,
-              timeout: float, backoff: float, progress: bool, label: str) -> None:
-    """Bring the partial file to the complete download, retrying with backoff."""
-    failures = 0
-    with Progress(None, label, "MiB", enabled=progress, scale=float(1 << 20)) as bar:
-        while True:
-            offset = fh.seek(0, os.SEEK_END)
-            try:
-                _attempt(session, url, fh, offset, timeout, bar)
-                return
-            except _Retry as exc:
-                made_progress = fh.seek(0, os.SEEK_END) > offset
-                failures = 0 if made_progress else failures + 1
-                if failures > retries:
-                    raise FetchError(f"{url}: gave up after {retries + 1} attempts without "
-                                     f"progress ({exc})") from exc
-                time.sleep(min(backoff * 2 ** max(failures - 1, 0), _MAX_BACKOFF))
+        return getattr(_download, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

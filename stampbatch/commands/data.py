@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stampbatch.commands._types import positive_int
+from stampbatch.commands._types import non_negative_int, positive_float, positive_int
 from stampbatch.errors import UsageError
 
 
@@ -61,8 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("url")
     p.add_argument("dest", type=Path)
     p.add_argument("--sha256", required=True, metavar="HEX", help="expected sha256 (64 hex digits)")
-    p.add_argument("--retries", type=int, default=5, help="attempts after a dropped connection")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds without data before retrying")
+    p.add_argument("--retries", type=non_negative_int, default=5,
+                   help="failed attempts in a row (no new bytes) before giving up (default 5)")
+    p.add_argument("--timeout", type=positive_float, default=30.0,
+                   help="seconds without data before retrying (default 30)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=run_fetch)
@@ -107,11 +109,14 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from stampbatch import fetch
+    from stampbatch.download import fetch_url, redact_url
 
-    path = fetch.download(args.url, args.dest, args.sha256, retries=args.retries,
-                          timeout=args.timeout, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"downloaded {args.url} to {path} (sha256 verified)")
+    got = fetch_url(args.url, args.dest, args.sha256, retries=args.retries, timeout=args.timeout,
+                    overwrite=args.overwrite, progress=not args.quiet)
+    if got.downloaded:
+        print(f"downloaded {redact_url(args.url)} to {got.path} (sha256 verified)")
+    else:
+        print(f"{got.path} already holds this file (sha256 verified); nothing downloaded")
     return 0
 
 
