@@ -27,6 +27,8 @@ from stampbatch.progress import Progress
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _BLOCK_BYTES = 16 << 20  # stamps read per ingest block: about 16 MiB of float32
+MIN_STAMP_SIDE = 5  # smaller "stamps" are a mis-shaped array (an (N, 1) column is not 1x1 stamps)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class FetchError(StampbatchError):
@@ -72,8 +74,16 @@ class _ArraySource:
         else:
             yield from self._npz_blocks(block_rows)
 
-    def _as_stamps(self, raw: np.ndarray) -> np.ndarray:
+    def _as_stamps(self, raw: np.ndarray, start: int) -> np.ndarray:
         h, w = self.stamp_shape
+        if raw.dtype.kind == "f" and raw.dtype.itemsize > 4:
+            # float64 beyond float32's range would silently become +-Inf stamps.
+            with np.errstate(invalid="ignore"):
+                too_big = np.abs(raw) > _FLOAT32_MAX
+            if too_big.any():
+                row = start + int(np.flatnonzero(too_big.reshape(len(raw), -1).any(axis=1))[0])
+                raise _fail(self.label, f"row {row} holds values beyond the float32 range "
+                                        f"(|x| > {_FLOAT32_MAX:.3g}); stamps are stored as float32")
         # Always a copy: never a view of the memory map or of the zip member's bytes.
         return np.array(raw, dtype=np.float32, order="C").reshape(-1, h, w)
 
@@ -83,7 +93,7 @@ class _ArraySource:
         except (OSError, ValueError) as exc:
             raise _fail(self.path, f"unreadable .npy file ({_one_line(exc)})") from exc
         for lo in range(0, self.n, block_rows):
-            yield lo, self._as_stamps(arr[lo:lo + block_rows])
+            yield lo, self._as_stamps(arr[lo:lo + block_rows], lo)
 
     def _npz_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
         try:
@@ -95,14 +105,15 @@ class _ArraySource:
                     raw = _read_exact(fp, count * self.dtype.itemsize, self.label)
                     arr = np.frombuffer(raw, dtype=self.dtype).reshape(self.shape, order="F")
                     for lo in range(0, self.n, block_rows):
-                        yield lo, self._as_stamps(arr[lo:lo + block_rows])
+                        yield lo, self._as_stamps(arr[lo:lo + block_rows], lo)
                     return
                 row_values = math.prod(self.shape[1:])
                 row_bytes = row_values * self.dtype.itemsize
                 for lo in range(0, self.n, block_rows):
                     rows = min(block_rows, self.n - lo)
                     raw = _read_exact(fp, rows * row_bytes, self.label)
-                    yield lo, self._as_stamps(np.frombuffer(raw, dtype=self.dtype))
+                    yield lo, self._as_stamps(np.frombuffer(raw, dtype=self.dtype).reshape(rows, -1),
+                                              lo)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise _fail(self.label, f"corrupt .npz member ({_one_line(exc)})") from exc
 
@@ -161,6 +172,10 @@ def _check_array(src: _ArraySource, stamp_shape: tuple[int, int] | None) -> _Arr
                 raise _fail(label, f"rows of {length} values are not square stamps "
                                    f"(expected H*H values, e.g. 441 for 21x21)")
             found = (side, side)
+    if stamp_shape is None and min(found) < MIN_STAMP_SIDE:
+        raise _fail(label, f"has shape {shape}: stamps of {found[0]}x{found[1]} pixels are too small "
+                           f"(at least {MIN_STAMP_SIDE}x{MIN_STAMP_SIDE}); expected (N, H*W) or "
+                           f"(N, H, W) stamps")
     src.stamp_shape = found
     return src
 
@@ -275,6 +290,10 @@ def ingest(
         inputs.append((_open_array(candidates, key), None))
     else:
         src = _open_array(sources, key)
+        with contextlib.suppress(OSError):
+            if Path(noise).exists() and Path(noise).samefile(src.path):
+                raise _fail(noise, "is given as both --sources and --noise; every stamp would be "
+                                   "stored twice with opposite labels")
         try:
             nse = _open_array(noise, key, src.stamp_shape)
         except FetchError:

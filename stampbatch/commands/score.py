@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "/scores/<model> in each file (or a side file with --out). Crash-safe: "
                     "finished chunks are journaled, so a killed run resumes where it stopped.")
     p.add_argument("candidates", nargs="+", metavar="CANDIDATES",
-                   help="candidate .h5 files, globs ('survey/*.h5') or @list.txt (one path a line)")
+                   help="candidate .h5 files, globs ('survey/*.h5') or @list.txt (one path a line, "
+                        "# comments; relative paths are relative to the list file's directory)")
     p.add_argument("--model", action="append", required=True, metavar="RUN_DIR_OR_FILE",
                    help="a training run directory or a .keras file (repeat for several models)")
     p.add_argument("--name", help="store the scores as /scores/NAME (one model only; default: "
