@@ -22,8 +22,6 @@ from stampbatch.errors import StampbatchError
 
 # Groups listed first appear first in --help; any other module in stampbatch.commands follows.
 COMMAND_ORDER = ("data", "train", "launch", "score")
-# Commands whose work needs TensorFlow in this process: imported quietly before they run.
-TENSORFLOW_COMMANDS = frozenset({"train", "models", "score"})
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -87,11 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # the real command line, not an in-process call (tests, notebooks)
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        if args.command in TENSORFLOW_COMMANDS:
-            from stampbatch.console import import_tensorflow
+        from stampbatch.console import quiet_tensorflow_imports
 
-            import_tensorflow(verbose)
-        return int(args.func(args) or 0)
+        with quiet_tensorflow_imports(verbose):
+            return int(args.func(args) or 0)
     except StampbatchError as exc:
         if verbose:
             raise

@@ -11,12 +11,17 @@ a GPU machine keeps its GPU. ``--verbose`` (``verbose=True``) leaves stderr unto
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import re
 import sys
 import tempfile
 from collections.abc import Iterator
+from typing import Any
+
+# First imports that pull TensorFlow in (Keras 3 imports its TensorFlow backend itself).
+_TRIGGERS = ("tensorflow", "keras", "tf2onnx", "tf_keras")
 
 # The start-up lines that say nothing is wrong (matched per line of captured stderr).
 _BENIGN = re.compile(
@@ -71,3 +76,27 @@ def import_tensorflow(verbose: bool = False) -> None:
     rest = filter_startup_lines(captured[0])
     if rest:
         sys.stderr.write(rest)
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_imports(verbose: bool = False) -> Iterator[None]:
+    """Within the block, the first ``import tensorflow`` (or keras, tf2onnx) goes through
+    :func:`import_tensorflow`, so a command pays for TensorFlow only when it really uses it
+    (bad input fails fast) and its start-up lines never reach stderr."""
+    if verbose or "tensorflow" in sys.modules:
+        yield
+        return
+    original = builtins.__import__
+
+    def hook(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.split(".", 1)[0] in _TRIGGERS and "tensorflow" not in sys.modules:
+            builtins.__import__ = original
+            import_tensorflow()
+        return original(name, *args, **kwargs)
+
+    builtins.__import__ = hook
+    try:
+        yield
+    finally:
+        if builtins.__import__ is hook:
+            builtins.__import__ = original

@@ -6,11 +6,24 @@ TensorFlow is imported only inside the commands that need it.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
-from stampbatch.commands._types import positive_float, positive_int
+from stampbatch.commands._types import non_negative_int, positive_float, positive_int
 from stampbatch.errors import UsageError
+
+SEED_MAX = 2**32 - 1  # what numpy and scikit-learn accept as a seed
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_MAX}, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_MAX}, got {value}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--learning-rate", type=positive_float, help="learning rate (default 0.01)")
     p.add_argument("--optimizer", choices=("sgd", "adam"),
                    help="sgd (momentum 0.9, default) or adam")
-    p.add_argument("--seed", type=int, help="seed of the split, weights and shuffling (default 0)")
-    p.add_argument("--patience", type=int,
+    p.add_argument("--seed", type=_seed, help="seed of the split, weights and shuffling: an "
+                                               "integer from 0 to 2**32-1 (default 0)")
+    p.add_argument("--patience", type=non_negative_int,
                    help="epochs without a better validation loss before stopping (default 5; "
                         "0 never stops early)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
@@ -77,13 +91,37 @@ def _train_settings(args: argparse.Namespace) -> tuple[Path, str, Any]:
     if arch is None:
         raise UsageError("give --arch NAME (or 'architecture' in --config); "
                          "see 'stampbatch models'")
+    for key, value in (("data", data), ("architecture", arch)):
+        if not isinstance(value, (str, Path)) or not str(value):
+            raise UsageError(f"{args.config}: '{key}' must be a non-empty string, got {value!r}")
     for option in ("epochs", "batch_size", "learning_rate", "optimizer", "seed", "patience",
                    "augment"):
         value = getattr(args, option)
         if value is not None:
             settings[option] = value
     config = from_mapping(TrainConfig, settings, source)
+    if not 0 <= config.seed <= SEED_MAX:
+        raise UsageError(f"{source}: seed must be an integer from 0 to {SEED_MAX}, got {config.seed}")
     return Path(data), str(arch), config
+
+
+def training_split_size(n_stamps: int, config: Any) -> int:
+    """Stamps in the training split of ``n_stamps`` (scikit-learn's rounding, as in the split)."""
+    n_test = math.ceil(config.test_fraction * n_stamps)
+    rest = n_stamps - n_test
+    n_val = math.ceil(config.val_fraction / (1.0 - config.test_fraction) * rest)
+    return rest - n_val
+
+
+def _check_batch_size(data: Path, config: Any) -> None:
+    """A batch larger than the training split would cycle the split many times per epoch."""
+    from stampbatch import store
+
+    n = store.open_store(data).n_stamps
+    n_train = training_split_size(n, config)
+    if config.batch_size > n_train:
+        raise UsageError(f"--batch-size {config.batch_size} is larger than the training split of "
+                         f"{data} ({n_train:,} of {n:,} stamps); use at most {n_train:,}")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -91,6 +129,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     data, arch, config = _train_settings(args)
     check_architecture(arch)
+    _check_batch_size(data, config)
     from stampbatch.train import train_run
 
     metrics = train_run(data, arch, args.out, config, progress=not args.quiet)

@@ -1,0 +1,71 @@
+"""``stampbatch train`` refuses settings that cannot mean what the user wants, before training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stampbatch import cli, store
+from stampbatch.commands.train import training_split_size
+from stampbatch.config import from_mapping
+from stampbatch.train import TrainConfig, split_rows
+
+
+@pytest.fixture
+def data(tmp_path, labelled_arrays):
+    stamps, labels = labelled_arrays
+    path = tmp_path / "t.h5"
+    store.create_store(path, stamps[:100], labels[:100])
+    return path
+
+
+@pytest.mark.parametrize("n", [20, 99, 100, 101, 300, 1237])
+def test_training_split_size_matches_the_split(n):
+    labels = (np.arange(n) % 2).astype(np.int8)
+    config = TrainConfig()
+    assert training_split_size(n, config) == len(split_rows(labels, config)["train"])
+
+
+def test_batch_size_larger_than_the_training_split_is_refused(tmp_path, data, capsys):
+    rc = cli.main(["train", "--data", str(data), "--arch", "simple", "--out", str(tmp_path / "r"),
+                   "--batch-size", "71"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == (f"stampbatch train: error: --batch-size 71 is larger than the training split "
+                   f"of {data} (70 of 100 stamps); use at most 70\n")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "x"])
+def test_seed_out_of_range_is_a_usage_error(tmp_path, data, capsys, seed):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--data", str(data), "--arch", "simple", "--out", str(tmp_path / "r"),
+                  f"--seed={seed}"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert "argument --seed: expected an integer from 0 to 4294967295" in err
+    assert "split" not in err
+
+
+def test_seed_out_of_range_in_a_config_file(tmp_path, data, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = "{data}"\narchitecture = "simple"\nseed = -1\n')
+    assert cli.main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg} (with command-line options): seed must be an integer from 0" in err
+
+
+@pytest.mark.parametrize("line", ['data = ["a"]', "data = 3", 'data = ""', "architecture = [1]"])
+def test_wrong_types_for_data_and_architecture_in_toml(tmp_path, data, capsys, line):
+    cfg = tmp_path / "c.toml"
+    base = {"data": f'data = "{data}"', "architecture": 'architecture = "simple"'}
+    base[line.split(" ")[0]] = line
+    cfg.write_text("\n".join(base.values()) + "\n")
+    assert cli.main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(cfg) in err and "must be a non-empty string" in err
+    assert "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+def test_config_from_mapping_still_accepts_a_normal_seed():
+    assert from_mapping(TrainConfig, {"seed": 7}).seed == 7
