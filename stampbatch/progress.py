@@ -27,12 +27,14 @@ class Progress:
         self.scale = scale
         self.done = 0.0
         self.start = time.monotonic()
-        self._last = 0.0
+        self._last = self.start if not self.tty else 0.0  # logs: the first line after an interval
 
     def update(self, amount: float = 1.0) -> None:
         self.done += amount
         now = time.monotonic()
-        if self.enabled and now - self._last >= self.interval:
+        finished = self.total is not None and self.done >= self.total
+        # A finished bar is drawn once, by close(): in a log a 100% line would come twice.
+        if self.enabled and now - self._last >= self.interval and not (finished and not self.tty):
             self._last = now
             self._draw(final=False)
 
