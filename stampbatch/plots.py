@@ -457,7 +457,8 @@ def plot_stamp_grid(stamps: np.ndarray, labels: np.ndarray | None, probabilities
 
 
 def _occlusion_figure(stamps: np.ndarray, maps: np.ndarray, probabilities: np.ndarray,
-                      rows: Sequence[int], path: Path | str, title: str) -> Figure:
+                      rows: Sequence[int], path: Path | str, title: str,
+                      labels: Sequence[int] | None = None) -> Figure:
     arr = _as_stamps(stamps, path)
     m = _as_stamps(maps, path)
     p = np.asarray(probabilities, dtype=np.float64).ravel()
@@ -471,6 +472,9 @@ def _occlusion_figure(stamps: np.ndarray, maps: np.ndarray, probabilities: np.nd
         raise _fail(path, "no rows to show")
     if np.any(idx < 0) or np.any(idx >= n):
         raise _fail(path, f"rows must lie in [0, {n}), got {idx.min()}..{idx.max()}")
+    names = idx if labels is None else np.asarray(list(labels), dtype=np.int64).ravel()
+    if names.size != idx.size:
+        raise _fail(path, f"{names.size} labels for {idx.size} rows")
     shown, p_shown = arr[idx], p[idx]
     drop = occlusion_drop(m[idx], p_shown)
     lo, hi = robust_limits(shown)
@@ -485,7 +489,7 @@ def _occlusion_figure(stamps: np.ndarray, maps: np.ndarray, probabilities: np.nd
         for ax in (ax_stamp, ax_over):
             ax.imshow(shown[k], cmap="gray", origin="lower", extent=extent, vmin=lo[k],
                       vmax=hi[k], interpolation="nearest")
-        ax_stamp.set_title(f"stamp {row}: P(source) = {p[row]:.3f}", fontsize=9)
+        ax_stamp.set_title(f"stamp {names[k]}: P(source) = {p[row]:.3f}", fontsize=9)
         ax_over.imshow(occlusion_overlay_rgba(drop[k]), origin="lower", extent=extent,
                        interpolation="nearest")
         ax_over.set_title("overlay: drop in P(source) (opaque = 1)", fontsize=9)
@@ -500,7 +504,8 @@ def _occlusion_figure(stamps: np.ndarray, maps: np.ndarray, probabilities: np.nd
 
 
 def plot_occlusion(stamps: np.ndarray, maps: np.ndarray, probabilities: np.ndarray,
-                   rows: Sequence[int], path: Path, *, title: str = "") -> Path:
+                   rows: Sequence[int], path: Path, *, title: str = "",
+                   labels: Sequence[int] | None = None) -> Path:
     """For each of ``rows``: the stamp; the stamp in grey with the occlusion map overlaid
     (transparent Reds, opacity rising with the drop in P(source) when the pixel's patch is
     hidden, on the absolute scale 0 to 1, so a map of a stamp the network rejects anyway stays
@@ -509,6 +514,7 @@ def plot_occlusion(stamps: np.ndarray, maps: np.ndarray, probabilities: np.ndarr
     ``maps`` are as :func:`stampbatch.occlusion.occlusion_maps` gives them (1 − P(source) of
     the stamp with the patch hidden). ``stamps``, ``maps`` and ``probabilities`` (P(source) of
     the intact stamps) are aligned row for row (length N); ``rows`` picks which to show.
-    ``map[i, j]`` is drawn exactly over ``stamp[i, j]``.
+    ``map[i, j]`` is drawn exactly over ``stamp[i, j]``. ``labels`` are the stamp numbers the
+    panels show (default: ``rows``), e.g. the rows of the candidate file the stamps came from.
     """
-    return _save(_occlusion_figure(stamps, maps, probabilities, rows, path, title), path)
+    return _save(_occlusion_figure(stamps, maps, probabilities, rows, path, title, labels), path)

@@ -29,6 +29,10 @@ def _walltime(text: str) -> str:
     return text
 
 
+MAX_PANELS = 50  # stamps per occlusion figure: 3 panels each, ~3 inches tall per stamp
+MAX_NAME = 100  # characters in /scores/NAME
+
+
 def _rows(text: str) -> list[int]:
     try:
         rows = [int(r) for r in text.split(",") if r.strip()]
@@ -36,7 +40,30 @@ def _rows(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected row numbers like 1,2,3, got {text!r}") from None
     if not rows or min(rows) < 0:
         raise argparse.ArgumentTypeError(f"expected non-negative row numbers, got {text!r}")
+    if len(set(rows)) > MAX_PANELS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_PANELS} rows per figure, got "
+                                         f"{len(set(rows))}; draw several figures")
     return rows
+
+
+def _top(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_PANELS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_PANELS} stamps per figure, got {value}; "
+                                         f"use --rows for the ones you need")
+    return value
+
+
+def _score_name(text: str) -> str:
+    """A /scores/NAME: 1-100 printable characters, no '/' (HDF5 would nest groups)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty name")
+    if len(text) > MAX_NAME:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_NAME} characters, got {len(text)}")
+    if not text.isprintable() or "/" in text or text != text.strip():
+        raise argparse.ArgumentTypeError(f"expected printable characters without '/' or "
+                                         f"surrounding spaces, got {text!r}")
+    return text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "# comments; relative paths are relative to the list file's directory)")
     p.add_argument("--model", action="append", required=True, metavar="RUN_DIR_OR_FILE",
                    help="a training run directory or a .keras file (repeat for several models)")
-    p.add_argument("--name", help="store the scores as /scores/NAME (one model only; default: "
+    p.add_argument("--name", type=_score_name, help="store the scores as /scores/NAME (one model only; default: "
                                   "the run directory's name or the .keras file's stem)")
     p.add_argument("--occlusion", type=_occlusion, default="none", metavar="none|all|above:P",
                    help="which stamps get an occlusion map (default none)")
@@ -99,9 +126,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a scored candidate file, or a side file written with --out")
     p.add_argument("--model", required=True, metavar="NAME", help="the /scores/NAME to show")
     sel = p.add_mutually_exclusive_group(required=True)
-    sel.add_argument("--rows", type=_rows, metavar="1,2,3", help="stamp rows (with maps)")
-    sel.add_argument("--top", type=positive_int, metavar="K",
-                     help="the K mapped stamps with the highest P(source)")
+    sel.add_argument("--rows", type=_rows, metavar="1,2,3",
+                     help=f"stamp rows (with maps; at most {MAX_PANELS})")
+    sel.add_argument("--top", type=_top, metavar="K",
+                     help=f"the K mapped stamps with the highest P(source) (at most {MAX_PANELS})")
     p.add_argument("--candidates", type=Path, metavar="CANDIDATES.h5",
                    help="the candidate file holding the stamps (default: FILE itself, or the "
                         "source recorded in a side file)")
@@ -196,6 +224,7 @@ def run_plot_occlusion(args: argparse.Namespace) -> int:
     probs = scores.probability[np.asarray(rows)]
     shown = ", ".join(str(r) for r in rows[:12]) + (" …" if len(rows) > 12 else "")
     title = f"{args.file.name}: /scores/{args.model}, rows {shown} (panels in this order)"
-    path = plots.plot_occlusion(stamps, maps, probs, list(range(len(rows))), args.out, title=title)
+    path = plots.plot_occlusion(stamps, maps, probs, list(range(len(rows))), args.out, title=title,
+                                labels=rows)
     print(f"wrote {path} ({len(rows)} stamps)")
     return 0
