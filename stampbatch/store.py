@@ -170,6 +170,9 @@ def atomic_path(path: Path | str, *, overwrite: bool = False, suffix: str = ".h5
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
+    if path.is_symlink() and not path.exists():
+        raise _fail(path, f"is a dangling symlink (to {os.readlink(path)}); remove it or choose "
+                          f"another name")
     if path.exists() and not overwrite:
         raise _fail(path, "already exists (pass --overwrite to replace it)")
     if path.is_dir():

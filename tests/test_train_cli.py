@@ -43,7 +43,7 @@ def test_seed_out_of_range_is_a_usage_error(tmp_path, data, capsys, seed):
                   f"--seed={seed}"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1
-    assert "argument --seed: expected an integer from 0 to 4294967295" in err
+    assert "argument --seed: expected an integer from 0 to 4,294,967,295" in err
     assert "split" not in err
 
 

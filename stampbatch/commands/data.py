@@ -7,8 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-from stampbatch.commands._types import non_negative_int, positive_float, positive_int
+from stampbatch.commands._types import (
+    int_between,
+    non_negative_int,
+    path_arg,
+    positive_float,
+    positive_int,
+    seed,
+)
 from stampbatch.errors import UsageError
+
+MAX_STAMPS = 10**10  # --n: ~17 TB of 21x21 float32 stamps; more is a typo
 
 
 def _compression(text: str) -> str | None:
@@ -31,12 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="write simulated stamps (labelled, or unlabelled candidates)",
                        description="Simulate co-added 21x21 stamps: point sources of SNR 3-100 with "
                                    "Gaussian/Moffat PSFs and hard negatives, written to an HDF5 store.")
-    p.add_argument("out", type=Path, metavar="OUT.h5")
-    p.add_argument("--n", type=positive_int, required=True, help="number of stamps")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("out", type=path_arg, metavar="OUT.h5")
+    p.add_argument("--n", type=int_between(1, MAX_STAMPS), required=True, help="number of stamps")
+    p.add_argument("--seed", type=seed, default=0, help="random seed, 0 to 2**32-1 (default 0)")
     p.add_argument("--candidates", action="store_true",
                    help="write an unlabelled candidate file (truth kept in /meta for evaluation)")
-    p.add_argument("--config", type=Path, metavar="SIM.toml",
+    p.add_argument("--config", type=path_arg, metavar="SIM.toml",
                    help="simulator settings (TOML, keys of SimConfig)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     _add_store_options(p)
@@ -46,10 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Ingest the reference layout: stamps_sources.npy (positives) and "
                                    "stamps_noise.npy (negatives), each (N, 441) or (N, 21, 21); or "
                                    "unlabelled candidate arrays. Pickled arrays are refused.")
-    p.add_argument("out", type=Path, metavar="OUT.h5")
-    p.add_argument("--sources", type=Path, metavar="A.npy", help="stamps with a source (label 1)")
-    p.add_argument("--noise", type=Path, metavar="B.npy", help="stamps without a source (label 0)")
-    p.add_argument("--candidates", type=Path, metavar="C.npy", help="unlabelled candidate stamps")
+    p.add_argument("out", type=path_arg, metavar="OUT.h5")
+    p.add_argument("--sources", type=path_arg, metavar="A.npy", help="stamps with a source (label 1)")
+    p.add_argument("--noise", type=path_arg, metavar="B.npy", help="stamps without a source (label 0)")
+    p.add_argument("--candidates", type=path_arg, metavar="C.npy", help="unlabelled candidate stamps")
     p.add_argument("--key", default=None, help="array name inside an .npz (default: its only array)")
     _add_store_options(p)
     p.set_defaults(func=run_ingest)
@@ -59,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "HTTP Range after an interruption, retried with backoff, and moved "
                                    "into place only when its sha256 matches.")
     p.add_argument("url")
-    p.add_argument("dest", type=Path)
+    p.add_argument("dest", type=path_arg)
     p.add_argument("--sha256", required=True, metavar="HEX", help="expected sha256 (64 hex digits)")
     p.add_argument("--retries", type=non_negative_int, default=5,
                    help="failed attempts in a row (no new bytes) before giving up (default 5)")
@@ -71,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("inspect", help="summarise a store: schema, counts, balance, SNR, scores",
                        description="Validate an HDF5 store and summarise it.")
-    p.add_argument("files", type=Path, nargs="+", metavar="FILE.h5")
+    p.add_argument("files", type=path_arg, nargs="+", metavar="FILE.h5")
     p.set_defaults(func=run_inspect)
 
 

@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from stampbatch.commands._types import non_negative_int, positive_int
+from stampbatch.commands._types import non_negative_int, path_arg, positive_int
 from stampbatch.errors import UsageError
 
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")
@@ -122,7 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plot-occlusion", help="draw stamps with their occlusion maps overlaid (PNG)",
         description="Draw scored stamps with their occlusion maps overlaid, pixel for pixel.")
-    p.add_argument("file", type=Path, metavar="FILE.h5",
+    p.add_argument("file", type=path_arg, metavar="FILE.h5",
                    help="a scored candidate file, or a side file written with --out")
     p.add_argument("--model", required=True, metavar="NAME", help="the /scores/NAME to show")
     sel = p.add_mutually_exclusive_group(required=True)
@@ -130,16 +130,30 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help=f"stamp rows (with maps; at most {MAX_PANELS})")
     sel.add_argument("--top", type=_top, metavar="K",
                      help=f"the K mapped stamps with the highest P(source) (at most {MAX_PANELS})")
-    p.add_argument("--candidates", type=Path, metavar="CANDIDATES.h5",
+    p.add_argument("--candidates", type=path_arg, metavar="CANDIDATES.h5",
                    help="the candidate file holding the stamps (default: FILE itself, or the "
                         "source recorded in a side file)")
-    p.add_argument("--out", type=Path, required=True, metavar="FIG.png")
+    p.add_argument("--out", type=path_arg, required=True, metavar="FIG.png")
     p.set_defaults(func=run_plot_occlusion)
+
+
+def _check_list_files(items: list[str]) -> None:
+    """An @list.txt must be a text file of paths (a binary file would give NUL-byte paths)."""
+    for item in items:
+        if not item.startswith("@") or not Path(item[1:]).is_file():
+            continue  # the scorer names missing list files itself
+        try:
+            text = Path(item[1:]).read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{item[1:]}: not a readable UTF-8 list of paths ({exc})") from exc
+        if "\0" in text:
+            raise UsageError(f"{item[1:]}: not a text list of paths (it holds NUL bytes)")
 
 
 def run_score(args: argparse.Namespace) -> int:
     from stampbatch import score
 
+    _check_list_files(args.candidates)
     slurm_only = [flag for flag, value in (("--gpus", args.gpus), ("--partition", args.partition),
                                            ("--account", args.account)) if value]
     if slurm_only and not args.slurm:
@@ -218,6 +232,11 @@ def run_plot_occlusion(args: argparse.Namespace) -> int:
         info = store.open_store(args.file)
         source = Path(store.read_attrs(args.file)["source_file"]) if info.is_score_file \
             else args.file
+    n_source = store.open_store(source).n_stamps
+    if n_source != len(scores.probability):
+        raise StampbatchError(f"{source}: holds {n_source:,} stamps but /scores/{args.model} of "
+                              f"{args.file} scored {len(scores.probability):,}; give the candidate "
+                              f"file that was scored")
     stamps, _ = store.read_rows(source, np.asarray(rows))
     by_row = store.read_occlusion(args.file, args.model, rows)
     maps = np.stack([by_row[r] for r in rows])

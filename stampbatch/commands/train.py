@@ -10,20 +10,20 @@ import math
 from pathlib import Path
 from typing import Any
 
-from stampbatch.commands._types import non_negative_int, positive_float, positive_int
+from stampbatch.commands._types import (
+    SEED_MAX,
+    int_between,
+    non_negative_int,
+    path_arg,
+    positive_float,
+    positive_int,
+    seed,
+)
 from stampbatch.errors import UsageError
 
-SEED_MAX = 2**32 - 1  # what numpy and scikit-learn accept as a seed
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_MAX}, got {text!r}") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {SEED_MAX}, got {value}")
-    return value
+# Stamp sides `models` can describe: smaller ones fit no architecture's convolutions, larger
+# ones make the dense layers of `simple` too big to build just to count them.
+MIN_STAMP_SIZE, MAX_STAMP_SIZE = 5, 256
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,19 +35,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "metrics.json and PNG figures. Rerunning on the same OUT resumes an "
                     "interrupted run; a finished run is not retrained. Options override the "
                     "--config file.")
-    p.add_argument("--data", type=Path, metavar="TRAIN.h5",
+    p.add_argument("--data", type=path_arg, metavar="TRAIN.h5",
                    help="labelled stamp store (or 'data' in --config)")
     p.add_argument("--arch", metavar="NAME",
                    help="architecture (see 'stampbatch models'; or 'architecture' in --config)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory")
-    p.add_argument("--config", type=Path, metavar="FILE.toml",
+    p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="run directory")
+    p.add_argument("--config", type=path_arg, metavar="FILE.toml",
                    help="training settings (keys of TrainConfig; a run's config.toml works)")
     p.add_argument("--epochs", type=positive_int, help="maximum epochs (default 20)")
     p.add_argument("--batch-size", type=positive_int, help="stamps per batch (default 256)")
     p.add_argument("--learning-rate", type=positive_float, help="learning rate (default 0.01)")
     p.add_argument("--optimizer", choices=("sgd", "adam"),
                    help="sgd (momentum 0.9, default) or adam")
-    p.add_argument("--seed", type=_seed, help="seed of the split, weights and shuffling: an "
+    p.add_argument("--seed", type=seed, help="seed of the split, weights and shuffling: an "
                                                "integer from 0 to 2**32-1 (default 0)")
     p.add_argument("--patience", type=non_negative_int,
                    help="epochs without a better validation loss before stopping (default 5; "
@@ -60,14 +60,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the architectures with parameters and cost per stamp",
                        description="List the registered architectures: trainable and other "
                                    "parameters, multiply-adds (MACs) and FLOPs per stamp.")
-    p.add_argument("--stamp-size", type=positive_int, default=21, metavar="N",
-                   help="stamp side in pixels (default 21)")
+    p.add_argument("--stamp-size", type=int_between(MIN_STAMP_SIZE, MAX_STAMP_SIZE), default=21,
+                   metavar="N", help=f"stamp side in pixels, {MIN_STAMP_SIZE} to {MAX_STAMP_SIZE} "
+                                     f"(default 21)")
     p.set_defaults(func=run_models)
 
     p = sub.add_parser("report", help="write RUNS_DIR/report.html comparing every finished run",
                        description="Compare the runs (subdirectories with metrics.json) of "
                                    "RUNS_DIR side by side in one HTML page.")
-    p.add_argument("runs_dir", type=Path, metavar="RUNS_DIR")
+    p.add_argument("runs_dir", type=path_arg, metavar="RUNS_DIR")
     p.set_defaults(func=run_report)
 
 
@@ -117,7 +118,10 @@ def _check_batch_size(data: Path, config: Any) -> None:
     """A batch larger than the training split would cycle the split many times per epoch."""
     from stampbatch import store
 
-    n = store.open_store(data).n_stamps
+    info = store.open_store(data)
+    if not info.labelled:
+        return  # training itself says the store has no labels
+    n = info.n_stamps
     n_train = training_split_size(n, config)
     if config.batch_size > n_train:
         raise UsageError(f"--batch-size {config.batch_size} is larger than the training split of "
@@ -147,9 +151,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    from stampbatch.errors import StampbatchError
     from stampbatch.models import architecture_names, describe
 
-    rows = [describe(name, (args.stamp_size, args.stamp_size)) for name in architecture_names()]
+    try:
+        rows = [describe(name, (args.stamp_size, args.stamp_size)) for name in architecture_names()]
+    except StampbatchError as exc:
+        raise UsageError(f"--stamp-size {args.stamp_size}: {exc}") from exc
     print(f"{'architecture':<12} {'parameters':>12} {'MACs/stamp':>14} {'MFLOP/stamp':>12}")
     for r in rows:
         print(f"{r['name']:<12} {r['parameters']:>12,} {r['macs_per_stamp']:>14,} "
