@@ -17,11 +17,13 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # First imports that pull TensorFlow in (Keras 3 imports its TensorFlow backend itself).
 _TRIGGERS = ("tensorflow", "keras", "tf2onnx", "tf_keras")
+# Read by Dask in each worker process it starts (env vars override dask's config files).
+_DASK_PRELOAD = "DASK_DISTRIBUTED__WORKER__PRELOAD"
 
 # The start-up lines that say nothing is wrong (matched per line of captured stderr).
 _BENIGN = re.compile(
@@ -78,14 +80,12 @@ def import_tensorflow(verbose: bool = False) -> None:
         sys.stderr.write(rest)
 
 
-@contextlib.contextmanager
-def quiet_tensorflow_imports(verbose: bool = False) -> Iterator[None]:
-    """Within the block, the first ``import tensorflow`` (or keras, tf2onnx) goes through
-    :func:`import_tensorflow`, so a command pays for TensorFlow only when it really uses it
-    (bad input fails fast) and its start-up lines never reach stderr."""
-    if verbose or "tensorflow" in sys.modules:
-        yield
-        return
+def install_import_hook() -> Callable[[], None]:
+    """From now on, the first ``import tensorflow`` (or keras, tf2onnx) goes through
+    :func:`import_tensorflow`. Returns a function that removes the hook again (a no-op once
+    the hook has fired)."""
+    if "tensorflow" in sys.modules:
+        return lambda: None
     original = builtins.__import__
 
     def hook(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -95,8 +95,55 @@ def quiet_tensorflow_imports(verbose: bool = False) -> Iterator[None]:
         return original(name, *args, **kwargs)
 
     builtins.__import__ = hook
+
+    def remove() -> None:
+        if builtins.__import__ is hook:
+            builtins.__import__ = original
+
+    return remove
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_imports(verbose: bool = False) -> Iterator[None]:
+    """Within the block, TensorFlow is imported quietly on first use (:func:`install_import_hook`),
+    so a command pays for TensorFlow only when it really uses it (bad input fails fast) and its
+    start-up lines never reach stderr. Dask workers started meanwhile (local or Slurm) inherit
+    the same hook through :func:`dask_setup`, unless a worker preload is configured already."""
+    if verbose:
+        yield
+        return
+    remove = install_import_hook()
+    undo = _preload_in_dask_workers()
     try:
         yield
     finally:
-        if builtins.__import__ is hook:
-            builtins.__import__ = original
+        remove()
+        undo()
+
+
+def _preload_in_dask_workers() -> Callable[[], None]:
+    """Have Dask workers started from this process run :func:`dask_setup` (a nanny passes its
+    own process's config to the worker: set both the environment and the live config).
+    Returns a function that undoes it."""
+    if os.environ.get(_DASK_PRELOAD):
+        return lambda: None  # the user configured a preload: leave it alone
+    os.environ[_DASK_PRELOAD] = '["stampbatch.console"]'
+    config_set = None
+    if "dask" in sys.modules:  # dask read its config before the variable existed
+        import dask
+
+        if not dask.config.get("distributed.worker.preload", None):
+            config_set = dask.config.set({"distributed.worker.preload": ["stampbatch.console"]})
+
+    def undo() -> None:
+        os.environ.pop(_DASK_PRELOAD, None)
+        if config_set is not None:
+            config_set.__exit__(None, None, None)
+
+    return undo
+
+
+def dask_setup(worker: object) -> None:
+    """Dask worker preload (``distributed.worker.preload``): a worker that scores with the
+    TensorFlow backend imports it quietly too; an ONNX worker never imports it."""
+    install_import_hook()

@@ -36,6 +36,8 @@ def test_simulate_inspect_train_score_print_no_library_errors_or_warnings(tmp_pa
         ["inspect", "train.h5", "cands.h5"],
         ["train", "--data", "train.h5", "--arch", "simple", "--out", "run", "--epochs", "1"],
         ["score", "cands.h5", "--model", "run", "--workers", "1", "--occlusion", "above:0.9"],
+        # TensorFlow in the Dask worker processes too (quiet through the worker preload)
+        ["score", "cands.h5", "--model", "run", "--workers", "1", "--backend", "tf", "--out", "tf"],
         ["inspect", "cands.h5"],
     ]
     for args in steps:
@@ -55,6 +57,17 @@ def test_inspect_and_simulate_do_not_import_tensorflow(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_import_hook_is_removed_and_the_dask_preload_undone():
+    import builtins
+
+    before = builtins.__import__
+    with console.quiet_tensorflow_imports():
+        assert os.environ.get("DASK_DISTRIBUTED__WORKER__PRELOAD") == '["stampbatch.console"]'
+        assert builtins.__import__ is not before or "tensorflow" in sys.modules
+    assert builtins.__import__ is before
+    assert "DASK_DISTRIBUTED__WORKER__PRELOAD" not in os.environ
 
 
 def test_startup_filter_keeps_real_errors():
