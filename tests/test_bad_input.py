@@ -152,6 +152,8 @@ def _models_and_configs(d: Path) -> None:
     (d / "missing.list").write_text("gone1.h5\n# comment\ngone2.h5\n")
     (d / "empty.list").write_text("# nothing\n")
     (d / "runs").mkdir()
+    (d / "launch_data_type.toml").write_text("data = 3\n")
+    (d / "launch_epochs_type.toml").write_text('[train]\nepochs = "x"\n')
     (d / "notes.bin").write_bytes(b"\x00\x01")
 
 
@@ -507,6 +509,20 @@ ROWS: list[tuple[str, list[str], str]] = [
                          "--poll", "inf"], "--poll"),
     ("launch-executor-bad", ["launch", "--data", "{in}/labelled.h5", "--arch", "simple",
                              "--executor", "k8s"], "--executor"),
+    ("launch-nothing", ["launch", "--dry-run"], "--data"),
+    ("launch-data-missing", ["launch", "--data", "{in}/gone.h5", "--arch", "simple", "--dry-run"],
+     "gone.h5"),
+    ("launch-data-unlabelled", ["launch", "--data", "{in}/cands.h5", "--arch", "simple",
+                                "--dry-run"], "cands.h5"),
+    ("launch-data-scores-dataset", ["launch", "--data", "{in}/scores_dataset.h5", "--arch",
+                                    "simple", "--dry-run"], "scores_dataset.h5"),
+    ("launch-arch-unknown", ["launch", "--data", "{in}/labelled.h5", "--arch", "nope",
+                             "--dry-run"], "nope"),
+    ("launch-spec-type", ["launch", "{in}/launch_data_type.toml", "--dry-run"], "data"),
+    ("launch-spec-nested-type", ["launch", "{in}/launch_epochs_type.toml", "--dry-run"], "epochs"),
+    ("launch-spec-dir", ["launch", "{in}/runs", "--dry-run"], "runs"),
+    ("status-empty-dir", ["status", "{in}/runs"], "runs"),
+    ("collect-empty-dir", ["collect", "{in}/runs"], "runs"),
     ("status-missing", ["status", "{in}/gone"], "gone"),
     ("status-file", ["status", "{in}/notes.txt"], "notes.txt"),
     ("collect-missing", ["collect", "{in}/gone"], "gone"),
