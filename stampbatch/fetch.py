@@ -257,6 +257,25 @@ def _block_rows(chunk_rows: int, stamp_shape: tuple[int, int]) -> int:
     return chunk_rows * max(1, _BLOCK_BYTES // (per_stamp * chunk_rows))
 
 
+def _open_labelled(sources: Path, noise: Path, key: str | None
+                   ) -> list[tuple[_ArraySource, str | None]]:
+    """Validate the two arrays of a labelled store: distinct files, same stamp shape."""
+    src = _open_array(sources, key)
+    with contextlib.suppress(OSError):
+        if noise.exists() and noise.samefile(src.path):
+            raise _fail(noise, "is given as both --sources and --noise; every stamp would be "
+                               "stored twice with opposite labels")
+    try:
+        nse = _open_array(noise, key, src.stamp_shape)
+    except FetchError:
+        # Say which shapes disagree when the noise array is fine on its own.
+        alone = _open_array(noise, key)
+        h, w = alone.stamp_shape
+        raise _fail(alone.label, f"stamps are {h}x{w} but {src.label} holds "
+                                 f"{src.stamp_shape[0]}x{src.stamp_shape[1]} stamps") from None
+    return [(src, "source"), (nse, "noise")]
+
+
 def ingest(
     out: Path | str,
     *,
@@ -285,24 +304,8 @@ def ingest(
     if candidates is None and (sources is None or noise is None):
         raise UsageError("ingest: give sources and noise (a labelled store) or candidates")
 
-    inputs: list[tuple[_ArraySource, str | None]] = []
-    if candidates is not None:
-        inputs.append((_open_array(candidates, key), None))
-    else:
-        src = _open_array(sources, key)
-        with contextlib.suppress(OSError):
-            if Path(noise).exists() and Path(noise).samefile(src.path):
-                raise _fail(noise, "is given as both --sources and --noise; every stamp would be "
-                                   "stored twice with opposite labels")
-        try:
-            nse = _open_array(noise, key, src.stamp_shape)
-        except FetchError:
-            # Say which shapes disagree when the noise array is fine on its own.
-            alone = _open_array(noise, key)
-            h, w = alone.stamp_shape
-            raise _fail(alone.label, f"stamps are {h}x{w} but {src.label} holds "
-                                     f"{src.stamp_shape[0]}x{src.stamp_shape[1]} stamps") from None
-        inputs += [(src, "source"), (nse, "noise")]
+    inputs = (_open_labelled(Path(sources), Path(noise), key) if candidates is None
+              else [(_open_array(candidates, key), None)])
     for src, _ in inputs:
         with contextlib.suppress(OSError):
             if out.exists() and out.samefile(src.path):
