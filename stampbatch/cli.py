@@ -14,6 +14,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -72,7 +73,9 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum: int, frame: object) -> NoReturn:
     """SIGTERM unwinds like Ctrl-C, so every ``finally`` and context manager removes its
-    partial files (the hidden ``.*.partial.h5`` of simulate and ingest included)."""
+    partial files (the hidden ``.*.partial.h5`` of simulate and ingest included). A second
+    SIGTERM is ignored so that it cannot cut the clean-up short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
 
@@ -82,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = bool(args.verbose) or os.environ.get("STAMPBATCH_DEBUG", "") not in ("", "0")
     prefix = f"stampbatch {args.command}: "
     previous = None
-    if argv is None:  # the real command line, not an in-process call (tests, notebooks)
+    if argv is None and threading.current_thread() is threading.main_thread():
+        # the real command line, not an in-process call (tests, notebooks)
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         from stampbatch.console import quiet_tensorflow_imports
@@ -95,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prefix}error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except Terminated:
-        print(f"{prefix}terminated (SIGTERM); partial output removed", file=sys.stderr)
+        print(f"{prefix}terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{prefix}interrupted", file=sys.stderr)
