@@ -728,6 +728,7 @@ class ScoreWriter:
 def read_scores(path: Path | str, model: str, *, with_maps: bool = True) -> Scores:
     """Read the complete scores of one model (maps optional: they can be large)."""
     with _open_h5(path) as h5:
+        _check_scores(Path(path), h5, None)
         if _SCORES not in h5 or model not in h5[_SCORES]:
             have = sorted(h5[_SCORES].keys()) if _SCORES in h5 else []
             raise _fail(path, f"has no scores for model '{model}' (has {have})")
@@ -746,6 +747,7 @@ def read_scores(path: Path | str, model: str, *, with_maps: bool = True) -> Scor
 def read_occlusion(path: Path | str, model: str, rows: Sequence[int]) -> dict[int, np.ndarray]:
     """Occlusion maps of the given stamp rows (those that have one), keyed by row."""
     with _open_h5(path) as h5:
+        _check_scores(Path(path), h5, None)
         grp = h5[_SCORES][model] if (_SCORES in h5 and model in h5[_SCORES]) else None
         if grp is None:
             raise _fail(path, f"has no scores for model '{model}'")
