@@ -115,6 +115,10 @@ _GL2 = (-0.5 / math.sqrt(3.0), 0.5 / math.sqrt(3.0))
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
+MAX_STAMP_SIDE = 1024  # a bigger stamp is a typo (one 1024x1024 stamp is 4 MiB)
+MAX_SNR = 1e6  # far brighter sources overflow the float32 pixels
+
+
 class SimConfigError(UsageError, ValueError):
     """Simulator settings that cannot work (a ValueError, so config loading reports it)."""
 
@@ -157,8 +161,10 @@ class SimConfig:
     def validate(self) -> None:
         """Raise SimConfigError (a ValueError) naming the first bad setting."""
         shape = tuple(self.stamp_shape)
-        if len(shape) != 2 or not all(isinstance(v, int | np.integer) and v >= 5 for v in shape):
-            raise SimConfigError(f"stamp_shape must be two integers >= 5, got {self.stamp_shape!r}")
+        if len(shape) != 2 or not all(isinstance(v, int | np.integer) and 5 <= v <= MAX_STAMP_SIDE
+                                      for v in shape):
+            raise SimConfigError(f"stamp_shape must be two integers >= 5 and <= {MAX_STAMP_SIDE}, "
+                                 f"got {self.stamp_shape!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -176,6 +182,8 @@ class SimConfig:
                 f"offcentre_fraction + hot_pixel_fraction + cosmic_ray_fraction + "
                 f"streak_fraction = {hard:g} exceeds 1 (they are fractions of the negatives)")
         self._check_range("snr", 0.0, strict=True)
+        if self.snr_max > MAX_SNR:  # brighter overflows float32 electrons
+            raise SimConfigError(f"snr_max must be at most {MAX_SNR:g}, got {self.snr_max:g}")
         self._check_range("fwhm", 0.0, strict=True)
         self._check_range("moffat_beta", 1.0, strict=True)
         self._check_range("sky", 0.0, strict=True)

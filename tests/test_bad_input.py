@@ -149,6 +149,8 @@ def _models_and_configs(d: Path) -> None:
                                      'seed = -1\n')
     (d / "sim_unknown.toml").write_text("brightness = 3\n")
     (d / "sim_type.toml").write_text('streak_fraction = "lots"\n')
+    (d / "sim_huge_stamp.toml").write_text("stamp_shape = [1000000, 1000000]\n")
+    (d / "sim_huge_snr.toml").write_text("snr_max = 1e308\n")
     (d / "missing.list").write_text("gone1.h5\n# comment\ngone2.h5\n")
     (d / "empty.list").write_text("# nothing\n")
     (d / "runs").mkdir()
@@ -235,6 +237,9 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("sim-config-bad-toml", [*SIM, "--n", "10", "--config", "{in}/bad.toml"], "bad.toml"),
     ("sim-config-unknown", [*SIM, "--n", "10", "--config", "{in}/sim_unknown.toml"], "brightness"),
     ("sim-config-type", [*SIM, "--n", "10", "--config", "{in}/sim_type.toml"], "streak_fraction"),
+    ("sim-config-huge-stamp", [*SIM, "--n", "10", "--config", "{in}/sim_huge_stamp.toml"],
+     "stamp_shape"),
+    ("sim-config-huge-snr", [*SIM, "--n", "10", "--config", "{in}/sim_huge_snr.toml"], "snr_max"),
     ("sim-config-binary", [*SIM, "--n", "10", "--config", "{in}/notes.bin"], "notes.bin"),
     ("sim-out-exists", ["simulate", "{in}/cands.h5", "--n", "10"], "cands.h5"),
     ("sim-out-dir", ["simulate", "{in}/adir.h5", "--n", "10"], "adir.h5"),
