@@ -336,7 +336,8 @@ class StampStream:
                 if self.dropped_first_pass is None:
                     self.dropped_first_pass = dropped
                 if kept == 0:
-                    raise TrainError(f"{self.path}: every training stamp has NaN, Inf or sentinel (|x| >= 1e30) pixels")
+                    raise TrainError(f"{self.path}: every training stamp has NaN or Inf pixels "
+                                     f"or sentinel values (|x| >= 1e30)")
                 epoch += 1
         except Exception as exc:
             self.error = exc
@@ -826,7 +827,7 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
             gc.collect()
         if train_stream.dropped_first_pass:
             print(f"warning: {store_path}: {train_stream.dropped_first_pass} training stamps have "
-                  f"NaN, Inf or sentinel (|x| >= 1e30) pixels and were skipped", file=sys.stderr)
+                  f"NaN or Inf pixels or sentinel values (|x| >= 1e30) and were skipped", file=sys.stderr)
     if state.get("best_file"):
         model.load_weights(ckpt_dir / state["best_file"])
     with _atomic(out_dir / MODEL_FILE) as tmp:
