@@ -100,8 +100,8 @@ def normalize(stamps: np.ndarray) -> np.ndarray:
     out, valid = normalize_with_mask(stamps)
     if not valid.all():
         bad = np.flatnonzero(~valid)
-        raise ValueError(f"{len(bad)} stamp(s) have NaN, Inf or sentinel (|x| >= {SENTINEL_ABS:g}) "
-                         f"pixels (first at row {bad[0]})")
+        raise ValueError(f"{len(bad)} stamp(s) have NaN or Inf pixels (first at row {bad[0]}); "
+                         f"fill values |x| >= {SENTINEL_ABS:g} count as Inf")
     return out
 
 
