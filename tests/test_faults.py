@@ -1,0 +1,181 @@
+"""Fault injection: SIGKILL the scorer's write path at every write, rename, fsync and removal.
+
+``strace -e inject=SYSCALL:signal=KILL:when=K`` kills the process exactly at the K-th call
+of SYSCALL (the call itself does not happen). K is swept over every such call of a whole
+journal-and-finalise pass (tests/fault_child.py: record the chunks, commit the scores file,
+remove the journal, update the index, and — for a file made elsewhere — the one
+copy-and-swap that gives it its /scores link), for every syscall that changes a file.
+Random-time kills are added on top. After each kill: the candidate file opens, its /stamps
+and the other model's scores are byte-identical, and a rerun ends bit-identical to an
+uninterrupted run, with no journal or temporary file left. The figures of the last run are
+printed and recorded in RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import REPO
+
+from stampbatch import store
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fault_child  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+STRACE = shutil.which("strace")
+CHILD = str(Path(__file__).with_name("fault_child.py"))
+SYSCALLS = ("pwrite64", "write", "rename", "fsync", "fdatasync", "ftruncate", "unlink",
+            "unlinkat", "mkdir", "rmdir")
+N, ROWS = 600, 128
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _make_case(root: Path, legacy: bool) -> Path:
+    """A candidate file already scored by model 'old'; made by stampbatch or elsewhere."""
+    root.mkdir()
+    path = root / "cand.h5"
+    stamps = np.random.default_rng(1).normal(size=(N, 21, 21)).astype(np.float32)
+    if not legacy:
+        store.create_store(path, stamps, chunk_rows=ROWS)
+        fault_child.run(path, "old", ROWS)
+        return path
+    with h5py.File(path, "w") as h5:          # another program's file, with older scores
+        h5.create_dataset("stamps", data=stamps, chunks=(ROWS, 21, 21))
+        h5.attrs["stampbatch_schema"] = 1
+        h5.attrs["stamp_shape"] = np.array([21, 21])
+        old = h5.create_group("scores/old")
+        old["probability"] = np.linspace(0, 1, N, dtype=np.float32)
+        old["occlusion_index"] = np.array([3, 9], dtype=np.int64)
+        old["occlusion"] = np.ones((2, 21, 21), np.float32)
+        old.attrs["complete"] = True
+        old.attrs["model_sha256"] = "cd" * 32
+    return path
+
+
+def _state(path: Path) -> dict:
+    """What must survive any kill: the stamps' bytes and the other model's scores."""
+    with h5py.File(path, "r") as h5:
+        stamps = hashlib.sha256(h5["stamps"][:].tobytes()).hexdigest()
+    old = store.read_scores(path, "old")
+    return {"stamps": stamps, "old": (old.probability.tobytes(), old.occlusion_index.tobytes(),
+                                      old.occlusion.tobytes(), sorted(old.attrs.items()))}
+
+
+def _result(path: Path) -> tuple:
+    s = store.read_scores(path, "new")
+    return (s.probability.tobytes(), s.occlusion_index.tobytes(), s.occlusion.tobytes(),
+            sorted(s.attrs.items()), _sha(store.scores_file(path, "new")))
+
+
+def _child(path: Path, strace_args: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([*strace_args, sys.executable, CHILD, str(path), "new", str(ROWS)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _phase(line: str) -> str:
+    """Which phase a traced call belongs to, from the paths strace -y prints."""
+    for needle, phase in ((".stampbatch-journal", "journal"), ("index.h5", "index"),
+                          (".stampbatch.lock", "lock"), ("cand.h5.scores", "commit"),
+                          (".cand.h5.", "convert (copy-and-swap)")):
+        if needle in line:
+            return phase
+    return "other"
+
+
+def _calls(case: Path, tmp: Path) -> list[tuple[str, int, str]]:
+    """(syscall, K, phase) of every file-changing call of an uninterrupted run."""
+    work = tmp / "work"
+    shutil.copytree(case.parent, work)
+    trace = tmp / "trace.txt"
+    proc = _child(work / "cand.h5", [STRACE, "-f", "-qq", "-y", "-o", str(trace),
+                                     "-e", "trace=" + ",".join(SYSCALLS)])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    counts: collections.Counter = collections.Counter()
+    calls = []
+    for line in trace.read_text().splitlines():
+        name = line.split(None, 1)[1].split("(", 1)[0] if " " in line else ""
+        if name in SYSCALLS:
+            counts[name] += 1
+            calls.append((name, counts[name], _phase(line)))
+    shutil.rmtree(work)
+    return calls
+
+
+def _check_after_kill(work: Path, before: dict, reference: tuple) -> None:
+    path = work / "cand.h5"
+    assert _state(path) == before                       # opens; stamps, other scores intact
+    fault_child.run(path, "new", ROWS)                  # the rerun
+    assert _result(path) == reference                   # bit-identical
+    assert _state(path) == before
+    leftovers = [p.name for p in work.rglob("*") if p.name.startswith(".")
+                 or p.name.endswith((".stampbatch-journal", ".stampbatch.lock"))]
+    assert leftovers == [], leftovers
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (make test installs it)")
+@pytest.mark.parametrize("legacy", [False, True], ids=["stampbatch-store", "foreign-file"])
+def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tmp_path, legacy):
+    case = _make_case(tmp_path / "case", legacy)
+    before = _state(case)
+    work = tmp_path / "work"              # one place: the scores record the source's path
+    shutil.copytree(case.parent, work)
+    fault_child.run(work / "cand.h5", "new", ROWS)
+    reference = _result(work / "cand.h5")
+    shutil.rmtree(work)
+    calls = _calls(case, tmp_path)
+    assert len(calls) >= 80
+    kills: collections.Counter = collections.Counter()
+    missed = 0
+    t0 = time.monotonic()
+    for name, k, phase in calls:
+        shutil.copytree(case.parent, work)
+        proc = _child(work / "cand.h5", [STRACE, "-f", "-qq", "-o", "/dev/null",
+                                         "-e", f"trace={name}",
+                                         "-e", f"inject={name}:signal=KILL:when={k}"])
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode in (-9, 137, 0), (name, k, err.decode()[-1500:])
+        _check_after_kill(work, before, reference)
+        if proc.returncode == 0:      # buffered writes vary by a call or two between runs
+            missed += 1
+        else:
+            kills[phase] += 1
+        shutil.rmtree(work)
+    # random-time kills on top: anywhere in the process, including between syscalls
+    rng = random.Random(12)
+    probe = time.monotonic()
+    p = _child(shutil.copytree(case.parent, work) / "cand.h5", [])
+    assert p.wait(timeout=120) == 0
+    span = time.monotonic() - probe
+    shutil.rmtree(work)
+    for _ in range(12):
+        shutil.copytree(case.parent, work)
+        proc = _child(work / "cand.h5", [])
+        time.sleep(rng.uniform(0.3, 1.0) * span)
+        proc.kill()
+        proc.wait()
+        _check_after_kill(work, before, reference)
+        kills["random time" if proc.returncode == -9 else "random time (finished first)"] += 1
+        shutil.rmtree(work)
+    total = sum(kills.values())
+    print(f"\nkills ({'foreign file' if legacy else 'stampbatch store'}): {total} in "
+          f"{time.monotonic() - t0:.0f} s: " + ", ".join(f"{k} {v}" for k, v in sorted(kills.items())))
+    assert total >= 100 and missed <= len(calls) // 20
