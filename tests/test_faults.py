@@ -173,9 +173,13 @@ def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tm
         proc.kill()
         proc.wait()
         _check_after_kill(work, before, reference)
-        kills["random time" if proc.returncode == -9 else "random time (finished first)"] += 1
+        if proc.returncode == -9:
+            kills["random time"] += 1
+        else:                         # finished before the kill came: checked, not counted
+            missed += 1
         shutil.rmtree(work)
     total = sum(kills.values())
     print(f"\nkills ({'foreign file' if legacy else 'stampbatch store'}): {total} in "
-          f"{time.monotonic() - t0:.0f} s: " + ", ".join(f"{k} {v}" for k, v in sorted(kills.items())))
-    assert total >= 100 and missed <= len(calls) // 20
+          f"{time.monotonic() - t0:.0f} s ({missed} runs ended before their kill): "
+          + ", ".join(f"{k} {v}" for k, v in sorted(kills.items())))
+    assert total >= 100 and missed <= len(calls) // 10

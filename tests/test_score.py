@@ -13,6 +13,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from conftest import REPO, gaussian_stamps
@@ -420,6 +421,129 @@ def test_a_crash_while_writing_scores_is_repaired_from_the_journal(
     np.testing.assert_array_equal(a.occlusion_index, b.occlusion_index)
     np.testing.assert_array_equal(a.occlusion, b.occlusion)
     assert not journal.dir.exists()
+
+
+def _crash_at_commit(monkeypatch, *args, **kwargs) -> None:
+    """A run that journals everything and dies before any scores are committed."""
+    def die(self, attrs, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.ScoreWriter, "commit", die)
+    with pytest.raises(KeyboardInterrupt):
+        score.score_files(*args, **kwargs)
+    monkeypatch.undo()
+
+
+def test_a_corrupt_journal_chunk_is_recomputed_and_a_symlink_shares_the_journal(
+        tmp_path, runs, client, monkeypatch):
+    ref, path = tmp_path / "ref.h5", tmp_path / "cand.h5"
+    stamps = candidates(ref, 500)
+    store.create_store(path, stamps, chunk_rows=256)
+    (tmp_path / "alias.h5").symlink_to(path)
+    score.score_files([ref], [runs["vgg6"]], opts(chunk_size=256, client=client))
+    _crash_at_commit(monkeypatch, [tmp_path / "alias.h5"], [runs["vgg6"]],
+                     opts(chunk_size=256, client=client))
+    journal = score.Journal(path, "vgg6")                 # the real path's journal
+    assert journal.finished_chunks() == {0: 256, 256: 500}
+    chunk = journal.dir / "chunk-000000000256-000000000500.npz"
+    chunk.write_bytes(chunk.read_bytes()[:200])            # truncated, as by a full disk
+    messages: list[str] = []
+    summary = score.score_files([path], [runs["vgg6"]],
+                                opts(chunk_size=256, client=client, log=messages.append))
+    assert summary.stamps_scored == 244                    # only the damaged chunk again
+    assert [m for m in messages if "unreadable journal chunk" in m and "recomputing" in m]
+    np.testing.assert_array_equal(store.read_scores(path, "vgg6").probability,
+                                  store.read_scores(ref, "vgg6").probability)
+
+
+def test_journals_of_other_stamps_are_discarded_and_force_always_restarts(
+        tmp_path, runs, client, monkeypatch):
+    path, ref = tmp_path / "cand.h5", tmp_path / "ref.h5"
+    candidates(path, 500, seed=3)
+    _crash_at_commit(monkeypatch, [path], [runs["vgg6"]], opts(chunk_size=256, client=client))
+    other = candidates(ref, 500, seed=4)
+    with h5py.File(path, "r+") as h5:                      # regenerated in place: same inode
+        h5["stamps"][:] = other
+    messages: list[str] = []
+    summary = score.score_files([path], [runs["vgg6"]],
+                                opts(chunk_size=256, client=client, log=messages.append))
+    assert summary.stamps_scored == 500
+    assert [m for m in messages if "discarding the journal of vgg6 (source_identity" in m]
+    score.score_files([ref], [runs["vgg6"]], opts(chunk_size=256, client=client))
+    np.testing.assert_array_equal(store.read_scores(path, "vgg6").probability,
+                                  store.read_scores(ref, "vgg6").probability)
+    # a journal of this very run is still thrown away by --force
+    _crash_at_commit(monkeypatch, [path], [runs["vgg6"]],
+                     opts(chunk_size=256, client=client, force=True))
+    assert score.Journal(path, "vgg6").finished_chunks()
+    summary = score.score_files([path], [runs["vgg6"]],
+                                opts(chunk_size=256, client=client, force=True))
+    assert summary.stamps_scored == 500
+
+
+def test_a_replaced_candidate_file_is_rescored_and_plots_refuse_other_stamps(
+        tmp_path, runs, client, capsys):
+    from stampbatch import cli
+
+    path, out = tmp_path / "cand.h5", tmp_path / "out"
+    candidates(path, 300, seed=1)
+    score.score_files([path], [runs["vgg6"]], opts(out_dir=out, occlusion="all", client=client))
+    side = out / "cand.scores.h5"
+    first = store.read_scores(side, "vgg6").probability
+    kept = tmp_path / "first.h5"
+    shutil.copy(path, kept)
+    path.unlink()
+    candidates(path, 300, seed=2)                          # other stamps, the same count
+    messages: list[str] = []
+    summary = score.score_files([path], [runs["vgg6"]], opts(out_dir=out, occlusion="all",
+                                                             client=client, log=messages.append))
+    assert summary.stamps_scored == 300 and [m for m in messages if "other stamps" in m]
+    assert not np.array_equal(store.read_scores(side, "vgg6").probability, first)
+    fig = tmp_path / "x.png"
+    args = ["plot-occlusion", str(side), "--model", "vgg6", "--top", "2", "--out", str(fig)]
+    assert cli.main([*args, "--candidates", str(kept)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds other stamps than the ones /scores/vgg6" in err
+    assert not fig.exists()
+    assert cli.main([*args, "--candidates", str(path)]) == 0 and fig.exists()
+
+
+def test_a_file_open_for_writing_elsewhere_is_refused_before_any_compute(tmp_path, runs):
+    path = tmp_path / "cand.h5"
+    candidates(path, 100)
+    code = (f"import h5py, sys\nf = h5py.File({str(path)!r}, 'r+')\nprint('open', flush=True)\n"
+            "sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, HDF5_USE_FILE_LOCKING="FALSE"))
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        t0 = time.monotonic()
+        with pytest.raises(score.ScoreError,
+                           match=rf"open for writing by another process \(pid {holder.pid}\)"):
+            score.score_files([path], [runs["vgg6"]], opts())     # no cluster was started
+        assert time.monotonic() - t0 < 20
+    finally:
+        holder.communicate("")
+
+
+def test_a_model_replaced_mid_run_is_refused_and_a_broken_onnx_cache_rebuilt(tmp_path, runs):
+    from stampbatch import fileio
+
+    model = tmp_path / "m.keras"
+    shutil.copy(runs["vgg6"] / "model.keras", model)
+    src = inference.resolve_model(model)
+    spec = inference.prepare_model(src, "auto")
+    assert spec.backend == "onnx" and spec.onnx_sha256 == fileio.sha256_file(spec.onnx_path)
+    Path(spec.onnx_path).write_bytes(b"not an onnx file")  # a broken cache entry
+    again = inference.prepare_model(src, "auto")
+    assert again.backend == "onnx" and Path(again.onnx_path).read_bytes() != b"not an onnx file"
+    inference.load_predictor(again)
+    tf_spec = inference.prepare_model(src, "tf")
+    inference.load_predictor(tf_spec)
+    shutil.copy(runs["simple"] / "model.keras", model)    # replaced after preparation
+    with pytest.raises(inference.ModelError, match="changed during the run"):
+        inference.load_predictor(tf_spec)
 
 
 def _tmpfs(where: Path, size: str) -> None:

@@ -43,7 +43,7 @@ def _rows(text: str) -> list[int]:
     return rows
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declarations only
     p = sub.add_parser(
         "score", help="score candidate files with trained models (Dask; local or Slurm)",
         description="Score candidate stamp files with one or more trained models: P(source) for "
