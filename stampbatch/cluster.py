@@ -126,8 +126,11 @@ def _local(options: ClusterOptions) -> Iterator[tuple[Any, str]]:
     if threads is None:
         threads = max(1, cores // options.n_workers) if options.n_workers else min(cores, 4)
     workers = options.n_workers or max(1, cores // threads)
+    # The scheduler always serves HTTP (health routes), on 8787 unless told: a free port
+    # then, so a second cluster on the machine never prints "Port 8787 is already in use".
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
-                           dashboard_address=options.dashboard,
+                           dashboard_address=options.dashboard or ":0",
+                           scheduler_kwargs=None if options.dashboard else {"dashboard": False},
                            silence_logs=logging.CRITICAL)
     client = Client(cluster)
     try:

@@ -85,11 +85,6 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 # --------------------------------------------------------------------------- resolving
 
 
-def file_sha256(path: Path | str) -> str:
-    """sha256 of a model file (:func:`stampbatch.fileio.sha256_file`)."""
-    return fileio.sha256_file(path)
-
-
 def _architecture_of_run(run_dir: Path) -> str | None:
     with contextlib.suppress(OSError, ValueError, tomllib.TOMLDecodeError):
         with open(run_dir / "config.toml", "rb") as fh:
@@ -162,7 +157,7 @@ def resolve_model(path: Path | str, name: str | None = None) -> ModelSource:
     model_name = name or default_name
     if not model_name or "/" in model_name or model_name in (".", ".."):
         raise UsageError(f"invalid model name {model_name!r} (used as /scores/<name>)")
-    return ModelSource(model_name, keras_path.resolve(), file_sha256(keras_path), arch)
+    return ModelSource(model_name, keras_path.resolve(), fileio.sha256_file(keras_path), arch)
 
 
 # --------------------------------------------------------------------------- checks
@@ -339,7 +334,7 @@ def prepare_model(source: ModelSource, backend: str = "auto", *,
             raise ModelError(f"{where}: ONNX Runtime disagrees with Keras by {diff:.2g} "
                              f"(> {AGREEMENT_TOL}); use --backend tf")
         return spec
-    spec = replace(spec, backend="onnx", onnx_path=str(dest), onnx_sha256=file_sha256(dest))
+    spec = replace(spec, backend="onnx", onnx_path=str(dest), onnx_sha256=fileio.sha256_file(dest))
     with contextlib.suppress(OSError):   # lets later runs skip loading TensorFlow
         info = {"sha256": source.sha256, "onnx_sha256": spec.onnx_sha256,
                 "stamp_shape": list(stamp_shape), "architecture": arch, "max_abs_diff": diff}
@@ -363,7 +358,7 @@ def _cached_onnx(source: ModelSource) -> ModelSpec | None:
     try:
         info = json.loads(_sidecar(dest).read_text())
         if info.get("sha256") != source.sha256 or not dest.is_file() \
-                or info.get("onnx_sha256") != file_sha256(dest):
+                or info.get("onnx_sha256") != fileio.sha256_file(dest):
             return None
         stamp_shape = (int(info["stamp_shape"][0]), int(info["stamp_shape"][1]))
         arch = source.architecture or str(info.get("architecture") or "unknown")
@@ -434,7 +429,7 @@ def load_predictor(spec: ModelSpec, threads: int = 1) -> Predictor:
     """
     path, expected = spec.loaded_file
     try:
-        actual = file_sha256(path)
+        actual = fileio.sha256_file(path)
     except OSError as exc:
         raise ModelError(f"{path}: cannot read the model file ({exc.strerror})") from exc
     if actual != expected:

@@ -327,7 +327,7 @@ def _plan_models(files: list[FileWork], sources: list[ModelSource], options: Sco
                 summary.up_to_date.append((fw.target, src.name))
             else:
                 fw.models[src.name] = work
-        if up_to_date and fw.models or up_to_date and fw.candidates not in bad.paths():
+        if up_to_date and fw.candidates not in bad.paths():
             store.link_scores(fw.target, up_to_date)   # a run killed before linking them
         if fw.models and fw.candidates not in bad.paths():
             busy.append(fw)

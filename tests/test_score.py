@@ -546,6 +546,28 @@ def test_a_model_replaced_mid_run_is_refused_and_a_broken_onnx_cache_rebuilt(tmp
         inference.load_predictor(tf_spec)
 
 
+def test_a_worker_failure_is_one_line_without_dask_tracebacks(tmp_path, runs):
+    """A chunk that cannot be decompressed fails on the worker: the CLI prints our one line,
+    no "Compute Failed" block, no traceback, no dashboard port warning."""
+    import h5py
+
+    path = tmp_path / "cand.h5"
+    stamps = gaussian_stamps(2000, seed=3, sources=np.arange(2000) % 2 == 0, amplitude=5.0)
+    store.create_store(path, stamps, chunk_rows=128, compression="gzip")
+    with h5py.File(path, "r") as h5:     # a chunk the planner's stamps digest does not read
+        info = h5["stamps"].id.get_chunk_info_by_coord((384, 0, 0))
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
+    proc = run_cli("score", str(path), "--model", str(runs["vgg6"]), "--chunk-size", "128",
+                   "--workers", "1", "--quiet")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    ours = [ln for ln in err.splitlines() if ln.startswith("stampbatch score: error: ")]
+    assert len(ours) == 1 and "scoring rows 384..512 failed" in ours[0], err
+    assert "Compute Failed" not in err and "Traceback" not in err and "8787" not in err
+
+
 def _tmpfs(where: Path, size: str) -> None:
     where.mkdir(exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
