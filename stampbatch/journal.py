@@ -19,6 +19,7 @@ A journal can only be trusted for the run that made it, so:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from collections.abc import Callable
@@ -158,12 +159,11 @@ class Journal:
 
     def record(self, start: int, stop: int, result: ChunkResult) -> None:
         """Durably record one finished chunk."""
-        def write(fh: Any) -> None:
-            np.savez(fh, probability=result.probability, rows=result.occlusion_rows,
-                     maps=result.occlusion_maps)
-
+        buffer = io.BytesIO()           # one write call, not one per zip member header
+        np.savez(buffer, probability=result.probability, rows=result.occlusion_rows,
+                 maps=result.occlusion_maps)
         try:
-            fileio.write_atomic(self.dir / self._name(start, stop), write)
+            fileio.write_bytes_atomic(self.dir / self._name(start, stop), buffer.getvalue())
         except OSError as exc:
             raise disk_error(exc, self.target, f"the journal chunk {start}..{stop}",
                              self.dir) from exc
