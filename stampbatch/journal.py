@@ -7,9 +7,10 @@ file is written under a temporary name, fsynced and renamed (:mod:`stampbatch.fi
 A journal can only be trusted for the run that made it, so:
 
 * the manifest identifies that run: the input (device, inode, size, mtime and a digest of
-  its stamps), the model's sha256, the backend and the options. It is written when the
-  journal starts, before any chunk, and a directory without a readable manifest is
-  garbage: its chunks are never counted and it is wiped when a journal starts there;
+  its stamps), the model's sha256, the backend and the options. It is the last step of
+  starting a journal (after the directory is emptied and made durable) and comes before
+  any chunk; a directory without a readable manifest is garbage: its chunks are never
+  counted and it is wiped when a journal starts there;
 * removal takes the manifest away first (renaming the whole directory away is one step),
   so a kill during a deletion can never leave chunks that look like a journal;
 * a chunk that does not load (truncated, not an npz, wrong length) is reported in one line,
