@@ -7,6 +7,7 @@ second of start-up) and only the driver of a run needs it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -22,10 +23,13 @@ class ModelPlugin(WorkerPlugin):
     name = PLUGIN_NAME
     idempotent = False
 
-    def __init__(self, specs: Sequence[ModelSpec]) -> None:
+    def __init__(self, specs: Sequence[ModelSpec], *, quiet: bool = False) -> None:
         self.specs = tuple(specs)
+        self.quiet = quiet
 
     async def setup(self, worker) -> None:  # noqa: ANN001 - distributed.Worker
+        if self.quiet:   # workers sharing our console: a failed task is the driver's one line
+            logging.getLogger("distributed.worker").setLevel(logging.CRITICAL)
         loop = asyncio.get_running_loop()
         threads = max(1, fileio.cores() // max(1, worker.state.nthreads))
         for spec in self.specs:   # off the event loop: a TensorFlow load takes seconds

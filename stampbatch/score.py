@@ -142,8 +142,10 @@ def _run(client: Any, tasks: Iterator[tuple[FileWork, ChunkTask]], total: int,
 
     token = uuid.uuid4().hex[:8]
     plugin_name = f"{PLUGIN_NAME}-{token}"       # runs sharing a client do not clash
-    client.register_plugin(ModelPlugin(sorted(prepared.values(), key=lambda s: s.name)),
-                           name=plugin_name)
+    local = options.client is None and options.cluster.scheduler is None \
+        and options.cluster.slurm is None         # its workers print on our console
+    client.register_plugin(ModelPlugin(sorted(prepared.values(), key=lambda s: s.name),
+                                       quiet=local), name=plugin_name)
     counter = iter(range(1 << 62))
     owner: dict[str, tuple[FileWork, ChunkTask]] = {}
     failed: set[int] = set()
