@@ -380,6 +380,13 @@ def test_occlusion_mode_and_candidate_expansion(tmp_path):
     assert [cluster.walltime_seconds(t) for t in ("01:00:00", "30:00", "1-02:30", "2-00:00:10", "30",
                                                      "2-3")] \
         == [3600, 1800, 95400, 172810, 1800, 183600]
+    from stampbatch import cli
+
+    args = cli.build_parser().parse_args(["score", "c.h5", "--model", "m", "--slurm",
+                                          "--walltime", "30"])
+    assert cluster._hms(cluster.walltime_seconds(args.walltime)) == "0-00:30:00"   # as Slurm
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["score", "c.h5", "--model", "m", "--walltime", "1:xx"])
 
 
 def test_journal_with_other_settings_is_refused_unless_force(tmp_path, runs, client):
