@@ -14,8 +14,10 @@ printed and recorded in RELIABILITY.md.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import os
+import queue
 import random
 import shutil
 import subprocess
@@ -28,7 +30,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from stampbatch import store
+from stampbatch import fileio, store
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fault_child  # noqa: E402
@@ -145,31 +147,48 @@ def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tm
     committed scores with new ones."""
     case = _make_case(tmp_path / "case", kind)
     before = _state(case)
-    work = tmp_path / "work"              # one place: the scores record the source's path
-    shutil.copytree(case.parent, work)
-    previous = _result(work / "cand.h5") if kind == "rescore" else None
-    fault_child.run(work / "cand.h5", "new", ROWS, SEED)
-    reference = _result(work / "cand.h5")
-    assert reference != previous
-    shutil.rmtree(work)
+    # a few places to kill in at once (the scores record the source's path: one reference each)
+    slots: queue.Queue = queue.Queue()
+    refs = {}
+    for i in range(max(1, min(4, fileio.cores()))):
+        work = tmp_path / f"slot{i}" / "work"
+        shutil.copytree(case.parent, work)
+        previous = _result(work / "cand.h5") if kind == "rescore" else None
+        fault_child.run(work / "cand.h5", "new", ROWS, SEED)
+        refs[work] = (_result(work / "cand.h5"), previous)
+        assert refs[work][0] != previous
+        shutil.rmtree(work)
+        slots.put(work)
     calls = _calls(case, tmp_path)
     assert len(calls) >= 50
     kills: collections.Counter = collections.Counter()
     missed = 0
     t0 = time.monotonic()
-    for name, k, phase in calls:
-        shutil.copytree(case.parent, work)
-        proc = _child(work / "cand.h5", [STRACE, "-f", "-qq", "-o", "/dev/null",
-                                         "-e", f"trace={name}",
-                                         "-e", f"inject={name}:signal=KILL:when={k}"])
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode in (-9, 137, 0), (name, k, err.decode()[-1500:])
-        _check_after_kill(work, before, reference, previous)
-        if proc.returncode == 0:      # buffered writes vary by a call or two between runs
+
+    def kill_at(name: str, k: int) -> int:
+        work = slots.get()
+        try:
+            shutil.copytree(case.parent, work)
+            proc = _child(work / "cand.h5", [STRACE, "-f", "-qq", "-o", "/dev/null",
+                                             "-e", f"trace={name}",
+                                             "-e", f"inject={name}:signal=KILL:when={k}"])
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode in (-9, 137, 0), (name, k, err.decode()[-1500:])
+            _check_after_kill(work, before, *refs[work])
+            shutil.rmtree(work)
+            return proc.returncode
+        finally:
+            slots.put(work)
+
+    with concurrent.futures.ThreadPoolExecutor(slots.qsize()) as pool:
+        outcomes = list(pool.map(lambda call: kill_at(call[0], call[1]), calls))
+    for (_, _, phase), code in zip(calls, outcomes):
+        if code == 0:                 # buffered writes vary by a call or two between runs
             missed += 1
         else:
             kills[phase] += 1
-        shutil.rmtree(work)
+    work = slots.get()
+    reference, previous = refs[work]
     # random-time kills on top: anywhere in the process, including between syscalls
     rng = random.Random(12)
     probe = time.monotonic()
