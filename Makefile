@@ -8,7 +8,7 @@ DEMO_DIR ?= demo-output
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: demo test lint slurm-up slurm-down bench clean
+.PHONY: demo test lint slurm-up slurm-down test-tools bench clean
 
 $(INSTALLED): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,13 +23,19 @@ slurm-up:
 		bash tests/slurm/up.sh || { [ "$${CI:-}" != true ] || exit 1; echo "warning: Slurm did not start; Slurm tests will fail" >&2; }; \
 	else echo "warning: not root, cannot start the local Slurm; Slurm tests will fail" >&2; fi
 
+# strace kills the scorer at exactly the K-th write in tests/test_faults.py.
+test-tools:
+	@command -v strace >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq strace >/dev/null; \
+		else echo "warning: strace missing and not root; the fault-injection tests will be skipped" >&2; fi; }
+
 slurm-down:
 	bash tests/slurm/down.sh
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check stampbatch tests benchmarks tools
 
-test: $(INSTALLED) slurm-up lint
+test: $(INSTALLED) slurm-up test-tools lint
 	$(PY) -m pytest
 
 demo: $(INSTALLED) slurm-up

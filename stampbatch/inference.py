@@ -25,7 +25,6 @@ by the Dask worker plugin in :mod:`stampbatch.score`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stampbatch import fileio
 from stampbatch.errors import StampbatchError, UsageError
 
 BACKENDS = ("auto", "onnx", "tf")
@@ -65,6 +65,14 @@ class ModelSpec:
     stamp_shape: tuple[int, int] = (21, 21)
     backend: str = "onnx"         # "onnx" or "tf" (never "auto" once prepared)
     onnx_path: str | None = None
+    onnx_sha256: str | None = None  # of the ONNX export the workers load
+
+    @property
+    def loaded_file(self) -> tuple[str, str]:
+        """(path, sha256) of the file a worker loads for this backend."""
+        if self.backend == "onnx" and self.onnx_path is not None:
+            return self.onnx_path, str(self.onnx_sha256)
+        return self.keras_path, self.sha256
 
     @property
     def short(self) -> str:
@@ -75,15 +83,6 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 
 
 # --------------------------------------------------------------------------- resolving
-
-
-def file_sha256(path: Path | str) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _architecture_of_run(run_dir: Path) -> str | None:
@@ -158,7 +157,7 @@ def resolve_model(path: Path | str, name: str | None = None) -> ModelSource:
     model_name = name or default_name
     if not model_name or "/" in model_name or model_name in (".", ".."):
         raise UsageError(f"invalid model name {model_name!r} (used as /scores/<name>)")
-    return ModelSource(model_name, keras_path.resolve(), file_sha256(keras_path), arch)
+    return ModelSource(model_name, keras_path.resolve(), fileio.sha256_file(keras_path), arch)
 
 
 # --------------------------------------------------------------------------- checks
@@ -244,13 +243,6 @@ def _dir_writable(directory: Path) -> bool:
     return True
 
 
-def _shared_mode() -> int:
-    """File mode from the umask (mkstemp's 0600 would hide a shared cache from the group)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _mkstemp(directory: Path, prefix: str) -> tuple[int, str]:
     import tempfile
 
@@ -283,25 +275,15 @@ def _ort_session(path: str, threads: int, gpu: bool | None = None):
 
 
 def _export_onnx(model, stamp_shape: tuple[int, int], dest: Path) -> None:
-    """Export atomically: a temporary name in the same directory, renamed when complete."""
+    """Export atomically and durably (:func:`stampbatch.fileio.atomic_path`)."""
     tf = _import_tf()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _mkstemp(dest.parent, f".{dest.name}.")
-    os.close(fd)
-    try:
-        spec = tf.TensorSpec((None, *stamp_shape, 1), tf.float32, name="stamps")
+    spec = tf.TensorSpec((None, *stamp_shape, 1), tf.float32, name="stamps")
+    with fileio.atomic_path(dest, overwrite=True, suffix=".onnx") as tmp:
         sink = io.StringIO()
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
-            model.export(tmp, format="onnx", verbose=False, input_signature=[spec])
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _shared_mode())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+            model.export(str(tmp), format="onnx", verbose=False, input_signature=[spec])
 
 
 def prepare_model(source: ModelSource, backend: str = "auto", *,
@@ -332,9 +314,8 @@ def prepare_model(source: ModelSource, backend: str = "auto", *,
         return spec
     dest = onnx_cache_path(source)
     try:
-        with _EXPORT_LOCK:
-            if not dest.is_file():
-                _export_onnx(model, stamp_shape, dest)
+        with _EXPORT_LOCK:   # a cache entry that _cached_onnx did not verify is rebuilt
+            _export_onnx(model, stamp_shape, dest)
         session = _ort_session(str(dest), 1, gpu=False)
         out = session.run(None, {session.get_inputs()[0].name: probe})[0]
         p_onnx = source_probability(out, f"{dest} (ONNX export of {where})")
@@ -353,11 +334,11 @@ def prepare_model(source: ModelSource, backend: str = "auto", *,
             raise ModelError(f"{where}: ONNX Runtime disagrees with Keras by {diff:.2g} "
                              f"(> {AGREEMENT_TOL}); use --backend tf")
         return spec
-    spec = replace(spec, backend="onnx", onnx_path=str(dest))
+    spec = replace(spec, backend="onnx", onnx_path=str(dest), onnx_sha256=fileio.sha256_file(dest))
     with contextlib.suppress(OSError):   # lets later runs skip loading TensorFlow
-        info = {"sha256": source.sha256, "onnx_sha256": file_sha256(dest),
+        info = {"sha256": source.sha256, "onnx_sha256": spec.onnx_sha256,
                 "stamp_shape": list(stamp_shape), "architecture": arch, "max_abs_diff": diff}
-        _write_json_atomic(_sidecar(dest), info)
+        fileio.write_json_atomic(_sidecar(dest), info)
     return spec
 
 
@@ -371,33 +352,20 @@ def _sidecar(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.name + ".json")
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = _mkstemp(path.parent, f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.chmod(tmp, _shared_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _cached_onnx(source: ModelSource) -> ModelSpec | None:
     """The verified ONNX export of this exact model (by sha256), without loading TensorFlow."""
     dest = onnx_cache_path(source)
     try:
         info = json.loads(_sidecar(dest).read_text())
         if info.get("sha256") != source.sha256 or not dest.is_file() \
-                or info.get("onnx_sha256") != file_sha256(dest):
+                or info.get("onnx_sha256") != fileio.sha256_file(dest):
             return None
         stamp_shape = (int(info["stamp_shape"][0]), int(info["stamp_shape"][1]))
         arch = source.architecture or str(info.get("architecture") or "unknown")
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
     spec = ModelSpec(source.name, str(source.keras_path), source.sha256, arch, stamp_shape,
-                     "onnx", str(dest))
+                     "onnx", str(dest), str(info["onnx_sha256"]))
     try:
         session = _ort_session(str(dest), 1, gpu=False)
         out = session.run(None, {session.get_inputs()[0].name: probe_stamps(stamp_shape)})[0]
@@ -456,7 +424,17 @@ def load_predictor(spec: ModelSpec, threads: int = 1) -> Predictor:
     """A callable mapping normalised stamps (M, H, W[, 1]) to P(source) (M,) float32.
 
     Safe to call from several threads at once (ONNX Runtime sessions and tf.functions are).
+    The file is hashed again first: a model replaced since it was prepared is refused
+    (its scores would be recorded under the old sha256).
     """
+    path, expected = spec.loaded_file
+    try:
+        actual = fileio.sha256_file(path)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the model file ({exc.strerror})") from exc
+    if actual != expected:
+        raise ModelError(f"{path}: the model file changed during the run (sha256 {actual[:12]}, "
+                         f"prepared {expected[:12]}); rerun to score with the new file")
     if spec.backend == "onnx":
         return _OnnxPredictor(spec, threads)
     if spec.backend == "tf":

@@ -11,9 +11,6 @@ origin, so ``map[i, j]`` lies exactly over ``stamp[i, j]``.
 
 from __future__ import annotations
 
-import os
-import threading
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
 
+from stampbatch import fileio
 from stampbatch.errors import StampbatchError
 
 DPI = 110
@@ -49,26 +47,19 @@ def _figure(width: float, height: float) -> Figure:
 def write_atomically(path: Path | str, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(fh)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
-    Readers see the old file or the complete new one, never a partial one; concurrent writers
-    (threads, processes) each use their own temporary name. The file gets the usual
-    permissions (umask), unlike ``mkstemp``'s 0600, so figures stay readable to a group.
-    A missing parent directory is created. An OS failure is a :class:`PlotError`.
+    :func:`stampbatch.fileio.write_atomic` (file and directory fsynced, umask honoured);
+    a missing parent directory is created; an OS failure is a :class:`PlotError`.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}."
-                         f"{uuid.uuid4().hex[:8]}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        return fileio.write_atomic(path, write, fail=_cannot_write)
     except OSError as exc:
         raise PlotError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+
+def _cannot_write(path: Path, problem: str) -> PlotError:
+    return PlotError(f"{path}: cannot write: {problem}")
 
 
 def _save(fig: Figure, path: Path | str) -> Path:

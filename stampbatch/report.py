@@ -16,12 +16,11 @@ import json
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from stampbatch import __version__
+from stampbatch import __version__, fileio
 from stampbatch.errors import StampbatchError
 from stampbatch.plots import PlotError, plot_completeness_comparison, write_atomically
 
@@ -395,7 +394,7 @@ def _comparison_figure(runs_dir: Path, runs: list[dict[str, Any]]) -> str:
 
 def render_report(runs_dir: Path, runs: list[dict[str, Any]], comparison_html: str) -> str:
     """The report page for ``runs`` (from :func:`load_runs`) as an HTML string."""
-    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    generated = fileio.utc_now()
     n_done = sum(run["status"] == "done" for run in runs)
     title = f"stampbatch runs: {runs_dir.resolve().name}"
     parts = [

@@ -18,16 +18,17 @@ Guarantees kept here:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from stampbatch import fileio
 from stampbatch.errors import StampbatchError
 
 SCHEMA_VERSION = 1
@@ -47,6 +48,10 @@ _ATTR_SCHEMA = "stampbatch_schema"
 _ATTR_SHAPE = "stamp_shape"
 _ATTR_COMPLETE = "complete"
 _ATTR_SOURCE = "source_file"
+_ATTR_FINGERPRINT = "source_fingerprint"
+_INDEX = "index.h5"
+SCORES_DIR_SUFFIX = ".scores"           # <target>.scores/<model>.h5: one file per model
+LOCK_SUFFIX = ".stampbatch.lock"        # <resolved target>.stampbatch.lock: one writer per file
 
 
 class StoreError(StampbatchError, ValueError):
@@ -66,17 +71,6 @@ class StoreInfo:
     chunk_rows: int
     compression: str | None
     is_score_file: bool = False
-
-
-@dataclass
-class Chunk:
-    """A contiguous block of rows ``[start, stop)`` read from a store."""
-
-    start: int
-    stop: int
-    stamps: np.ndarray
-    labels: np.ndarray | None = None
-    meta: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,57 +154,10 @@ def check_labels(path: Path | str, labels: Any, n: int) -> np.ndarray:
 # --------------------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path | str, *, overwrite: bool = False, suffix: str = ".h5") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-
-    The destination directory must be writable; an existing destination is refused unless
-    ``overwrite``. On any exception the temporary file is removed and the destination is
-    left exactly as it was.
-    """
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_symlink() and not path.exists():
-        raise _fail(path, f"is a dangling symlink (to {os.readlink(path)}); remove it or choose "
-                          f"another name")
-    if path.exists() and not overwrite:
-        raise _fail(path, "already exists (pass --overwrite to replace it)")
-    if path.is_dir():
-        raise _fail(path, "is a directory")
-    if not parent.is_dir():
-        raise _fail(path, f"directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise _fail(path, f"directory {parent} is not writable")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + suffix, dir=parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp makes the file private (0600); a store is shared data: honour the umask instead.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def atomic_path(path: Path | str, *, overwrite: bool = False,
+                suffix: str = ".h5") -> contextlib.AbstractContextManager[Path]:
+    """:func:`stampbatch.fileio.atomic_path` with refusals as :class:`StoreError`."""
+    return fileio.atomic_path(path, overwrite=overwrite, suffix=suffix, fail=_fail)
 
 
 class StoreWriter:
@@ -264,6 +211,7 @@ class StoreWriter:
                 self._h5.create_dataset(_LABELS, shape=(0,), maxshape=(None,), dtype=np.int8,
                                         chunks=(max(self.chunk_rows, 1024),))
             self._h5.create_group(_META)
+            _add_scores_link(self._h5, self.path.name)
             self._h5.attrs[_ATTR_SCHEMA] = SCHEMA_VERSION
             self._h5.attrs[_ATTR_SHAPE] = np.asarray(self.stamp_shape, dtype=np.int64)
             for key, value in self.attrs.items():
@@ -428,17 +376,27 @@ def _check_filters(path: Path, ds: h5py.Dataset) -> None:
 
 
 def _check_scores(path: Path, h5: h5py.File, n: int | None) -> tuple[str, ...]:
-    """Names under /scores; each must be a group, and a complete one must hold its datasets."""
-    if _SCORES not in h5:
+    """Models under /scores that resolve; each must be a group, and a complete one must hold
+    its datasets (a link to a side file that is gone is not a model)."""
+    try:
+        scores = h5.get(_SCORES)
+    except (KeyError, OSError):  # the link to the scores index resolves to nothing yet
+        scores = None
+    if scores is None:
         return ()
-    scores = h5[_SCORES]
     if not isinstance(scores, h5py.Group):
         raise _fail(path, f"/{_SCORES} is a dataset, expected a group of models (remove it, "
                           f"e.g. with h5py, and score again)")
-    for model, grp in scores.items():
-        if not isinstance(grp, h5py.Group):
+    for model in scores:
+        try:
+            obj = scores.get(model)
+        except (KeyError, OSError):
+            obj = None
+        if isinstance(obj, h5py.Dataset):
             raise _fail(path, f"/{_SCORES}/{model} is a dataset, expected a group")
-        if not bool(grp.attrs.get(_ATTR_COMPLETE, False)):
+    groups = _score_groups(h5)
+    for model, grp in groups.items():
+        if not _complete(grp):
             continue  # an interrupted run: reported as incomplete and replaced by the next one
         for name in (_PROBABILITY, _OCCLUSION_INDEX, _OCCLUSION):
             if not isinstance(grp.get(name), h5py.Dataset):
@@ -448,7 +406,7 @@ def _check_scores(path: Path, h5: h5py.File, n: int | None) -> tuple[str, ...]:
         if n is not None and prob.shape != (n,):
             raise _fail(path, f"/{_SCORES}/{model}/{_PROBABILITY} has shape {prob.shape}, "
                               f"expected ({n},)")
-    return tuple(sorted(scores.keys()))
+    return tuple(sorted(groups))
 
 
 def _check_meta(path: Path, h5: h5py.File, n: int) -> tuple[str, ...]:
@@ -522,38 +480,6 @@ def open_store(path: Path | str, *, check_labels_values: bool = False) -> StoreI
     return info
 
 
-def iter_chunks(
-    path: Path | str,
-    chunk_rows: int | None = None,
-    *,
-    start: int = 0,
-    stop: int | None = None,
-    with_labels: bool = True,
-    meta_columns: Sequence[str] = (),
-) -> Iterator[Chunk]:
-    """Yield the store's rows in contiguous chunks (default: the HDF5 chunk size).
-
-    Memory is bounded by ``chunk_rows``; the file stays open only while iterating.
-    """
-    path = Path(path)
-    with _open_h5(path) as h5:
-        info = _validate(path, h5)
-        rows = chunk_rows or info.chunk_rows
-        stop = info.n_stamps if stop is None else min(stop, info.n_stamps)
-        for name in meta_columns:
-            if name not in info.meta_columns:
-                raise _fail(path, f"has no metadata column '{name}' (has {list(info.meta_columns)})")
-        for lo in range(start, stop, rows):
-            hi = min(lo + rows, stop)
-            yield Chunk(
-                start=lo,
-                stop=hi,
-                stamps=h5[_STAMPS][lo:hi],
-                labels=h5[_LABELS][lo:hi] if (with_labels and info.labelled) else None,
-                meta={c: _decode_column(h5[_META][c][lo:hi]) for c in meta_columns},
-            )
-
-
 def read_stamps(path: Path | str, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Read rows ``[start, stop)`` of /stamps as float32 (N, H, W)."""
     with _open_h5(path) as h5:
@@ -620,6 +546,39 @@ def read_attrs(path: Path | str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- scores
+#
+# Each model's scores live in a file of their own, ``<target>.scores/<model>.h5``, with
+# ``probability``, ``occlusion`` and ``occlusion_index`` at its root; it is written under a
+# temporary name, fsynced and renamed, so it is either absent or complete. The folder's
+# ``index.h5`` holds one external link per model (``<model>`` → ``<model>.h5:/``) and is
+# replaced whole (copy, change, fsync, rename) when a model is added. The target holds
+# only ``/scores``, an external link to ``index.h5:/`` that a store gets when it is created,
+# so scoring never writes the candidate file. Readers opening ``/scores/<model>/…`` follow
+# the two links; a link whose file is missing reads as "not scored".
+
+
+def _scores_link(h5: h5py.File) -> h5py.ExternalLink | None:
+    link = h5.get(_SCORES, getlink=True)
+    return link if isinstance(link, h5py.ExternalLink) else None
+
+
+def scores_dir(target: Path | str) -> Path:
+    """The folder of the target's scores files (where its ``/scores`` link points)."""
+    real = Path(os.path.realpath(target))
+    with contextlib.suppress(StampbatchError, OSError), _open_h5(real) as h5:
+        link = _scores_link(h5)
+        if link is not None:
+            return real.parent / Path(link.filename).parent
+    return real.with_name(real.name + SCORES_DIR_SUFFIX)
+
+
+def scores_file(target: Path | str, model: str) -> Path:
+    """The file holding one model's scores of ``target``."""
+    return scores_dir(target) / f"{model}.h5"
+
+
+def _add_scores_link(h5: h5py.File, final_name: str) -> None:
+    h5[_SCORES] = h5py.ExternalLink(f"{final_name}{SCORES_DIR_SUFFIX}/{_INDEX}", "/")
 
 
 def score_target(candidates: Path | str, out_dir: Path | str | None) -> Path:
@@ -630,93 +589,252 @@ def score_target(candidates: Path | str, out_dir: Path | str | None) -> Path:
     return Path(out_dir) / f"{candidates.stem}.scores.h5"
 
 
+def stamps_fingerprint(path: Path | str) -> str:
+    """A digest of /stamps (shape, dtype and the first, middle and last 256 rows).
+
+    Cheap at any size; two stores of the same count but other stamps differ in it, while a
+    copy (or a repack) of the same store keeps it.
+    """
+    path = Path(path)
+    with _open_h5(path) as h5:
+        info = _validate(path, h5)
+        if info.is_score_file:
+            raise _fail(path, "is a score side file, not a candidate file")
+        ds, n = h5[_STAMPS], info.n_stamps
+        digest = hashlib.sha256(repr((tuple(ds.shape), str(ds.dtype))).encode())
+        k = min(n, 256)
+        for lo in sorted({0, (n - k) // 2, n - k}):
+            digest.update(np.ascontiguousarray(ds[lo:lo + k], dtype=np.float32).tobytes())
+        return digest.hexdigest()[:32]
+
+
 def create_score_file(path: Path | str, source: Path | str, n_stamps: int,
-                      stamp_shape: tuple[int, int]) -> None:
+                      stamp_shape: tuple[int, int], *, overwrite: bool = False) -> None:
     """Create an empty side file that will hold /scores for a read-only candidate file."""
-    with atomic_path(path, overwrite=False) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as h5:
         h5.attrs[_ATTR_SCHEMA] = SCHEMA_VERSION
         h5.attrs[_ATTR_SHAPE] = np.asarray(stamp_shape, dtype=np.int64)
         h5.attrs[_ATTR_SOURCE] = str(Path(source).resolve())
+        h5.attrs[_ATTR_FINGERPRINT] = stamps_fingerprint(source)
         h5.attrs["n_stamps"] = int(n_stamps)
-        h5.create_group(_SCORES)
+        _add_scores_link(h5, Path(path).name)
+
+
+def _score_groups(h5: h5py.File) -> dict[str, h5py.Group]:
+    """The /scores/<model> groups that resolve (a link to a missing file does not)."""
+    scores = h5.get(_SCORES)
+    if not isinstance(scores, h5py.Group):
+        return {}
+    out = {}
+    for name in scores:
+        try:
+            obj = scores.get(name)
+        except (KeyError, OSError):
+            obj = None
+        if isinstance(obj, h5py.Group):
+            out[name] = obj
+    return out
+
+
+def _complete(grp: h5py.Group) -> bool:
+    return bool(grp.attrs.get(_ATTR_COMPLETE, False))
 
 
 def score_status(path: Path | str, model: str) -> dict[str, Any] | None:
-    """Provenance attributes of a complete ``/scores/<model>``; None when absent or incomplete."""
+    """Provenance attributes of a complete ``/scores/<model>``; None when absent or incomplete.
+
+    Looks at the model's scores file itself, so scores committed by a run that was killed
+    before it linked them count (the next run only adds the link).
+    """
+    own = scores_file(path, model)
+    if own.is_file():
+        with _open_h5(own) as h5:
+            return {k: _decode_attr(v) for k, v in h5.attrs.items()} if _complete(h5) else None
     with _open_h5(path) as h5:
-        if _SCORES not in h5 or model not in h5[_SCORES]:
-            return None
-        grp = h5[_SCORES][model]
-        if not bool(grp.attrs.get(_ATTR_COMPLETE, False)):
+        grp = _score_groups(h5).get(model)
+        if grp is None or not _complete(grp):
             return None
         return {k: _decode_attr(v) for k, v in grp.attrs.items()}
 
 
 def list_scores(path: Path | str) -> list[str]:
-    """Names of the models whose complete scores the file holds."""
+    """Names of the models whose complete scores the file holds (links that resolve)."""
     with _open_h5(path) as h5:
-        if _SCORES not in h5:
-            return []
-        return sorted(m for m, g in h5[_SCORES].items() if bool(g.attrs.get(_ATTR_COMPLETE, False)))
+        return sorted(m for m, g in _score_groups(h5).items() if _complete(g))
+
+
+def committed_models(target: Path | str) -> list[str]:
+    """Models whose complete scores file of ``target`` exists (linked or not yet)."""
+    folder = scores_dir(target)
+    names = []
+    for p in sorted(folder.glob("*.h5")) if folder.is_dir() else ():
+        if p.name.startswith(".") or p.name == _INDEX:
+            continue
+        with contextlib.suppress(StampbatchError, OSError), _open_h5(p) as h5:
+            if _complete(h5):
+                names.append(p.stem)
+    return names
+
+
+def sweep_partial(target: Path | str) -> None:
+    """Delete scores files that a killed writer left under temporary names."""
+    folder = scores_dir(target)
+    real = Path(os.path.realpath(target))
+    leftovers = [*real.parent.glob(f".{real.name}.*.partial.h5"),   # a copy-and-swap
+                 *(folder.glob(".*.partial.h5") if folder.is_dir() else ())]
+    for p in leftovers:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def link_scores(target: Path | str, models: Sequence[str]) -> list[str]:
+    """Make ``/scores/<model>`` of ``target`` resolve to each model's scores file.
+
+    Adds the models missing from the index (the index is replaced whole, never edited in
+    place). A target without the ``/scores`` link (made by another program or an older
+    stampbatch) gets it once by copy-and-swap: the whole file copied, the link added to
+    the copy, fsynced and renamed over the original, whose groups of older scores are
+    first moved into scores files of their own. Returns the models linked now.
+    """
+    target = Path(target)
+    with _open_h5(target) as h5:
+        has_link = _scores_link(h5) is not None
+    if not has_link:
+        models = [*models, *_convert(target)]
+    folder = scores_dir(target)
+    have = _indexed(folder)
+    missing = [m for m in models if m not in have]
+    if missing or not (folder / _INDEX).is_file():
+        _write_index(folder, [*have, *models])
+    return missing
+
+
+def _indexed(folder: Path) -> list[str]:
+    if not (folder / _INDEX).is_file():
+        return []
+    with _open_h5(folder / _INDEX) as h5:
+        return list(h5.keys())
+
+
+def _write_index(folder: Path, models: Sequence[str]) -> None:
+    """Replace the index of a scores folder by one linking ``models`` (atomic, durable)."""
+    folder.mkdir(exist_ok=True)
+    with atomic_path(folder / _INDEX, overwrite=True) as tmp, h5py.File(tmp, "w") as h5:
+        for model in sorted(set(models)):
+            h5[model] = h5py.ExternalLink(f"{model}.h5", "/")
+
+
+def _convert(target: Path) -> list[str]:
+    """Give a store made elsewhere its ``/scores`` link, by copy-and-swap (see link_scores).
+
+    Returns the models whose older scores were moved into scores files of their own.
+    """
+    import shutil
+
+    moved = []
+    real = Path(os.path.realpath(target))
+    folder = real.with_name(real.name + SCORES_DIR_SUFFIX)
+    folder.mkdir(exist_ok=True)
+    with atomic_path(real, overwrite=True) as tmp:
+        shutil.copyfile(real, tmp)
+        shutil.copymode(real, tmp)
+        with h5py.File(tmp, "r+") as h5:
+            old = h5.get(_SCORES)
+            for model, grp in (old.items() if isinstance(old, h5py.Group) else ()):
+                if isinstance(grp, h5py.Group) and _complete(grp) \
+                        and not (folder / f"{model}.h5").exists():
+                    with atomic_path(folder / f"{model}.h5") as own, h5py.File(own, "w") as out:
+                        for name, obj in grp.items():
+                            h5.copy(obj, out, name)
+                        out.attrs.update(grp.attrs)
+                    moved.append(model)
+            if _SCORES in h5 or h5.get(_SCORES, getlink=True) is not None:
+                del h5[_SCORES]
+            _add_scores_link(h5, real.name)
+        _write_index(folder, [*_indexed(folder), *moved])   # before the swap: no gap
+    return moved
 
 
 class ScoreWriter:
-    """Write ``/scores/<model>`` into an existing store or side file, chunk by chunk.
+    """Write one model's scores of ``target`` into its own file, chunk by chunk.
 
-    The group is created with ``complete=False``; probabilities are written by row range,
-    occlusion maps appended; :meth:`commit` stores the provenance attributes and flips
-    ``complete`` to True. A group left incomplete by a crash is replaced on the next run.
-    Opening takes HDF5's file lock, so a second writer on the same file is refused.
+    The file is built under a temporary name (``complete=False``); probabilities are
+    written by row range, occlusion maps appended; :meth:`commit` stores the provenance
+    attributes, flips ``complete`` to True, fsyncs and renames the file into place, and
+    (with ``link=True``) links it into the target. Closing without a commit leaves nothing.
+    Unless the caller holds the target's lock (``locked=True``), the writer takes it, so a
+    second writer on the same file is refused.
     """
 
     def __init__(self, path: Path | str, model: str, n_stamps: int,
-                 stamp_shape: tuple[int, int], *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+                 stamp_shape: tuple[int, int], *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                 locked: bool = False) -> None:
         self.path = Path(path)
         self.model = model
+        self.final = scores_file(self.path, model)
         if not os.access(self.path, os.W_OK):
             raise _fail(self.path, "is read-only; write the scores to a side file with --out DIR")
-        self._h5 = _open_h5(self.path, "r+")
+        self._lock = None if locked else take_lock(self.path)
+        self._h5: h5py.File | None = None
+        self._ctx: contextlib.AbstractContextManager[Path] | None = None
         try:
-            scores = self._h5.require_group(_SCORES)
-            if model in scores:
-                del scores[model]
-            grp = scores.create_group(model)
-            grp.attrs[_ATTR_COMPLETE] = False
+            self.final.parent.mkdir(exist_ok=True)
+            fileio.fsync_dir(self.final.parent.parent)
+            self._ctx = atomic_path(self.final, overwrite=True)
+            self._h5 = h5py.File(self._ctx.__enter__(), "w")
+            self._h5.attrs[_ATTR_SCHEMA] = SCHEMA_VERSION
+            self._h5.attrs[_ATTR_COMPLETE] = False
             h, w = stamp_shape
-            grp.create_dataset(_PROBABILITY, shape=(n_stamps,), dtype=np.float32,
-                               chunks=(min(max(chunk_rows, 1024), n_stamps),), fillvalue=np.nan)
-            grp.create_dataset(_OCCLUSION, shape=(0, h, w), maxshape=(None, h, w),
-                               dtype=np.float32, chunks=(min(chunk_rows, 1024), h, w))
-            grp.create_dataset(_OCCLUSION_INDEX, shape=(0,), maxshape=(None,), dtype=np.int64,
-                               chunks=(4096,))
-            self._grp = grp
+            self._h5.create_dataset(_PROBABILITY, shape=(n_stamps,), dtype=np.float32,
+                                    chunks=(min(max(chunk_rows, 1024), n_stamps),),
+                                    fillvalue=np.nan)
+            self._h5.create_dataset(_OCCLUSION, shape=(0, h, w), maxshape=(None, h, w),
+                                    dtype=np.float32, chunks=(min(chunk_rows, 1024), h, w))
+            self._h5.create_dataset(_OCCLUSION_INDEX, shape=(0,), maxshape=(None,),
+                                    dtype=np.int64, chunks=(4096,))
         except BaseException:
-            self._h5.close()
+            self.close()
             raise
 
     def write_probability(self, start: int, probability: np.ndarray) -> None:
-        self._grp[_PROBABILITY][start:start + len(probability)] = probability.astype(np.float32)
+        self._h5[_PROBABILITY][start:start + len(probability)] = probability.astype(np.float32)
 
     def append_occlusion(self, rows: np.ndarray, maps: np.ndarray) -> None:
         if len(rows) == 0:
             return
-        ds, ix = self._grp[_OCCLUSION], self._grp[_OCCLUSION_INDEX]
+        ds, ix = self._h5[_OCCLUSION], self._h5[_OCCLUSION_INDEX]
         m = ds.shape[0]
         ds.resize(m + len(rows), axis=0)
         ds[m:] = maps.astype(np.float32)
         ix.resize(m + len(rows), axis=0)
         ix[m:] = rows.astype(np.int64)
 
-    def commit(self, attrs: Mapping[str, Any]) -> None:
+    def commit(self, attrs: Mapping[str, Any], *, link: bool = True) -> None:
+        """Provenance attributes, ``complete=True``, the file in place; then the link."""
+        assert self._h5 is not None and self._ctx is not None, "commit once, before close"
         for key, value in attrs.items():
-            self._grp.attrs[key] = value
-        self._grp.attrs[_ATTR_COMPLETE] = True
-        self._h5.flush()
+            self._h5.attrs[key] = value
+        self._h5.attrs[_ATTR_COMPLETE] = True
+        self._h5.close()
+        self._h5 = None
+        ctx, self._ctx = self._ctx, None
+        ctx.__exit__(None, None, None)
+        if link:
+            link_scores(self.path, [self.model])
 
     def close(self) -> None:
         if self._h5 is not None:
-            self._h5.close()
+            with contextlib.suppress(Exception):
+                self._h5.close()
             self._h5 = None
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            abort = StoreError("not committed")
+            with contextlib.suppress(BaseException):
+                ctx.__exit__(StoreError, abort, None)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> ScoreWriter:
         return self
@@ -725,16 +843,35 @@ class ScoreWriter:
         self.close()
 
 
+def take_lock(target: Path | str) -> fileio.FileLock:
+    """The target's write lock (one writer per file), or a StoreError naming the holder."""
+    lock = fileio.FileLock(target, LOCK_SUFFIX)
+    try:
+        lock.acquire()
+    except fileio.Locked as exc:
+        raise _fail(target, f"is locked by another process (pid {exc.holder}; is a scorer "
+                            "still running on it?)") from None
+    except OSError as exc:
+        raise _fail(target, f"cannot create the lock file {lock.path} "
+                            f"({exc.strerror}); use --out DIR") from exc
+    return lock
+
+
+def _scores_group(path: Path | str, h5: h5py.File, model: str) -> h5py.Group:
+    grp = _score_groups(h5).get(model)
+    if grp is None:
+        raise _fail(path, f"has no scores for model '{model}' (has {sorted(_score_groups(h5))})")
+    if not _complete(grp):
+        raise _fail(path, f"scores for model '{model}' are incomplete (an interrupted run; "
+                          "rerun score)")
+    return grp
+
+
 def read_scores(path: Path | str, model: str, *, with_maps: bool = True) -> Scores:
     """Read the complete scores of one model (maps optional: they can be large)."""
     with _open_h5(path) as h5:
         _check_scores(Path(path), h5, None)
-        if _SCORES not in h5 or model not in h5[_SCORES]:
-            have = sorted(h5[_SCORES].keys()) if _SCORES in h5 else []
-            raise _fail(path, f"has no scores for model '{model}' (has {have})")
-        grp = h5[_SCORES][model]
-        if not bool(grp.attrs.get(_ATTR_COMPLETE, False)):
-            raise _fail(path, f"scores for model '{model}' are incomplete (an interrupted run; rerun score)")
+        grp = _scores_group(path, h5, model)
         return Scores(
             model=model,
             probability=grp[_PROBABILITY][:],
@@ -748,9 +885,7 @@ def read_occlusion(path: Path | str, model: str, rows: Sequence[int]) -> dict[in
     """Occlusion maps of the given stamp rows (those that have one), keyed by row."""
     with _open_h5(path) as h5:
         _check_scores(Path(path), h5, None)
-        grp = h5[_SCORES][model] if (_SCORES in h5 and model in h5[_SCORES]) else None
-        if grp is None:
-            raise _fail(path, f"has no scores for model '{model}'")
+        grp = _scores_group(path, h5, model)
         index = grp[_OCCLUSION_INDEX][:]
         where = {int(r): i for i, r in enumerate(index)}
         out = {}

@@ -48,6 +48,8 @@ def _candidates(path: Path, n: int = 40) -> Path:
 def _edited(src: Path, dest: Path, edit) -> Path:
     shutil.copy(src, dest)
     with h5py.File(dest, "r+") as h5:
+        if isinstance(h5.get("scores", getlink=True), h5py.ExternalLink):
+            del h5["scores"]  # as in another program's file: /scores held in the file itself
         edit(h5)
     return dest
 

@@ -13,11 +13,12 @@ import time
 import zipfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from conftest import REPO, gaussian_stamps
 
-from stampbatch import inference, preprocess, score, store
+from stampbatch import cluster, inference, preprocess, score, store
 from stampbatch.errors import StampbatchError, UsageError
 from stampbatch.occlusion import occlusion_maps
 
@@ -93,6 +94,11 @@ def quiet(_message: str) -> None:
     pass
 
 
+def opts(**kwargs) -> score.ScoreOptions:
+    """Options of a quiet run (no progress line, no log)."""
+    return score.ScoreOptions(**{"progress": False, "log": quiet, **kwargs})
+
+
 def run_cli(*args: str, env_extra: dict | None = None, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="1",
                **(env_extra or {}))
@@ -107,8 +113,7 @@ def run_cli(*args: str, env_extra: dict | None = None, **kwargs) -> subprocess.P
 def test_probabilities_equal_model_predict_and_provenance(tmp_path, runs, keras_models, client):
     path = tmp_path / "cand.h5"
     stamps = candidates(path, 1500)
-    summary = score.score_files([path], [runs["vgg6"]], chunk_size=500, client=client,
-                                progress=False, log=quiet)
+    summary = score.score_files([path], [runs["vgg6"]], opts(chunk_size=500, client=client))
     s = store.read_scores(path, "vgg6")
     p = expected_p(keras_models["vgg6"], stamps)
     assert np.ptp(p) > 0.05                      # a model whose outputs vary
@@ -120,7 +125,7 @@ def test_probabilities_equal_model_predict_and_provenance(tmp_path, runs, keras_
     assert attrs["occlusion_mode"] == "none" and attrs["n_unscorable"] == 0
     assert attrs["chunk_rows"] == 512            # 500 rounded to the file's 256-row chunks
     assert attrs["backend"] == "onnx" and attrs["stampbatch_version"]
-    assert attrs["scored_at"].endswith("+00:00")
+    assert attrs["scored_at"].endswith("Z")                # UTC, fileio.utc_now()
     # the stamps are untouched and the journal and lock are gone
     np.testing.assert_array_equal(store.read_stamps(path), stamps)
     assert not list(tmp_path.glob("*.stampbatch-journal")) and not list(tmp_path.glob("*.lock"))
@@ -134,8 +139,7 @@ def test_above_threshold_selects_rows_and_maps_match(tmp_path, runs, keras_model
     stamps = candidates(path, 700, seed=12)
     p = expected_p(keras_models["vgg6"], stamps)
     cut = float(np.quantile(p, 0.9))
-    score.score_files([path], [runs["vgg6"]], occlusion=f"above:{cut}", chunk_size=256,
-                      client=client, progress=False, log=quiet)
+    score.score_files([path], [runs["vgg6"]], opts(occlusion=f"above:{cut}", chunk_size=256, client=client))
     s = store.read_scores(path, "vgg6")
     np.testing.assert_array_equal(s.occlusion_index, np.flatnonzero(s.probability >= cut))
     assert 40 < len(s.occlusion_index) < 100
@@ -155,8 +159,7 @@ def test_many_files_many_models_globs_and_list_files(tmp_path, runs, keras_model
     (tmp_path / "list.txt").write_text("# survey night 2\nc.h5\n")
     summary = score.score_files([str(tmp_path / "[ab].h5"), f"@{tmp_path / 'list.txt'}"],
                                 [runs["vgg6"], runs["simple"] / "model.keras"],
-                                occlusion="above:0.5", patch=7, chunk_size=256,
-                                client=client, progress=False, log=quiet)
+                                    opts(occlusion="above:0.5", patch=7, chunk_size=256, client=client))
     assert sorted(summary.files) == [a, b, c]
     for path, stamps in ((a, sa), (b, sb), (c, sc)):
         assert store.list_scores(path) == ["simple", "vgg6"]
@@ -175,8 +178,7 @@ def test_each_worker_loads_each_model_once(tmp_path, runs, client):
     path = tmp_path / "cand.h5"
     candidates(path, 2560, chunk_rows=128)
     for _ in range(2):
-        score.score_files([path], [runs["vgg6"], runs["simple"]], chunk_size=128, client=client,
-                          force=True, progress=False, log=quiet)
+        score.score_files([path], [runs["vgg6"], runs["simple"]], opts(chunk_size=128, client=client, force=True))
     counts = client.run(inference.load_counts)
     shas = {sha(runs[n] / "model.keras") for n in ("vgg6", "simple")}
     assert counts and all(set(c) >= shas for c in counts.values())
@@ -187,9 +189,9 @@ def test_tf_and_onnx_backends_agree(tmp_path, runs, client):
     path = tmp_path / "cand.h5"
     candidates(path, 300, seed=5)
     for backend in ("tf", "onnx"):
-        score.score_files([path], [runs["vgg6"]], name=f"vgg6_{backend}", backend=backend,
-                          occlusion="above:0.5", chunk_size=256, client=client, progress=False,
-                          log=quiet)
+        score.score_files([path], [runs["vgg6"]],
+                          opts(name=f"vgg6_{backend}", backend=backend, occlusion="above:0.5",
+                               chunk_size=256, client=client))
     t, o = store.read_scores(path, "vgg6_tf"), store.read_scores(path, "vgg6_onnx")
     assert t.attrs["backend"] == "tf" and o.attrs["backend"] == "onnx"
     np.testing.assert_allclose(t.probability, o.probability, rtol=0, atol=1e-5)
@@ -207,8 +209,7 @@ def test_nan_stamps_are_flagged_and_the_rest_scored(tmp_path, runs, keras_models
     stamps[77, 10, 10] = np.inf
     stamps[150] = np.nan
     store.create_store(path, stamps, chunk_rows=64)
-    summary = score.score_files([path], [runs["vgg6"]], occlusion="all", client=client,
-                                progress=False, log=quiet)
+    summary = score.score_files([path], [runs["vgg6"]], opts(occlusion="all", client=client))
     s = store.read_scores(path, "vgg6")
     assert np.flatnonzero(np.isnan(s.probability)).tolist() == bad.tolist()
     good = np.setdiff1d(np.arange(200), bad)
@@ -222,19 +223,19 @@ def test_rescoring_is_a_no_op_and_another_model_under_the_same_name_is_refused(
         tmp_path, runs, client):
     path = tmp_path / "cand.h5"
     candidates(path, 300)
-    score.score_files([path], [runs["vgg6"]], client=client, progress=False, log=quiet)
+    score.score_files([path], [runs["vgg6"]], opts(client=client))
     first = store.read_scores(path, "vgg6")
     messages: list[str] = []
-    again = score.score_files([path], [runs["vgg6"]], client=client, progress=False,
-                              log=messages.append)
+    again = score.score_files([path], [runs["vgg6"]],
+                              score.ScoreOptions(client=client, progress=False, log=messages.append))
     assert again.stamps_scored == 0 and again.up_to_date == [(path, "vgg6")]
     assert "already scored" in messages[0] and "--force" in messages[0]
     assert store.read_scores(path, "vgg6").attrs["scored_at"] == first.attrs["scored_at"]
     other = tmp_path / "vgg6.keras"          # a different model file named vgg6
     shutil.copy(runs["simple"] / "model.keras", other)
     with pytest.raises(score.ScoreError, match="different model file"):
-        score.score_files([path], [other], client=client, progress=False, log=quiet)
-    score.score_files([path], [other], force=True, client=client, progress=False, log=quiet)
+        score.score_files([path], [other], opts(client=client))
+    score.score_files([path], [other], opts(force=True, client=client))
     assert store.read_scores(path, "vgg6").attrs["model_sha256"] == sha(other)
 
 
@@ -244,11 +245,10 @@ def test_side_file_for_a_read_only_candidate(tmp_path, runs, keras_models, clien
     os.chmod(path, 0o444)          # root could still write: the mode bits are what we honour
     before = sha(path)
     with pytest.raises(score.ScoreError, match="read-only.*--out"):
-        score.score_files([path], [runs["vgg6"]], client=client, progress=False, log=quiet)
+        score.score_files([path], [runs["vgg6"]], opts(client=client))
     assert not list(tmp_path.glob("*.stampbatch-journal"))
     out = tmp_path / "scores"
-    summary = score.score_files([path], [runs["vgg6"]], out_dir=out, client=client,
-                                progress=False, log=quiet)
+    summary = score.score_files([path], [runs["vgg6"]], opts(out_dir=out, client=client))
     side = out / "cand.scores.h5"
     assert summary.targets == [side] and sha(path) == before
     np.testing.assert_allclose(store.read_scores(side, "vgg6").probability,
@@ -266,10 +266,8 @@ def test_candidate_on_a_read_only_mount(tmp_path, runs, client):
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
         with pytest.raises(score.ScoreError, match="read-only file system"):
-            score.score_files([ro / "cand.h5"], [runs["vgg6"]], client=client,
-                              progress=False, log=quiet)
-        score.score_files([ro / "cand.h5"], [runs["vgg6"]], out_dir=tmp_path / "out",
-                          client=client, progress=False, log=quiet)
+            score.score_files([ro / "cand.h5"], [runs["vgg6"]], opts(client=client))
+        score.score_files([ro / "cand.h5"], [runs["vgg6"]], opts(out_dir=tmp_path / "out", client=client))
         assert store.list_scores(tmp_path / "out" / "cand.scores.h5") == ["vgg6"]
     finally:
         subprocess.run(["umount", str(ro)], check=False)
@@ -349,21 +347,19 @@ def test_stamp_shape_mismatch_and_missing_files(tmp_path, runs, client):
     candidates(good, 200)
     candidates(small, 50, shape=(15, 15))
     with pytest.raises(score.ScoreError, match=r"15x15 but model vgg6 .* takes 21x21"):
-        score.score_files([small], [runs["vgg6"]], client=client, progress=False, log=quiet)
+        score.score_files([small], [runs["vgg6"]], opts(client=client))
     missing = tmp_path / "night3.h5"
     with pytest.raises(StampbatchError, match="night3.h5: no such file"):
-        score.score_files([good, missing], [runs["vgg6"]], client=client, progress=False,
-                          log=quiet)
+        score.score_files([good, missing], [runs["vgg6"]], opts(client=client))
     assert store.list_scores(good) == []             # nothing scored
-    summary = score.score_files([good, missing, small], [runs["vgg6"]], skip_bad=True,
-                                client=client, progress=False, log=quiet)
+    summary = score.score_files([good, missing, small], [runs["vgg6"]], opts(skip_bad=True, client=client))
     assert summary.files == [good] and store.list_scores(good) == ["vgg6"]
     assert [p for p, _ in summary.skipped] == [missing, small]
     assert "no such file" in summary.skipped[0][1] and "15x15" in summary.skipped[1][1]
     with pytest.raises(UsageError, match="one model only"):
-        score.score_files([good], [runs["vgg6"], runs["simple"]], name="x")
+        score.score_files([good], [runs["vgg6"], runs["simple"]], score.ScoreOptions(name="x"))
     with pytest.raises(UsageError, match="between 0 and 1"):
-        score.score_files([good], [runs["vgg6"]], occlusion="above:1.5")
+        score.score_files([good], [runs["vgg6"]], score.ScoreOptions(occlusion="above:1.5"))
 
 
 def test_occlusion_mode_and_candidate_expansion(tmp_path):
@@ -381,8 +377,16 @@ def test_occlusion_mode_and_candidate_expansion(tmp_path):
                                                  "/abs/missing.h5", str(tmp_path / "none*.h5")]
     with pytest.raises(UsageError, match="no such list file"):
         score.expand_candidates(["@" + str(tmp_path / "nope.txt")])
-    assert [score._walltime_seconds(t) for t in ("01:00:00", "30:00", "1-02:30", "2-00:00:10")] \
-        == [3600, 1800, 95400, 172810]
+    assert [cluster.walltime_seconds(t) for t in ("01:00:00", "30:00", "1-02:30", "2-00:00:10", "30",
+                                                     "2-3")] \
+        == [3600, 1800, 95400, 172810, 1800, 183600]
+    from stampbatch import cli
+
+    args = cli.build_parser().parse_args(["score", "c.h5", "--model", "m", "--slurm",
+                                          "--walltime", "30"])
+    assert cluster._hms(cluster.walltime_seconds(args.walltime)) == "0-00:30:00"   # as Slurm
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["score", "c.h5", "--model", "m", "--walltime", "1:xx"])
 
 
 def test_journal_with_other_settings_is_refused_unless_force(tmp_path, runs, client):
@@ -392,9 +396,8 @@ def test_journal_with_other_settings_is_refused_unless_force(tmp_path, runs, cli
     journal.dir.mkdir(parents=True)
     (journal.dir / "manifest.json").write_text('{"format": 1, "chunk_rows": 999}')
     with pytest.raises(score.ScoreError, match="unfinished run.*--force"):
-        score.score_files([path], [runs["vgg6"]], client=client, progress=False, log=quiet)
-    score.score_files([path], [runs["vgg6"]], force=True, client=client, progress=False,
-                      log=quiet)
+        score.score_files([path], [runs["vgg6"]], opts(client=client))
+    score.score_files([path], [runs["vgg6"]], opts(force=True, client=client))
     assert store.list_scores(path) == ["vgg6"] and not journal.dir.exists()
 
 
@@ -405,29 +408,171 @@ def test_a_crash_while_writing_scores_is_repaired_from_the_journal(
     ref, path = tmp_path / "ref.h5", tmp_path / "cand.h5"
     stamps = candidates(ref, 500)
     store.create_store(path, stamps, chunk_rows=256)
-    score.score_files([ref], [runs["vgg6"]], occlusion="above:0.5", chunk_size=256,
-                      client=client, progress=False, log=quiet)
+    score.score_files([ref], [runs["vgg6"]], opts(occlusion="above:0.5", chunk_size=256, client=client))
 
-    def die(self, attrs):
+    def die(self, attrs, **kwargs):
         raise KeyboardInterrupt      # as abrupt as it gets in-process: nothing is committed
 
     monkeypatch.setattr(store.ScoreWriter, "commit", die)
     with pytest.raises(KeyboardInterrupt):
-        score.score_files([path], [runs["vgg6"]], occlusion="above:0.5", chunk_size=256,
-                          client=client, progress=False, log=quiet)
+        score.score_files([path], [runs["vgg6"]], opts(occlusion="above:0.5", chunk_size=256, client=client))
     monkeypatch.undo()
     assert store.list_scores(path) == [] and store.score_status(path, "vgg6") is None
     journal = score.Journal(path, "vgg6")
-    assert sorted(journal.done()) == [0, 256]
+    assert sorted(journal.finished_chunks()) == [0, 256]
     assert not (tmp_path / "cand.h5.stampbatch.lock").exists()       # released on the way out
-    summary = score.score_files([path], [runs["vgg6"]], occlusion="above:0.5", chunk_size=256,
-                                client=client, progress=False, log=quiet)
+    summary = score.score_files([path], [runs["vgg6"]], opts(occlusion="above:0.5", chunk_size=256, client=client))
     assert summary.stamps_scored == 0 and summary.targets == [path]   # nothing recomputed
     a, b = store.read_scores(ref, "vgg6"), store.read_scores(path, "vgg6")
     np.testing.assert_array_equal(a.probability, b.probability)
     np.testing.assert_array_equal(a.occlusion_index, b.occlusion_index)
     np.testing.assert_array_equal(a.occlusion, b.occlusion)
     assert not journal.dir.exists()
+
+
+def _crash_at_commit(monkeypatch, *args, **kwargs) -> None:
+    """A run that journals everything and dies before any scores are committed."""
+    def die(self, attrs, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.ScoreWriter, "commit", die)
+    with pytest.raises(KeyboardInterrupt):
+        score.score_files(*args, **kwargs)
+    monkeypatch.undo()
+
+
+def test_a_corrupt_journal_chunk_is_recomputed_and_a_symlink_shares_the_journal(
+        tmp_path, runs, client, monkeypatch):
+    ref, path = tmp_path / "ref.h5", tmp_path / "cand.h5"
+    stamps = candidates(ref, 500)
+    store.create_store(path, stamps, chunk_rows=256)
+    (tmp_path / "alias.h5").symlink_to(path)
+    score.score_files([ref], [runs["vgg6"]], opts(chunk_size=256, client=client))
+    _crash_at_commit(monkeypatch, [tmp_path / "alias.h5"], [runs["vgg6"]],
+                     opts(chunk_size=256, client=client))
+    journal = score.Journal(path, "vgg6")                 # the real path's journal
+    assert journal.finished_chunks() == {0: 256, 256: 500}
+    chunk = journal.dir / "chunk-000000000256-000000000500.npz"
+    chunk.write_bytes(chunk.read_bytes()[:200])            # truncated, as by a full disk
+    messages: list[str] = []
+    summary = score.score_files([path], [runs["vgg6"]],
+                                opts(chunk_size=256, client=client, log=messages.append))
+    assert summary.stamps_scored == 244                    # only the damaged chunk again
+    assert [m for m in messages if "unreadable journal chunk" in m and "recomputing" in m]
+    np.testing.assert_array_equal(store.read_scores(path, "vgg6").probability,
+                                  store.read_scores(ref, "vgg6").probability)
+
+
+def test_journals_of_other_stamps_are_discarded_and_force_always_restarts(
+        tmp_path, runs, client, monkeypatch):
+    path, ref = tmp_path / "cand.h5", tmp_path / "ref.h5"
+    candidates(path, 500, seed=3)
+    _crash_at_commit(monkeypatch, [path], [runs["vgg6"]], opts(chunk_size=256, client=client))
+    other = candidates(ref, 500, seed=4)
+    with h5py.File(path, "r+") as h5:                      # regenerated in place: same inode
+        h5["stamps"][:] = other
+    messages: list[str] = []
+    summary = score.score_files([path], [runs["vgg6"]],
+                                opts(chunk_size=256, client=client, log=messages.append))
+    assert summary.stamps_scored == 500
+    assert [m for m in messages if "discarding the journal of vgg6 (source_identity" in m]
+    score.score_files([ref], [runs["vgg6"]], opts(chunk_size=256, client=client))
+    np.testing.assert_array_equal(store.read_scores(path, "vgg6").probability,
+                                  store.read_scores(ref, "vgg6").probability)
+    # a journal of this very run is still thrown away by --force
+    _crash_at_commit(monkeypatch, [path], [runs["vgg6"]],
+                     opts(chunk_size=256, client=client, force=True))
+    assert score.Journal(path, "vgg6").finished_chunks()
+    summary = score.score_files([path], [runs["vgg6"]],
+                                opts(chunk_size=256, client=client, force=True))
+    assert summary.stamps_scored == 500
+
+
+def test_a_replaced_candidate_file_is_rescored_and_plots_refuse_other_stamps(
+        tmp_path, runs, client, capsys):
+    from stampbatch import cli
+
+    path, out = tmp_path / "cand.h5", tmp_path / "out"
+    candidates(path, 300, seed=1)
+    score.score_files([path], [runs["vgg6"]], opts(out_dir=out, occlusion="all", client=client))
+    side = out / "cand.scores.h5"
+    first = store.read_scores(side, "vgg6").probability
+    kept = tmp_path / "first.h5"
+    shutil.copy(path, kept)
+    path.unlink()
+    candidates(path, 300, seed=2)                          # other stamps, the same count
+    messages: list[str] = []
+    summary = score.score_files([path], [runs["vgg6"]], opts(out_dir=out, occlusion="all",
+                                                             client=client, log=messages.append))
+    assert summary.stamps_scored == 300 and [m for m in messages if "other stamps" in m]
+    assert not np.array_equal(store.read_scores(side, "vgg6").probability, first)
+    fig = tmp_path / "x.png"
+    args = ["plot-occlusion", str(side), "--model", "vgg6", "--top", "2", "--out", str(fig)]
+    assert cli.main([*args, "--candidates", str(kept)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds other stamps than the ones /scores/vgg6" in err
+    assert not fig.exists()
+    assert cli.main([*args, "--candidates", str(path)]) == 0 and fig.exists()
+
+
+def test_a_file_open_for_writing_elsewhere_is_refused_before_any_compute(tmp_path, runs):
+    path = tmp_path / "cand.h5"
+    candidates(path, 100)
+    code = (f"import h5py, sys\nf = h5py.File({str(path)!r}, 'r+')\nprint('open', flush=True)\n"
+            "sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, HDF5_USE_FILE_LOCKING="FALSE"))
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        t0 = time.monotonic()
+        with pytest.raises(score.ScoreError,
+                           match=rf"open for writing by another process \(pid {holder.pid}\)"):
+            score.score_files([path], [runs["vgg6"]], opts())     # no cluster was started
+        assert time.monotonic() - t0 < 20
+    finally:
+        holder.communicate("")
+
+
+def test_a_model_replaced_mid_run_is_refused_and_a_broken_onnx_cache_rebuilt(tmp_path, runs):
+    from stampbatch import fileio
+
+    model = tmp_path / "m.keras"
+    shutil.copy(runs["vgg6"] / "model.keras", model)
+    src = inference.resolve_model(model)
+    spec = inference.prepare_model(src, "auto")
+    assert spec.backend == "onnx" and spec.onnx_sha256 == fileio.sha256_file(spec.onnx_path)
+    Path(spec.onnx_path).write_bytes(b"not an onnx file")  # a broken cache entry
+    again = inference.prepare_model(src, "auto")
+    assert again.backend == "onnx" and Path(again.onnx_path).read_bytes() != b"not an onnx file"
+    inference.load_predictor(again)
+    tf_spec = inference.prepare_model(src, "tf")
+    inference.load_predictor(tf_spec)
+    shutil.copy(runs["simple"] / "model.keras", model)    # replaced after preparation
+    with pytest.raises(inference.ModelError, match="changed during the run"):
+        inference.load_predictor(tf_spec)
+
+
+def test_a_worker_failure_is_one_line_without_dask_tracebacks(tmp_path, runs):
+    """A chunk that cannot be decompressed fails on the worker: the CLI prints our one line,
+    no "Compute Failed" block, no traceback, no dashboard port warning."""
+    import h5py
+
+    path = tmp_path / "cand.h5"
+    stamps = gaussian_stamps(2000, seed=3, sources=np.arange(2000) % 2 == 0, amplitude=5.0)
+    store.create_store(path, stamps, chunk_rows=128, compression="gzip")
+    with h5py.File(path, "r") as h5:     # a chunk the planner's stamps digest does not read
+        info = h5["stamps"].id.get_chunk_info_by_coord((384, 0, 0))
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
+    proc = run_cli("score", str(path), "--model", str(runs["vgg6"]), "--chunk-size", "128",
+                   "--workers", "1", "--quiet")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    ours = [ln for ln in err.splitlines() if ln.startswith("stampbatch score: error: ")]
+    assert len(ours) == 1 and "scoring rows 384..512 failed" in ours[0], err
+    assert "Compute Failed" not in err and "Traceback" not in err and "8787" not in err
 
 
 def _tmpfs(where: Path, size: str) -> None:
@@ -445,8 +590,7 @@ def test_disk_full_keeps_stamps_and_journal_then_resumes(tmp_path, runs, client,
     ref_dir.mkdir()
     stamps = candidates(ref_dir / "cand.h5", 600, chunk_rows=128)
     size_kib = os.path.getsize(ref_dir / "cand.h5") // 1024 + free_kib
-    score.score_files([ref_dir / "cand.h5"], [runs["vgg6"]], occlusion="above:0.5", client=client,
-                      chunk_size=128, progress=False, log=quiet)
+    score.score_files([ref_dir / "cand.h5"], [runs["vgg6"]], opts(occlusion="above:0.5", client=client, chunk_size=128))
     ref = store.read_scores(ref_dir / "cand.h5", "vgg6")
     disk = tmp_path / "disk"
     _tmpfs(disk, f"{size_kib}k")
@@ -454,12 +598,11 @@ def test_disk_full_keeps_stamps_and_journal_then_resumes(tmp_path, runs, client,
         path = disk / "cand.h5"
         store.create_store(path, stamps, chunk_rows=128)
         with pytest.raises(score.ScoreError, match="disk full") as info:
-            score.score_files([path], [runs["vgg6"]], occlusion="above:0.5", client=client,
-                              chunk_size=128, progress=False, log=quiet)
+            score.score_files([path], [runs["vgg6"]], opts(occlusion="above:0.5", client=client, chunk_size=128))
         assert "\n" not in str(info.value) and "rerun" in str(info.value)
         np.testing.assert_array_equal(store.read_stamps(path), stamps)   # stamps intact
         journal = score.Journal(path, "vgg6")
-        done = journal.done()
+        done = journal.finished_chunks()
         assert done, "some chunks were journaled before the disk filled"
         assert (len(done) < 5) == (free_kib < 500)
         for lo, hi in done.items():
@@ -467,8 +610,7 @@ def test_disk_full_keeps_stamps_and_journal_then_resumes(tmp_path, runs, client,
                                           ref.probability[lo:hi])
         assert store.list_scores(path) == []
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        score.score_files([path], [runs["vgg6"]], occlusion="above:0.5", client=client,
-                          chunk_size=128, progress=False, log=quiet)
+        score.score_files([path], [runs["vgg6"]], opts(occlusion="above:0.5", client=client, chunk_size=128))
         got = store.read_scores(path, "vgg6")
         np.testing.assert_array_equal(got.probability, ref.probability)
         np.testing.assert_array_equal(got.occlusion_index, ref.occlusion_index)
@@ -508,23 +650,22 @@ def test_sigkill_resume_is_identical_and_a_second_scorer_is_refused(
     proc = run_cli(*args)
     journal = score.Journal(path, "vgg6")
     try:
-        _wait_for(lambda: len(journal.done()) >= 4, 240, proc)
+        _wait_for(lambda: len(journal.finished_chunks()) >= 4, 240, proc)
         # a second scorer on the same file, from this process, is refused at once
         with pytest.raises(score.ScoreError,
                            match=rf"being scored by another stampbatch process \(pid {proc.pid}\)"):
-            score.score_files([path], [runs["vgg6"]], client=client, progress=False, log=quiet)
+            score.score_files([path], [runs["vgg6"]], opts(client=client))
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-    n_done = len(journal.done())
+    n_done = len(journal.finished_chunks())
     assert 4 <= n_done < n // rows, n_done
     assert store.list_scores(path) == []
     np.testing.assert_array_equal(store.read_stamps(path), stamps)
     # the uninterrupted reference, then the resumed run (a new process)
-    score.score_files([ref_path], [runs["vgg6"]], chunk_size=rows, occlusion=occ,
-                      client=client, progress=False, log=quiet)
+    score.score_files([ref_path], [runs["vgg6"]], opts(chunk_size=rows, occlusion=occ, client=client))
     again = run_cli(*args)
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
@@ -581,10 +722,11 @@ def test_scoring_on_slurm_workers(tmp_path, runs, keras_models, slurm_cluster):
     logs = tmp_path / "slurm-logs"
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     summary = score.score_files(
-        [path], [runs["vgg6"]], occlusion="above:0.5", chunk_size=256, progress=False,
-        log=quiet, slurm=score.SlurmOptions(workers=1, gpus=1, cores=1, memory="2GB",
-                                            partition=slurm_cluster, walltime="00:10:00",
-                                            log_directory=str(logs), start_timeout=120))
+        [path], [runs["vgg6"]],
+        opts(occlusion="above:0.5", chunk_size=256, cluster=score.ClusterOptions(
+            slurm=score.SlurmOptions(workers=1, gpus=1, cores=1, memory="2GB",
+                                     partition=slurm_cluster, walltime="00:10:00",
+                                     log_directory=str(logs), start_timeout=120))))
     assert summary.scheduler.startswith("Slurm (1 job(s) x 1 cores")
     # a GPU was asked for: ONNX Runtime only if it has CUDA, else TensorFlow (which can use it)
     want = "onnx" if inference._ort_has_cuda() else "tf"

@@ -51,20 +51,6 @@ def test_compression(tmp_path, compression):
     np.testing.assert_array_equal(store.read_stamps(tmp_path / "c.h5"), stamps)
 
 
-def test_iter_chunks_covers_every_row_once_with_bounded_blocks(tmp_path):
-    path = tmp_path / "s.h5"
-    _, stamps, labels, meta = make_store(path, n=100)
-    chunks = list(store.iter_chunks(path, 30, meta_columns=["snr"]))
-    assert [(c.start, c.stop) for c in chunks] == [(0, 30), (30, 60), (60, 90), (90, 100)]
-    np.testing.assert_array_equal(np.concatenate([c.stamps for c in chunks]), stamps)
-    np.testing.assert_array_equal(np.concatenate([c.labels for c in chunks]), labels)
-    np.testing.assert_array_equal(np.concatenate([c.meta["snr"] for c in chunks]), meta["snr"])
-    default = list(store.iter_chunks(path))
-    assert [c.stop - c.start for c in default] == [32, 32, 32, 4]
-    part = list(store.iter_chunks(path, 10, start=95, stop=200))
-    assert [(c.start, c.stop) for c in part] == [(95, 100)]
-
-
 def test_read_rows_in_any_order_with_repeats(tmp_path):
     path = tmp_path / "s.h5"
     _, stamps, labels, _ = make_store(path, n=100)
@@ -281,14 +267,89 @@ def test_score_group_round_trip_and_stamps_untouched(tmp_path):
 def test_incomplete_scores_are_not_reported_and_are_replaced(tmp_path):
     path = tmp_path / "cand.h5"
     make_store(path, labelled=False)
+    before = path.read_bytes()
     w = store.ScoreWriter(path, "m", 100, (21, 21))
     w.write_probability(0, np.ones(10, np.float32))
-    w.close()  # a crash before commit
+    w.close()  # a crash before commit: nothing under the real names, candidate untouched
+    assert store.list_scores(path) == [] and store.score_status(path, "m") is None
+    assert path.read_bytes() == before and list((tmp_path / "cand.h5.scores").iterdir()) == []
+    assert list(tmp_path.glob(".*")) == []
+    with pytest.raises(StoreError, match="has no scores for model 'm'"):
+        store.read_scores(path, "m")
+    # a group left incomplete by an older stampbatch is reported, never read, then replaced
+    with h5py.File(path, "r+") as h5:
+        del h5["scores"]
+        h5.create_group("scores/m").attrs["complete"] = False
     assert store.list_scores(path) == [] and store.score_status(path, "m") is None
     with pytest.raises(StoreError, match="incomplete"):
         store.read_scores(path, "m")
+    with pytest.raises(StoreError, match="incomplete"):
+        store.read_occlusion(path, "m", [1])
     write_scores(path, "m", 100, np.array([1]))
     assert store.list_scores(path) == ["m"]
+
+
+def test_scores_are_an_external_link_that_resolves_from_anywhere(tmp_path, monkeypatch):
+    """A new store carries the /scores link from birth: scoring never writes its bytes.
+    Readers find /scores/<model>/... through the links, from any directory, via symlinks."""
+    d = tmp_path / "survey dir"
+    d.mkdir()
+    path = d / "cand.h5"
+    _, stamps, _, _ = make_store(path, labelled=False)
+    with h5py.File(path, "r") as h5:
+        link = h5.get("scores", getlink=True)
+    assert isinstance(link, h5py.ExternalLink) and link.filename == "cand.h5.scores/index.h5"
+    born = path.read_bytes()
+    write_scores(path, "m", 100, np.array([1, 2]))
+    write_scores(path, "other", 100, np.array([3]))
+    other = (d / "cand.h5.scores" / "other.h5").read_bytes()
+    p = write_scores(path, "m", 100, np.array([7]), attrs={"model_sha256": "cd" * 32})
+    assert path.read_bytes() == born                        # the candidate is never written
+    assert (d / "cand.h5.scores" / "other.h5").read_bytes() == other
+    # moved elsewhere and read from another working directory, through a symlink too
+    moved = tmp_path / "moved"
+    shutil.move(d, moved)
+    (tmp_path / "alias.h5").symlink_to(moved / "cand.h5")
+    monkeypatch.chdir("/")
+    for where in (moved / "cand.h5", tmp_path / "alias.h5"):
+        s = store.read_scores(where, "m")
+        np.testing.assert_array_equal(s.probability, p)
+        assert s.occlusion_index.tolist() == [7] and s.attrs["model_sha256"] == "cd" * 32
+        with h5py.File(where, "r") as h5:                    # plain h5py finds the schema
+            np.testing.assert_array_equal(h5["scores/m/probability"][:], p)
+    np.testing.assert_array_equal(store.read_stamps(moved / "cand.h5"), stamps)
+    (moved / "cand.h5.scores" / "m.h5").unlink()          # a missing scores file: not scored
+    assert store.list_scores(moved / "cand.h5") == ["other"]
+    assert store.open_store(moved / "cand.h5").scored_models == ("other",)
+
+
+def test_a_store_made_elsewhere_gets_the_link_once_by_copy_and_swap(tmp_path):
+    """A file without the /scores link (another program, an older stampbatch with a /scores
+    group) is converted once: copied, linked, renamed over; its old scores are kept."""
+    path = tmp_path / "cand.h5"
+    rng = np.random.default_rng(3)
+    stamps = rng.normal(size=(50, 21, 21)).astype(np.float32)
+    with h5py.File(path, "w") as h5:
+        h5["stamps"] = stamps
+        h5.attrs["stampbatch_schema"] = 1
+        h5.attrs["stamp_shape"] = np.array([21, 21])
+        old = h5.create_group("scores/legacy")
+        old["probability"] = np.linspace(0, 1, 50, dtype=np.float32)
+        old["occlusion_index"] = np.array([4], dtype=np.int64)
+        old["occlusion"] = np.ones((1, 21, 21), np.float32)
+        old.attrs["complete"] = True
+        old.attrs["model_sha256"] = "ef" * 32
+    assert store.list_scores(path) == ["legacy"]
+    p = write_scores(path, "m", 50, np.array([1]))
+    assert store.list_scores(path) == ["legacy", "m"]
+    np.testing.assert_array_equal(store.read_scores(path, "m").probability, p)
+    legacy = store.read_scores(path, "legacy")
+    assert legacy.attrs["model_sha256"] == "ef" * 32 and legacy.occlusion_index.tolist() == [4]
+    np.testing.assert_array_equal(store.read_stamps(path), stamps)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["cand.h5", "cand.h5.scores"]
+    born = path.read_bytes()
+    write_scores(path, "n", 50, np.array([2]))
+    assert path.read_bytes() == born                        # converted once, never again
 
 
 def test_side_score_file(tmp_path):
@@ -316,7 +377,8 @@ def test_second_writer_in_another_process_is_refused(tmp_path):
     with store.ScoreWriter(path, "m", 100, (21, 21)):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 3, out.stderr
-    assert out.stdout.strip() == f"{path}: is locked by another process (is a scorer still running on it?)"
+    assert out.stdout.strip() == (f"{path}: is locked by another process (pid {os.getpid()}; "
+                                  "is a scorer still running on it?)")
 
 
 def test_copy_of_a_store_validates(tmp_path):

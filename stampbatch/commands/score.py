@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from stampbatch.commands._types import non_negative_int, path_arg, positive_int
 from stampbatch.errors import UsageError
 
-_WALLTIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$")
-
 
 def _occlusion(text: str) -> str:
     from stampbatch.errors import StampbatchError
-    from stampbatch.score import OcclusionMode
+    from stampbatch.tasks import OcclusionMode
 
     try:
         return str(OcclusionMode.parse(text))
@@ -23,9 +20,16 @@ def _occlusion(text: str) -> str:
 
 
 def _walltime(text: str) -> str:
-    if not _WALLTIME.match(text):
-        raise argparse.ArgumentTypeError(f"expected a Slurm walltime like 01:00:00 or 1-00:00:00, "
-                                         f"got {text!r}")
+    """A Slurm time limit, read as Slurm reads it: a bare number is minutes."""
+    from stampbatch.cluster import walltime_seconds
+    from stampbatch.errors import StampbatchError
+
+    try:
+        seconds = walltime_seconds(text)
+    except StampbatchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"the time limit must be positive, got {text!r}")
     return text
 
 
@@ -66,7 +70,7 @@ def _score_name(text: str) -> str:
     return text
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declarations only
     p = sub.add_parser(
         "score", help="score candidate files with trained models (Dask; local or Slurm)",
         description="Score candidate stamp files with one or more trained models: P(source) for "
@@ -110,8 +114,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="with --slurm: N jobs of one GPU each (--gres=gpu:1)")
     where.add_argument("--partition", help="Slurm partition")
     where.add_argument("--account", help="Slurm account")
-    where.add_argument("--walltime", type=_walltime, default="01:00:00", metavar="HH:MM:SS",
-                       help="Slurm walltime per worker job (default 01:00:00)")
+    where.add_argument("--walltime", type=_walltime, default="01:00:00", metavar="TIME",
+                       help="Slurm time limit per worker job, as Slurm reads it: 30 is 30 "
+                            "minutes, also MM:SS, HH:MM:SS, D-HH[:MM[:SS]] (default 01:00:00)")
+    where.add_argument("--dashboard", metavar="ADDRESS",
+                       help="serve the Dask dashboard of a local cluster here (e.g. :8787; "
+                            "default: no dashboard)")
     where.add_argument("--cores", type=positive_int, default=4,
                        help="CPU cores per Slurm worker job (default 4)")
     where.add_argument("--memory", default="4GB", help="memory per Slurm worker job (default 4GB)")
@@ -158,21 +166,20 @@ def run_score(args: argparse.Namespace) -> int:
                                            ("--account", args.account)) if value]
     if slurm_only and not args.slurm:
         raise UsageError(f"{', '.join(slurm_only)} need --slurm")
-    if args.slurm and args.scheduler:
-        raise UsageError("--scheduler and --slurm exclude each other")
     slurm = None
     if args.slurm:
         slurm = score.SlurmOptions(
             workers=args.workers or 1, gpus=args.gpus, cores=args.cores, memory=args.memory,
             partition=args.partition, account=args.account, walltime=args.walltime,
             log_directory=str(args.slurm_log_dir) if args.slurm_log_dir else None)
-    summary = score.score_files(
-        args.candidates, args.model, name=args.name, occlusion=args.occlusion,
-        patch=args.occlusion_patch, chunk_size=args.chunk_size, out_dir=args.out,
-        backend=args.backend, force=args.force, skip_bad=args.skip_bad,
-        scheduler=args.scheduler, slurm=slurm,
-        n_workers=None if args.slurm else args.workers,
-        threads_per_worker=args.threads_per_worker, progress=not args.quiet)
+    where = score.ClusterOptions(
+        scheduler=args.scheduler, slurm=slurm, n_workers=None if args.slurm else args.workers,
+        threads_per_worker=args.threads_per_worker, dashboard=args.dashboard)
+    options = score.ScoreOptions(
+        name=args.name, occlusion=args.occlusion, patch=args.occlusion_patch,
+        chunk_size=args.chunk_size, out_dir=args.out, backend=args.backend, force=args.force,
+        skip_bad=args.skip_bad, cluster=where, progress=not args.quiet)
+    summary = score.score_files(args.candidates, args.model, options)
     print(format_summary(summary))
     return 0
 
@@ -237,6 +244,11 @@ def run_plot_occlusion(args: argparse.Namespace) -> int:
         raise StampbatchError(f"{source}: holds {n_source:,} stamps but /scores/{args.model} of "
                               f"{args.file} scored {len(scores.probability):,}; give the candidate "
                               f"file that was scored")
+    made_from = scores.attrs.get("source_fingerprint")
+    if made_from is not None and store.stamps_fingerprint(source) != made_from:
+        raise StampbatchError(f"{source}: holds other stamps than the ones /scores/{args.model} "
+                              f"of {args.file} was made from; pass the scored candidate file "
+                              "with --candidates, or rescore")
     stamps, _ = store.read_rows(source, np.asarray(rows))
     by_row = store.read_occlusion(args.file, args.model, rows)
     maps = np.stack([by_row[r] for r in rows])

@@ -1,0 +1,190 @@
+"""Where the scoring tasks run: a Dask client from one :class:`ClusterOptions`.
+
+Three places: a running scheduler (``scheduler``), Slurm jobs started through
+dask-jobqueue (``slurm``), or a LocalCluster sized for this machine (the default). No
+dashboard unless asked for (``dashboard=":8787"``), so two runs never fight over a port,
+and the local workers log only CRITICAL: a failing task becomes the scorer's one-line
+error, not a "Compute Failed … Traceback" block on the console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from stampbatch import fileio
+from stampbatch.errors import UsageError
+from stampbatch.journal import ScoreError
+
+_WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?$")
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Workers as Slurm jobs through dask-jobqueue: one worker process per job."""
+
+    workers: int = 1                 # jobs (ignored when gpus > 0: one job per GPU)
+    gpus: int = 0
+    cores: int = 4                   # CPU cores (= worker threads) per job
+    memory: str = "4GB"
+    partition: str | None = None
+    account: str | None = None
+    walltime: str = "01:00:00"
+    log_directory: str | None = None
+    interface: str | None = None
+    start_timeout: float = 600.0     # seconds to wait for the first worker
+    job_extra: tuple[str, ...] = ()
+
+    @property
+    def jobs(self) -> int:
+        return self.gpus if self.gpus > 0 else self.workers
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Which Dask cluster scores: joined, on Slurm, or local (the default)."""
+
+    scheduler: str | None = None         # address of a running scheduler
+    slurm: SlurmOptions | None = None
+    n_workers: int | None = None         # local worker processes
+    threads_per_worker: int | None = None
+    dashboard: str | None = None         # e.g. ":8787"; None: no dashboard
+
+    def __post_init__(self) -> None:
+        if self.scheduler is not None and self.slurm is not None:
+            raise UsageError("--scheduler and --slurm exclude each other")
+
+
+def walltime_seconds(text: str) -> int:
+    """A Slurm time limit in seconds, read as Slurm reads it.
+
+    ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M`` and ``D-H:M:S``: a bare number is minutes.
+    """
+    m = _WALLTIME.match(str(text).strip())
+    if m is None:
+        raise UsageError(f"expected a Slurm time limit like 30, 01:00:00 or 1-00:00:00, "
+                         f"got {text!r}")
+    days, first, second, third = m.groups()
+    if days is not None:        # D-H, D-H:M, D-H:M:S
+        h, mi, s = int(first), int(second or 0), int(third or 0)
+        return int(days) * 86400 + h * 3600 + mi * 60 + s
+    if third is not None:       # H:M:S
+        return int(first) * 3600 + int(second) * 60 + int(third)
+    return int(first) * 60 + int(second or 0)   # M or M:S
+
+
+def total_threads(client: Any) -> int:
+    """Worker threads the client can use now (a guess of 2 while none are connected)."""
+    try:
+        return max(1, sum(client.nthreads().values()))
+    except Exception:  # noqa: BLE001 - a scheduler between workers: assume a few
+        return 2
+
+
+@contextlib.contextmanager
+def dask_client(options: ClusterOptions,
+                log: Callable[[str], None]) -> Iterator[tuple[Any, str]]:
+    """Yield (distributed Client, a description of where it runs); close it afterwards."""
+    if options.scheduler is not None:
+        with _joined(options.scheduler) as pair:
+            yield pair
+    elif options.slurm is not None:
+        with _on_slurm(options.slurm, log) as pair:
+            yield pair
+    else:
+        with _local(options) as pair:
+            yield pair
+
+
+@contextlib.contextmanager
+def _joined(address: str) -> Iterator[tuple[Any, str]]:
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout="30s")
+    except (OSError, TimeoutError) as exc:
+        raise ScoreError(f"cannot reach the Dask scheduler at {address} "
+                         f"({fileio.one_line(exc)})") from exc
+    try:
+        yield client, f"Dask scheduler {address}"
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def _local(options: ClusterOptions) -> Iterator[tuple[Any, str]]:
+    from distributed import Client, LocalCluster
+
+    cores = fileio.cores()
+    threads = options.threads_per_worker
+    if threads is None:
+        threads = max(1, cores // options.n_workers) if options.n_workers else min(cores, 4)
+    workers = options.n_workers or max(1, cores // threads)
+    # The scheduler always serves HTTP (health routes), on 8787 unless told: a free port
+    # then, so a second cluster on the machine never prints "Port 8787 is already in use".
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                           dashboard_address=options.dashboard or ":0",
+                           scheduler_kwargs=None if options.dashboard else {"dashboard": False},
+                           silence_logs=logging.CRITICAL)
+    client = Client(cluster)
+    try:
+        yield client, f"local Dask cluster ({workers} worker(s) x {threads} threads)"
+    finally:
+        client.close()
+        cluster.close()
+
+
+@contextlib.contextmanager
+def _on_slurm(slurm: SlurmOptions, log: Callable[[str], None]) -> Iterator[tuple[Any, str]]:
+    from distributed import Client
+
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as exc:
+        raise UsageError("--slurm needs dask-jobqueue (pip install dask-jobqueue)") from exc
+    extra = list(slurm.job_extra)
+    if slurm.gpus > 0:
+        extra.append("--gres=gpu:1")
+    env = [f"export {k}={os.environ.get(k, v)}" for k, v in
+           (("TF_CPP_MIN_LOG_LEVEL", "2"), ("TF_ENABLE_ONEDNN_OPTS", "1"))]
+    worker_args = []
+    limit_s = walltime_seconds(slurm.walltime)
+    if limit_s > 900:   # retire before Slurm kills the job; adapt() submits a new one
+        worker_args = ["--lifetime", f"{limit_s - 300}s", "--lifetime-stagger", "60s"]
+    cluster = SLURMCluster(
+        queue=slurm.partition, account=slurm.account, cores=slurm.cores, processes=1,
+        memory=slurm.memory, walltime=_hms(limit_s), job_extra_directives=extra,
+        job_script_prologue=env, python=sys.executable, interface=slurm.interface,
+        log_directory=slurm.log_directory, job_name="stampbatch-score",
+        silence_logs="error", worker_extra_args=worker_args,
+    )
+    client = None
+    try:
+        cluster.adapt(minimum_jobs=slurm.jobs, maximum_jobs=slurm.jobs)
+        client = Client(cluster)
+        log(f"waiting for Slurm workers ({slurm.jobs} job(s) of {slurm.cores} cores"
+            + (", 1 GPU each" if slurm.gpus else "") + ")")
+        try:
+            client.wait_for_workers(1, timeout=slurm.start_timeout)
+        except TimeoutError as exc:
+            raise ScoreError(f"no Slurm worker started within {slurm.start_timeout:.0f} s "
+                             f"(partition {slurm.partition or 'default'}); check squeue") from exc
+        yield client, f"Slurm ({slurm.jobs} job(s) x {slurm.cores} cores)"
+    finally:
+        if client is not None:
+            client.close()
+        cluster.close()
+
+
+def _hms(seconds: int) -> str:
+    """Seconds as Slurm's unambiguous ``D-HH:MM:SS``."""
+    days, rest = divmod(int(seconds), 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    return f"{days}-{h:02d}:{m:02d}:{s:02d}"
