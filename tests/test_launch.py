@@ -4,10 +4,13 @@ Slurm of tests/slurm/up.sh (marked ``slurm``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
+import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import REPO, gaussian_stamps
 
-from stampbatch import cli, launch, store, train
+from stampbatch import cli, job_status, launch, store, train, train_job
 from stampbatch.errors import UsageError
 
 ALL_ARCHS = ["simple", "simple_bn", "vgg6", "resnet50"]
@@ -334,16 +337,16 @@ def test_error_line_of_a_job_log(tmp_path):
         "stampbatch.train.TrainError: /data/train.h5: every label is 0 (no-source)\n"
         "  with a second line\n"
         "srun: error: vm: task 0: Exited with exit code 1\n")
-    assert launch._error_line(log) == "TrainError: /data/train.h5: every label is 0 (no-source)"
+    assert job_status._error_line(log) == "TrainError: /data/train.h5: every label is 0 (no-source)"
     with open(log, "a") as fh:
         fh.write("slurmstepd-vm: error: *** JOB 12 ON vm CANCELLED AT 2026-01-01T00:00:09 ***\n"
                  "E0000 00:00:1795641709.1 cuda_platform.cc:52] failed call to cuInit: error\n")
-    assert launch._error_line(log, killed=True).startswith("slurmstepd-vm: error: *** JOB 12")
-    assert launch._error_line(log).startswith("TrainError:")  # the job raised: its exception
+    assert job_status._error_line(log, killed=True).startswith("slurmstepd-vm: error: *** JOB 12")
+    assert job_status._error_line(log).startswith("TrainError:")  # the job raised: its exception
     log.write_text("slurmstepd: error: Detected 1 oom-kill event(s) in StepId=12.0.\n"
                    "I0000 cudart_stub.cc:31] Could not find cuda drivers\n")
-    assert launch._error_line(log).startswith("slurmstepd: error: Detected 1 oom-kill")
-    assert launch._error_line(tmp_path / "missing.err") is None
+    assert job_status._error_line(log).startswith("slurmstepd: error: Detected 1 oom-kill")
+    assert job_status._error_line(tmp_path / "missing.err") is None
 
 
 def test_status_and_collect_without_runs(tmp_path, capsys):
@@ -379,7 +382,7 @@ def test_local_executor_trains_and_reports_a_failed_job(tmp_path, train_store, c
     assert [j["arch"] for j in record["jobs"]] == ["simple", "simple_bn"]
     assert record["jobs"][1]["data"] == str(bad)
 
-    statuses = {s.arch: s for s in launch.job_statuses(runs)}
+    statuses = {s.arch: s for s in job_status.job_statuses(runs)}
     assert statuses["simple"].state == "COMPLETED" and statuses["simple"].error is None
     failed = statuses["simple_bn"]
     assert failed.state == "FAILED"
@@ -415,16 +418,16 @@ def test_slurm_trains_two_architectures(slurm_cluster, tmp_path, train_store, ca
     assert record["spec"]["data"] == str(train_store)
     assert record["submitted_at"].endswith("Z") and record["folder"].endswith("/%j")
 
-    statuses = launch.wait_for_jobs(record, poll_s=1.0, timeout_s=300)
+    statuses = job_status.wait_for_jobs(record, poll_s=1.0, timeout_s=300)
     assert [s.state for s in statuses] == ["COMPLETED", "COMPLETED"]
     for arch in ("simple", "vgg6"):
         assert_complete_run(runs / arch, arch, 1)
-        assert f"job {array_id}_" in (runs / arch / launch.EVENTS_NAME).read_text()
+        assert f"job {array_id}_" in (runs / arch / train_job.EVENTS_NAME).read_text()
 
     # sacct lags the controller: the final state must still come back from the scheduler
     deadline = time.monotonic() + 30
-    while launch._slurm_states([f"{array_id}_0", f"{array_id}_1"]) != \
-            {f"{array_id}_0": "COMPLETED", f"{array_id}_1": "COMPLETED"}:
+    while job_status._slurm_states([f"{array_id}_0", f"{array_id}_1"]) != \
+            {f"{array_id}_0": ("COMPLETED", ""), f"{array_id}_1": ("COMPLETED", "")}:
         assert time.monotonic() < deadline, "sacct never reported COMPLETED"
         time.sleep(1)
     tres = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,AllocTRES", "-j", array_id],
@@ -446,52 +449,133 @@ def test_slurm_trains_two_architectures(slurm_cluster, tmp_path, train_store, ca
           f"{time.monotonic() - t0:.1f} s")
 
 
+FAKE_APPTAINER = REPO / "tests" / "slurm" / "fake-apptainer"
+
+
+def container_standin(tmp_path: Path, monkeypatch) -> str:
+    """[slurm] lines that run each job in the container stand-in: an "apptainer" on PATH
+    whose jobs run in a mount namespace without any Slurm client or munge socket."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").symlink_to(FAKE_APPTAINER)
+    image = tmp_path / "stampbatch.sif"
+    image.write_bytes(b"")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return f'container_image = "{image}"\ncontainer_python = "{sys.executable}"\n'
+
+
+def follow_history(record: dict, run_dir: Path, timeout_s: float, *,
+                   until_epoch: int | None = None) -> list[list[float]]:
+    """Poll the job (and the run directory's history.json) until it ends, or until the
+    checkpoint reaches ``until_epoch``; return every distinct loss history seen."""
+    seen: list[list[float]] = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            loss = json.loads((run_dir / "history.json").read_text())["loss"]
+            if not seen or loss != seen[-1]:
+                seen.append(loss)
+        if until_epoch is not None and train.run_state(run_dir)["epoch"] >= until_epoch:
+            return seen
+        status = job_status.statuses_of([(record, record["jobs"][0])])[0]
+        if not status.active:
+            return seen
+        assert time.monotonic() < deadline, f"job still {status.state} after {timeout_s} s"
+        time.sleep(0.5)
+
+
+def assert_resumed_run(record: dict, run_dir: Path, epochs: int, seen: list[list[float]],
+                       container: bool) -> str:
+    """The job completed all epochs once each, every history seen on the way is a prefix of
+    the final one, and it was interrupted and resumed from the host; returns launch.log."""
+    status = job_status.wait_for_jobs(record, poll_s=1.0, timeout_s=120)[0]
+    assert status.state == "COMPLETED", status.error
+    metrics = assert_complete_run(run_dir, "simple", epochs)
+    assert metrics["epochs_run"] == epochs
+    final = json.loads((run_dir / "history.json").read_text())["loss"]
+    for partial in seen:  # continuous: epochs trained before an interruption are kept
+        assert final[:len(partial)] == partial
+    events = (run_dir / train_job.EVENTS_NAME).read_text()
+    assert "interrupted after epoch" in events, events
+    resumed = re.findall(r"\(restart (\d+)\): resuming at epoch (\d+)/", events)
+    assert resumed, events
+    log = status.log.read_text()
+    assert "stampbatch: requeued job" in log and "from the host" in log
+    assert "resuming from epoch" in log
+    submitted = next(Path(record["folder"]).parent.rglob("*_submission.sh")).read_text()
+    assert ("apptainer exec" in submitted) == container
+    return events
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_slurm_interrupted_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
-    import submitit
-
-    data = make_store(tmp_path / "big.h5", 20_000)
-    path = job_file(tmp_path, data, ["simple"], epochs=4)
-    spec = launch.load_spec(path)
-    runs = tmp_path / "runs"
-    run_dir = runs / "simple"
+@pytest.mark.parametrize("container", [False, True], ids=["host", "container"])
+def test_slurm_time_limit_requeues_and_resumes(slurm_cluster, tmp_path, monkeypatch, container):
+    # A real time limit: --time=2 with USR2 30 s before it (Slurm may send it up to 60 s
+    # early); 150 one-second epochs cannot fit in one run, so the job must requeue itself.
+    slurm = "max_requeues = 8\n" + (container_standin(tmp_path, monkeypatch) if container else "")
+    data = make_store(tmp_path / "train.h5", 6000)
+    epochs = 150
+    path = job_file(tmp_path, data, ["simple"], epochs=epochs, time_min=2, slurm=slurm)
     t0 = time.monotonic()
-    record = launch.launch(spec, spec_file=path)
-    entry = record["jobs"][0]
-    job = submitit.SlurmJob(folder=record["folder"], job_id=entry["job_id"])
+    record = launch.launch(launch.load_spec(path), spec_file=path)
+    run_dir = tmp_path / "runs" / "simple"
+    seen = follow_history(record, run_dir, 900)
+    events = assert_resumed_run(record, run_dir, epochs, seen, container)
+    print(f"time limit ({'container' if container else 'host'}): "
+          f"{events.count('interrupted after epoch')} requeue(s), done in "
+          f"{time.monotonic() - t0:.0f} s")
 
-    deadline = time.monotonic() + 240
-    while train.run_state(run_dir)["epoch"] < 1:  # the first epoch checkpoint is committed
-        assert time.monotonic() < deadline, "no epoch checkpoint within 240 s"
-        assert not (runs / "simple" / "FAILED").exists()
-        time.sleep(0.2)
-    before = json.loads((run_dir / "history.json").read_text())
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("container", [False, True], ids=["host", "container"])
+def test_slurm_preempted_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path, monkeypatch,
+                                                         container):
+    # Real preemption: a job in partition 'urgent' (higher priority tier) needs both CPUs;
+    # Slurm sends the training job USR2 (preempt_send_user_signal) and requeues it.
+    slurm = container_standin(tmp_path, monkeypatch) if container else ""
+    data = make_store(tmp_path / "train.h5", 6000)
+    epochs = 25
+    path = job_file(tmp_path, data, ["simple"], epochs=epochs, time_min=10, slurm=slurm)
+    t0 = time.monotonic()
+    record = launch.launch(launch.load_spec(path), spec_file=path)
+    run_dir = tmp_path / "runs" / "simple"
+    seen = follow_history(record, run_dir, 300, until_epoch=2)
     # a second launch for the same architecture must not race the running job
     with pytest.raises(UsageError, match="job .* of an earlier launch is still"):
-        launch.launch(spec, spec_file=path)
-    job._interrupt()  # SIGTERM then USR2: what Slurm sends on preemption
-    interrupted_at = time.monotonic() - t0
+        launch.launch(launch.load_spec(path), spec_file=path)
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "2", "--mem=1G",
+                             "-o", "/dev/null", "--wrap", "sleep 5"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    preempted_at = time.monotonic() - t0
+    seen += follow_history(record, run_dir, 600)
+    events = assert_resumed_run(record, run_dir, epochs, seen, container)
+    assert len(seen[0]) >= 2
+    state = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", urgent],
+                           capture_output=True, text=True).stdout.split()
+    assert state[:1] in (["COMPLETED"], []), state  # accounting may lag; never a failure
+    print(f"preemption ({'container' if container else 'host'}) after {preempted_at:.0f} s, "
+          f"{events.count('interrupted after epoch')} interruption(s), done in "
+          f"{time.monotonic() - t0:.0f} s")
 
-    statuses = launch.wait_for_jobs(record, poll_s=1.0, timeout_s=300)
-    assert statuses[0].state == "COMPLETED", statuses[0].error
-    metrics = assert_complete_run(run_dir, "simple", 4)
-    history = json.loads((run_dir / "history.json").read_text())
-    k = len(before["loss"])
-    assert 1 <= k < 4
-    for key in before:  # epochs trained before the interruption are kept, not redone
-        assert history[key][:k] == before[key]
-    events = (run_dir / launch.EVENTS_NAME).read_text()
-    assert "starting simple, 4 epochs" in events
-    assert "interrupted after epoch" in events
-    resumed = [ln for ln in events.splitlines() if "(restart 1): resuming at epoch" in ln]
-    assert resumed, events
-    epoch_at_resume = int(resumed[0].split("resuming at epoch ")[1].split("/")[0])
-    assert epoch_at_resume >= k
-    assert f"resuming from epoch {epoch_at_resume} of 4" in statuses[0].log.read_text()
-    assert metrics["epochs_run"] == 4
-    print(f"slurm interrupt after {interrupted_at:.1f} s (epoch {k}), resumed at epoch "
-          f"{epoch_at_resume}, done in {time.monotonic() - t0:.1f} s")
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_exhausted_requeues_end_with_one_line_naming_the_log(slurm_cluster, tmp_path,
+                                                                   capsys):
+    data = make_store(tmp_path / "train.h5", 6000)
+    path = job_file(tmp_path, data, ["simple"], epochs=150, time_min=2,
+                    slurm="max_requeues = 0")
+    record = launch.launch(launch.load_spec(path), spec_file=path)
+    status = job_status.wait_for_jobs(record, poll_s=1.0, timeout_s=400)[0]
+    assert status.state == "FAILED"
+    assert "(max_requeues = 0)" in status.error and str(status.log) in status.error
+    assert re.match(r"stopped at epoch \d+/150: preempted or timed out again", status.error)
+    assert cli.main(["status", str(tmp_path / "runs")]) == 1
+    out = capsys.readouterr().out
+    assert f"  error: {status.error}" in out
+    assert "timed-out too many times" in status.log.read_text()
 
 
 @pytest.mark.slurm
@@ -534,11 +618,11 @@ def test_slurm_cancelled_job_is_reported_with_slurms_message(slurm_cluster, tmp_
     record = launch.launch(launch.load_spec(path), spec_file=path)
     job_id = record["jobs"][0]["job_id"]
     deadline = time.monotonic() + 120
-    while launch.statuses_of([(record, record["jobs"][0])])[0].state != "RUNNING":
+    while job_status.statuses_of([(record, record["jobs"][0])])[0].state != "RUNNING":
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(0.5)
     subprocess.run(["scancel", job_id], check=True)
-    status = launch.wait_for_jobs(record, poll_s=1.0, timeout_s=120)[0]
+    status = job_status.wait_for_jobs(record, poll_s=1.0, timeout_s=120)[0]
     assert status.state == "CANCELLED"
     # Slurm's verdict, not the lines the job went on logging during KillWait
     assert status.error.startswith("slurmstepd")

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from stampbatch import launch
+    from stampbatch import job_status, launch
 
     if args.spec is not None:
         spec = launch.load_spec(args.spec)
@@ -89,14 +89,14 @@ def run_launch(args: argparse.Namespace) -> int:
     if not args.wait:
         print(f"follow with: stampbatch status {runs}")
         return 0
-    statuses = launch.wait_for_jobs(record, poll_s=args.poll)
+    statuses = job_status.wait_for_jobs(record, poll_s=args.poll)
     return _summarise(runs, statuses)
 
 
 def _summarise(runs: Path, statuses) -> int:
-    from stampbatch import launch
+    from stampbatch import job_status, launch
 
-    print(launch.format_status(statuses))
+    print(job_status.format_status(statuses))
     done = [s for s in statuses if s.completed]
     if done:
         from stampbatch import report
@@ -111,22 +111,22 @@ def _summarise(runs: Path, statuses) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from stampbatch import launch
+    from stampbatch import job_status, launch
 
     if not args.runs_dir.is_dir():
         raise UsageError(f"{args.runs_dir}: no such runs directory")
     if not launch.manifest_path(args.runs_dir).exists():
         raise UsageError(f"{args.runs_dir}: no {launch.MANIFEST_NAME} (nothing was launched "
                          f"into this directory)")
-    statuses = launch.job_statuses(args.runs_dir)
-    print(launch.format_status(statuses))
+    statuses = job_status.job_statuses(args.runs_dir)
+    print(job_status.format_status(statuses))
     return 1 if any(s.error for s in statuses) else 0
 
 
 def run_collect(args: argparse.Namespace) -> int:
-    from stampbatch import launch
+    from stampbatch import job_status
 
-    path, unfinished = launch.collect(args.runs_dir)
+    path, unfinished = job_status.collect(args.runs_dir)
     print(f"report: {path}")
     if unfinished:
         print("not completed:")
