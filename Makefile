@@ -8,7 +8,7 @@ DEMO_DIR ?= demo-output
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: demo test lint slurm-up slurm-down bench clean
+.PHONY: demo test lint slurm-up slurm-down test-tools bench clean
 
 $(INSTALLED): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,17 @@ slurm-up:
 slurm-down:
 	bash tests/slurm/down.sh
 
+# strace: the trainer's kill test injects SIGKILL at each checkpoint write with it.
+test-tools:
+	@command -v strace >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq --no-install-recommends strace >/dev/null; \
+		else echo "warning: strace missing and cannot be installed; its test is skipped" >&2; fi; }
+
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check stampbatch tests benchmarks tools
 
-test: $(INSTALLED) slurm-up lint
+test: $(INSTALLED) slurm-up test-tools lint
 	$(PY) -m pytest
 
 demo: $(INSTALLED) slurm-up
