@@ -163,6 +163,30 @@ def parse_sbatch_option(line: str) -> tuple[str, str | bool]:
     return key, (value if sep else True)
 
 
+_SLURM_TIME = re.compile(r"(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?")
+
+
+def slurm_minutes(text: str) -> int:
+    """A time limit as Slurm reads it, in whole minutes (rounded up): a bare number is
+    minutes ("30" is half an hour, not 30 s), then MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    m = _SLURM_TIME.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"expected a Slurm time limit (minutes, MM:SS, HH:MM:SS or "
+                         f"D-HH:MM:SS), got {text!r}")
+    d, a, b, c = (int(x) if x is not None else None for x in m.group("d", "a", "b", "c"))
+    if d is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        seconds = ((d * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    elif c is not None:  # HH:MM:SS
+        seconds = (a * 60 + b) * 60 + c
+    elif b is not None:  # MM:SS
+        seconds = a * 60 + b
+    else:  # a bare number: minutes
+        seconds = a * 60
+    if seconds < 1:
+        raise ValueError(f"time limit must be positive, got {text!r}")
+    return -(-seconds // 60)
+
+
 def spec_from_mapping(data: Mapping[str, Any], source: str = "job file") -> LaunchSpec:
     """Build and check a :class:`LaunchSpec` from a parsed TOML mapping."""
     return from_mapping(LaunchSpec, data, source)
@@ -175,8 +199,10 @@ def load_spec(path: Path | str) -> LaunchSpec:
 
 def apply_options(spec: LaunchSpec, *, data: Path | None = None,
                   architectures: Sequence[str] | None = None, epochs: int | None = None,
-                  runs: Path | None = None, executor: str | None = None) -> LaunchSpec:
-    """The spec with command-line options applied; they win over the file.
+                  runs: Path | None = None, executor: str | None = None,
+                  time_min: int | None = None) -> LaunchSpec:
+    """The spec with command-line options applied; they win over the file (``time_min``:
+    the [slurm] time limit in minutes).
 
     ``epochs`` from the command line applies to every architecture, per-architecture
     ``[overrides]`` included (a quick test run means every job stops early).
@@ -194,6 +220,8 @@ def apply_options(spec: LaunchSpec, *, data: Path | None = None,
         changes["epochs"] = epochs
         changes["overrides"] = {a: {k: v for k, v in t.items() if k != "epochs"}
                                 for a, t in spec.overrides.items()}
+    if time_min is not None:
+        changes["slurm"] = dataclasses.replace(spec.slurm, time_min=time_min)
     new = dataclasses.replace(spec, **changes)
     try:
         new.validate()

@@ -261,6 +261,82 @@ container_binds = ["/scratch:/data"]
     assert f"singularity exec --bind {runs}," in script and "--nv" not in script
 
 
+def test_dry_run_script_requeues_from_the_host_after_srun(tmp_path, train_store, capsys):
+    path = job_file(tmp_path, train_store, ["simple"])
+    assert cli.main(["launch", str(path), "--dry-run", "--time", "90"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --time=90\n" in script  # a bare number is minutes, as sbatch reads it
+    folder = (tmp_path / "runs").absolute() / launch.SUBMITIT_DIR / "LAUNCH_ID"
+    request = f'"{folder}/requeue-${{SLURM_JOB_ID}}"'
+    lines = script.splitlines()
+    srun = next(i for i, ln in enumerate(lines) if ln.startswith("srun "))
+    assert lines.index(f"export {train_job.REQUEUE_ENV}={request}") < srun
+    check = lines.index(f"if [ -s {request} ]; then")
+    assert check > srun and 'if scontrol requeue "$_sb_job"; then' in map(str.strip, lines[check:])
+
+
+@pytest.mark.parametrize("text, minutes", [
+    ("30", 30), ("0:30", 1), ("1:00", 1), ("2:30:00", 150), ("1-0", 1440), ("1-2:30", 1590),
+    ("0-0:0:59", 1), ("  45 ", 45),
+])
+def test_slurm_time_limits_read_as_slurm_reads_them(text, minutes):
+    assert launch.slurm_minutes(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1h", "-5", "0", "0:00", "1.5", "1:2:3:4"])
+def test_bad_time_limit_is_a_usage_error(tmp_path, train_store, text, capsys):
+    path = job_file(tmp_path, train_store, ["simple"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["launch", str(path), "--dry-run", f"--time={text}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--time" in err[-1] and ("Slurm time limit" in err[-1] or "positive" in err[-1])
+
+
+def test_requeue_standin_receives_submitits_requeue_call(tmp_path, monkeypatch):
+    """submitit requeues by running ``scontrol requeue <job id>`` found on PATH
+    (``SlurmJobEnvironment._requeue``, private): the stand-in relies on exactly that."""
+    request = tmp_path / "requeue-77"
+    monkeypatch.setenv(train_job.REQUEUE_ENV, str(request))
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # restored after the test
+    for name, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "77",
+                        "SLURM_JOB_NODELIST": "vm", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
+                        "SLURM_LOCALID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1"}.items():
+        monkeypatch.setenv(name, value)
+    shim_dir = train_job.route_requeue_to_host()
+    assert shim_dir is not None and os.environ["PATH"].startswith(str(shim_dir))
+    import submitit
+
+    env = submitit.JobEnvironment()
+    assert hasattr(env, "_requeue"), "submitit's JobEnvironment._requeue is gone: requeueing " \
+        "from the host (stampbatch.train_job) must follow submitit's new requeue path"
+    env._requeue(1)
+    assert request.read_text() == "77\n", "submitit no longer runs 'scontrol requeue JOBID'"
+    refused = subprocess.run(["scontrol", "show", "job"], capture_output=True, text=True)
+    assert refused.returncode == 1 and "no Slurm client inside the job" in refused.stderr
+
+
+def test_submitit_private_sbatch_writer_takes_our_parameters(tmp_path, train_store):
+    """``launch.sbatch_script`` (the --dry-run text) calls submitit's private
+    ``submitit.slurm.slurm._make_sbatch_string``; pyproject bounds submitit below 1.6 for it.
+    A newer submitit that renames it or its parameters fails here, naming the call."""
+    import inspect
+
+    import submitit.slurm.slurm as submitit_slurm
+
+    writer = getattr(submitit_slurm, "_make_sbatch_string", None)
+    assert writer is not None, "submitit.slurm.slurm._make_sbatch_string is gone"
+    spec = launch.load_spec(job_file(tmp_path, train_store, ["simple"]))
+    params = launch.slurm_parameters(spec, tmp_path / "%j")
+    try:
+        inspect.signature(writer).bind(command="true", folder=tmp_path, map_count=None,
+                                       **params)
+    except TypeError as exc:
+        raise AssertionError(f"submitit.slurm.slurm._make_sbatch_string no longer takes "
+                             f"{sorted(params)}: {exc}") from None
+    assert "#SBATCH --signal=USR2@30" in launch.sbatch_script(spec, [], tmp_path / "%j")
+
+
 @pytest.mark.slurm
 def test_slurm_accepts_the_generated_script(slurm_cluster, tmp_path, train_store):
     path = job_file(tmp_path, train_store, ["simple", "vgg6"], slurm="gpus_per_job = 1")
@@ -576,6 +652,37 @@ def test_slurm_exhausted_requeues_end_with_one_line_naming_the_log(slurm_cluster
     out = capsys.readouterr().out
     assert f"  error: {status.error}" in out
     assert "timed-out too many times" in status.log.read_text()
+
+
+@pytest.mark.slurm
+def test_job_no_node_can_take_stops_wait_with_one_line(slurm_cluster, tmp_path, train_store,
+                                                       capsys):
+    # 8 CPUs on a 2-CPU node: sbatch accepts it, Slurm keeps it PENDING (PartitionConfig)
+    path = job_file(tmp_path, train_store, ["simple"])
+    path.write_text(path.read_text().replace("cpus_per_task = 1", "cpus_per_task = 8"))
+    runs = tmp_path / "runs"
+    t0 = time.monotonic()
+    waited = subprocess.run([sys.executable, "-m", "stampbatch", "launch", str(path), "--wait",
+                             "--poll", "1"], capture_output=True, text=True, timeout=120)
+    try:
+        job_id = read_manifest(runs)["launches"][0]["jobs"][0]["job_id"]
+        assert waited.returncode == 1
+        err = waited.stderr.strip().splitlines()
+        assert err[-1] == (
+            f"stampbatch launch: error: job {job_id} can never start: PENDING (PartitionConfig): "
+            f"the request (8 CPUs, 1.0 GB, 0 GPUs, 10 min, partition debug) requests more CPUs, "
+            f"memory or GPUs than any node of the partition has; change [slurm] in the job file, "
+            f"then scancel {job_id} and launch again")
+        assert "simple PENDING (PartitionConfig)" in waited.stderr  # the live status line
+        assert cli.main(["status", str(runs)]) == 1
+        out = capsys.readouterr().out
+        row = out.splitlines()[1].split()
+        assert row[:4] == ["simple", job_id, "PENDING", "(PartitionConfig)"]
+        assert f"  error: job {job_id} can never start: PENDING (PartitionConfig)" in out
+    finally:
+        subprocess.run(["scancel", str(read_manifest(runs)["launches"][0]["jobs"][0]["job_id"])],
+                       check=False)
+    print(f"never-starting job reported in {time.monotonic() - t0:.1f} s")
 
 
 @pytest.mark.slurm

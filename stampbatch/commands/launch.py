@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--executor", choices=EXECUTOR_CHOICES,
                    help="slurm, local (submitit's local executor), or auto (default: the "
                         "file's, else slurm when sbatch is on PATH)")
+    p.add_argument("--time", type=_time_limit, metavar="LIMIT", dest="time_min",
+                   help="time limit per job, as sbatch reads it: a bare number is minutes "
+                        "(30 = half an hour), or HH:MM:SS, D-HH:MM:SS (overrides [slurm] "
+                        "time_min); a job that reaches it checkpoints and is requeued")
     p.add_argument("--wait", action="store_true",
                    help="follow the jobs with a live status line until all end, then print a "
                         "summary and write the report")
@@ -57,6 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_collect)
 
 
+def _time_limit(text: str) -> int:
+    from stampbatch.launch import slurm_minutes
+
+    try:
+        return slurm_minutes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run_launch(args: argparse.Namespace) -> int:
     from stampbatch import job_status, launch
 
@@ -67,7 +80,8 @@ def run_launch(args: argparse.Namespace) -> int:
     else:
         raise UsageError("give a job file (SPEC.toml) or at least --data")
     spec = launch.apply_options(spec, data=args.data, architectures=args.architectures,
-                                epochs=args.epochs, runs=args.runs, executor=args.executor)
+                                epochs=args.epochs, runs=args.runs, executor=args.executor,
+                                time_min=args.time_min)
     source = str(args.spec) if args.spec is not None else "command line"
     plans = launch.resolve(spec, source)
     if args.dry_run:
