@@ -1,4 +1,5 @@
-"""Following launched training jobs: scheduler states, pending reasons, logs, the report.
+"""The launch manifest and following launched training jobs: scheduler states, pending
+reasons, logs, the report.
 
 :func:`job_statuses` reads a runs directory's launch manifest back and asks the scheduler
 afresh (``squeue`` for jobs still in the queue, then ``sacct`` for those that have left it)
@@ -11,6 +12,8 @@ side-by-side report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -27,6 +30,8 @@ from submitit.core.utils import JobPaths
 
 from stampbatch.errors import StampbatchError
 
+MANIFEST_NAME = "launch-manifest.json"  # in the runs directory: every launch and its jobs
+MANIFEST_VERSION = 1
 # Slurm states of a job that is not over yet (submitit's list, plus the rarer ones).
 ACTIVE_STATES = frozenset({
     "SUBMITTED", "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
@@ -277,8 +282,6 @@ def statuses_of(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) ->
 
 def job_statuses(runs_dir: Path | str) -> list[JobStatus]:
     """The latest job of each architecture launched into ``runs_dir``, with fresh states."""
-    from stampbatch.launch import read_manifest
-
     return statuses_of(_latest_jobs(read_manifest(runs_dir)))
 
 
@@ -368,3 +371,78 @@ def collect(runs_dir: Path | str) -> tuple[Path, list[JobStatus]]:
     path = report.write_report(runs_dir)
     unfinished = [s for s in job_statuses(runs_dir) if not s.completed]
     return path, unfinished
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------- the manifest
+
+
+def manifest_path(runs_dir: Path | str) -> Path:
+    return Path(runs_dir) / MANIFEST_NAME
+
+
+def _lock_path(runs_dir: Path) -> Path:
+    return runs_dir / f".{MANIFEST_NAME}.lock"
+
+
+@contextlib.contextmanager
+def _locked(runs_dir: Path):
+    """Exclusive lock of a runs directory's manifest (POSIX advisory lock)."""
+    with open(_lock_path(runs_dir), "a") as fh:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no concurrent launches into one directory, then
+            yield
+            return
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_manifest(runs_dir: Path | str) -> dict[str, Any]:
+    """The manifest of ``runs_dir`` (``{"version", "launches": [...]}``); empty when absent."""
+    path = manifest_path(runs_dir)
+    if not path.exists():
+        return {"version": MANIFEST_VERSION, "launches": []}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LaunchError(f"{path}: unreadable launch manifest ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("launches"), list):
+        raise LaunchError(f"{path}: not a stampbatch launch manifest (no 'launches' list)")
+    return data
+
+
+def append_manifest(runs_dir: Path | str, record: Mapping[str, Any], *,
+                    locked_by_caller: bool = False) -> Path:
+    """Append one launch to the manifest: under the runs directory's lock (taken here unless
+    the caller holds it already), written to a temporary file that replaces the manifest only
+    when complete (readers never see a partial manifest)."""
+    runs_dir = Path(runs_dir)
+    with contextlib.nullcontext() if locked_by_caller else _locked(runs_dir):
+        data = read_manifest(runs_dir)
+        data["launches"].append(_jsonable(record))
+        return _write_manifest(runs_dir, data)
+
+
+def _write_manifest(runs_dir: Path, data: Mapping[str, Any]) -> Path:
+    from stampbatch.store import atomic_path
+
+    path = manifest_path(runs_dir)
+    text = json.dumps(data, indent=1) + "\n"  # fails before anything is written
+    with atomic_path(path, overwrite=True, suffix=".json") as tmp:
+        tmp.write_text(text)
+    return path

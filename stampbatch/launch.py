@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import os
 import re
 import secrets
@@ -33,12 +32,20 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from stampbatch.config import from_mapping, load_toml
 from stampbatch.errors import StampbatchError, UsageError
-from stampbatch.job_status import LaunchError, _latest_jobs, statuses_of
+from stampbatch.job_status import (
+    LaunchError,
+    _jsonable,
+    _latest_jobs,
+    _lock_path,
+    _locked,
+    append_manifest,
+    manifest_path,
+    read_manifest,
+    statuses_of,
+)
 from stampbatch.train import TrainConfig
 from stampbatch.train_job import TrainJob, host_requeue_lines, one_line, utc_now
 
-MANIFEST_NAME = "launch-manifest.json"
-MANIFEST_VERSION = 1
 SUBMITIT_DIR = "submitit"  # RUNS/submitit/<launch id>/<job id>/: sbatch script, pickles, logs
 EXECUTORS = ("auto", "slurm", "local")
 CONTAINER_RUNTIMES = ("apptainer", "singularity")
@@ -378,18 +385,6 @@ def _make_executor(kind: str, folder: Path, spec: LaunchSpec,
     return ex
 
 
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _absolute_paths(spec: LaunchSpec) -> LaunchSpec:
     """The spec with every path absolute (what the jobs were given)."""
     def absolute(p: Any) -> str:
@@ -471,66 +466,3 @@ def _submit(spec: LaunchSpec, plans: Sequence[JobPlan], kind: str, runs: Path,
         raise LaunchError(f"submitted {ids} but could not write {manifest_path(runs)}: "
                           f"{one_line(exc)}") from exc
     return record
-
-
-# --------------------------------------------------------------------------- the manifest
-
-
-def manifest_path(runs_dir: Path | str) -> Path:
-    return Path(runs_dir) / MANIFEST_NAME
-
-
-def _lock_path(runs_dir: Path) -> Path:
-    return runs_dir / f".{MANIFEST_NAME}.lock"
-
-
-@contextlib.contextmanager
-def _locked(runs_dir: Path):
-    """Exclusive lock of a runs directory's manifest (POSIX advisory lock)."""
-    with open(_lock_path(runs_dir), "a") as fh:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no concurrent launches into one directory, then
-            yield
-            return
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def read_manifest(runs_dir: Path | str) -> dict[str, Any]:
-    """The manifest of ``runs_dir`` (``{"version", "launches": [...]}``); empty when absent."""
-    path = manifest_path(runs_dir)
-    if not path.exists():
-        return {"version": MANIFEST_VERSION, "launches": []}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LaunchError(f"{path}: unreadable launch manifest ({exc})") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("launches"), list):
-        raise LaunchError(f"{path}: not a stampbatch launch manifest (no 'launches' list)")
-    return data
-
-
-def append_manifest(runs_dir: Path | str, record: Mapping[str, Any], *,
-                    locked_by_caller: bool = False) -> Path:
-    """Append one launch to the manifest: under the runs directory's lock (taken here unless
-    the caller holds it already), written to a temporary file that replaces the manifest only
-    when complete (readers never see a partial manifest)."""
-    runs_dir = Path(runs_dir)
-    with contextlib.nullcontext() if locked_by_caller else _locked(runs_dir):
-        data = read_manifest(runs_dir)
-        data["launches"].append(_jsonable(record))
-        return _write_manifest(runs_dir, data)
-
-
-def _write_manifest(runs_dir: Path, data: Mapping[str, Any]) -> Path:
-    from stampbatch.store import atomic_path
-
-    path = manifest_path(runs_dir)
-    text = json.dumps(data, indent=1) + "\n"  # fails before anything is written
-    with atomic_path(path, overwrite=True, suffix=".json") as tmp:
-        tmp.write_text(text)
-    return path

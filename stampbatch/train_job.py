@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ from stampbatch.train import TrainConfig
 
 EVENTS_NAME = "launch.log"  # in each run directory: one line per job start, checkpoint, end
 REQUEUE_ENV = "STAMPBATCH_REQUEUE_REQUEST"  # file the job writes, the batch script reads
+EXIT_GRACE_S = 10  # after a checkpoint the job process ends within this, hung or not
 # The stand-in scontrol inside the job: only "requeue JOBID" is handed to the host.
 _SCONTROL_STANDIN = r"""#!/bin/sh
 # stampbatch: hands "scontrol requeue JOBID" to the batch script on the host
@@ -137,5 +139,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         with contextlib.suppress(Exception):
             epoch = train.run_state(run_dir)["epoch"]
             log_event(run_dir, f"{_job_label()}: interrupted after epoch {epoch}; requeueing")
+        # submitit saves what this returns, asks for the requeue and exits. TensorFlow can hang
+        # that exit (seen: 1 exit in 5 stuck until the time limit killed the job, which was
+        # then never requeued from the host). SIGALRM's default action ends the process
+        # EXIT_GRACE_S from now whatever Python is doing; the epoch checkpoint is on disk.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(EXIT_GRACE_S)
         return submitit.helpers.DelayedSubmission(self, data, arch, run_dir, config)
 

@@ -5,6 +5,7 @@ Slurm of tests/slurm/up.sh (marked ``slurm``)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -79,7 +80,7 @@ mem_gb = 1
 
 
 def read_manifest(runs: Path) -> dict:
-    return json.loads((runs / launch.MANIFEST_NAME).read_text())
+    return json.loads((runs / job_status.MANIFEST_NAME).read_text())
 
 
 def assert_complete_run(run_dir: Path, arch: str, epochs: int) -> dict:
@@ -370,7 +371,7 @@ def test_slurm_refusal_is_one_line_and_leaves_nothing(slurm_cluster, tmp_path, t
 
 def _append_many(runs: str, worker: int, count: int) -> None:
     for i in range(count):
-        launch.append_manifest(Path(runs), {"id": f"{worker}-{i}", "jobs": []})
+        job_status.append_manifest(Path(runs), {"id": f"{worker}-{i}", "jobs": []})
 
 
 def test_manifest_appends_are_atomic_and_never_lost(tmp_path):
@@ -388,14 +389,14 @@ def test_manifest_appends_are_atomic_and_never_lost(tmp_path):
     for w in range(4):  # each writer's launches in its own order
         mine = [i for i in ids if i.startswith(f"{w}-")]
         assert mine == [f"{w}-{i}" for i in range(10)]
-    before = (runs / launch.MANIFEST_NAME).read_bytes()
+    before = (runs / job_status.MANIFEST_NAME).read_bytes()
     with pytest.raises(TypeError):
-        launch.append_manifest(runs, {"id": "bad", "jobs": [object()]})
-    assert (runs / launch.MANIFEST_NAME).read_bytes() == before
+        job_status.append_manifest(runs, {"id": "bad", "jobs": [object()]})
+    assert (runs / job_status.MANIFEST_NAME).read_bytes() == before
     assert sorted(p.name for p in runs.iterdir() if "partial" in p.name) == []
-    (runs / launch.MANIFEST_NAME).write_text("{not json")
+    (runs / job_status.MANIFEST_NAME).write_text("{not json")
     with pytest.raises(launch.LaunchError, match="unreadable launch manifest"):
-        launch.read_manifest(runs)
+        job_status.read_manifest(runs)
 
 
 def test_error_line_of_a_job_log(tmp_path):
@@ -540,6 +541,21 @@ def container_standin(tmp_path: Path, monkeypatch) -> str:
     return f'container_image = "{image}"\ncontainer_python = "{sys.executable}"\n'
 
 
+def epochs_lasting(data: Path, seconds: float, tmp_path: Path) -> int:
+    """How many epochs of the test jobs' training (``simple``, batch 64, ``data``) take about
+    ``seconds`` on this machine now: measured as the difference of a 2- and a 6-epoch run,
+    so TensorFlow's start-up and tracing do not count."""
+    config = train.TrainConfig(epochs=2, batch_size=64, patience=0)
+    took = []
+    for epochs in (2, 6):
+        t0 = time.monotonic()
+        train.train_run(data, "simple", tmp_path / f"calibrate-{epochs}",
+                        dataclasses.replace(config, epochs=epochs), progress=False)
+        took.append(time.monotonic() - t0)
+    per_epoch = max((took[1] - took[0]) / 4, 0.05)
+    return max(10, round(seconds / per_epoch))
+
+
 def follow_history(record: dict, run_dir: Path, timeout_s: float, *,
                    until_epoch: int | None = None) -> list[list[float]]:
     """Poll the job (and the run directory's history.json) until it ends, or until the
@@ -587,11 +603,11 @@ def assert_resumed_run(record: dict, run_dir: Path, epochs: int, seen: list[list
 @pytest.mark.slow
 @pytest.mark.parametrize("container", [False, True], ids=["host", "container"])
 def test_slurm_time_limit_requeues_and_resumes(slurm_cluster, tmp_path, monkeypatch, container):
-    # A real time limit: --time=2 with USR2 30 s before it (Slurm may send it up to 60 s
-    # early); 150 one-second epochs cannot fit in one run, so the job must requeue itself.
+    # A real time limit: --time=2 with USR2 30 s before it (Slurm sends it 70-90 s after the
+    # start here); training sized to ~150 s cannot fit in one run, so the job must requeue.
     slurm = "max_requeues = 8\n" + (container_standin(tmp_path, monkeypatch) if container else "")
     data = make_store(tmp_path / "train.h5", 6000)
-    epochs = 150
+    epochs = epochs_lasting(data, 150, tmp_path)
     path = job_file(tmp_path, data, ["simple"], epochs=epochs, time_min=2, slurm=slurm)
     t0 = time.monotonic()
     record = launch.launch(launch.load_spec(path), spec_file=path)
@@ -641,13 +657,15 @@ def test_slurm_preempted_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path
 def test_slurm_exhausted_requeues_end_with_one_line_naming_the_log(slurm_cluster, tmp_path,
                                                                    capsys):
     data = make_store(tmp_path / "train.h5", 6000)
-    path = job_file(tmp_path, data, ["simple"], epochs=150, time_min=2,
+    epochs = epochs_lasting(data, 150, tmp_path)  # longer than --time=2 allows
+    path = job_file(tmp_path, data, ["simple"], epochs=epochs, time_min=2,
                     slurm="max_requeues = 0")
     record = launch.launch(launch.load_spec(path), spec_file=path)
     status = job_status.wait_for_jobs(record, poll_s=1.0, timeout_s=400)[0]
     assert status.state == "FAILED"
     assert "(max_requeues = 0)" in status.error and str(status.log) in status.error
-    assert re.match(r"stopped at epoch \d+/150: preempted or timed out again", status.error)
+    assert re.match(rf"stopped at epoch \d+/{epochs}: preempted or timed out again",
+                    status.error)
     assert cli.main(["status", str(tmp_path / "runs")]) == 1
     out = capsys.readouterr().out
     assert f"  error: {status.error}" in out

@@ -99,7 +99,7 @@ def run_launch(args: argparse.Namespace) -> int:
     runs = Path(record["spec"]["runs"])
     ids = ", ".join(f"{j['arch']} {j['job_id']}" for j in record["jobs"])
     print(f"launched {len(record['jobs'])} job(s) ({record['executor']}): {ids}")
-    print(f"manifest: {launch.manifest_path(runs)}")
+    print(f"manifest: {job_status.manifest_path(runs)}")
     if not args.wait:
         print(f"follow with: stampbatch status {runs}")
         return 0
@@ -125,12 +125,12 @@ def _summarise(runs: Path, statuses) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from stampbatch import job_status, launch
+    from stampbatch import job_status
 
     if not args.runs_dir.is_dir():
         raise UsageError(f"{args.runs_dir}: no such runs directory")
-    if not launch.manifest_path(args.runs_dir).exists():
-        raise UsageError(f"{args.runs_dir}: no {launch.MANIFEST_NAME} (nothing was launched "
+    if not job_status.manifest_path(args.runs_dir).exists():
+        raise UsageError(f"{args.runs_dir}: no {job_status.MANIFEST_NAME} (nothing was launched "
                          f"into this directory)")
     statuses = job_status.job_statuses(args.runs_dir)
     print(job_status.format_status(statuses))
