@@ -399,6 +399,29 @@ def test_manifest_appends_are_atomic_and_never_lost(tmp_path):
         job_status.read_manifest(runs)
 
 
+def test_sacct_output_is_read_without_submitit():
+    text = ("JobID|State\n12_0|COMPLETED\n12_0.batch|COMPLETED\n12_0.0|COMPLETED\n"
+            "12_1|CANCELLED by 0\n12_[2-3]|PENDING\n13|TIMEOUT\n\n")
+    assert job_status._parse_sacct(text) == {"12_0": "COMPLETED", "12_1": "CANCELLED",
+                                             "13": "TIMEOUT"}
+
+
+def test_status_table_shows_the_pending_reason(tmp_path):
+    common = dict(executor="slurm", epoch=0, epochs=3, best_val_accuracy=None,
+                  best_val_loss=None, run_dir=tmp_path, log=tmp_path / "1_0_log.err",
+                  stdout=tmp_path / "1_0_log.out")
+    waiting = job_status.JobStatus(arch="simple", job_id="1_0", state="PENDING",
+                                   reason="Priority", **common)
+    stuck = job_status.JobStatus(arch="vgg6", job_id="1_1", state="PENDING",
+                                 reason="PartitionConfig", error="job 1_1 can never start",
+                                 **common)
+    assert not waiting.never_starts and stuck.never_starts
+    table = job_status.format_status([waiting, stuck]).splitlines()
+    assert table[1].split()[:5] == ["simple", "1_0", "PENDING", "(Priority)", "0/3"]
+    assert table[2].split()[:4] == ["vgg6", "1_1", "PENDING", "(PartitionConfig)"]
+    assert table[3] == "  error: job 1_1 can never start"
+
+
 def test_error_line_of_a_job_log(tmp_path):
     log = tmp_path / "12_0_0_log.err"
     log.write_text(
