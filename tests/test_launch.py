@@ -566,17 +566,18 @@ def container_standin(tmp_path: Path, monkeypatch) -> str:
 
 def epochs_lasting(data: Path, seconds: float, tmp_path: Path) -> int:
     """How many epochs of the test jobs' training (``simple``, batch 64, ``data``) take about
-    ``seconds`` on this machine now: measured as the difference of a 2- and a 6-epoch run,
-    so TensorFlow's start-up and tracing do not count."""
-    config = train.TrainConfig(epochs=2, batch_size=64, patience=0)
+    ``seconds`` on this machine now: the difference of a 2- and a 6-epoch run after a warm-up
+    run, so TensorFlow's start-up and tracing do not count. Kept within [100, 600]: a job
+    slower than measured (a loaded machine) only requeues more often."""
+    config = train.TrainConfig(epochs=1, batch_size=64, patience=0)
     took = []
-    for epochs in (2, 6):
+    for epochs in (1, 2, 6):
         t0 = time.monotonic()
         train.train_run(data, "simple", tmp_path / f"calibrate-{epochs}",
                         dataclasses.replace(config, epochs=epochs), progress=False)
         took.append(time.monotonic() - t0)
-    per_epoch = max((took[1] - took[0]) / 4, 0.05)
-    return max(10, round(seconds / per_epoch))
+    per_epoch = (took[2] - took[1]) / 4
+    return min(600, max(100, round(seconds / per_epoch))) if per_epoch > 0 else 150
 
 
 def follow_history(record: dict, run_dir: Path, timeout_s: float, *,
