@@ -658,6 +658,7 @@ def test_slurm_preempted_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path
     record = launch.launch(launch.load_spec(path), spec_file=path)
     run_dir = tmp_path / "runs" / "simple"
     seen = follow_history(record, run_dir, 300, until_epoch=2)
+    committed = train.run_state(run_dir)["epoch"]  # epochs checkpointed before preemption
     # a second launch for the same architecture must not race the running job
     with pytest.raises(UsageError, match="job .* of an earlier launch is still"):
         launch.launch(launch.load_spec(path), spec_file=path)
@@ -667,7 +668,9 @@ def test_slurm_preempted_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path
     preempted_at = time.monotonic() - t0
     seen += follow_history(record, run_dir, 600)
     events = assert_resumed_run(record, run_dir, epochs, seen, container)
-    assert len(seen[0]) >= 2
+    resumed_at = [int(e) for _, e in re.findall(r"\(restart (\d+)\): resuming at epoch "
+                                                r"(\d+)/", events)]
+    assert committed >= 2 and resumed_at[0] >= committed  # no checkpointed epoch redone
     state = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", urgent],
                            capture_output=True, text=True).stdout.split()
     assert state[:1] in (["COMPLETED"], []), state  # accounting may lag; never a failure
