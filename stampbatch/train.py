@@ -68,6 +68,7 @@ PREDICTIONS_FILE = "predictions.npz"
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
 FAILED_FILE = "FAILED"
+LOCK_FILE = ".stampbatch-train.lock"  # flock held by the process training in the directory
 FIGURES = ("confusion_matrix.png", "history.png", "roc.png", "completeness_snr.png",
            "examples.png")
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -574,7 +575,12 @@ def run_state(out_dir: Path) -> dict[str, Any]:
 
 
 def _check_run_dir(out_dir: Path, arch: str, data: str, config: TrainConfig) -> str:
-    """Decide what to do with ``out_dir``: "new", "resume" or "done"; refuse clashes."""
+    """Decide what to do with ``out_dir``: "new", "resume" or "done"; refuse clashes.
+
+    A directory whose checkpoint holds no committed epoch (killed before the first epoch
+    ended, or diverged in it) is "new" whatever its config.toml says: nothing is lost by
+    starting afresh, with other settings if need be (a lower learning rate).
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainError(f"{out_dir}: exists and is not a directory")
     if not (out_dir / CONFIG_FILE).is_file():
@@ -584,8 +590,11 @@ def _check_run_dir(out_dir: Path, arch: str, data: str, config: TrainConfig) -> 
             raise TrainError(f"{out_dir}: holds {', '.join(ours)} but no {CONFIG_FILE}; not a "
                              f"stampbatch run directory (choose another output directory)")
         return "new"
-    old_arch, old_data, old = read_run_config(out_dir)
     finished = (out_dir / METRICS_FILE).is_file()
+    state_path = out_dir / CHECKPOINT_DIR / STATE_FILE
+    if not finished and not state_path.is_file():
+        return "new"  # no epoch committed (killed early, or diverged): start afresh
+    old_arch, old_data, old = read_run_config(out_dir)
     what = "a finished run" if finished else "a checkpoint"
     if old_arch != arch:
         raise TrainError(f"{out_dir}: holds {what} of architecture '{old_arch}', not '{arch}'; "
@@ -600,8 +609,7 @@ def _check_run_dir(out_dir: Path, arch: str, data: str, config: TrainConfig) -> 
         diff = ", ".join(f"{k} {old_d[k]!r} -> {new_d[k]!r}" for k in changed)
         raise TrainError(f"{out_dir}: holds {what} with other settings ({diff}); use the same "
                          f"settings to resume, or another output directory")
-    state_path = out_dir / CHECKPOINT_DIR / STATE_FILE
-    if not finished and state_path.is_file():
+    if not finished:
         done = int(_read_json(state_path).get("epoch", 0))
         if config.epochs < done:
             raise TrainError(f"{out_dir}: holds a checkpoint after {done} epochs; cannot resume "
@@ -633,6 +641,21 @@ def _save_split(path: Path, split: dict[str, np.ndarray]) -> None:
 # --------------------------------------------------------------------------- training loop
 
 
+def reseed(model, seed: int, epoch: int) -> None:
+    """Make epoch ``epoch``'s randomness (dropout masks, any Keras/TF draw) a function of
+    (seed, epoch) alone, so a run resumed at this epoch draws what an uninterrupted one
+    does. Keras does not save its layers' seed-generator state in a ``.keras`` file (a
+    reloaded Dropout layer starts from a fresh random seed), so each generator is set here."""
+    import keras
+
+    keras.utils.set_random_seed((int(seed) * 100_003 + int(epoch)) % 2**32)
+    for i, layer in enumerate(model.layers):
+        gen = getattr(layer, "seed_generator", None)
+        if gen is not None and getattr(gen, "state", None) is not None:
+            base = (int(seed) * 7919 + 104_729 * (i + 1)) % 2**31
+            gen.state.assign(np.array([base, int(epoch) << 24], dtype=gen.state.dtype))
+
+
 def _make_callbacks(out_dir: Path, state: dict[str, Any],
                     config: TrainConfig, steps: int, arch: str, progress: bool):
     import keras
@@ -646,6 +669,7 @@ def _make_callbacks(out_dir: Path, state: dict[str, Any],
 
         def on_epoch_begin(self, epoch, logs=None):
             self._t0 = time.monotonic()
+            reseed(self.model, config.seed, epoch)
             self._bar = Progress(steps, f"{arch} epoch {epoch + 1}/{config.epochs}", "batches",
                                  enabled=progress and sys.stderr.isatty())
 
@@ -682,8 +706,10 @@ def _make_callbacks(out_dir: Path, state: dict[str, Any],
             with _atomic(ckpt_dir / model_name) as tmp:
                 self.model.save(tmp)
             state["model_file"] = model_name
+            # state.json (which holds the history) is the commit point of this epoch;
+            # history.json is a copy written after it, so it never runs ahead of the state.
+            _write_json(ckpt_dir / STATE_FILE, state)
             _write_json(out_dir / HISTORY_FILE, state["history"])
-            _write_json(ckpt_dir / STATE_FILE, state)  # the commit point of this epoch
             for stale in ckpt_dir.iterdir():
                 if stale.name not in (model_name, state["best_file"], STATE_FILE) and \
                         (stale.name.startswith("epoch-") or stale.name.startswith("best-")):
@@ -729,7 +755,69 @@ def train_run(store_path: Path, arch: str, out_dir: Path, config: TrainConfig, *
     ``patience`` and ``target_fpr`` may differ from the first attempt, nothing else), and
     returns the saved metrics of a finished run without retraining. ``callbacks`` are extra
     Keras callbacks run after the checkpoint of each epoch. Returns the metrics dict.
+
+    The run directory is locked (``flock``) for the whole run: a second process training
+    into it (a manual ``stampbatch train --out`` beside a Slurm job) is refused at once.
     """
+    with _run_lock(Path(out_dir)):
+        return _train_run_locked(store_path, arch, out_dir, config, progress, callbacks)
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``out_dir``'s lock file (creating the directory); a
+    directory created here that is left holding nothing else is removed again."""
+    import fcntl
+    import socket
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainError(f"{out_dir}: exists and is not a directory")
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(out_dir / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise TrainError(f"{out_dir}: cannot create the run directory ({exc.strerror})") from exc
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise TrainError(f"{out_dir}: in use by {holder} (training into it now); wait for "
+                             f"it to end or choose another output directory") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            if created and [p.name for p in out_dir.iterdir()] == [LOCK_FILE]:
+                (out_dir / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
+
+
+def _clear_partials(*dirs: Path) -> None:
+    """Remove temporary files of writes a kill interrupted (the lock is held)."""
+    for d in dirs:
+        for tmp in d.glob(".*.partial*"):
+            tmp.unlink(missing_ok=True)
+
+
+def _clear_attempt(out_dir: Path) -> None:
+    """Forget an attempt that committed no epoch: its checkpoint files and history."""
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    if ckpt_dir.is_dir():
+        for f in ckpt_dir.iterdir():
+            if f.is_file() and (f.name.startswith(("epoch-", "best-", "."))):
+                f.unlink(missing_ok=True)
+    (out_dir / HISTORY_FILE).unlink(missing_ok=True)
+
+
+def _train_run_locked(store_path: Path, arch: str, out_dir: Path, config: TrainConfig,
+                      progress: bool, callbacks: Sequence[Any]) -> dict[str, Any]:
     t_start = time.monotonic()
     check_architecture(arch)
     try:
@@ -764,10 +852,14 @@ def train_run(store_path: Path, arch: str, out_dir: Path, config: TrainConfig, *
     import keras
 
     ckpt_dir = out_dir / CHECKPOINT_DIR
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / SPLIT_FILE).is_file():
-        _save_split(out_dir / SPLIT_FILE, split)
+    _clear_partials(out_dir, ckpt_dir)
+    if mode == "new":
+        _clear_attempt(out_dir)
+    # config.toml first: any directory holding a checkpoint or a split also holds it.
     _write_bytes(out_dir / CONFIG_FILE, _config_text(arch, data, config).encode())
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if mode == "new" or not (out_dir / SPLIT_FILE).is_file():
+        _save_split(out_dir / SPLIT_FILE, split)
     (out_dir / FAILED_FILE).unlink(missing_ok=True)
     try:
         return _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, data,
@@ -808,7 +900,6 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
                              info.stamp_shape)
     steps = max(1, math.ceil(len(split["train"]) / config.batch_size))
     if start_epoch < config.epochs and not state.get("stopped_early"):
-        keras.utils.set_random_seed(config.seed + start_epoch)
         cbs = _make_callbacks(out_dir, state, config, steps, arch, progress) + list(callbacks)
         try:
             model.fit(train_stream.dataset(True, start_epoch), epochs=config.epochs,

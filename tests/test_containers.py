@@ -390,3 +390,36 @@ def test_sync_refuses_what_conda_cannot_express(tmp_path, capsys):
     assert not (tmp_path / "e.yml").exists()
     assert sync.conda_packages(["dask[array]>=2024.1", "numpy>=1.26", "Foo_Bar<2,>=1"]) == {
         "dask-core": ">=2024.1", "numpy": ">=1.26", "foo-bar": "<2,>=1"}
+
+
+# --------------------------------------------------------------------------- the Slurm tests' container
+
+
+def test_container_standin_hides_the_slurm_client(tmp_path):
+    """tests/slurm/fake-apptainer, the container of the preemption tests, really leaves the
+    job without Slurm: no scontrol/sbatch/srun on PATH or at their paths, no munge socket,
+    while the job's own Python and environment work as in an image."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("the stand-in needs root and unshare (a private mount namespace)")
+    image = tmp_path / "stampbatch.sif"
+    image.write_bytes(b"")
+    probe = ("import os, shutil, subprocess\n"
+             "print([shutil.which(n) for n in ('scontrol', 'sbatch', 'srun', 'squeue')])\n"
+             "try:\n    subprocess.run(['/usr/bin/scontrol', 'ping'])\n"
+             "except OSError as exc:\n    print(type(exc).__name__)\nelse:\n    print('ran')\n"
+             "print(os.listdir('/run/munge') if os.path.isdir('/run/munge') else 'no munge')\n"
+             "print(os.environ['PROBE'])\n")
+    out = subprocess.run([str(REPO / "tests" / "slurm" / "fake-apptainer"), "exec", "--nv",
+                          "--bind", str(tmp_path), str(image), sys.executable, "-c", probe],
+                         capture_output=True, text=True, env={**os.environ, "PROBE": "passed"},
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "[None, None, None, None]"
+    # hidden (not executable), not merely off PATH
+    assert lines[1] == ("PermissionError" if Path("/usr/bin/scontrol").exists()
+                        else "FileNotFoundError")
+    assert lines[2] in ("[]", "no munge") and lines[3] == "passed"
+    missing = subprocess.run([str(REPO / "tests" / "slurm" / "fake-apptainer"), "exec",
+                              str(tmp_path / "none.sif"), "true"], capture_output=True, text=True)
+    assert missing.returncode == 255 and "does not exist" in missing.stderr

@@ -4,10 +4,13 @@ Slurm of tests/slurm/up.sh (marked ``slurm``)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
-import multiprocessing
+import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import REPO, gaussian_stamps
 
-from stampbatch import cli, launch, store, train
+from stampbatch import cli, job_status, launch, store, train, train_job
 from stampbatch.errors import UsageError
 
 ALL_ARCHS = ["simple", "simple_bn", "vgg6", "resnet50"]
@@ -76,7 +79,7 @@ mem_gb = 1
 
 
 def read_manifest(runs: Path) -> dict:
-    return json.loads((runs / launch.MANIFEST_NAME).read_text())
+    return json.loads((runs / job_status.MANIFEST_NAME).read_text())
 
 
 def assert_complete_run(run_dir: Path, arch: str, epochs: int) -> dict:
@@ -258,6 +261,59 @@ container_binds = ["/scratch:/data"]
     assert f"singularity exec --bind {runs}," in script and "--nv" not in script
 
 
+def test_dry_run_script_requeues_from_the_host_after_srun(tmp_path, train_store, capsys):
+    path = job_file(tmp_path, train_store, ["simple"])
+    assert cli.main(["launch", str(path), "--dry-run", "--time", "90"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --time=90\n" in script  # a bare number is minutes, as sbatch reads it
+    folder = (tmp_path / "runs").absolute() / launch.SUBMITIT_DIR / "LAUNCH_ID"
+    request = f'"{folder}/requeue-${{SLURM_JOB_ID}}"'
+    lines = script.splitlines()
+    srun = next(i for i, ln in enumerate(lines) if ln.startswith("srun "))
+    assert lines.index(f"export {train_job.REQUEUE_ENV}={request}") < srun
+    check = lines.index(f"if [ -s {request} ]; then")
+    assert check > srun and 'if scontrol requeue "$_sb_job"; then' in map(str.strip, lines[check:])
+
+
+@pytest.mark.parametrize("text, minutes", [
+    ("30", 30), ("0:30", 1), ("1:00", 1), ("2:30:00", 150), ("1-0", 1440), ("1-2:30", 1590),
+    ("0-0:0:59", 1), ("  45 ", 45),
+])
+def test_slurm_time_limits_read_as_slurm_reads_them(text, minutes):
+    assert launch.slurm_minutes(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1h", "-5", "0", "0:00", "1.5", "1:2:3:4"])
+def test_bad_time_limit_is_a_usage_error(tmp_path, train_store, text, capsys):
+    path = job_file(tmp_path, train_store, ["simple"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["launch", str(path), "--dry-run", f"--time={text}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--time" in err[-1] and ("Slurm time limit" in err[-1] or "positive" in err[-1])
+
+
+def test_submitit_private_sbatch_writer_takes_our_parameters(tmp_path, train_store):
+    """``launch.sbatch_script`` (the --dry-run text) calls submitit's private
+    ``submitit.slurm.slurm._make_sbatch_string``; pyproject bounds submitit below 1.6 for it.
+    A newer submitit that renames it or its parameters fails here, naming the call."""
+    import inspect
+
+    import submitit.slurm.slurm as submitit_slurm
+
+    writer = getattr(submitit_slurm, "_make_sbatch_string", None)
+    assert writer is not None, "submitit.slurm.slurm._make_sbatch_string is gone"
+    spec = launch.load_spec(job_file(tmp_path, train_store, ["simple"]))
+    params = launch.slurm_parameters(spec, tmp_path / "%j")
+    try:
+        inspect.signature(writer).bind(command="true", folder=tmp_path, map_count=None,
+                                       **params)
+    except TypeError as exc:
+        raise AssertionError(f"submitit.slurm.slurm._make_sbatch_string no longer takes "
+                             f"{sorted(params)}: {exc}") from None
+    assert "#SBATCH --signal=USR2@30" in launch.sbatch_script(spec, [], tmp_path / "%j")
+
+
 @pytest.mark.slurm
 def test_slurm_accepts_the_generated_script(slurm_cluster, tmp_path, train_store):
     path = job_file(tmp_path, train_store, ["simple", "vgg6"], slurm="gpus_per_job = 1")
@@ -286,75 +342,6 @@ def test_slurm_refusal_is_one_line_and_leaves_nothing(slurm_cluster, tmp_path, t
     assert not (tmp_path / "runs").exists()
 
 
-# --------------------------------------------------------------------------- the manifest
-
-
-def _append_many(runs: str, worker: int, count: int) -> None:
-    for i in range(count):
-        launch.append_manifest(Path(runs), {"id": f"{worker}-{i}", "jobs": []})
-
-
-def test_manifest_appends_are_atomic_and_never_lost(tmp_path):
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_append_many, args=(str(runs), w, 10)) for w in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    ids = [r["id"] for r in read_manifest(runs)["launches"]]
-    assert sorted(ids) == sorted(f"{w}-{i}" for w in range(4) for i in range(10))
-    for w in range(4):  # each writer's launches in its own order
-        mine = [i for i in ids if i.startswith(f"{w}-")]
-        assert mine == [f"{w}-{i}" for i in range(10)]
-    before = (runs / launch.MANIFEST_NAME).read_bytes()
-    with pytest.raises(TypeError):
-        launch.append_manifest(runs, {"id": "bad", "jobs": [object()]})
-    assert (runs / launch.MANIFEST_NAME).read_bytes() == before
-    assert sorted(p.name for p in runs.iterdir() if "partial" in p.name) == []
-    (runs / launch.MANIFEST_NAME).write_text("{not json")
-    with pytest.raises(launch.LaunchError, match="unreadable launch manifest"):
-        launch.read_manifest(runs)
-
-
-def test_error_line_of_a_job_log(tmp_path):
-    log = tmp_path / "12_0_0_log.err"
-    log.write_text(
-        "submitit INFO (2026-01-01 00:00:00,000) - Starting with JobEnvironment(...)\n"
-        "E0000 00:00:1795641704.838074 cuda_platform.cc:52] failed call to cuInit: CUDA error\n"
-        "Traceback (most recent call last):\n"
-        '  File "/x/train.py", line 1, in train_run\n'
-        "    raise ValueError('first')\n"
-        "ValueError: first\n\n"
-        "The above exception was the direct cause of the following exception:\n\n"
-        "Traceback (most recent call last):\n"
-        '  File "/x/launch.py", line 2, in __call__\n'
-        "stampbatch.train.TrainError: /data/train.h5: every label is 0 (no-source)\n"
-        "  with a second line\n"
-        "srun: error: vm: task 0: Exited with exit code 1\n")
-    assert launch._error_line(log) == "TrainError: /data/train.h5: every label is 0 (no-source)"
-    with open(log, "a") as fh:
-        fh.write("slurmstepd-vm: error: *** JOB 12 ON vm CANCELLED AT 2026-01-01T00:00:09 ***\n"
-                 "E0000 00:00:1795641709.1 cuda_platform.cc:52] failed call to cuInit: error\n")
-    assert launch._error_line(log, killed=True).startswith("slurmstepd-vm: error: *** JOB 12")
-    assert launch._error_line(log).startswith("TrainError:")  # the job raised: its exception
-    log.write_text("slurmstepd: error: Detected 1 oom-kill event(s) in StepId=12.0.\n"
-                   "I0000 cudart_stub.cc:31] Could not find cuda drivers\n")
-    assert launch._error_line(log).startswith("slurmstepd: error: Detected 1 oom-kill")
-    assert launch._error_line(tmp_path / "missing.err") is None
-
-
-def test_status_and_collect_without_runs(tmp_path, capsys):
-    (tmp_path / "runs").mkdir()
-    assert cli.main(["status", str(tmp_path / "runs")]) == 2
-    assert "no launch-manifest.json" in capsys.readouterr().err
-    assert cli.main(["collect", str(tmp_path / "runs")]) == 1
-    assert "no finished runs yet" in capsys.readouterr().err
-    assert cli.main(["status", str(tmp_path / "nowhere")]) == 2
-
-
 # --------------------------------------------------------------------------- local executor
 
 
@@ -379,7 +366,7 @@ def test_local_executor_trains_and_reports_a_failed_job(tmp_path, train_store, c
     assert [j["arch"] for j in record["jobs"]] == ["simple", "simple_bn"]
     assert record["jobs"][1]["data"] == str(bad)
 
-    statuses = {s.arch: s for s in launch.job_statuses(runs)}
+    statuses = {s.arch: s for s in job_status.job_statuses(runs)}
     assert statuses["simple"].state == "COMPLETED" and statuses["simple"].error is None
     failed = statuses["simple_bn"]
     assert failed.state == "FAILED"
@@ -415,16 +402,16 @@ def test_slurm_trains_two_architectures(slurm_cluster, tmp_path, train_store, ca
     assert record["spec"]["data"] == str(train_store)
     assert record["submitted_at"].endswith("Z") and record["folder"].endswith("/%j")
 
-    statuses = launch.wait_for_jobs(record, poll_s=1.0, timeout_s=300)
+    statuses = job_status.wait_for_jobs(record, poll_s=1.0, timeout_s=300)
     assert [s.state for s in statuses] == ["COMPLETED", "COMPLETED"]
     for arch in ("simple", "vgg6"):
         assert_complete_run(runs / arch, arch, 1)
-        assert f"job {array_id}_" in (runs / arch / launch.EVENTS_NAME).read_text()
+        assert f"job {array_id}_" in (runs / arch / train_job.EVENTS_NAME).read_text()
 
     # sacct lags the controller: the final state must still come back from the scheduler
     deadline = time.monotonic() + 30
-    while launch._slurm_states([f"{array_id}_0", f"{array_id}_1"]) != \
-            {f"{array_id}_0": "COMPLETED", f"{array_id}_1": "COMPLETED"}:
+    while job_status._slurm_states([f"{array_id}_0", f"{array_id}_1"]) != \
+            {f"{array_id}_0": ("COMPLETED", ""), f"{array_id}_1": ("COMPLETED", "")}:
         assert time.monotonic() < deadline, "sacct never reported COMPLETED"
         time.sleep(1)
     tres = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,AllocTRES", "-j", array_id],
@@ -446,52 +433,185 @@ def test_slurm_trains_two_architectures(slurm_cluster, tmp_path, train_store, ca
           f"{time.monotonic() - t0:.1f} s")
 
 
+FAKE_APPTAINER = REPO / "tests" / "slurm" / "fake-apptainer"
+
+
+def container_standin(tmp_path: Path, monkeypatch) -> str:
+    """[slurm] lines that run each job in the container stand-in: an "apptainer" on PATH
+    whose jobs run in a mount namespace without any Slurm client or munge socket."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").symlink_to(FAKE_APPTAINER)
+    image = tmp_path / "stampbatch.sif"
+    image.write_bytes(b"")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return f'container_image = "{image}"\ncontainer_python = "{sys.executable}"\n'
+
+
+def epochs_lasting(data: Path, seconds: float, tmp_path: Path) -> int:
+    """How many epochs of the test jobs' training (``simple``, batch 64, ``data``) take about
+    ``seconds`` on this machine now: the difference of a 2- and a 6-epoch run after a warm-up
+    run, so TensorFlow's start-up and tracing do not count. Kept within [100, 600]: a job
+    slower than measured (a loaded machine) only requeues more often."""
+    config = train.TrainConfig(epochs=1, batch_size=64, patience=0)
+    took = []
+    for epochs in (1, 2, 6):
+        t0 = time.monotonic()
+        train.train_run(data, "simple", tmp_path / f"calibrate-{epochs}",
+                        dataclasses.replace(config, epochs=epochs), progress=False)
+        took.append(time.monotonic() - t0)
+    per_epoch = (took[2] - took[1]) / 4
+    return min(600, max(100, round(seconds / per_epoch))) if per_epoch > 0 else 150
+
+
+def follow_history(record: dict, run_dir: Path, timeout_s: float, *,
+                   until_epoch: int | None = None) -> list[list[float]]:
+    """Poll the job (and the run directory's history.json) until it ends, or until the
+    checkpoint reaches ``until_epoch``; return every distinct loss history seen."""
+    seen: list[list[float]] = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            loss = json.loads((run_dir / "history.json").read_text())["loss"]
+            if not seen or loss != seen[-1]:
+                seen.append(loss)
+        if until_epoch is not None and train.run_state(run_dir)["epoch"] >= until_epoch:
+            return seen
+        status = job_status.statuses_of([(record, record["jobs"][0])])[0]
+        if not status.active:
+            return seen
+        assert time.monotonic() < deadline, f"job still {status.state} after {timeout_s} s"
+        time.sleep(0.5)
+
+
+def assert_resumed_run(record: dict, run_dir: Path, epochs: int, seen: list[list[float]],
+                       container: bool) -> str:
+    """The job completed all epochs once each, every history seen on the way is a prefix of
+    the final one, and it was interrupted and resumed from the host; returns launch.log."""
+    status = job_status.wait_for_jobs(record, poll_s=1.0, timeout_s=120)[0]
+    assert status.state == "COMPLETED", status.error
+    metrics = assert_complete_run(run_dir, "simple", epochs)
+    assert metrics["epochs_run"] == epochs
+    final = json.loads((run_dir / "history.json").read_text())["loss"]
+    for partial in seen:  # continuous: epochs trained before an interruption are kept
+        assert final[:len(partial)] == partial
+    events = (run_dir / train_job.EVENTS_NAME).read_text()
+    assert "interrupted after epoch" in events, events
+    resumed = re.findall(r"\(restart (\d+)\): resuming at epoch (\d+)/", events)
+    assert resumed, events
+    log = status.log.read_text()
+    assert "stampbatch: requeued job" in log and "from the host" in log
+    assert "resuming from epoch" in log
+    submitted = next(Path(record["folder"]).parent.rglob("*_submission.sh")).read_text()
+    assert ("apptainer exec" in submitted) == container
+    return events
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_slurm_interrupted_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
-    import submitit
-
-    data = make_store(tmp_path / "big.h5", 20_000)
-    path = job_file(tmp_path, data, ["simple"], epochs=4)
-    spec = launch.load_spec(path)
-    runs = tmp_path / "runs"
-    run_dir = runs / "simple"
+@pytest.mark.parametrize("container", [False, True], ids=["host", "container"])
+def test_slurm_time_limit_requeues_and_resumes(slurm_cluster, tmp_path, monkeypatch, container):
+    # A real time limit: --time=2 with USR2 30 s before it (Slurm sends it 70-90 s after the
+    # start here); training sized to ~150 s cannot fit in one run, so the job must requeue.
+    slurm = "max_requeues = 8\n" + (container_standin(tmp_path, monkeypatch) if container else "")
+    data = make_store(tmp_path / "train.h5", 6000)
+    epochs = epochs_lasting(data, 150, tmp_path)
+    path = job_file(tmp_path, data, ["simple"], epochs=epochs, time_min=2, slurm=slurm)
     t0 = time.monotonic()
-    record = launch.launch(spec, spec_file=path)
-    entry = record["jobs"][0]
-    job = submitit.SlurmJob(folder=record["folder"], job_id=entry["job_id"])
+    record = launch.launch(launch.load_spec(path), spec_file=path)
+    run_dir = tmp_path / "runs" / "simple"
+    seen = follow_history(record, run_dir, 900)
+    events = assert_resumed_run(record, run_dir, epochs, seen, container)
+    print(f"time limit ({'container' if container else 'host'}): "
+          f"{events.count('interrupted after epoch')} requeue(s), done in "
+          f"{time.monotonic() - t0:.0f} s")
 
-    deadline = time.monotonic() + 240
-    while train.run_state(run_dir)["epoch"] < 1:  # the first epoch checkpoint is committed
-        assert time.monotonic() < deadline, "no epoch checkpoint within 240 s"
-        assert not (runs / "simple" / "FAILED").exists()
-        time.sleep(0.2)
-    before = json.loads((run_dir / "history.json").read_text())
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("container", [False, True], ids=["host", "container"])
+def test_slurm_preempted_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path, monkeypatch,
+                                                         container):
+    # Real preemption: a job in partition 'urgent' (higher priority tier) needs both CPUs;
+    # Slurm sends the training job USR2 (preempt_send_user_signal) and requeues it.
+    slurm = container_standin(tmp_path, monkeypatch) if container else ""
+    data = make_store(tmp_path / "train.h5", 6000)
+    epochs = 25
+    path = job_file(tmp_path, data, ["simple"], epochs=epochs, time_min=10, slurm=slurm)
+    t0 = time.monotonic()
+    record = launch.launch(launch.load_spec(path), spec_file=path)
+    run_dir = tmp_path / "runs" / "simple"
+    seen = follow_history(record, run_dir, 300, until_epoch=2)
+    committed = train.run_state(run_dir)["epoch"]  # epochs checkpointed before preemption
     # a second launch for the same architecture must not race the running job
     with pytest.raises(UsageError, match="job .* of an earlier launch is still"):
-        launch.launch(spec, spec_file=path)
-    job._interrupt()  # SIGTERM then USR2: what Slurm sends on preemption
-    interrupted_at = time.monotonic() - t0
+        launch.launch(launch.load_spec(path), spec_file=path)
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "2", "--mem=1G",
+                             "-o", "/dev/null", "--wrap", "sleep 5"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    preempted_at = time.monotonic() - t0
+    seen += follow_history(record, run_dir, 600)
+    events = assert_resumed_run(record, run_dir, epochs, seen, container)
+    resumed_at = [int(e) for _, e in re.findall(r"\(restart (\d+)\): resuming at epoch "
+                                                r"(\d+)/", events)]
+    assert committed >= 2 and resumed_at[0] >= committed  # no checkpointed epoch redone
+    state = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", urgent],
+                           capture_output=True, text=True).stdout.split()
+    assert state[:1] in (["COMPLETED"], []), state  # accounting may lag; never a failure
+    print(f"preemption ({'container' if container else 'host'}) after {preempted_at:.0f} s, "
+          f"{events.count('interrupted after epoch')} interruption(s), done in "
+          f"{time.monotonic() - t0:.0f} s")
 
-    statuses = launch.wait_for_jobs(record, poll_s=1.0, timeout_s=300)
-    assert statuses[0].state == "COMPLETED", statuses[0].error
-    metrics = assert_complete_run(run_dir, "simple", 4)
-    history = json.loads((run_dir / "history.json").read_text())
-    k = len(before["loss"])
-    assert 1 <= k < 4
-    for key in before:  # epochs trained before the interruption are kept, not redone
-        assert history[key][:k] == before[key]
-    events = (run_dir / launch.EVENTS_NAME).read_text()
-    assert "starting simple, 4 epochs" in events
-    assert "interrupted after epoch" in events
-    resumed = [ln for ln in events.splitlines() if "(restart 1): resuming at epoch" in ln]
-    assert resumed, events
-    epoch_at_resume = int(resumed[0].split("resuming at epoch ")[1].split("/")[0])
-    assert epoch_at_resume >= k
-    assert f"resuming from epoch {epoch_at_resume} of 4" in statuses[0].log.read_text()
-    assert metrics["epochs_run"] == 4
-    print(f"slurm interrupt after {interrupted_at:.1f} s (epoch {k}), resumed at epoch "
-          f"{epoch_at_resume}, done in {time.monotonic() - t0:.1f} s")
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_exhausted_requeues_end_with_one_line_naming_the_log(slurm_cluster, tmp_path,
+                                                                   capsys):
+    data = make_store(tmp_path / "train.h5", 6000)
+    epochs = epochs_lasting(data, 150, tmp_path)  # longer than --time=2 allows
+    path = job_file(tmp_path, data, ["simple"], epochs=epochs, time_min=2,
+                    slurm="max_requeues = 0")
+    record = launch.launch(launch.load_spec(path), spec_file=path)
+    status = job_status.wait_for_jobs(record, poll_s=1.0, timeout_s=400)[0]
+    assert status.state == "FAILED"
+    assert "(max_requeues = 0)" in status.error and str(status.log) in status.error
+    assert re.match(rf"stopped at epoch \d+/{epochs}: preempted or timed out again",
+                    status.error)
+    assert cli.main(["status", str(tmp_path / "runs")]) == 1
+    out = capsys.readouterr().out
+    assert f"  error: {status.error}" in out
+    assert "timed-out too many times" in status.log.read_text()
+
+
+@pytest.mark.slurm
+def test_job_no_node_can_take_stops_wait_with_one_line(slurm_cluster, tmp_path, train_store,
+                                                       capsys):
+    # 8 CPUs on a 2-CPU node: sbatch accepts it, Slurm keeps it PENDING (PartitionConfig)
+    path = job_file(tmp_path, train_store, ["simple"])
+    path.write_text(path.read_text().replace("cpus_per_task = 1", "cpus_per_task = 8"))
+    runs = tmp_path / "runs"
+    t0 = time.monotonic()
+    waited = subprocess.run([sys.executable, "-m", "stampbatch", "launch", str(path), "--wait",
+                             "--poll", "1"], capture_output=True, text=True, timeout=120)
+    try:
+        job_id = read_manifest(runs)["launches"][0]["jobs"][0]["job_id"]
+        assert waited.returncode == 1
+        err = waited.stderr.strip().splitlines()
+        assert err[-1] == (
+            f"stampbatch launch: error: job {job_id} can never start: PENDING (PartitionConfig): "
+            f"the request (8 CPUs, 1.0 GB, 0 GPUs, 10 min, partition debug) requests more CPUs, "
+            f"memory or GPUs than any node of the partition has; change [slurm] in the job file, "
+            f"then scancel {job_id} and launch again")
+        assert "simple PENDING (PartitionConfig)" in waited.stderr  # the live status line
+        assert cli.main(["status", str(runs)]) == 1
+        out = capsys.readouterr().out
+        row = out.splitlines()[1].split()
+        assert row[:4] == ["simple", job_id, "PENDING", "(PartitionConfig)"]
+        assert f"  error: job {job_id} can never start: PENDING (PartitionConfig)" in out
+    finally:
+        subprocess.run(["scancel", str(read_manifest(runs)["launches"][0]["jobs"][0]["job_id"])],
+                       check=False)
+    print(f"never-starting job reported in {time.monotonic() - t0:.1f} s")
 
 
 @pytest.mark.slurm
@@ -534,11 +654,11 @@ def test_slurm_cancelled_job_is_reported_with_slurms_message(slurm_cluster, tmp_
     record = launch.launch(launch.load_spec(path), spec_file=path)
     job_id = record["jobs"][0]["job_id"]
     deadline = time.monotonic() + 120
-    while launch.statuses_of([(record, record["jobs"][0])])[0].state != "RUNNING":
+    while job_status.statuses_of([(record, record["jobs"][0])])[0].state != "RUNNING":
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(0.5)
     subprocess.run(["scancel", job_id], check=True)
-    status = launch.wait_for_jobs(record, poll_s=1.0, timeout_s=120)[0]
+    status = job_status.wait_for_jobs(record, poll_s=1.0, timeout_s=120)[0]
     assert status.state == "CANCELLED"
     # Slurm's verdict, not the lines the job went on logging during KillWait
     assert status.error.startswith("slurmstepd")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import gaussian_stamps
+from conftest import IN_CI, gaussian_stamps
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -22,6 +26,7 @@ from stampbatch.errors import UsageError
 from stampbatch.store import StoreError
 from stampbatch.train import (
     FIGURES,
+    LOCK_FILE,
     StampStream,
     TrainConfig,
     TrainError,
@@ -72,8 +77,9 @@ def vgg6_run(data, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    """Every file's (mtime, size), but the lock file (each trainer writes its pid into it)."""
     return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size)
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 # --------------------------------------------------------------------------- configuration
@@ -402,6 +408,131 @@ def test_interrupted_run_resumes_from_checkpoint(data, tmp_path):
     ckpt = json.loads((out / "checkpoint" / "state.json").read_text())
     resumed = keras.models.load_model(out / "checkpoint" / ckpt["model_file"], safe_mode=True)
     assert int(resumed.optimizer.iterations) == 2 * 7
+
+
+# A trainer in its own process, as a Slurm job or `stampbatch train` runs it; argv: store,
+# run directory, epochs, learning rate, and "E:B" to SIGKILL itself after batch B of epoch E
+# (0-based) or "-". vgg6: it has dropout, whose random state must be restored too.
+TRAINER = r"""
+import os, signal, sys
+import keras
+from stampbatch.train import TrainConfig, train_run
+store, out, epochs, rate, kill_at = sys.argv[1:6]
+kill = tuple(int(x) for x in kill_at.split(":")) if kill_at != "-" else None
+class Kill(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+config = TrainConfig(epochs=int(epochs), batch_size=32, patience=0, learning_rate=float(rate))
+train_run(store, "vgg6", out, config, progress=False, callbacks=[Kill()])
+"""
+EXACT_N = 320  # 224 training stamps: 7 full batches of 32 per epoch, no partial batch
+
+
+def run_trainer(data: Path, out: Path, epochs: int = 2, *, kill_at: str = "-",
+                rate: float = 0.01, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([*prefix, sys.executable, "-c", TRAINER, str(data), str(out),
+                           str(epochs), str(rate), kill_at], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def finished_run(out: Path) -> tuple[dict, np.ndarray]:
+    """(history, test probabilities) of a finished run directory."""
+    history = json.loads((out / "history.json").read_text())
+    with np.load(out / "predictions.npz") as npz:
+        return history, npz["probability"].copy()
+
+
+@pytest.fixture(scope="module")
+def exact_data(tmp_path_factory) -> tuple[Path, tuple[dict, np.ndarray]]:
+    """A store whose training split is whole batches, and an uninterrupted 2-epoch run."""
+    path = write_labelled_store(tmp_path_factory.mktemp("exact") / "train.h5", EXACT_N)
+    labels = store.read_labels(path).astype(np.int64)
+    assert len(split_rows(labels, tiny())["train"]) % 32 == 0
+    out = path.parent / "uninterrupted"
+    done = run_trainer(path, out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return path, finished_run(out)
+
+
+@pytest.mark.slow
+def test_run_killed_in_epoch_2_resumes_exactly(exact_data, tmp_path):
+    data, (history, probability) = exact_data
+    out = tmp_path / "run"
+    killed = run_trainer(data, out, kill_at="1:3")  # SIGKILL after batch 4 of epoch 2
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert run_state(out)["epoch"] == 1 and not (out / "metrics.json").exists()
+    resumed = run_trainer(data, out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # optimizer state, dropout and augmentation randomness and data order all restored
+    got_history, got_probability = finished_run(out)
+    assert got_history == history
+    assert np.array_equal(got_probability, probability)
+
+
+@pytest.mark.slow
+def test_trainer_killed_at_every_checkpoint_step_resumes(exact_data, tmp_path):
+    """SIGKILL just before each rename that commits a file (strace fault injection): config,
+    split, then per epoch the best weights, the epoch model, state.json and history.json, then
+    the final model and metrics. Every directory left behind resumes to the same result."""
+    if shutil.which("strace") is None:
+        message = "strace is missing (make test installs it)"
+        pytest.fail(message) if IN_CI else pytest.skip(message)
+    data, (history, probability) = exact_data
+    renames = "rename,renameat,renameat2"
+    # 1-9: config.toml .. the last epoch's history (this run's epoch 2 does not improve, so it
+    # writes no best weights); 10: the final model.keras; 18: metrics.json, the last write
+    points = [*range(1, 10), 10, 18]
+    for k in points:
+        out = tmp_path / f"kill-{k}"
+        strace = ("strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={renames}",
+                  "-e", f"inject={renames}:signal=KILL:when={k}")
+        killed = run_trainer(data, out, prefix=strace)
+        assert killed.returncode == -signal.SIGKILL or "killed by SIGKILL" in killed.stderr, \
+            (k, killed.returncode, killed.stderr[-2000:])
+        assert not (out / "metrics.json").exists(), k
+        resumed = run_trainer(data, out)
+        assert resumed.returncode == 0, (k, resumed.stderr[-2000:])
+        got_history, got_probability = finished_run(out)
+        assert got_history == history, k
+        assert np.array_equal(got_probability, probability), k
+        assert run_state(out)["status"] == "done" and not list(out.rglob("*.partial*")), k
+
+
+def test_second_trainer_on_a_locked_run_directory_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "f.write('pid 4242 on node7'); f.flush(); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(60)", str(out / LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TrainError, match=r"run: in use by pid 4242 on node7 \(training "
+                                             r"into it now\)"):
+            train_run(data, "simple", out, tiny(), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+
+
+@pytest.mark.slow
+def test_rerun_after_divergence_with_a_lower_rate(exact_data, tmp_path):
+    data, (history, probability) = exact_data
+    out = tmp_path / "run"
+    diverged = run_trainer(data, out, rate=1e12)
+    assert "diverged" in diverged.stderr and "lower the learning rate" in diverged.stderr
+    assert run_state(out)["status"] == "failed" and run_state(out)["epoch"] == 0
+    again = run_trainer(data, out)  # the checkpoint holds no epoch: other settings are fine
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert read_run_config(out)[2].learning_rate == 0.01
+    got_history, got_probability = finished_run(out)
+    assert got_history == history and np.array_equal(got_probability, probability)
 
 
 @pytest.mark.slow

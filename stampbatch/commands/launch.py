@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--executor", choices=EXECUTOR_CHOICES,
                    help="slurm, local (submitit's local executor), or auto (default: the "
                         "file's, else slurm when sbatch is on PATH)")
+    p.add_argument("--time", type=_time_limit, metavar="LIMIT", dest="time_min",
+                   help="time limit per job, as sbatch reads it: a bare number is minutes "
+                        "(30 = half an hour), or HH:MM:SS, D-HH:MM:SS (overrides [slurm] "
+                        "time_min); a job that reaches it checkpoints and is requeued")
     p.add_argument("--wait", action="store_true",
                    help="follow the jobs with a live status line until all end, then print a "
                         "summary and write the report")
@@ -57,8 +61,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_collect)
 
 
+def _time_limit(text: str) -> int:
+    from stampbatch.launch import slurm_minutes
+
+    try:
+        return slurm_minutes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run_launch(args: argparse.Namespace) -> int:
-    from stampbatch import launch
+    from stampbatch import job_status, launch
 
     if args.spec is not None:
         spec = launch.load_spec(args.spec)
@@ -67,7 +80,8 @@ def run_launch(args: argparse.Namespace) -> int:
     else:
         raise UsageError("give a job file (SPEC.toml) or at least --data")
     spec = launch.apply_options(spec, data=args.data, architectures=args.architectures,
-                                epochs=args.epochs, runs=args.runs, executor=args.executor)
+                                epochs=args.epochs, runs=args.runs, executor=args.executor,
+                                time_min=args.time_min)
     source = str(args.spec) if args.spec is not None else "command line"
     plans = launch.resolve(spec, source)
     if args.dry_run:
@@ -85,18 +99,18 @@ def run_launch(args: argparse.Namespace) -> int:
     runs = Path(record["spec"]["runs"])
     ids = ", ".join(f"{j['arch']} {j['job_id']}" for j in record["jobs"])
     print(f"launched {len(record['jobs'])} job(s) ({record['executor']}): {ids}")
-    print(f"manifest: {launch.manifest_path(runs)}")
+    print(f"manifest: {job_status.manifest_path(runs)}")
     if not args.wait:
         print(f"follow with: stampbatch status {runs}")
         return 0
-    statuses = launch.wait_for_jobs(record, poll_s=args.poll)
+    statuses = job_status.wait_for_jobs(record, poll_s=args.poll)
     return _summarise(runs, statuses)
 
 
 def _summarise(runs: Path, statuses) -> int:
-    from stampbatch import launch
+    from stampbatch import job_status, launch
 
-    print(launch.format_status(statuses))
+    print(job_status.format_status(statuses))
     done = [s for s in statuses if s.completed]
     if done:
         from stampbatch import report
@@ -111,22 +125,22 @@ def _summarise(runs: Path, statuses) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from stampbatch import launch
+    from stampbatch import job_status
 
     if not args.runs_dir.is_dir():
         raise UsageError(f"{args.runs_dir}: no such runs directory")
-    if not launch.manifest_path(args.runs_dir).exists():
-        raise UsageError(f"{args.runs_dir}: no {launch.MANIFEST_NAME} (nothing was launched "
+    if not job_status.manifest_path(args.runs_dir).exists():
+        raise UsageError(f"{args.runs_dir}: no {job_status.MANIFEST_NAME} (nothing was launched "
                          f"into this directory)")
-    statuses = launch.job_statuses(args.runs_dir)
-    print(launch.format_status(statuses))
+    statuses = job_status.job_statuses(args.runs_dir)
+    print(job_status.format_status(statuses))
     return 1 if any(s.error for s in statuses) else 0
 
 
 def run_collect(args: argparse.Namespace) -> int:
-    from stampbatch import launch
+    from stampbatch import job_status
 
-    path, unfinished = launch.collect(args.runs_dir)
+    path, unfinished = job_status.collect(args.runs_dir)
     print(f"report: {path}")
     if unfinished:
         print("not completed:")
