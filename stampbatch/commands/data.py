@@ -29,10 +29,14 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="write simulated stamps (labelled, or unlabelled candidates)",
-                       description="Simulate co-added 21x21 stamps: point sources of SNR 3-100 with "
-                                   "Gaussian/Moffat PSFs and hard negatives, written to an HDF5 store.")
+                       description="Simulate 21x21 survey stamps: a source (point, compact galaxy "
+                                   "or saturated star, SNR 3-100) at the centre or not, in fields of "
+                                   "other stars and galaxies, on science, sky-subtracted and "
+                                   "difference-image backgrounds, with hard negatives; written to an "
+                                   "HDF5 store.")
     p.add_argument("out", type=Path, metavar="OUT.h5")
-    p.add_argument("--n", type=positive_int, required=True, help="number of stamps")
+    p.add_argument("--n", type=positive_int, default=30_000,
+                   help="number of stamps (default 30000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--candidates", action="store_true",
                    help="write an unlabelled candidate file (truth kept in /meta for evaluation)")
