@@ -44,11 +44,10 @@ import numpy as np
 from stampbatch import store
 from stampbatch.config import from_mapping, load_toml, to_toml
 from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.metrics import compute_metrics
 from stampbatch.models import build_model, check_architecture, count_macs
 from stampbatch.preprocess import normalize_with_mask
 
-SNR_BIN_EDGES: tuple[float, ...] = (3, 5, 7, 10, 15, 20, 30, 50, 100)
-SNR_SUMMARY_MIN = 7.0
 OPTIMIZERS = ("sgd", "adam")
 CLASS_WEIGHTS = ("balanced", "none")
 
@@ -404,123 +403,6 @@ def predict_rows(model, path: Path, rows: np.ndarray, *, read_rows: int = PREDIC
     return prob, labels, finite
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def operating_point(labels: np.ndarray, probabilities: np.ndarray, target_fpr: float
-                    ) -> dict[str, float]:
-    """The lowest threshold whose false-positive rate (P >= threshold) is at most target_fpr.
-
-    Returns ``{"target_fpr", "threshold", "fpr", "completeness"}``. When even the highest
-    score of a negative is shared by too many negatives, the threshold lies just above all
-    scores (nothing is selected).
-    """
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, thr = roc_curve(labels, probabilities, drop_intermediate=False)
-    i = int(np.flatnonzero(fpr <= target_fpr)[-1])
-    threshold = float(thr[i])
-    if not math.isfinite(threshold):
-        threshold = float(np.nextafter(np.float64(np.max(probabilities)), np.inf))
-    return {"target_fpr": float(target_fpr), "threshold": threshold, "fpr": float(fpr[i]),
-            "completeness": float(tpr[i])}
-
-
-def _thin_curve(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 400
-                ) -> dict[str, list[float]]:
-    if len(fpr) > max_points:
-        keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
-        fpr, tpr = fpr[keep], tpr[keep]
-    return {"fpr": [round(float(v), 6) for v in fpr], "tpr": [round(float(v), 6) for v in tpr]}
-
-
-def _binned_completeness(snr: np.ndarray, detected: np.ndarray, edges: np.ndarray
-                         ) -> tuple[list[float | None], list[int]]:
-    nb = len(edges) - 1
-    idx = np.searchsorted(edges, snr, side="right") - 1
-    idx[snr == edges[-1]] = nb - 1  # the last bin is closed, as in np.histogram
-    inside = (idx >= 0) & (idx < nb)
-    counts = np.bincount(idx[inside], minlength=nb)
-    hits = np.bincount(idx[inside], weights=detected[inside].astype(np.float64), minlength=nb)
-    completeness = [float(h / c) if c else None for h, c in zip(hits, counts, strict=True)]
-    return completeness, [int(c) for c in counts]
-
-
-def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, snr: np.ndarray | None = None,
-                    kind: np.ndarray | None = None, target_fpr: float = 0.01,
-                    bin_edges: Sequence[float] = SNR_BIN_EDGES) -> dict[str, Any]:
-    """Classification metrics of P(source) against true labels (both classes must be present).
-
-    At threshold 0.5 (P >= 0.5 is "source"): accuracy, precision, recall, confusion matrix
-    (rows = true class 0/1, columns = predicted), completeness of the sources in SNR bins
-    (``snr``: per-stamp SNR, used for label-1 stamps) and the false-positive rate of each
-    kind of negative (``kind``: per-stamp string, used for label-0 stamps). Threshold-free:
-    ROC AUC and a thinned ROC curve. At the operating point (the threshold giving
-    FPR <= ``target_fpr`` on the negatives): completeness overall and per SNR bin.
-    """
-    from sklearn.metrics import (
-        accuracy_score,
-        confusion_matrix,
-        precision_score,
-        recall_score,
-        roc_auc_score,
-        roc_curve,
-    )
-
-    y = np.asarray(labels).astype(np.int64).ravel()
-    p = np.asarray(probabilities, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"{len(y)} labels but {len(p)} probabilities")
-    if not np.isfinite(p).all():
-        raise ValueError("probabilities must be finite (drop unscorable stamps first)")
-    if set(np.unique(y).tolist()) != {0, 1}:
-        raise ValueError("labels must hold both classes (0 and 1)")
-    pred = (p >= 0.5).astype(np.int64)
-    fpr, tpr, _ = roc_curve(y, p)
-    op = operating_point(y, p, target_fpr)
-    out: dict[str, Any] = {
-        "accuracy": float(accuracy_score(y, pred)),
-        "roc_auc": float(roc_auc_score(y, p)),
-        "precision": float(precision_score(y, pred, zero_division=0)),
-        "recall": float(recall_score(y, pred, zero_division=0)),
-        "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
-        "operating_point": op,
-        "roc_curve": _thin_curve(fpr, tpr),
-    }
-    if snr is not None:
-        s = np.asarray(snr, dtype=np.float64).ravel()
-        if s.shape != y.shape:
-            raise ValueError(f"{len(s)} SNR values for {len(y)} stamps")
-        pos = (y == 1) & np.isfinite(s)
-        edges = np.asarray(bin_edges, dtype=np.float64)
-        comp, counts = _binned_completeness(s[pos], pred[pos] == 1, edges)
-        comp_op, _ = _binned_completeness(s[pos], p[pos] >= op["threshold"], edges)
-        bright = pos & (s >= SNR_SUMMARY_MIN)
-        n_bright = int(bright.sum())
-        out["completeness_vs_snr"] = {
-            "bin_edges": [float(e) for e in edges], "completeness": comp, "counts": counts,
-            "threshold": 0.5, "completeness_at_operating_point": comp_op,
-            "above_snr": {
-                "snr_min": SNR_SUMMARY_MIN, "count": n_bright,
-                "completeness": float(pred[bright].mean()) if n_bright else None,
-                "completeness_at_operating_point":
-                    float((p[bright] >= op["threshold"]).mean()) if n_bright else None,
-            },
-        }
-    if kind is not None:
-        k = np.asarray(kind).astype(str).ravel()
-        if k.shape != y.shape:
-            raise ValueError(f"{len(k)} kinds for {len(y)} stamps")
-        neg, pos = y == 0, y == 1
-        out["fpr_by_kind"] = {str(name): float(pred[neg & (k == name)].mean())
-                              for name in np.unique(k[neg])}
-        out["negatives_by_kind"] = {str(name): int((neg & (k == name)).sum())
-                                    for name in np.unique(k[neg])}
-        out["completeness_by_kind"] = {str(name): float(pred[pos & (k == name)].mean())
-                                       for name in np.unique(k[pos])}
-    return out
-
-
 # --------------------------------------------------------------------------- run directory
 
 
@@ -829,15 +711,34 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
                   f"NaN or Inf pixels and were skipped", file=sys.stderr)
     if state.get("best_file"):
         model.load_weights(ckpt_dir / state["best_file"])
+    calibration = _calibrate(model, store_path, split["val"])
     with _atomic(out_dir / MODEL_FILE) as tmp:
         model.save(tmp)
     _write_json(out_dir / HISTORY_FILE, state["history"])
-    return _evaluate(model, store_path, arch, out_dir, config, info, split, data, state, t_start)
+    return _evaluate(model, store_path, arch, out_dir, config, info, split, data, state, t_start,
+                     calibration)
+
+
+def _calibrate(model, store_path: Path, val_rows: np.ndarray) -> dict[str, Any]:
+    """Fit temperature scaling on the validation split and fold it into ``model``."""
+    from stampbatch import calibrate
+    from stampbatch.metrics import expected_calibration_error
+
+    margins, labels = calibrate.store_logit_margin(model, store_path, val_rows)
+    temperature = calibrate.fit_temperature(margins, labels)
+    calibrate.fold_temperature(model, temperature)
+    out: dict[str, Any] = {"method": "temperature scaling on the validation split",
+                           "temperature": temperature, "n_val": int(len(labels))}
+    if len(labels):
+        out["ece_val_before"] = expected_calibration_error(labels, calibrate.sigmoid(margins))
+        out["ece_val_after"] = expected_calibration_error(
+            labels, calibrate.sigmoid(margins / temperature))
+    return out
 
 
 def _evaluate(model, store_path: Path, arch: str, out_dir: Path, config: TrainConfig,
               info, split: dict[str, np.ndarray], data: str, state: dict[str, Any],
-              t_start: float) -> dict[str, Any]:
+              t_start: float, calibration: dict[str, Any]) -> dict[str, Any]:
     from stampbatch import plots
 
     test = split["test"]
@@ -864,6 +765,8 @@ def _evaluate(model, store_path: Path, arch: str, out_dir: Path, config: TrainCo
         **scores,
         "best_val_loss": state.get("best_val_loss"),
         "best_val_accuracy": state.get("best_val_accuracy"),
+        "calibration": {**calibration, "ece_test_after": scores["ece"],
+                        "ece_test_before": _ece_uncalibrated(y, p, calibration["temperature"])},
     }
     title = f"{arch} ({out_dir.name})"
     plots.plot_confusion_matrix(np.asarray(scores["confusion_matrix"]),
@@ -881,6 +784,15 @@ def _evaluate(model, store_path: Path, arch: str, out_dir: Path, config: TrainCo
     metrics["wall_time_s"] = float(state.get("train_time_s", 0.0)) + (time.monotonic() - t_start)
     _write_json(out_dir / METRICS_FILE, metrics)  # last: marks the run as done
     return json.loads(json.dumps(_jsonable(metrics)))
+
+
+def _ece_uncalibrated(y: np.ndarray, p: np.ndarray, temperature: float) -> float:
+    """ECE of the probabilities before the temperature was folded in (margin times T)."""
+    from stampbatch.calibrate import sigmoid
+    from stampbatch.metrics import expected_calibration_error
+
+    q = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
+    return expected_calibration_error(y, sigmoid(temperature * np.log(q / (1 - q))))
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -9,13 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import gaussian_stamps
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+from sklearn.metrics import accuracy_score, roc_auc_score
 
 from stampbatch import cli, store
 from stampbatch.errors import UsageError
@@ -27,8 +21,6 @@ from stampbatch.train import (
     TrainError,
     augment_dihedral,
     class_weights,
-    compute_metrics,
-    operating_point,
     read_run_config,
     run_state,
     split_rows,
@@ -191,77 +183,6 @@ def test_training_passes_are_reshuffled(tmp_path):
     np.testing.assert_array_equal(next(again)[0], first)  # reproducible from the seed
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def test_compute_metrics_against_scikit_learn():
-    rng = np.random.default_rng(5)
-    labels = np.r_[np.zeros(400, int), np.ones(200, int)]
-    prob = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1)
-    snr = np.where(labels == 1, rng.uniform(3, 100, 600), 0.0)
-    kind = np.where(labels == 1, "source", np.where(np.arange(600) % 2, "streak", "background"))
-    m = compute_metrics(labels, prob, snr=snr, kind=kind, target_fpr=0.05)
-    pred = (prob >= 0.5).astype(int)
-    assert m["accuracy"] == pytest.approx(accuracy_score(labels, pred))
-    assert m["roc_auc"] == pytest.approx(roc_auc_score(labels, prob))
-    assert m["precision"] == pytest.approx(precision_score(labels, pred))
-    assert m["recall"] == pytest.approx(recall_score(labels, pred))
-    assert m["confusion_matrix"] == confusion_matrix(labels, pred).tolist()
-    op = m["operating_point"]
-    neg, pos = prob[labels == 0], prob[labels == 1]
-    assert op["fpr"] == pytest.approx(np.mean(neg >= op["threshold"])) and op["fpr"] <= 0.05
-    assert op["completeness"] == pytest.approx(np.mean(pos >= op["threshold"]))
-    # the lowest such threshold: the next lower score would exceed the target FPR
-    lower = prob[prob < op["threshold"]].max()
-    assert np.mean(neg >= lower) > 0.05
-    cvs = m["completeness_vs_snr"]
-    assert cvs["bin_edges"] == [3, 5, 7, 10, 15, 20, 30, 50, 100]
-    assert sum(cvs["counts"]) == 200
-    s_pos = snr[labels == 1]
-    in_bin = (s_pos >= 10) & (s_pos < 15)
-    assert cvs["counts"][3] == in_bin.sum()
-    assert cvs["completeness"][3] == pytest.approx(np.mean(pos[in_bin] >= 0.5))
-    assert cvs["completeness_at_operating_point"][3] == pytest.approx(
-        np.mean(pos[in_bin] >= op["threshold"]))
-    bright = s_pos >= 7
-    assert cvs["above_snr"]["count"] == bright.sum()
-    assert cvs["above_snr"]["completeness_at_operating_point"] == pytest.approx(
-        np.mean(pos[bright] >= op["threshold"]))
-    assert set(m["fpr_by_kind"]) == {"background", "streak"}
-    streak = (labels == 0) & (kind == "streak")
-    assert m["fpr_by_kind"]["streak"] == pytest.approx(np.mean(prob[streak] >= 0.5))
-    assert m["negatives_by_kind"] == {"background": 200, "streak": 200}
-    json.dumps(m, allow_nan=False)  # plain JSON
-
-
-def test_compute_metrics_on_hand_made_arrays():
-    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    prob = np.array([0.1, 0.2, 0.6, 0.3, 0.4, 0.7, 0.8, 0.9])
-    snr = np.array([0, 0, 0, 0, 4.0, 4.5, 8.0, 200.0])  # 200: outside the bins
-    m = compute_metrics(labels, prob, snr=snr, target_fpr=0.25)
-    assert m["confusion_matrix"] == [[3, 1], [1, 3]]
-    assert m["accuracy"] == 0.75 and m["precision"] == 0.75 and m["recall"] == 0.75
-    assert m["roc_auc"] == pytest.approx(15 / 16)  # one (neg 0.6 > pos 0.4) of 16 pairs wrong
-    # lowest threshold with FPR <= 0.25: 0.4 (only the negative at 0.6 passes it)
-    assert m["operating_point"] == {"target_fpr": 0.25, "threshold": 0.4, "fpr": 0.25,
-                                    "completeness": 1.0}
-    cvs = m["completeness_vs_snr"]
-    assert cvs["counts"] == [2, 0, 1, 0, 0, 0, 0, 0]
-    assert cvs["completeness"] == [0.5, None, 1.0, None, None, None, None, None]
-    assert cvs["completeness_at_operating_point"][0] == 1.0
-    assert "fpr_by_kind" not in m
-    # a target below any achievable FPR: nothing selected, threshold above every score
-    strict = operating_point(np.array([0, 1, 0]), np.array([0.9, 0.9, 0.1]), 0.1)
-    assert strict["threshold"] > 0.9 and strict["fpr"] == 0 and strict["completeness"] == 0
-
-
-def test_compute_metrics_refuses_one_class_and_nan():
-    with pytest.raises(ValueError, match="both classes"):
-        compute_metrics(np.ones(4), np.full(4, 0.7))
-    with pytest.raises(ValueError, match="finite"):
-        compute_metrics(np.array([0, 1]), np.array([np.nan, 0.5]))
-
-
 # --------------------------------------------------------------------------- whole runs
 
 
@@ -326,12 +247,49 @@ def test_saved_model_reproduces_test_predictions_and_metrics(vgg6_run, data):
     np.testing.assert_allclose(again, prob, rtol=1e-5, atol=1e-6)
     assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, prob))
     assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, prob >= 0.5))
-    # the saved model holds the best epoch's weights
+    # the saved model holds the best epoch's weights, the softmax head divided by T
     best = json.loads((out / "checkpoint" / "state.json").read_text())["best_file"]
     reference = keras.models.clone_model(model)
     reference.load_weights(out / "checkpoint" / best)
-    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    t = metrics["calibration"]["temperature"]
+    head = {id(v) for v in model.layers[-1].weights}
+    for var, ref in zip(model.weights, reference.get_weights(), strict=True):
+        expected = ref / np.float32(t) if id(var) in head else ref
+        np.testing.assert_allclose(np.asarray(var), expected, rtol=1e-6)
+    cal = metrics["calibration"]
+    assert 0.05 <= t <= 20.0 and cal["n_val"] == metrics["n_val"]
+    for key in ("ece_val_before", "ece_val_after", "ece_test_before", "ece_test_after"):
+        assert 0.0 <= cal[key] <= 1.0, key
+    assert cal["ece_test_after"] == pytest.approx(metrics["ece"])
+    assert set(metrics["thresholds"]) == {"0.01", "0.001"}
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    from stampbatch.calibrate import fit_temperature, sigmoid
+
+    rng = np.random.default_rng(4)
+    true_margin = rng.normal(0.0, 3.0, 40_000)
+    labels = (rng.random(40_000) < sigmoid(true_margin)).astype(int)
+    for t in (0.5, 2.5):  # the model's margins are T times the calibrated ones
+        assert fit_temperature(t * true_margin, labels) == pytest.approx(t, rel=0.05)
+
+
+def test_folding_the_temperature_is_exact():
+    from stampbatch.calibrate import fold_temperature, logit_margin, sigmoid
+    from stampbatch.models import build_model
+
+    keras.utils.set_random_seed(1)
+    model = build_model("vgg6", (21, 21))
+    x = np.random.default_rng(0).random((64, 21, 21, 1)).astype(np.float32)
+    x /= x.sum(axis=(1, 2, 3), keepdims=True)
+    margin = logit_margin(model, x)
+    np.testing.assert_allclose(sigmoid(margin), model.predict(x, verbose=0)[:, 1], rtol=1e-4,
+                               atol=1e-6)
+    fold_temperature(model, 3.0)
+    out = model.predict(x, verbose=0)
+    assert out.shape == (64, 2)
+    np.testing.assert_allclose(out[:, 1], sigmoid(margin / 3.0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-6)
 
 
 @pytest.mark.slow
