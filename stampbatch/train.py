@@ -745,10 +745,10 @@ def _evaluate(model, store_path: Path, arch: str, out_dir: Path, config: TrainCo
     prob, labels, finite = predict_rows(model, store_path, test)
     buf_rows = {"rows": test, "labels": labels, "probability": prob, "finite": finite}
     _save_npz(out_dir / PREDICTIONS_FILE, buf_rows)
-    meta_cols = [c for c in ("snr", "kind") if c in info.meta_columns]
+    meta_cols = [c for c in (store.META_SNR, store.META_KIND) if c in info.meta_columns]
     meta = store.read_meta(store_path, meta_cols) if meta_cols else {}
-    snr = meta["snr"][test][finite] if "snr" in meta else None
-    kind = meta["kind"][test][finite] if "kind" in meta else None
+    snr = meta[store.META_SNR][test][finite] if store.META_SNR in meta else None
+    kind = meta[store.META_KIND][test][finite] if store.META_KIND in meta else None
     y, p = labels[finite], prob[finite]
     try:
         scores = compute_metrics(y, p, snr=snr, kind=kind, target_fpr=config.target_fpr)

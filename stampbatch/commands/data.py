@@ -141,23 +141,25 @@ def describe_store(path: Path) -> str:
             lines.append("  unlabelled (candidate file)")
         if info.meta_columns:
             lines.append(f"  meta: {', '.join(info.meta_columns)}")
-            meta = store.read_meta(path, [c for c in ("snr", "kind", "true_label") if c in info.meta_columns])
-            if "snr" in meta:
+            wanted = (store.META_SNR, store.META_KIND, store.META_TRUE_LABEL)
+            meta = store.read_meta(path, [c for c in wanted if c in info.meta_columns])
+            if store.META_SNR in meta:
                 # Only real sources: hard negatives (hot pixels, streaks …) carry an SNR too.
                 if info.labelled:
                     is_source = store.read_labels(path) == 1
-                elif "true_label" in meta:
-                    is_source = meta["true_label"] == 1
-                elif "kind" in meta:
-                    is_source = meta["kind"] == "source"
+                elif store.META_TRUE_LABEL in meta:
+                    is_source = meta[store.META_TRUE_LABEL] == 1
+                elif store.META_KIND in meta:
+                    is_source = meta[store.META_KIND] == "source"
                 else:
-                    is_source = np.ones(len(meta["snr"]), dtype=bool)
-                snr = meta["snr"][is_source & np.isfinite(meta["snr"]) & (meta["snr"] > 0)]
+                    is_source = np.ones(len(meta[store.META_SNR]), dtype=bool)
+                snr = meta[store.META_SNR]
+                snr = snr[is_source & np.isfinite(snr) & (snr > 0)]
                 if len(snr):
                     lines.append(f"  SNR of sources: {snr.min():.1f} to {snr.max():.1f} "
                                  f"(median {np.median(snr):.1f})")
-            if "kind" in meta:
-                kinds, counts = np.unique(meta["kind"], return_counts=True)
+            if store.META_KIND in meta:
+                kinds, counts = np.unique(meta[store.META_KIND], return_counts=True)
                 lines.append("  kinds: " + ", ".join(f"{k} {c:,}" for k, c in zip(kinds, counts)))
     if not info.scored_models:
         lines.append("  scores: none")
