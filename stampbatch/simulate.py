@@ -536,8 +536,9 @@ def _centre_sources(rng: np.random.Generator, scene: _Scene, c: SimConfig,
         if not idx.size:
             continue
         scene.dx[idx], scene.dy[idx] = _in_disc(rng, idx.size, c.max_centre_offset)
-        if kind_id == _POINT:
-            scene.add(idx, _shapes(scene, idx, scene.dx[idx], scene.dy[idx]))
+        if kind_id == _POINT:  # new light: not in a difference image's template
+            scene.add(idx, render_psf(scene.shape, scene.dx[idx], scene.dy[idx],
+                                      cond["fwhm"][idx], cond["beta"][idx]))
             continue
         gal = _galaxy_params(rng, idx.size, c, c.centre_galaxy_re_max)
         truth["half_light_radius"][idx] = gal["r_e"] * np.sqrt(gal["q"])  # circularised

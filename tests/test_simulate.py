@@ -785,3 +785,17 @@ def test_benchmark_presets_load(name):
     cfg.validate()
     if name == "sim_neighbour_free.toml":
         assert cfg == simulate.neighbour_free_config()
+
+
+def test_sources_in_difference_images_are_new_light_with_their_full_snr():
+    """A positive in a difference image is a transient or a mover: its whole PSF is there
+    (only the static field is subtracted), so the matched filter recovers its SNR."""
+    cfg = OLD(sky_subtracted_fraction=1.0, difference_fraction=1.0, source_fraction=1.0,
+              correlated_noise_fraction=0.0, source_shot_noise=False)
+    b = simulate_stamps(3000, cfg, np.random.default_rng(14))
+    m = b.meta
+    assert (m["background"] == "difference").all() and (m["profile"] == "point").all()
+    shapes = simulate.render_psf((21, 21), m["dx"], m["dy"], m["psf_fwhm"], m["psf_beta"])
+    z = simulate.matched_filter_snr(b.stamps, shapes, m["sigma"])
+    d = z - m["snr"]
+    assert abs(d.mean()) < 4.0 / math.sqrt(len(d)) and abs(d.std() - 1.0) < 0.08
