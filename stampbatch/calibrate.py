@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stampbatch import store
+from stampbatch.dataset import Stores
 from stampbatch.preprocess import normalize_with_mask
 
 T_BOUNDS = (0.05, 20.0)
@@ -49,13 +49,14 @@ def logit_margin(model, stamps: np.ndarray, batch_size: int = 1024) -> np.ndarra
     return z[:, 1] - z[:, 0]
 
 
-def store_logit_margin(model, path: Path, rows: np.ndarray, read_rows: int = 16384
+def store_logit_margin(model, stores: Stores | Path, rows: np.ndarray, read_rows: int = 16384
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """(margins, labels) of the store rows with finite pixels (others are skipped)."""
+    """(margins, labels) of the (global) rows with finite pixels (others are skipped)."""
+    stores = stores if isinstance(stores, Stores) else Stores([stores])
     rows = np.asarray(rows, dtype=np.int64)
     margins, labels = [], []
     for lo in range(0, len(rows), read_rows):
-        raw, lab = store.read_rows(path, rows[lo:lo + read_rows])
+        raw, lab = stores.read(rows[lo:lo + read_rows])
         stamps, valid = normalize_with_mask(raw)
         if valid.any():
             margins.append(logit_margin(model, stamps[valid][..., None]))

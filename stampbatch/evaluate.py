@@ -140,15 +140,19 @@ def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
     kind = extra.get(store.META_KIND)
     scores = compute_metrics(y, p, snr=None if snr is None else snr[finite],
                              kind=None if kind is None else kind[finite])
+    here = {f"fpr_{t:g}": operating_point(y, p, t) for t in TARGET_FPRS}
+    # Groups are measured at the run's thresholds and at this store's own ones ("here_").
+    group_thresholds = {**thresholds, **{f"here_{k}": v["threshold"] for k, v in here.items()}}
     result: dict[str, Any] = {
         "run": str(run_dir.resolve()), "data": str(data.resolve()), "n": int(len(y_all)),
         "n_unscorable": int((~finite).sum()), "n_sources": int((y == 1).sum()),
         **{k: scores[k] for k in ("roc_auc", "accuracy", "confusion_matrix", "ece",
                                   "reliability", "roc_curve")},
-        "operating_points_here": {f"fpr_{t:g}": operating_point(y, p, t) for t in TARGET_FPRS},
+        "operating_points_here": here,
         "at_run_thresholds": _at_thresholds(y, p, thresholds,
                                             None if snr is None else snr[finite]),
-        "groups": {name: group_metrics(y, p, g[finite], thresholds)
+        "auc_by_snr": None if snr is None else _auc_by_snr(y, p, snr[finite]),
+        "groups": {name: group_metrics(y, p, g[finite], group_thresholds)
                    for name, g in groups.items()},
     }
     out_dir = run_dir / EVAL_DIR / store_dir_name(data)
@@ -175,6 +179,22 @@ def _at_thresholds(y: np.ndarray, p: np.ndarray, thresholds: dict[str, float],
             row["completeness_vs_snr"] = {"bin_edges": list(SNR_BIN_EDGES),
                                           "completeness": comp, "counts": counts}
         out[name] = row
+    return out
+
+
+def _auc_by_snr(y: np.ndarray, p: np.ndarray, snr: np.ndarray) -> dict[str, Any]:
+    """ROC AUC of the sources in each SNR bin against all the negatives."""
+    from sklearn.metrics import roc_auc_score
+
+    s = np.asarray(snr, np.float64)
+    labels = bin_labels(s, SNR_BIN_EDGES)
+    neg = y == 0
+    out: dict[str, Any] = {}
+    for name in np.unique(labels[y == 1]):
+        pos = (y == 1) & (labels == name)
+        sel = pos | neg
+        out[str(name)] = {"n_sources": int(pos.sum()),
+                          "roc_auc": float(roc_auc_score(y[sel], p[sel])) if neg.any() else None}
     return out
 
 

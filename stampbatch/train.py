@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,17 @@ import numpy as np
 
 from stampbatch import store
 from stampbatch.config import from_mapping, load_toml, to_toml
+from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
+    StampStream,
+    Stores,
+    TrainError,
+    augment_dihedral,
+    class_weights,
+    predict_rows,
+    split_rows,
+    split_stores,
+    split_summary,
+)
 from stampbatch.errors import StampbatchError, UsageError
 from stampbatch.metrics import compute_metrics
 from stampbatch.models import build_model, check_architecture, count_macs
@@ -51,11 +62,9 @@ from stampbatch.preprocess import normalize_with_mask
 OPTIMIZERS = ("sgd", "adam")
 CLASS_WEIGHTS = ("balanced", "none")
 
-# Streaming: rows read per HDF5 access, and stamps shuffled together in memory.
-READ_BLOCK_ROWS = 4096
-SHUFFLE_STAMPS = 65536
-PREDICT_ROWS = 16384
-PREDICT_BATCH = 1024
+# Several stores: their resolved paths joined by this in config.toml's ``data``.
+DATA_SEPARATOR = " + "
+DATA_FILE = "data.json"  # the stores, their weights and each split's class counts per store
 
 # Run directory layout.
 MODEL_FILE = "model.keras"
@@ -72,10 +81,6 @@ FIGURES = ("confusion_matrix.png", "history.png", "roc.png", "completeness_snr.p
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # Options that may change when a run is resumed (they do not change what was trained so far).
 RESUMABLE_CHANGES = ("epochs", "patience", "target_fpr")
-
-
-class TrainError(StampbatchError):
-    """Training cannot start or go on (bad store, bad split, a clashing run directory)."""
 
 
 @dataclass
@@ -193,214 +198,6 @@ def configure_tensorflow() -> None:
         tf.config.threading.set_inter_op_parallelism_threads(min(2, int(cores or 1)))
     except RuntimeError:  # TensorFlow already running in this process: keep its pools
         pass
-
-
-# --------------------------------------------------------------------------- split
-
-
-def split_rows(labels: np.ndarray, config: TrainConfig, source: str = "store"
-               ) -> dict[str, np.ndarray]:
-    """Stratified, seeded train/val/test split of row indices (each sorted, int64).
-
-    Raises TrainError when a split would miss a class.
-    """
-    from sklearn.model_selection import train_test_split
-
-    labels = np.asarray(labels)
-    rows = np.arange(len(labels), dtype=np.int64)
-    try:
-        rest, test = train_test_split(rows, test_size=config.test_fraction,
-                                      stratify=labels, random_state=config.seed)
-        val_share = config.val_fraction / (1.0 - config.test_fraction)
-        train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest],
-                                      random_state=config.seed)
-    except ValueError as exc:
-        raise TrainError(f"{source}: cannot split {len(labels)} stamps with val_fraction="
-                         f"{config.val_fraction} and test_fraction={config.test_fraction} "
-                         f"({exc})") from exc
-    out = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-    for name, part in out.items():
-        present = set(np.unique(labels[part]).tolist())
-        for cls, cname in ((0, "no-source"), (1, "source")):
-            if cls not in present:
-                raise TrainError(f"{source}: the {name} split would hold no {cname} stamps "
-                                 f"(val_fraction={config.val_fraction}, test_fraction="
-                                 f"{config.test_fraction}, {len(labels)} stamps); use more "
-                                 f"stamps or larger fractions")
-    return out
-
-
-def class_weights(labels: np.ndarray, mode: str) -> np.ndarray:
-    """Weight per class (index = class): N / (2 N_class) for "balanced", ones for "none"."""
-    if mode == "none":
-        return np.ones(2, dtype=np.float32)
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2).astype(np.float64)
-    return (counts.sum() / (2.0 * np.maximum(counts, 1.0))).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- streaming
-
-
-def augment_dihedral(stamps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Apply a random flip/rotation by 90-degree multiples to each stamp (N, H, W), in place.
-
-    Square stamps get one of the 8 symmetries of the square; others one of the 4 that keep
-    the shape. Loops over the symmetries, not the stamps.
-    """
-    n, h, w = stamps.shape
-    choices = np.arange(8) if h == w else np.array([0, 2, 4, 6])
-    which = rng.choice(choices, size=n)
-    for t in choices[1:]:
-        sel = np.flatnonzero(which == t)
-        if len(sel) == 0:
-            continue
-        block = stamps[sel]
-        if t % 4:
-            block = np.rot90(block, k=int(t % 4), axes=(1, 2))
-        if t >= 4:
-            block = block[:, :, ::-1]
-        stamps[sel] = block
-    return stamps
-
-
-class StampStream:
-    """Batches of normalised stamps read from a store by row index (generators for tf.data).
-
-    Training batches (:meth:`training_batches`) drop stamps with NaN/Inf pixels and carry
-    the class weight of each stamp. Evaluation batches (:meth:`evaluation_batches`) keep
-    such stamps (flat after normalisation) with weight 0, so the number of batches is known
-    in advance. Exceptions raised inside a generator reach Keras wrapped by TensorFlow; they
-    are kept in :attr:`error` so the caller can re-raise the original one-line error.
-    """
-
-    def __init__(self, path: Path, rows: np.ndarray, batch_size: int, stamp_shape: tuple[int, int],
-                 *, weights: np.ndarray | None = None, seed: int = 0, augment: bool = False,
-                 read_rows: int = READ_BLOCK_ROWS, shuffle_stamps: int = SHUFFLE_STAMPS) -> None:
-        self.path = Path(path)
-        self.rows = np.sort(np.asarray(rows, dtype=np.int64))
-        self.batch_size = int(batch_size)
-        self.stamp_shape = (int(stamp_shape[0]), int(stamp_shape[1]))
-        self.weights = (np.ones(2, dtype=np.float32) if weights is None
-                        else np.asarray(weights, dtype=np.float32))
-        self.seed = int(seed)
-        self.augment = augment
-        self.blocks = [self.rows[i:i + read_rows] for i in range(0, len(self.rows), read_rows)]
-        self.blocks_per_buffer = max(1, shuffle_stamps // max(read_rows, 1))
-        self.dropped_first_pass: int | None = None
-        self.error: BaseException | None = None
-
-    def _read(self, block_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        parts = [store.read_rows(self.path, self.blocks[i]) for i in block_ids]
-        raw = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        stamps, valid = normalize_with_mask(raw)
-        return stamps, labels.astype(np.int64), valid
-
-    def _pack(self, x: np.ndarray, y: np.ndarray, valid: np.ndarray | None = None):
-        onehot = np.zeros((len(y), 2), dtype=np.float32)
-        onehot[np.arange(len(y)), y] = 1.0
-        w = self.weights[y]
-        if valid is not None:
-            w = w * valid
-        return x[..., None], onehot, w
-
-    def _empty(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.empty((0, *self.stamp_shape), np.float32), np.empty(0, np.int64)
-
-    def training_batches(self, start_epoch: int = 0) -> Iterator[tuple[np.ndarray, ...]]:
-        """Endless shuffled, augmented, full batches; pass ``e`` is shuffled with seed (seed, e)."""
-        try:
-            epoch = start_epoch
-            carry_x, carry_y = self._empty()
-            while True:
-                rng = np.random.default_rng([self.seed, epoch])
-                order = rng.permutation(len(self.blocks))
-                kept = dropped = 0
-                for g in range(0, len(order), self.blocks_per_buffer):
-                    x, y, valid = self._read(order[g:g + self.blocks_per_buffer])
-                    if not valid.all():
-                        dropped += int((~valid).sum())
-                        x, y = x[valid], y[valid]
-                    kept += len(y)
-                    perm = rng.permutation(len(y))
-                    x, y = x[perm], y[perm]
-                    if self.augment:
-                        augment_dihedral(x, rng)
-                    if len(carry_y):
-                        x, y = np.concatenate([carry_x, x]), np.concatenate([carry_y, y])
-                    full = len(y) - len(y) % self.batch_size
-                    for s in range(0, full, self.batch_size):
-                        yield self._pack(x[s:s + self.batch_size], y[s:s + self.batch_size])
-                    carry_x, carry_y = x[full:], y[full:]
-                if self.dropped_first_pass is None:
-                    self.dropped_first_pass = dropped
-                if kept == 0:
-                    raise TrainError(f"{self.path}: every training stamp has NaN or Inf pixels")
-                epoch += 1
-        except Exception as exc:
-            self.error = exc
-            raise
-
-    def n_evaluation_batches(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
-
-    def evaluation_batches(self) -> Iterator[tuple[np.ndarray, ...]]:
-        """One ordered pass, no shuffling or augmentation; the last batch may be short."""
-        try:
-            carry_x, carry_y = self._empty()
-            carry_v = np.empty(0, dtype=bool)
-            for g in range(0, len(self.blocks), self.blocks_per_buffer):
-                x, y, v = self._read(range(g, min(g + self.blocks_per_buffer, len(self.blocks))))
-                if len(carry_y):
-                    x, y = np.concatenate([carry_x, x]), np.concatenate([carry_y, y])
-                    v = np.concatenate([carry_v, v])
-                full = len(y) - len(y) % self.batch_size
-                for s in range(0, full, self.batch_size):
-                    sl = slice(s, s + self.batch_size)
-                    yield self._pack(x[sl], y[sl], v[sl])
-                carry_x, carry_y, carry_v = x[full:], y[full:], v[full:]
-            if len(carry_y):
-                yield self._pack(carry_x, carry_y, carry_v)
-        except Exception as exc:
-            self.error = exc
-            raise
-
-    def dataset(self, training: bool, start_epoch: int = 0):
-        """A prefetching ``tf.data.Dataset`` of (stamps, one-hot labels, weights) batches."""
-        import tensorflow as tf
-
-        h, w = self.stamp_shape
-        spec = (tf.TensorSpec((None, h, w, 1), tf.float32), tf.TensorSpec((None, 2), tf.float32),
-                tf.TensorSpec((None,), tf.float32))
-        if training:
-            ds = tf.data.Dataset.from_generator(lambda: self.training_batches(start_epoch),
-                                                output_signature=spec)
-        else:
-            ds = tf.data.Dataset.from_generator(self.evaluation_batches, output_signature=spec)
-            ds = ds.apply(tf.data.experimental.assert_cardinality(self.n_evaluation_batches()))
-        return ds.prefetch(2)
-
-
-def predict_rows(model, path: Path, rows: np.ndarray, *, read_rows: int = PREDICT_ROWS,
-                 batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """P(source) of the given store rows, in blocks: (probability float32, labels, finite mask).
-
-    Stamps with NaN/Inf pixels get probability NaN and False in the mask.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    prob = np.full(len(rows), np.nan, dtype=np.float32)
-    labels = np.zeros(len(rows), dtype=np.int8)
-    finite = np.zeros(len(rows), dtype=bool)
-    for lo in range(0, len(rows), read_rows):
-        raw, lab = store.read_rows(path, rows[lo:lo + read_rows])
-        stamps, valid = normalize_with_mask(raw)
-        if lab is not None:
-            labels[lo:lo + len(lab)] = lab
-        finite[lo:lo + len(valid)] = valid
-        if valid.any():
-            out = model.predict(stamps[valid][..., None], batch_size=batch_size, verbose=0)
-            prob[lo + np.flatnonzero(valid)] = out[:, 1]
-    return prob, labels, finite
 
 
 # --------------------------------------------------------------------------- run directory
@@ -602,9 +399,14 @@ def _unwrap_stream_error(exc: BaseException, *streams: StampStream) -> BaseExcep
     return exc
 
 
-def train_run(store_path: Path, arch: str, out_dir: Path, config: TrainConfig, *,
-              progress: bool = True, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Train ``arch`` on the labelled store, evaluate it on the test split, fill ``out_dir``.
+def train_run(store_path: Path | Sequence[Path], arch: str, out_dir: Path, config: TrainConfig, *,
+              data_weights: Sequence[float] | None = None, progress: bool = True,
+              callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train ``arch`` on the labelled store(s), evaluate it on the test split, fill ``out_dir``.
+
+    Several stores are split each by itself (stratified by class) and pooled; with
+    ``data_weights`` (one per store) each training epoch draws that share of its stamps from
+    each store. ``DATA_FILE`` records the stores, weights and per-store class counts.
 
     Resumes from ``out_dir``'s checkpoint when there is one (history continued; ``epochs``,
     ``patience`` and ``target_fpr`` may differ from the first attempt, nothing else), and
@@ -617,29 +419,26 @@ def train_run(store_path: Path, arch: str, out_dir: Path, config: TrainConfig, *
         config.validate()
     except ValueError as exc:
         raise UsageError(f"training configuration: {exc}") from exc
-    store_path = Path(store_path)
     out_dir = Path(out_dir)
-    info = store.open_store(store_path, check_labels_values=True)
-    if info.is_score_file:
-        raise TrainError(f"{store_path}: is a score side file, not a stamp store")
-    if not info.labelled:
-        raise TrainError(f"{store_path}: has no /labels (a candidate file?); training needs a "
-                         f"labelled store")
-    data = str(store_path.resolve())
+    stores, data = _open_stores(store_path, data_weights)
+    _check_data_record(out_dir, stores)
     mode = _check_run_dir(out_dir, arch, data, config)
     if mode == "done":
         return _read_json(out_dir / METRICS_FILE)
 
-    labels = store.read_labels(store_path).astype(np.int64)
+    labels_per_store = stores.labels()
+    labels = np.concatenate(labels_per_store)
     present = np.unique(labels)
     if len(present) < 2:
         only = "source" if present[0] == 1 else "no-source"
-        raise TrainError(f"{store_path}: every label is {present[0]} ({only}); training needs "
+        raise TrainError(f"{data}: every label is {present[0]} ({only}); training needs "
                          f"both classes")
     if mode == "resume" and (out_dir / SPLIT_FILE).is_file():
-        split = _load_split(out_dir, info.n_stamps)
+        split = _load_split(out_dir, len(stores))
     else:
-        split = split_rows(labels, config, str(store_path))
+        split = split_stores(labels_per_store, config, [str(p) for p in stores.paths])
+    record = {"stores": split_summary(stores, labels_per_store, split),
+              "data_weights": None if stores.weights is None else stores.weights.tolist()}
     # Nothing has been written before this point.
     configure_tensorflow()
     import keras
@@ -649,10 +448,11 @@ def train_run(store_path: Path, arch: str, out_dir: Path, config: TrainConfig, *
     if not (out_dir / SPLIT_FILE).is_file():
         _save_split(out_dir / SPLIT_FILE, split)
     _write_bytes(out_dir / CONFIG_FILE, _config_text(arch, data, config).encode())
+    _write_json(out_dir / DATA_FILE, record)
     (out_dir / FAILED_FILE).unlink(missing_ok=True)
     try:
-        return _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, data,
-                                   progress, callbacks, t_start, keras)
+        return _train_and_evaluate(stores, arch, out_dir, config, stores.infos[0], labels, split,
+                                   data, progress, callbacks, t_start, keras)
     except Exception as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         _write_bytes(out_dir / FAILED_FILE, (message + "\n").encode())
@@ -684,7 +484,8 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
     train_labels = labels[split["train"]]
     weights = class_weights(train_labels, config.class_weight)
     train_stream = StampStream(store_path, split["train"], config.batch_size, info.stamp_shape,
-                               weights=weights, seed=config.seed, augment=config.augment)
+                               weights=weights, seed=config.seed, augment=config.augment,
+                               store_weights=store_path.weights)
     val_stream = StampStream(store_path, split["val"], max(config.batch_size, 256),
                              info.stamp_shape)
     steps = max(1, math.ceil(len(split["train"]) / config.batch_size))
@@ -707,7 +508,7 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
             # (tensorflow/tensorflow#22632, #21277).
             gc.collect()
         if train_stream.dropped_first_pass:
-            print(f"warning: {store_path}: {train_stream.dropped_first_pass} training stamps have "
+            print(f"warning: {data}: {train_stream.dropped_first_pass} training stamps have "
                   f"NaN or Inf pixels and were skipped", file=sys.stderr)
     if state.get("best_file"):
         model.load_weights(ckpt_dir / state["best_file"])
@@ -719,12 +520,12 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
                      calibration)
 
 
-def _calibrate(model, store_path: Path, val_rows: np.ndarray) -> dict[str, Any]:
+def _calibrate(model, stores: Stores, val_rows: np.ndarray) -> dict[str, Any]:
     """Fit temperature scaling on the validation split and fold it into ``model``."""
     from stampbatch import calibrate
     from stampbatch.metrics import expected_calibration_error
 
-    margins, labels = calibrate.store_logit_margin(model, store_path, val_rows)
+    margins, labels = calibrate.store_logit_margin(model, stores, val_rows)
     temperature = calibrate.fit_temperature(margins, labels)
     calibrate.fold_temperature(model, temperature)
     out: dict[str, Any] = {"method": "temperature scaling on the validation split",
@@ -736,7 +537,7 @@ def _calibrate(model, store_path: Path, val_rows: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def _evaluate(model, store_path: Path, arch: str, out_dir: Path, config: TrainConfig,
+def _evaluate(model, store_path: Stores, arch: str, out_dir: Path, config: TrainConfig,
               info, split: dict[str, np.ndarray], data: str, state: dict[str, Any],
               t_start: float, calibration: dict[str, Any]) -> dict[str, Any]:
     from stampbatch import plots
@@ -745,8 +546,7 @@ def _evaluate(model, store_path: Path, arch: str, out_dir: Path, config: TrainCo
     prob, labels, finite = predict_rows(model, store_path, test)
     buf_rows = {"rows": test, "labels": labels, "probability": prob, "finite": finite}
     _save_npz(out_dir / PREDICTIONS_FILE, buf_rows)
-    meta_cols = [c for c in (store.META_SNR, store.META_KIND) if c in info.meta_columns]
-    meta = store.read_meta(store_path, meta_cols) if meta_cols else {}
+    meta = _pooled_meta(store_path, (store.META_SNR, store.META_KIND))
     snr = meta[store.META_SNR][test][finite] if store.META_SNR in meta else None
     kind = meta[store.META_KIND][test][finite] if store.META_KIND in meta else None
     y, p = labels[finite], prob[finite]
@@ -765,6 +565,7 @@ def _evaluate(model, store_path: Path, arch: str, out_dir: Path, config: TrainCo
         **scores,
         "best_val_loss": state.get("best_val_loss"),
         "best_val_accuracy": state.get("best_val_accuracy"),
+        "stores": _read_json(out_dir / DATA_FILE)["stores"],
         "calibration": {**calibration, "ece_test_after": scores["ece"],
                         "ece_test_before": _ece_uncalibrated(y, p, calibration["temperature"])},
     }
@@ -784,6 +585,49 @@ def _evaluate(model, store_path: Path, arch: str, out_dir: Path, config: TrainCo
     metrics["wall_time_s"] = float(state.get("train_time_s", 0.0)) + (time.monotonic() - t_start)
     _write_json(out_dir / METRICS_FILE, metrics)  # last: marks the run as done
     return json.loads(json.dumps(_jsonable(metrics)))
+
+
+def _open_stores(paths: Path | str | Sequence[Path | str],
+                 data_weights: Sequence[float] | None) -> tuple[Stores, str]:
+    """Validate the training stores; the run's ``data`` string (paths joined)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    stores = Stores(paths)
+    for path, info in zip(stores.paths, stores.infos, strict=True):
+        if info.is_score_file:
+            raise TrainError(f"{path}: is a score side file, not a stamp store")
+        if not info.labelled:
+            raise TrainError(f"{path}: has no /labels (a candidate file?); training needs a "
+                             f"labelled store")
+    stores.weights = None
+    if data_weights is not None:
+        w = np.asarray(list(data_weights), dtype=np.float64)
+        if len(w) != len(paths) or not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+            raise UsageError(f"data weights {list(data_weights)}: give one non-negative weight "
+                             f"per store ({len(paths)}), not all zero")
+        stores.weights = w / w.sum()
+    return stores, DATA_SEPARATOR.join(str(p.resolve()) for p in stores.paths)
+
+
+def _check_data_record(out_dir: Path, stores: Stores) -> None:
+    """Refuse to resume (or reuse) a run whose stores, their sizes or weights changed."""
+    path = out_dir / DATA_FILE
+    if not path.is_file():
+        return
+    old = _read_json(path)
+    was = ([(s["path"], s["n_stamps"]) for s in old.get("stores", [])], old.get("data_weights"))
+    now = ([(str(p.resolve()), int(n)) for p, n in zip(stores.paths, stores.sizes, strict=True)],
+           None if stores.weights is None else stores.weights.tolist())
+    if was != now:
+        raise TrainError(f"{out_dir}: holds a run on other stores or data weights ({path}); "
+                         f"use the same ones to resume, or another output directory")
+
+
+def _pooled_meta(stores: Stores, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """Metadata columns that every store has, concatenated in global-row order."""
+    have = [c for c in columns if all(c in info.meta_columns for info in stores.infos)]
+    parts = [store.read_meta(p, have) for p in stores.paths] if have else []
+    return {c: np.concatenate([part[c].astype(str) if part[c].dtype.kind in "SUO" else part[c]
+                               for part in parts]) for c in have}
 
 
 def _ece_uncalibrated(y: np.ndarray, p: np.ndarray, temperature: float) -> float:
@@ -823,14 +667,14 @@ def _plot_completeness(plots, scores: dict[str, Any], path: Path, title: str) ->
         title=f"{title}: completeness of test sources (P >= 0.5)")
 
 
-def _plot_examples(plots, store_path: Path, rows: np.ndarray, y: np.ndarray, p: np.ndarray,
+def _plot_examples(plots, store_path: Stores, rows: np.ndarray, y: np.ndarray, p: np.ndarray,
                    path: Path, title: str, seed: int, n: int = 32) -> None:
     rng = np.random.default_rng(seed)
     wrong = np.flatnonzero((p >= 0.5).astype(np.int64) != y)
     right = np.flatnonzero((p >= 0.5).astype(np.int64) == y)
     pick_wrong = rng.permutation(wrong)[: n // 2]
     pick = np.concatenate([pick_wrong, rng.permutation(right)[: n - len(pick_wrong)]])
-    raw, _ = store.read_rows(store_path, rows[pick])
+    raw, _ = store_path.read(rows[pick])
     stamps, _ = normalize_with_mask(raw)
     plots.plot_stamp_grid(stamps, y[pick], p[pick], path, max_stamps=n,
                           title=f"{title}: test stamps (normalised)")

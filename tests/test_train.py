@@ -16,14 +16,10 @@ from stampbatch.errors import UsageError
 from stampbatch.store import StoreError
 from stampbatch.train import (
     FIGURES,
-    StampStream,
     TrainConfig,
     TrainError,
-    augment_dihedral,
-    class_weights,
     read_run_config,
     run_state,
-    split_rows,
     train_run,
 )
 
@@ -87,100 +83,6 @@ def test_config_round_trips_through_run_directory(vgg6_run, data):
     out, _ = vgg6_run
     arch, path, config = read_run_config(out)
     assert (arch, path, config) == ("vgg6", str(data.resolve()), tiny(epochs=2))
-
-
-# --------------------------------------------------------------------------- split and streams
-
-
-def test_split_is_stratified_disjoint_and_reproducible():
-    labels = np.r_[np.zeros(700, np.int8), np.ones(300, np.int8)]
-    config = TrainConfig(seed=3)
-    split = split_rows(labels, config)
-    sizes = {k: len(v) for k, v in split.items()}
-    assert sizes == {"train": 700, "val": 100, "test": 200}
-    everything = np.concatenate(list(split.values()))
-    assert np.array_equal(np.sort(everything), np.arange(1000))
-    for part in split.values():
-        assert np.all(np.diff(part) > 0)
-        assert labels[part].mean() == pytest.approx(0.3, abs=0.011)
-    again = split_rows(labels, config)
-    assert all(np.array_equal(split[k], again[k]) for k in split)
-    other = split_rows(labels, TrainConfig(seed=4))
-    assert not np.array_equal(split["test"], other["test"])
-
-
-def test_split_that_empties_a_class_is_refused():
-    labels = np.r_[np.zeros(300, np.int8), np.ones(4, np.int8)]
-    with pytest.raises(TrainError, match="train.h5: .*(val|split)"):
-        split_rows(labels, TrainConfig(val_fraction=0.05, test_fraction=0.05), "train.h5")
-
-
-def test_class_weights_balance_the_classes():
-    labels = np.r_[np.zeros(75), np.ones(25)].astype(np.int8)
-    w = class_weights(labels, "balanced")
-    np.testing.assert_allclose(w, [100 / 150, 100 / 50])
-    assert w[0] * 75 == pytest.approx(w[1] * 25)
-    np.testing.assert_array_equal(class_weights(labels, "none"), [1.0, 1.0])
-
-
-def test_augmentation_applies_the_symmetries_of_the_square():
-    rng = np.random.default_rng(0)
-    stamps = rng.random((4000, 5, 5)).astype(np.float32)
-    original = stamps.copy()
-    out = augment_dihedral(stamps, np.random.default_rng(1))
-    variants = [np.rot90(original, k, axes=(1, 2)) for k in range(4)]
-    variants += [v[:, :, ::-1] for v in variants]
-    which = np.full(len(out), -1)
-    for t, v in enumerate(variants):
-        which[np.all(out == v, axis=(1, 2))] = t
-    assert np.all(which >= 0)  # every stamp is one of the 8 symmetric images of itself
-    counts = np.bincount(which, minlength=8)
-    assert counts.min() > 400  # all 8 used, about equally
-    # a centred symmetric source is unchanged by every symmetry
-    yy, xx = np.mgrid[:5, :5]
-    blob = np.exp(-((yy - 2) ** 2 + (xx - 2) ** 2) / 2.0).astype(np.float32)
-    same = augment_dihedral(np.repeat(blob[None], 50, axis=0), np.random.default_rng(2))
-    np.testing.assert_array_equal(same, np.repeat(blob[None], 50, axis=0))
-    # non-square stamps keep their shape
-    rect = augment_dihedral(rng.random((100, 3, 5)).astype(np.float32), rng)
-    assert rect.shape == (100, 3, 5)
-
-
-def test_training_stream_batches_and_drops_nonfinite_stamps(tmp_path):
-    path = write_labelled_store(tmp_path / "nan.h5", 200, nan_rows=(0, 1, 2, 3, 4))
-    rows = np.arange(200)
-    weights = np.array([0.5, 2.0], np.float32)
-    stream = StampStream(path, rows, 16, (21, 21), weights=weights, seed=0, augment=True,
-                         read_rows=40, shuffle_stamps=80)
-    gen = stream.training_batches()
-    batches = [next(gen) for _ in range(13)]  # 195 finite stamps: 12 full batches per pass
-    for x, y, w in batches:
-        assert x.shape == (16, 21, 21, 1) and x.dtype == np.float32
-        assert np.isfinite(x).all()
-        np.testing.assert_allclose(x.sum(axis=(1, 2, 3)), 1.0, rtol=1e-4)
-        np.testing.assert_array_equal(y.sum(axis=1), 1.0)
-        np.testing.assert_array_equal(w, weights[y.argmax(axis=1)])
-    assert stream.dropped_first_pass == 5
-    # evaluation: every row once, in order, non-finite ones with weight 0
-    ev = StampStream(path, rows, 64, (21, 21), read_rows=40, shuffle_stamps=80)
-    parts = list(ev.evaluation_batches())
-    assert len(parts) == ev.n_evaluation_batches() == 4
-    w = np.concatenate([p[2] for p in parts])
-    assert len(w) == 200 and np.flatnonzero(w == 0).tolist() == [0, 1, 2, 3, 4]
-    labels = np.concatenate([p[1] for p in parts]).argmax(axis=1)
-    np.testing.assert_array_equal(labels, store.read_labels(path))
-
-
-def test_training_passes_are_reshuffled(tmp_path):
-    path = write_labelled_store(tmp_path / "s.h5", 128)
-    stream = StampStream(path, np.arange(128), 128, (21, 21), seed=0, read_rows=32,
-                         shuffle_stamps=64)
-    gen = stream.training_batches()
-    first, second = next(gen)[0], next(gen)[0]
-    assert not np.array_equal(first, second)
-    again = StampStream(path, np.arange(128), 128, (21, 21), seed=0, read_rows=32,
-                        shuffle_stamps=64).training_batches()
-    np.testing.assert_array_equal(next(again)[0], first)  # reproducible from the seed
 
 
 # --------------------------------------------------------------------------- whole runs
@@ -541,3 +443,35 @@ def test_cli_train_bad_input(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--data", str(data), "--arch", "vgg6", "--out", "x",
                   "--learning-rate", "fast"])
+
+
+def test_training_on_two_stores_records_them_and_their_split(tmp_path, capsys):
+    a = write_labelled_store(tmp_path / "sim.h5", 240, seed=2)
+    b = write_labelled_store(tmp_path / "injected.h5", 160, seed=3)
+    out = tmp_path / "run"
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'data = ["{a}", "{b}"]\ndata_weights = [0.7, 0.3]\nepochs = 1\n'
+                    f'batch_size = 32\n')
+    assert cli.main(["train", "--config", str(toml), "--arch", "simple", "--out", str(out),
+                     "--quiet"]) == 0
+    record = json.loads((out / "data.json").read_text())
+    assert record["data_weights"] == [0.7, 0.3]
+    assert [s["n_stamps"] for s in record["stores"]] == [240, 160]
+    for s, n in zip(record["stores"], (240, 160), strict=True):
+        assert s["train"]["sources"] == s["train"]["negatives"] == 0.7 * n / 2
+        assert s["test"]["sources"] == s["test"]["negatives"] == 0.2 * n / 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == 400
+    assert metrics["stores"] == record["stores"]
+    arch, data, _ = read_run_config(out)
+    assert data == f"{a.resolve()} + {b.resolve()}"
+    with np.load(out / "split.npz") as split:
+        assert split["test"].max() >= 240  # global rows: the second store follows the first
+    # the CLI's repeated --data and --data-weights; other weights are another run
+    capsys.readouterr()
+    assert cli.main(["train", "--data", str(a), "--data", str(b), "--data-weights", "0.5,0.5",
+                     "--arch", "simple", "--out", str(out), "--epochs", "1",
+                     "--batch-size", "32", "--quiet"]) == 1
+    assert "other stores or data weights" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(a), "--data", str(b), "--data-weights", "1",
+                     "--arch", "simple", "--out", str(tmp_path / "r2"), "--quiet"]) == 2

@@ -22,8 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "metrics.json and PNG figures. Rerunning on the same OUT resumes an "
                     "interrupted run; a finished run is not retrained. Options override the "
                     "--config file.")
-    p.add_argument("--data", type=Path, metavar="TRAIN.h5",
-                   help="labelled stamp store (or 'data' in --config)")
+    p.add_argument("--data", type=Path, metavar="TRAIN.h5", action="append",
+                   help="labelled stamp store; repeat it to train on several (each split by "
+                        "itself, stratified by class), or 'data' (a path or a list) in --config")
+    p.add_argument("--data-weights", type=_weights, metavar="W1,W2,...",
+                   help="share of each training epoch drawn from each --data store (default: "
+                        "in proportion to their training stamps); or 'data_weights' in --config")
     p.add_argument("--arch", metavar="NAME",
                    help="architecture (see 'stampbatch models'; or 'architecture' in --config)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory")
@@ -57,7 +61,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_report)
 
 
-def _train_settings(args: argparse.Namespace) -> tuple[Path, str, Any]:
+def _weights(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(not v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"weights must be >= 0, got {text!r}")
+    return values
+
+
+def _data_paths(data: Any) -> list[Path]:
+    """'data' as given: one path, a list of paths, or a run's joined string."""
+    from stampbatch.train import DATA_SEPARATOR
+
+    if isinstance(data, (list, tuple)):
+        return [Path(d) for d in data]
+    if isinstance(data, str):
+        return [Path(d) for d in data.split(DATA_SEPARATOR)]
+    return [Path(data)]
+
+
+def _train_settings(args: argparse.Namespace) -> tuple[list[Path], str, Any, Any]:
     from stampbatch.config import from_mapping, load_toml
     from stampbatch.train import TrainConfig
 
@@ -67,9 +92,12 @@ def _train_settings(args: argparse.Namespace) -> tuple[Path, str, Any]:
         settings = dict(load_toml(args.config))
         source = f"{args.config} (with command-line options)"
     data = settings.pop("data", None)
+    weights = settings.pop("data_weights", None)
     arch = settings.pop("architecture", None)
     if args.data is not None:
         data = args.data
+    if args.data_weights is not None:
+        weights = args.data_weights
     if args.arch is not None:
         arch = args.arch
     if data is None:
@@ -83,17 +111,18 @@ def _train_settings(args: argparse.Namespace) -> tuple[Path, str, Any]:
         if value is not None:
             settings[option] = value
     config = from_mapping(TrainConfig, settings, source)
-    return Path(data), str(arch), config
+    return _data_paths(data), str(arch), config, weights
 
 
 def run_train(args: argparse.Namespace) -> int:
     from stampbatch.models import check_architecture
 
-    data, arch, config = _train_settings(args)
+    data, arch, config, weights = _train_settings(args)
     check_architecture(arch)
     from stampbatch.train import train_run
 
-    metrics = train_run(data, arch, args.out, config, progress=not args.quiet)
+    metrics = train_run(data, arch, args.out, config, data_weights=weights,
+                        progress=not args.quiet)
     op = metrics["operating_point"]
     line = (f"{arch}: {metrics['epochs_run']} epochs, test accuracy {metrics['accuracy']:.4f}, "
             f"ROC AUC {metrics['roc_auc']:.4f}, completeness {op['completeness']:.3f} at FPR "
