@@ -8,9 +8,9 @@ store with ``RUN/model.keras`` and writes ``RUN/eval/<store>/evaluation.json`` w
 * completeness and false-positive rate at the *run's* thresholds for 1 % and 0.1 % FPR
   (fixed on the run's own test split, so a shifted store shows how they transfer), and
   completeness by SNR bin at each of them;
-* per group of every ``--by`` column (default: each ``/meta`` column with at most
-  ``MAX_GROUPS`` distinct values, plus binned neighbour distance, SNR and half-light radius
-  where the store has them): stamps, sources, ROC AUC, completeness and false-positive rate
+* per group of every ``--by`` column (default: each text or boolean ``/meta`` column with
+  at most ``MAX_GROUPS`` distinct values, plus binned neighbour distance, SNR and half-light
+  radius where the store has them): stamps, sources, ROC AUC, completeness and false-positive rate
   at each threshold.
 
 The truth comes from ``/labels`` or, for a candidate file, ``/meta/true_label``. Figures
@@ -98,7 +98,7 @@ def group_columns(path: Path, by: Sequence[str] | None) -> dict[str, np.ndarray]
         values = meta[name]
         if name in BINNED_COLUMNS:
             out[name] = bin_labels(values, BINNED_COLUMNS[name])
-        elif len(np.unique(values)) <= MAX_GROUPS:
+        elif (by or np.asarray(values).dtype.kind in "SUOb") and len(np.unique(values)) <= MAX_GROUPS:
             out[name] = np.asarray(values).astype(str)
         elif by:
             raise EvaluateError(f"{path}: /meta/{name} has more than {MAX_GROUPS} distinct "

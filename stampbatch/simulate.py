@@ -574,7 +574,13 @@ def _hard_negatives(rng: np.random.Generator, scene: _Scene, c: SimConfig,
                                     truth["trail_length"][idx], truth["trail_angle"][idx]))
     idx = np.flatnonzero(kind == _DIPOLE)
     if idx.size:
-        cond["shift"][idx] = np.maximum(cond["shift"][idx], 0.1)  # a visible dipole
+        # A visible dipole: a shift of at least 0.1 px, and a flux mismatch too small to
+        # leave what looks like a faint source at the centre (at most a quarter of the
+        # dipole's own amplitude, ~shift / PSF sigma), which would be a positive.
+        cond["shift"][idx] = np.maximum(cond["shift"][idx], 0.1)
+        psf_sigma = cond["fwhm"][idx] / 2.3548
+        cond["mismatch"][idx] = np.clip(cond["mismatch"][idx], -0.25 * cond["shift"][idx] / psf_sigma,
+                                        0.25 * cond["shift"][idx] / psf_sigma)
         scene.dx[idx] = rng.uniform(-c.artefact_max_offset, c.artefact_max_offset, idx.size)
         scene.dy[idx] = rng.uniform(-c.artefact_max_offset, c.artefact_max_offset, idx.size)
         scene.add(idx, _shapes(scene, idx, scene.dx[idx], scene.dy[idx]))
