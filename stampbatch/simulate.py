@@ -355,7 +355,7 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.n
     return np.exp(rng.uniform(math.log(lo), math.log(hi), n))
 
 
-def _positions_outside(rng: np.random.Generator, n: int, shape: tuple[int, int],
+def positions_outside(rng: np.random.Generator, n: int, shape: tuple[int, int],
                        r_min: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Uniform positions over the stamp area farther than ``r_min`` px from the centre.
 
@@ -559,13 +559,13 @@ def _hard_negatives(rng: np.random.Generator, scene: _Scene, c: SimConfig,
     kind = cond["kind"]
     idx = np.flatnonzero(kind == _OFFCENTRE)
     if idx.size:
-        scene.dx[idx], scene.dy[idx] = _positions_outside(rng, idx.size, scene.shape,
+        scene.dx[idx], scene.dy[idx] = positions_outside(rng, idx.size, scene.shape,
                                                           c.offcentre_min_distance)
         scene.add(idx, render_psf(scene.shape, scene.dx[idx], scene.dy[idx], cond["fwhm"][idx],
                                   cond["beta"][idx]))
     idx = np.flatnonzero(kind == _STREAK)
     if idx.size:
-        scene.dx[idx], scene.dy[idx] = _positions_outside(rng, idx.size, scene.shape,
+        scene.dx[idx], scene.dy[idx] = positions_outside(rng, idx.size, scene.shape,
                                                           c.streak_min_offset)
         truth["trail_length"][idx] = rng.uniform(c.streak_length_min, c.streak_length_max,
                                                  idx.size)
@@ -631,7 +631,7 @@ def _field(rng: np.random.Generator, scene: _Scene, c: SimConfig) -> FieldSource
         scene.add_field(fs.stamp[sel], unit, fs.snr[sel])
     bright = np.flatnonzero(rng.random(n) < c.bright_star_fraction)
     if bright.size:
-        bdx, bdy = _positions_outside(rng, bright.size, scene.shape, cond["field_r_min"][bright])
+        bdx, bdy = positions_outside(rng, bright.size, scene.shape, cond["field_r_min"][bright])
         bsnr = _bright_stars(rng, scene, bright, bdx, bdy, c)
         fs = FieldSources(stamp=np.concatenate([fs.stamp, bright]),
                           dx=np.concatenate([fs.dx, bdx]), dy=np.concatenate([fs.dy, bdy]),

@@ -35,8 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "difference-image backgrounds, with hard negatives; written to an "
                                    "HDF5 store.")
     p.add_argument("out", type=Path, metavar="OUT.h5")
-    p.add_argument("--n", type=positive_int, default=30_000,
-                   help="number of stamps (default 30000)")
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="number of stamps (default 30000; with --backgrounds: backgrounds used, "
+                        "default all)")
+    p.add_argument("--backgrounds", type=Path, metavar="REAL.h5",
+                   help="inject point sources into these real stamps (a labelled store's "
+                        "negatives or a candidate file) instead of simulating: positives, the "
+                        "untouched backgrounds as negatives, off-centre injections as hard "
+                        "negatives")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--candidates", action="store_true",
                    help="write an unlabelled candidate file (truth kept in /meta for evaluation)")
@@ -84,8 +90,19 @@ def run_simulate(args: argparse.Namespace) -> int:
     config = simulate.SimConfig()
     if args.config is not None:
         config = from_mapping(simulate.SimConfig, load_toml(args.config), str(args.config))
+    if args.backgrounds is not None:
+        if args.candidates:
+            raise UsageError("--backgrounds writes a labelled store; drop --candidates")
+        from stampbatch.inject import write_injected
+
+        info = write_injected(args.out, args.backgrounds, config=config, seed=args.seed,
+                              n=args.n, chunk_rows=args.chunk_rows,
+                              compression=args.compression, overwrite=args.overwrite,
+                              progress=not args.quiet)
+        print(f"wrote {info.n_stamps:,} stamps injected into {args.backgrounds} to {info.path}")
+        return 0
     info = simulate.write_simulated(
-        args.out, args.n, config=config, seed=args.seed, candidates=args.candidates,
+        args.out, args.n or 30_000, config=config, seed=args.seed, candidates=args.candidates,
         chunk_rows=args.chunk_rows, compression=args.compression, overwrite=args.overwrite,
         progress=not args.quiet,
     )
