@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import gaussian_stamps
+from conftest import gaussian_stamps, write_labelled_store
 
 from stampbatch import store
 from stampbatch.dataset import (
@@ -22,20 +22,6 @@ from stampbatch.dataset import (
     split_summary,
 )
 from stampbatch.train import TrainConfig
-
-KINDS = np.array(["background", "offcentre", "hot_pixel"])
-
-
-def write_labelled_store(path: Path, n: int = 300, *, seed: int = 1, nan_rows=()) -> Path:
-    """Half bright centred sources; SNR and kind metadata; optional rows of NaN stamps."""
-    labels = (np.arange(n) % 2).astype(np.int8)
-    stamps = gaussian_stamps(n, seed=seed, sources=labels == 1)
-    stamps[list(nan_rows), 3, 4] = np.nan
-    rng = np.random.default_rng(seed)
-    snr = np.where(labels == 1, rng.uniform(3.0, 100.0, n), 0.0)
-    kind = np.where(labels == 1, "source", KINDS[np.arange(n) // 2 % 3])
-    store.create_store(path, stamps, labels, {"snr": snr, "kind": kind}, chunk_rows=64)
-    return path
 
 
 def sorted_store(path: Path, n_pos: int, n_neg: int, *, chunk_rows: int = 512) -> Path:
