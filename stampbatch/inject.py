@@ -98,7 +98,7 @@ def _inject_block(rng: np.random.Generator, raw: np.ndarray, config, fwhm: np.nd
     theta = rng.uniform(0.0, 2.0 * np.pi, n)
     dx, dy = r * np.cos(theta), r * np.sin(theta)
     off = rng.random(n) < config.offcentre_fraction
-    from stampbatch.simulate import positions_outside
+    from stampbatch.scene import positions_outside
 
     odx, ody = positions_outside(rng, int(off.sum()), (h, w), config.offcentre_min_distance)
     dx = np.concatenate([dx, np.full(n, np.nan), odx])
