@@ -421,8 +421,8 @@ def train_run(store_path: Path | Sequence[Path], arch: str, out_dir: Path, confi
         raise UsageError(f"training configuration: {exc}") from exc
     out_dir = Path(out_dir)
     stores, data = _open_stores(store_path, data_weights)
-    _check_data_record(out_dir, stores)
     mode = _check_run_dir(out_dir, arch, data, config)
+    _check_data_record(out_dir, stores)
     if mode == "done":
         return _read_json(out_dir / METRICS_FILE)
 

@@ -433,6 +433,7 @@ def test_cli_train_bad_input(data, tmp_path, capsys):
                   "--learning-rate", "fast"])
 
 
+@pytest.mark.slow
 def test_training_on_two_stores_records_them_and_their_split(tmp_path, capsys):
     a = write_labelled_store(tmp_path / "sim.h5", 240, seed=2)
     b = write_labelled_store(tmp_path / "injected.h5", 160, seed=3)
