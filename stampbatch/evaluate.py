@@ -115,7 +115,8 @@ def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
                  figures: bool = True) -> dict[str, Any]:
     """Evaluate ``run_dir``'s model on the labelled store ``data``; write and return the
     evaluation (see the module docstring)."""
-    from stampbatch.train import configure_tensorflow, predict_rows
+    from stampbatch.dataset import predict_rows
+    from stampbatch.train import configure_tensorflow
 
     run_dir, data = Path(run_dir), Path(data)
     model_path = run_dir / "model.keras"

@@ -2,23 +2,28 @@
 
 The stages of :func:`train_run`:
 
-1. split the store's rows 70/10/20 (by default) into train/validation/test, stratified by
-   class and reproducible from the seed (scikit-learn ``train_test_split`` twice); the row
-   indices are kept in ``split.npz`` so a resumed run never trains on its test stamps;
-2. stream training batches from the HDF5 store through ``tf.data``: blocks of training rows
-   are read, normalised (vectorised, :func:`stampbatch.preprocess.normalize_with_mask`),
-   shuffled in memory, randomly flipped/rotated by multiples of 90 degrees (a point source
-   at the centre looks the same; the network should not learn the orientation of noise or
-   artefacts), and batched while the model trains on the previous batch. Memory is bounded
-   by the shuffle buffer, not the store size. Stamps with NaN/Inf pixels are dropped;
+1. split each store's rows 70/10/20 (by default) into train/validation/test, stratified by
+   class and reproducible from the seed (scikit-learn ``train_test_split`` twice), and pool
+   the stores (:mod:`stampbatch.dataset`); the row indices are kept in ``split.npz`` and
+   the stores with each split's class counts in ``data.json``, so a resumed run never
+   trains on its test stamps;
+2. stream training batches from the HDF5 stores through ``tf.data``
+   (:class:`stampbatch.dataset.StampStream`): each epoch a random permutation of all the
+   training rows (a pure function of seed and epoch), read in sorted windows, normalised
+   (vectorised, :func:`stampbatch.preprocess.normalize_with_mask`), randomly
+   flipped/rotated by multiples of 90 degrees, and batched while the model trains on the
+   previous batch. Memory is bounded by the window, not the store size. Stamps with NaN/Inf
+   pixels carry weight 0;
 3. ``keras.Model.fit`` with categorical cross-entropy on one-hot labels (as the reference),
    SGD with momentum by default, "balanced" class weights, early stopping on the
    validation loss; after every epoch a checkpoint (model + optimizer state, history, best
    weights) is written atomically, and a rerun on the same directory resumes from it — a
    preempted Slurm job that is requeued simply carries on;
-4. restore the best weights, predict the test split, compute the metrics (ROC AUC,
-   completeness against SNR, the threshold for a target false-positive rate, false
-   positives by kind of negative) and draw the figures.
+4. restore the best weights, fit temperature scaling on the validation split and fold it
+   into the final layer (:mod:`stampbatch.calibrate`), predict the test split, compute the
+   metrics (:mod:`stampbatch.metrics`: ROC AUC, completeness against SNR, thresholds for 1 %
+   and 0.1 % FPR, expected calibration error, false positives by kind of negative) and draw
+   the figures.
 
 Every file is written under a temporary name and renamed into place, and ``metrics.json``
 comes last: a directory holding ``metrics.json`` is a finished run.
@@ -509,7 +514,8 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
             gc.collect()
         if train_stream.dropped_first_pass:
             print(f"warning: {data}: {train_stream.dropped_first_pass} training stamps have "
-                  f"NaN or Inf pixels and were skipped", file=sys.stderr)
+                  f"NaN or Inf pixels; they carry weight 0 (no effect on training)",
+                  file=sys.stderr)
     if state.get("best_file"):
         model.load_weights(ckpt_dir / state["best_file"])
     calibration = _calibrate(model, store_path, split["val"])
