@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stampbatch import backgrounds
+from stampbatch import backgrounds, store
 from stampbatch.field import FieldSources, draw_field
 from stampbatch.profiles import (
     pixel_offsets,
@@ -231,7 +231,7 @@ def centre_sources(rng: np.random.Generator, scene: Scene, c: SimConfig,
                                       cond["fwhm"][idx], cond["beta"][idx]))
             continue
         gal = _galaxy_params(rng, idx.size, c, c.centre_galaxy_re_max)
-        truth["half_light_radius"][idx] = gal["r_e"] * np.sqrt(gal["q"])  # circularised
+        truth[store.META_HALF_LIGHT_RADIUS][idx] = gal["r_e"] * np.sqrt(gal["q"])  # circularised
         truth["sersic_n"][idx], truth["axis_ratio"][idx] = gal["n"], gal["q"]
         scene.add(idx, _shapes(scene, idx, scene.dx[idx], scene.dy[idx], gal))
     idx = np.flatnonzero(profile == _SATURATED)

@@ -362,7 +362,8 @@ def simulate_stamps(n: int, config: SimConfig | None = None,
     shape = (int(config.stamp_shape[0]), int(config.stamp_shape[1]))
     cond = conditions(rng, n, config)
     scene = Scene(n, shape, cond)
-    truth = {name: np.full(n, np.nan) for name in ("half_light_radius", "sersic_n", "axis_ratio")}
+    truth = {name: np.full(n, np.nan)
+             for name in (store.META_HALF_LIGHT_RADIUS, "sersic_n", "axis_ratio")}
     truth["trail_length"] = np.zeros(n)
     truth["trail_angle"] = np.full(n, np.nan)
     centre_sources(rng, scene, config, truth)
@@ -372,17 +373,17 @@ def simulate_stamps(n: int, config: SimConfig | None = None,
     n_field, nn_distance, nn_snr = nearest(fs, n)
     f32 = np.float32
     meta = {
-        "snr": cond["snr"].astype(f32), "kind": np.asarray(KINDS)[cond["kind"]],
-        "profile": np.asarray(PROFILES)[cond["profile"]],
-        "background": np.asarray(BACKGROUNDS)[cond["background"]],
+        store.META_SNR: cond["snr"].astype(f32), store.META_KIND: np.asarray(KINDS)[cond["kind"]],
+        store.META_PROFILE: np.asarray(PROFILES)[cond["profile"]],
+        store.META_BACKGROUND: np.asarray(BACKGROUNDS)[cond["background"]],
         "psf_fwhm": cond["fwhm"].astype(f32), "psf_beta": cond["beta"].astype(f32),
         "dx": scene.dx.astype(f32), "dy": scene.dy.astype(f32),
         "snr_eff": scene.snr_eff.astype(f32), "flux": scene.flux.astype(f32),
         "sky": cond["sky"].astype(f32), "sky_subtracted": cond["background"] != BACKGROUNDS.index("science"),
         "sigma": cond["sigma"].astype(f32), "read_noise": cond["read_noise"].astype(f32),
         "n_coadd": cond["n_coadd"].astype(np.int16), "noise_corr": cond["noise_corr"].astype(f32),
-        "n_field": n_field.astype(np.int16), "nn_distance": nn_distance.astype(f32),
-        "nn_snr": nn_snr.astype(f32), "field_density": cond["density"].astype(f32),
+        store.META_N_FIELD: n_field.astype(np.int16), store.META_NN_DISTANCE: nn_distance.astype(f32),
+        store.META_NN_SNR: nn_snr.astype(f32), store.META_FIELD_DENSITY: cond["density"].astype(f32),
         "saturation": cond["saturation"].astype(f32),
         **{k: (v.astype(f32) if v.dtype.kind == "f" else v) for k, v in truth.items()},
     }
@@ -486,10 +487,10 @@ def write_simulated(
             contextlib.closing(iter_blocks(n, config, seed, workers=workers)) as blocks:
         for batch in blocks:
             meta = dict(batch.meta)
-            for name in ("kind", "profile", "background"):
+            for name in (store.META_KIND, store.META_PROFILE, store.META_BACKGROUND):
                 meta[name] = meta[name].astype(_KIND_BYTES)
             if candidates:
-                meta["true_label"] = batch.labels
+                meta[store.META_TRUE_LABEL] = batch.labels
                 writer.append(batch.stamps, None, meta)
             else:
                 writer.append(batch.stamps, batch.labels, meta)
