@@ -48,9 +48,9 @@ def macs_per_stamp(run_dir: Path) -> int:
 
 def completeness_table(candidates: Path, models: list[str]) -> str:
     """Recall and false-positive rate of each model against the candidates' hidden truth."""
-    truth = store.read_meta(candidates, ["true_label", "snr"])
-    label = truth["true_label"].astype(bool)
-    snr = truth["snr"]
+    truth = store.read_meta(candidates, [store.META_TRUE_LABEL, store.META_SNR])
+    label = truth[store.META_TRUE_LABEL].astype(bool)
+    snr = truth[store.META_SNR]
     lines = [f"{'model':<12}{'P>=0.5':>10}{'completeness':>14}{'SNR>=7':>9}{'FPR':>10}"]
     for model in models:
         p = store.read_scores(candidates, model, with_maps=False).probability

@@ -284,6 +284,33 @@ def plot_roc(fpr: np.ndarray, tpr: np.ndarray, path: Path, *, auc: float,
     return _save(fig, path)
 
 
+def plot_reliability(record: Mapping[str, Any], path: Path, *, title: str = "") -> Path:
+    """Reliability diagram from :func:`stampbatch.metrics.reliability`: fraction of sources
+    against mean P per bin (the diagonal is perfect calibration), stamps per bin below."""
+    counts = _floats(record.get("counts", ()))
+    if counts.size == 0:
+        raise _fail(path, "reliability record has no bins")
+    mean_p = np.array([np.nan if v is None else v for v in record["mean_probability"]], float)
+    frac = np.array([np.nan if v is None else v for v in record["fraction_sources"]], float)
+    edges = _floats(record["bin_edges"])
+    fig = _figure(5.0, 5.6)
+    top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
+    ok = np.isfinite(mean_p)
+    top.plot(mean_p[ok], frac[ok], "-o", ms=4, label="test stamps")
+    top.set_ylabel("fraction with a source")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.grid(alpha=0.3)
+    top.legend(fontsize=8, loc="upper left")
+    top.set_title(title or f"Reliability (ECE {record.get('ece', float('nan')):.4f})")
+    bottom.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0", alpha=0.6)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("predicted P(source)")
+    bottom.set_ylabel("stamps")
+    return _save(fig, path)
+
+
 def _setup_snr_axis(ax: Any, edges: np.ndarray) -> None:
     ax.set_xscale("log")
     ax.set_xlim(edges[0], edges[-1])

@@ -152,7 +152,43 @@ def _load_run(run_dir: Path) -> dict[str, Any]:
     return {"name": run_dir.name, "path": run_dir, "status": status, "message": message,
             "metrics": metrics, "config": config, "config_text": config_text,
             "epochs_done": epochs_done, "epochs": epochs, "architecture": architecture,
-            "figures": figures}
+            "figures": figures, "evaluations": _load_evaluations(run_dir)}
+
+
+def _load_evaluations(run_dir: Path) -> list[dict[str, Any]]:
+    """``RUN/eval/<store>/evaluation.json`` written by ``stampbatch evaluate`` (readable ones)."""
+    out = []
+    for path in sorted(run_dir.glob("eval/*/evaluation.json")):
+        record, err = _read_json(path)
+        if err is None and isinstance(record, dict):
+            figures = sorted(p.name for p in path.parent.glob("*.png"))
+            out.append({"dir": path.parent.name, "record": record, "figures": figures})
+    return out
+
+
+def _evaluations_html(run: dict[str, Any]) -> str:
+    """One table row per store the run was evaluated on, then each evaluation's figures."""
+    evals = run.get("evaluations") or []
+    if not evals:
+        return ""
+    head = ("<table><thead><tr><th class=\"text\">evaluated on</th><th>stamps</th>"
+            "<th>ROC AUC</th><th>ECE</th><th>completeness at the run's 1 % FPR threshold</th>"
+            "<th>FPR there</th></tr></thead><tbody>")
+    rows, figs = [], []
+    for ev in evals:
+        rec = ev["record"]
+        at = (rec.get("at_run_thresholds") or {}).get("fpr_0.01") or {}
+        rows.append(f'<tr><td class="text">{_e(rec.get("data", ev["dir"]))}</td>'
+                    f"<td>{_fmt_int(rec.get('n'))}</td><td>{_fmt(rec.get('roc_auc'), 4)}</td>"
+                    f"<td>{_fmt(rec.get('ece'), 4)}</td><td>{_fmt(at.get('completeness'))}</td>"
+                    f"<td>{_fmt(at.get('fpr'), 4)}</td></tr>")
+        for name in ev["figures"]:
+            href = _href(run["name"], "eval", ev["dir"], name)
+            figs.append(f'<figure><a href="{href}"><img src="{href}" alt="{_e(name)}" '
+                        f'loading="lazy"></a><figcaption>{_e(ev["dir"])}: {_e(name)}'
+                        f"</figcaption></figure>")
+    return (f"<h4>Evaluations</h4>{head}{''.join(rows)}</tbody></table>"
+            f'<div class="figures">{"".join(figs)}</div>')
 
 
 def completeness_above(record: Mapping[str, Any] | None, snr_min: float = SNR_CUT,
@@ -369,6 +405,7 @@ def _run_section(index: int, run: dict[str, Any]) -> str:
                        f'<img src="{_href(run["name"], name)}" alt="{_e(caption)}" '
                        f'loading="lazy"></a><figcaption>{_e(caption)}</figcaption></figure>')
         out.append("</div>")
+    out.append(_evaluations_html(run))
     if run["config_text"] is not None:
         out.append(f"<details open><summary>config.toml</summary>"
                    f"<pre>{_e(run['config_text'])}</pre></details>")

@@ -1,85 +1,85 @@
-"""Simulated co-added stamps: centred point sources, pure background and hard negatives.
+"""Simulated survey stamps: a centred source or not, in a field of other sources.
 
 A shift-and-stack search co-adds ``n_coadd`` exposures along each candidate trajectory;
-every trajectory yields one stamp (21x21 by default). Class 1 is a point source at the
-stamp centre (within ``max_centre_offset`` px), class 0 is anything else: pure background
-or a *hard negative* — an off-centre source, a hot pixel, a cosmic ray or a partial streak
-of a moving object that does not follow the trajectory.
+every trajectory yields one stamp (21x21 by default), and every real cut-out lies in a
+field of stars and galaxies. Class 1 is a source at the stamp centre (within
+``max_centre_offset`` px); class 0 is anything else. **The label depends only on what sits
+at the centre**: both classes carry the same field population (:mod:`stampbatch.field`),
+the same backgrounds and detector defects (:mod:`stampbatch.backgrounds`), and negatives
+may hold *hard negatives* — an off-centre source, a hot pixel, a cosmic ray, a partial
+streak of a moving object, or a bright star badly subtracted in a difference image
+(``dipole``). Source shapes come from :mod:`stampbatch.profiles`.
 
 Units and noise model
 ---------------------
-Stamps are in electrons (gain 1) and are the *sum* of ``n_coadd`` exposures. Each exposure
-has a sky level ``s`` (e-/px) and read noise ``r`` (e-), so the co-add has sky ``n*s`` and
-per-pixel background noise
+Stamps are in electrons (gain 1) and are the *sum* of ``n_coadd`` exposures of sky ``s``
+(e-/px) and read noise ``r`` (e-), so the per-pixel background noise is
 
     sigma = sqrt(n * (s + r**2))                      (Poisson sky + Gaussian read noise)
 
-drawn as a Gaussian (the co-added sky is >= 150 e- with the defaults, where the Gaussian
-approximation of Poisson noise is excellent). Sky-subtracted stamps (co-adds of difference
-images) have the level ``n*s`` removed but keep its noise. A fraction of stamps has
-pixel-correlated noise, as resampled (warped) co-adds do: white noise convolved with the
-separable kernel ``[c, 1, c] x [c, 1, c]``, renormalised so the per-pixel sigma is
-unchanged (neighbouring pixels then correlate by ``2c / (1 + 2c^2)`` along each axis:
-0.51 for ``c = 0.3``, as bilinear resampling at a half-pixel shift). Injected signals get
-their own Poisson (shot) noise, also Gaussian-approximated (``source_shot_noise``).
+drawn as a Gaussian, white or (a ``correlated_noise_fraction`` of stamps) correlated as in
+resampled co-adds. Every signal adds its own shot noise (``source_shot_noise``): the noise
+there is ``sqrt(sigma^2 + |signal|)`` times the same unit noise.
 
-PSF
----
-Per stamp a FWHM in ``[fwhm_min, fwhm_max]`` px and, with probability ``moffat_fraction``,
-a Moffat profile ``(1 + r^2/alpha^2)^-beta`` (``beta`` in ``[moffat_beta_min,
-moffat_beta_max]``), otherwise a Gaussian. PSFs are integrated over pixels (Gaussian
-exactly, with erf; Moffat with 2x2-point Gauss-Legendre, better than 0.4 % of the peak at
-FWHM 2 px) and have unit total flux on the infinite plane, so a wide PSF loses some flux
-off the stamp edge. Pixel ``(i, j)`` has its centre at offset ``(j - (W-1)/2, i - (H-1)/2)``
-from the stamp centre: ``dx`` runs along columns, ``dy`` along rows.
+Kinds of background (``meta["background"]``)
+--------------------------------------------
+* ``science``: the sky level ``n*s`` kept, plus a gradient (up to ``sky_gradient_max``
+  sigma per px), the full field population.
+* ``sky_subtracted``: the level removed imperfectly (a residual offset up to
+  ``residual_sky_max`` sigma and a gradient), the full field population.
+* ``difference``: a difference image: the static field is subtracted with a template
+  misregistered by up to ``misregistration_max`` px and mis-scaled by up to
+  ``flux_mismatch_max``, so field sources leave dipole residuals; positives here are
+  point sources (transients, moving objects).
+
+Centre sources (``meta["profile"]``: ``point``, ``galaxy``, ``saturated``; ``none`` for
+negatives): a PSF; a compact Sérsic galaxy (``centre_galaxy_fraction`` of the positives
+outside difference images, half-light radius ``galaxy_re_min``-``centre_galaxy_re_max``
+px); or a saturated star (``centre_saturated_fraction``), clipped at the co-add's full well
+``n * full_well`` (less the sky where it was subtracted) with a bleed trail along its
+column and, for ``spike_fraction`` of them, diffraction-like spikes. Field sources are
+point sources or, for ``field_galaxy_fraction``, Sérsic galaxies; ``bright_star_fraction``
+of the stamps also hold a saturated star somewhere outside the centring disc.
+
+PSF: per stamp a FWHM in ``[fwhm_min, fwhm_max]`` px and, with probability
+``moffat_fraction``, a Moffat profile (``beta`` in ``[moffat_beta_min, moffat_beta_max]``),
+otherwise a Gaussian.
 
 SNR (the meaning of the ``snr`` column)
 ---------------------------------------
-The SNR of an injected signal of total flux ``F`` and unit-flux shape ``P`` (the PSF, a
-trail, or a 1-3 px spike), as rendered on the stamp's pixels, is its matched-filter
-(optimal, background-limited) SNR against the per-pixel background noise:
-
-    SNR = F * sqrt(sum_i P_i**2) / sigma
-
-It is the expected value of the matched-filter statistic
-``sum_i P_i (stamp_i - background) / (sigma * sqrt(sum_i P_i**2))`` (see
-:func:`matched_filter_snr`), so a stamp "of SNR 5" gives a PSF-filter response of 5 sigma
-on average. The flux is chosen from the SNR drawn (log-uniform in ``[snr_min, snr_max]``):
-``F = SNR * sigma / sqrt(sum P**2)``. It counts only what falls on the stamp. It ignores
-the source's own shot noise (which lowers the real significance of the brightest
-sources) and pixel correlation: on correlated-noise stamps (``noise_corr > 0``) the same
-filter's output is noisier than ``sigma`` predicts, by up to ~2x for wide PSFs. Their
-significance against the true noise of that filter is kept in ``snr_eff`` (equal to
-``snr`` for white noise).
+The SNR of a signal of total flux ``F`` and unit-flux shape ``P`` as rendered on the
+stamp is its matched-filter (optimal, background-limited) SNR, ``F * sqrt(sum P**2) /
+sigma`` — the expectation of :func:`matched_filter_snr` for that shape. The flux is chosen
+from the SNR drawn (log-uniform in ``[snr_min, snr_max]``). For a saturated centre star
+it is that of the unclipped star. It ignores the source's own shot noise and pixel
+correlation: the significance against the true noise of that filter on correlated-noise
+stamps is ``snr_eff``. Field sources have a *point-source* SNR (their flux times the norm
+of the stamp's centred PSF over sigma), drawn from the number counts.
 
 Kinds of stamp (``meta["kind"]``)
 ---------------------------------
-* ``source`` (label 1): PSF centred within ``max_centre_offset`` px (uniform in that disc).
-* ``background``: noise only.
-* ``offcentre``: a PSF source more than ``offcentre_min_distance`` px from the centre
-  (uniform over the rest of the stamp area).
-* ``hot_pixel``: one pixel raised, within ``artefact_max_offset`` px (per axis) of the centre.
-* ``cosmic_ray``: a sharp track of 1-3 adjacent pixels (any of 8 directions, amplitudes
-  varying by up to 2x) starting within ``artefact_max_offset`` px of the centre; no PSF.
-* ``streak``: a trailed PSF segment (length ``streak_length_min``-``streak_length_max``
-  px, any angle) whose midpoint lies at least ``streak_min_offset`` px from the centre
-  anywhere on the stamp; long ones can cross the whole stamp.
+``source`` (label 1); ``background`` (nothing at the centre); ``offcentre`` (a PSF source
+farther than ``offcentre_min_distance`` px); ``hot_pixel`` (one pixel within
+``artefact_max_offset`` px per axis of the centre); ``cosmic_ray`` (a 1-3 px track starting
+there); ``streak`` (a trailed PSF whose midpoint lies at least ``streak_min_offset`` px from
+the centre); ``dipole`` (a difference-image residual of a star within
+``artefact_max_offset`` px of the centre). Hard-negative fractions are fractions of the
+negatives; the rest are ``background``.
 
-The hard-negative fractions are fractions *of the negatives*; the rest are background.
+Metadata columns (``/meta`` in the store; names in :mod:`stampbatch.store`)
+---------------------------------------------------------------------------
+``snr``, ``snr_eff``, ``kind``, ``profile``, ``background``, ``psf_fwhm``, ``psf_beta``
+(NaN: Gaussian), ``dx``, ``dy`` (px from the centre of the signal that made the kind; NaN
+for background), ``flux``, ``sky``, ``sky_subtracted``, ``sigma``, ``read_noise``,
+``n_coadd``, ``noise_corr``, ``trail_length``, ``trail_angle``, ``half_light_radius``,
+``sersic_n``, ``axis_ratio`` (centre galaxies; NaN otherwise), ``n_field`` (field sources
+on the stamp, bright stars included), ``nn_distance`` and ``nn_snr`` (the field source
+nearest the centre; NaN without one), ``field_density`` (per 100 px^2),
+``saturation`` (the clip level in stamp units), ``bad_column`` (-1: none), ``n_masked``.
+Candidate files (no ``/labels``) also hold ``true_label``.
 
-Metadata columns (:class:`SimulatedBatch` ``meta``, and ``/meta`` in the store)
--------------------------------------------------------------------------------
-``snr`` (float32; 0 for background), ``snr_eff`` (float32, see above), ``kind`` (str),
-``psf_fwhm`` (float32, px, every stamp: the co-add's seeing), ``psf_beta`` (float32; NaN
-for a Gaussian PSF), ``dx``, ``dy`` (float32, px from the centre: PSF centre for
-source/offcentre, the pixel for hot pixels, the first track pixel for cosmic rays, the
-trail midpoint for streaks; NaN for background), ``flux`` (float32, e-; 0 for
-background), ``sky`` (float32, the co-add's sky level before any subtraction),
-``sky_subtracted`` (bool), ``sigma`` (float32, per-pixel background noise),
-``read_noise`` (float32, per exposure), ``n_coadd`` (int16), ``noise_corr`` (float32,
-kernel weight ``c``; 0 for white noise), ``trail_length`` (float32, px; 0 except
-streaks), ``trail_angle`` (float32, radians from the +x axis; NaN except streaks).
-Candidate files (no ``/labels``) also hold ``true_label`` (int8).
+:func:`neighbour_free_config` gives the simulator of earlier releases (no field, no
+galaxies, no saturation, no sky residuals or defects) for comparisons.
 """
 
 from __future__ import annotations
@@ -99,20 +99,41 @@ import numpy as np
 
 from stampbatch import store
 from stampbatch.errors import UsageError
+from stampbatch.field import nearest
+from stampbatch.profiles import render_psf, render_trail
 from stampbatch.progress import Progress
+from stampbatch.scene import (
+    BACKGROUNDS,
+    HARD_FRACTIONS,
+    KINDS,
+    PROFILES,
+    Scene,
+    centre_sources,
+    conditions,
+    field_population,
+    hard_negatives,
+    observe,
+)
 
-KINDS = ("source", "background", "offcentre", "hot_pixel", "cosmic_ray", "streak")
-_KIND_BYTES = f"S{max(len(k) for k in KINDS)}"  # fixed width: later blocks never grow it
-_SOURCE, _BACKGROUND, _OFFCENTRE, _HOT, _COSMIC, _STREAK = range(len(KINDS))
+__all__ = ["KINDS", "PROFILES", "BACKGROUNDS", "SimConfig", "SimConfigError", "SimulatedBatch",
+           "matched_filter_snr", "neighbour_free_config", "render_psf", "render_trail",
+           "simulate_stamps", "write_simulated", "block_rng", "iter_blocks"]
+
+_KIND_BYTES = f"S{max(len(k) for k in KINDS + PROFILES + BACKGROUNDS)}"  # fixed width
+
 
 # Stamps simulated per random block. Block b draws from SeedSequence(seed, spawn_key=(b,)),
 # i.e. SeedSequence(seed).spawn(...)[b], so a file's contents depend on (seed, config, n)
 # only — not on the HDF5 chunk size. Changing this constant changes every simulated file.
 SIM_BLOCK_ROWS = 16384
 
-# 2-point Gauss-Legendre nodes on a unit pixel (equal weights 1/2): exact for cubics.
-_GL2 = (-0.5 / math.sqrt(3.0), 0.5 / math.sqrt(3.0))
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+_FRACTIONS = ("source_fraction", "moffat_fraction", "sky_subtracted_fraction",
+              "difference_fraction", "correlated_noise_fraction", "field_galaxy_fraction",
+              "galaxy_devaucouleurs_fraction", "centre_galaxy_fraction",
+              "centre_saturated_fraction", "bright_star_fraction", "spike_fraction",
+              "bad_column_fraction", "masked_fraction", "masked_nan_fraction",
+              *HARD_FRACTIONS)
+_HARD = HARD_FRACTIONS
 
 
 MAX_STAMP_SIDE = 1024  # a bigger stamp is a typo (one 1024x1024 stamp is 4 MiB)
@@ -125,7 +146,16 @@ class SimConfigError(UsageError, ValueError):
 
 @dataclass
 class SimConfig:
-    """Settings of the stamp simulator; every field has a default and is checked by validate()."""
+    """Settings of the stamp simulator; every field has a default and is checked by validate().
+
+    Where the defaults come from: FWHM 2-6 px spans ZTF (1"/px, 2" seeing) to DECam
+    (0.263"/px) in poor seeing; field densities 0.02-3 sources per 100 px^2 span ~1e4/deg^2
+    at high latitude (ZTF depth) to ~1e7/deg^2 in the Galactic bulge (DECam pixels), i.e.
+    ~0.1 to ~13 sources per 21x21 stamp, log-uniform; ``N(>S) ∝ S^-0.6`` (d log N / dm =
+    0.24) is the faint star counts' slope away from the plane (Euclidean would be 1.5);
+    galaxy half-light radii 0.5-4 px are faint galaxies at 0.26-1"/px; a
+    full well of 1e5 e- per exposure is typical of thick CCDs.
+    """
 
     stamp_shape: tuple[int, int] = (21, 21)  # stamp height, width in px
     source_fraction: float = 0.5  # fraction of stamps with a centred source (label 1)
@@ -137,23 +167,55 @@ class SimConfig:
     moffat_beta_min: float = 2.5  # Moffat beta range (must exceed 1 for finite flux)
     moffat_beta_max: float = 5.0  # 4.765 is the Kolmogorov-turbulence value
     max_centre_offset: float = 0.5  # largest offset of a positive from the centre, px
-    sky_subtracted_fraction: float = 0.5  # fraction of co-adds of difference images (sky ~0)
+    sky_subtracted_fraction: float = 0.6  # stamps with the sky level removed
+    difference_fraction: float = 0.5  # of the sky-subtracted stamps: difference images
     sky_min: float = 50.0  # sky per exposure, e-/px, log-uniform (must be > 0)
     sky_max: float = 5000.0  # sky per exposure, e-/px
     read_noise_min: float = 2.0  # read noise per exposure, e-, uniform
     read_noise_max: float = 10.0  # read noise per exposure, e-
     n_coadd_min: int = 3  # fewest exposures (nights) co-added along a trajectory
     n_coadd_max: int = 20  # most exposures co-added
-    source_shot_noise: bool = True  # add the injected signal's own Poisson noise
+    source_shot_noise: bool = True  # add every signal's own Poisson noise
     correlated_noise_fraction: float = 0.3  # fraction of resampled co-adds (correlated noise)
     noise_corr_min: float = 0.05  # neighbour weight c of the [c,1,c] noise kernel, lowest
     noise_corr_max: float = 0.3  # c = 0.3: neighbour correlation 0.51, as bilinear resampling
+    sky_gradient_max: float = 0.1  # sky gradient across a stamp, sigma per px (uniform 0..max)
+    residual_sky_max: float = 0.5  # sky left after subtraction, sigma (uniform -max..max)
+    misregistration_max: float = 0.3  # template shift of difference images, px (0..max)
+    flux_mismatch_max: float = 0.05  # template flux-scaling error of difference images (+-)
+    field_density_min: float = 0.02  # field sources per 100 px^2, sparsest (0 and 0: no field)
+    field_density_max: float = 3.0  # most crowded; log-uniform per stamp in between
+    field_snr_min: float = 2.0  # faintest field source, point-source SNR
+    field_snr_max: float = 1000.0  # brightest (unsaturated) field source
+    field_count_slope: float = 0.6  # N(>S) ∝ S^-slope
+    field_min_distance: float = 3.0  # field sources lie at least this far from the centre, px
+    field_min_distance_fwhm: float = 1.0  # ... and at least this many FWHM
+    field_galaxy_fraction: float = 0.3  # fraction of field sources that are galaxies
+    galaxy_re_min: float = 0.5  # galaxy half-light radius (semi-major), px, log-uniform
+    galaxy_re_max: float = 4.0
+    galaxy_devaucouleurs_fraction: float = 0.3  # Sérsic n = 4 (the rest n = 1, exponential)
+    galaxy_axis_ratio_min: float = 0.3  # axis ratio b/a uniform in [min, 1]
+    centre_galaxy_fraction: float = 0.25  # of positives outside difference images
+    centre_galaxy_re_max: float = 2.0  # centre galaxies are compact: r_e up to this, px
+    centre_saturated_fraction: float = 0.03  # of positives outside difference images
+    bright_star_fraction: float = 0.05  # stamps with a saturated star in the field
+    full_well: float = 1.0e5  # e- per exposure; the co-add saturates at n_coadd times this
+    saturation_min: float = 1.2  # unclipped peak / full-well headroom of saturated stars
+    saturation_max: float = 30.0  # (log-uniform)
+    spike_fraction: float = 0.5  # of saturated stars: with diffraction-like spikes
+    spike_strength: float = 0.03  # fraction of the star's flux in its spikes
+    spike_length: float = 5.0  # e-folding length of a spike, px
+    bad_column_fraction: float = 0.02  # stamps with a dead or hot column
+    masked_fraction: float = 0.02  # stamps with a block of masked pixels
+    masked_nan_fraction: float = 0.0  # of those: NaN instead of 0 (training skips NaN stamps)
+    mask_max_size: int = 3  # masked blocks are 1..this px a side
     offcentre_fraction: float = 0.15  # fraction of negatives with an off-centre source
     hot_pixel_fraction: float = 0.1  # fraction of negatives with a single hot pixel
     cosmic_ray_fraction: float = 0.1  # fraction of negatives with a 1-3 px cosmic-ray track
     streak_fraction: float = 0.1  # fraction of negatives with a partial streak
+    dipole_fraction: float = 0.1  # fraction of negatives with a subtraction residual
     offcentre_min_distance: float = 6.0  # off-centre sources lie farther than this, px
-    artefact_max_offset: float = 3.0  # hot pixels/cosmic rays start within this, px per axis
+    artefact_max_offset: float = 3.0  # hot pixels/cosmic rays/dipoles within this, px per axis
     streak_length_min: float = 8.0  # shortest streak (trail) length, px
     streak_length_max: float = 40.0  # longest streak length, px
     streak_min_offset: float = 3.0  # streak midpoints lie at least this far from the centre, px
@@ -169,50 +231,76 @@ class SimConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise SimConfigError(f"{f.name} must be finite, got {value}")
-        fractions = ("source_fraction", "moffat_fraction", "sky_subtracted_fraction",
-                     "correlated_noise_fraction", "offcentre_fraction", "hot_pixel_fraction",
-                     "cosmic_ray_fraction", "streak_fraction")
-        for name in fractions:
+        for name in _FRACTIONS:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise SimConfigError(f"{name} must lie in [0, 1], got {value}")
-        hard = sum(getattr(self, n) for n in fractions[4:])
+        hard = sum(getattr(self, n) for n in _HARD)
         if hard > 1.0 + 1e-9:
-            raise SimConfigError(
-                f"offcentre_fraction + hot_pixel_fraction + cosmic_ray_fraction + "
-                f"streak_fraction = {hard:g} exceeds 1 (they are fractions of the negatives)")
-        self._check_range("snr", 0.0, strict=True)
+            raise SimConfigError(f"{' + '.join(_HARD)} = {hard:g} exceeds 1 (they are fractions "
+                                 f"of the negatives)")
+        for stem, floor, strict in (("snr", 0.0, True), ("fwhm", 0.0, True),
+                                    ("moffat_beta", 1.0, True), ("sky", 0.0, True),
+                                    ("read_noise", 0.0, False), ("n_coadd", 1, False),
+                                    ("noise_corr", 0.0, False), ("streak_length", 0.0, True),
+                                    ("field_snr", 0.0, True), ("galaxy_re", 0.0, True),
+                                    ("saturation", 1.0, True)):
+            self._check_range(stem, floor, strict=strict)
         if self.snr_max > MAX_SNR:  # brighter overflows float32 electrons
             raise SimConfigError(f"snr_max must be at most {MAX_SNR:g}, got {self.snr_max:g}")
-        self._check_range("fwhm", 0.0, strict=True)
-        self._check_range("moffat_beta", 1.0, strict=True)
-        self._check_range("sky", 0.0, strict=True)
-        self._check_range("read_noise", 0.0, strict=False)
-        self._check_range("n_coadd", 1, strict=False)
-        self._check_range("noise_corr", 0.0, strict=False)
-        self._check_range("streak_length", 0.0, strict=True)
         if not (isinstance(self.n_coadd_min, int) and isinstance(self.n_coadd_max, int)):
             raise SimConfigError("n_coadd_min and n_coadd_max must be integers")
         if self.noise_corr_max > 1.0:
             raise SimConfigError(f"noise_corr_max must be at most 1, got {self.noise_corr_max}")
-        half = min(shape) / 2.0
-        for name in ("max_centre_offset", "offcentre_min_distance", "artefact_max_offset",
-                     "streak_min_offset"):
+        self._check_field_and_sizes(shape)
+
+    def _check_field_and_sizes(self, shape: tuple[int, ...]) -> None:
+        for name in ("sky_gradient_max", "residual_sky_max", "misregistration_max",
+                     "flux_mismatch_max", "field_min_distance", "field_min_distance_fwhm",
+                     "spike_strength", "max_centre_offset", "offcentre_min_distance",
+                     "artefact_max_offset", "streak_min_offset", "field_density_min"):
             if getattr(self, name) < 0:
                 raise SimConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name, used in (("max_centre_offset", self.source_fraction > 0),
-                           ("offcentre_min_distance", self.offcentre_fraction > 0),
-                           ("artefact_max_offset", self.hot_pixel_fraction
-                            + self.cosmic_ray_fraction > 0),
-                           ("streak_min_offset", self.streak_fraction > 0)):
-            if used and getattr(self, name) >= half:
-                raise SimConfigError(f"{name} = {getattr(self, name)} px does not fit a "
+        for name in ("full_well", "spike_length", "field_count_slope"):
+            if getattr(self, name) <= 0:
+                raise SimConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not (isinstance(self.mask_max_size, int) and self.mask_max_size >= 1):
+            raise SimConfigError(f"mask_max_size must be an integer >= 1, got {self.mask_max_size}")
+        if self.field_density_max > 0 and self.field_density_min <= 0:
+            raise SimConfigError("field_density_min must be > 0 when field_density_max > 0 "
+                                 "(densities are log-uniform); set both to 0 for no field")
+        if self.field_density_min > self.field_density_max:
+            raise SimConfigError(f"field_density_min ({self.field_density_min}) must not exceed "
+                                 f"field_density_max ({self.field_density_max})")
+        if not self.galaxy_axis_ratio_min > 0 or self.galaxy_axis_ratio_min > 1:
+            raise SimConfigError(f"galaxy_axis_ratio_min must lie in (0, 1], got "
+                                 f"{self.galaxy_axis_ratio_min}")
+        if self.centre_galaxy_re_max < self.galaxy_re_min:
+            raise SimConfigError(f"centre_galaxy_re_max ({self.centre_galaxy_re_max}) must not "
+                                 f"be below galaxy_re_min ({self.galaxy_re_min})")
+        half = min(shape) / 2.0
+        field_r = max(self.field_min_distance, self.field_min_distance_fwhm * self.fwhm_max)
+        for name, value, used in (
+                ("max_centre_offset", self.max_centre_offset, self.source_fraction > 0),
+                ("offcentre_min_distance", self.offcentre_min_distance,
+                 self.offcentre_fraction > 0),
+                ("artefact_max_offset", self.artefact_max_offset,
+                 self.hot_pixel_fraction + self.cosmic_ray_fraction + self.dipole_fraction > 0),
+                ("streak_min_offset", self.streak_min_offset, self.streak_fraction > 0),
+                ("field_min_distance (or field_min_distance_fwhm * fwhm_max)", field_r,
+                 self.field_density_max > 0 or self.bright_star_fraction > 0)):
+            if used and value >= half:
+                raise SimConfigError(f"{name} = {value} px does not fit a "
                                      f"{shape[0]}x{shape[1]} stamp (must be < {half:g})")
         if self.offcentre_fraction > 0 and self.offcentre_min_distance <= self.max_centre_offset:
             raise SimConfigError(
                 f"offcentre_min_distance ({self.offcentre_min_distance}) must exceed "
                 f"max_centre_offset ({self.max_centre_offset}): off-centre negatives would "
                 f"look like positives")
+        if field_r <= self.max_centre_offset:
+            raise SimConfigError(f"field_min_distance ({field_r:g} px) must exceed "
+                                 f"max_centre_offset ({self.max_centre_offset}): field sources "
+                                 f"would sit at the centre")
 
     def _check_range(self, stem: str, floor: float, *, strict: bool) -> None:
         lo, hi = getattr(self, f"{stem}_min"), getattr(self, f"{stem}_max")
@@ -227,6 +315,20 @@ class SimConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
+NEIGHBOUR_FREE = {
+    "sky_subtracted_fraction": 0.5, "difference_fraction": 0.0, "sky_gradient_max": 0.0,
+    "residual_sky_max": 0.0, "field_density_min": 0.0, "field_density_max": 0.0,
+    "centre_galaxy_fraction": 0.0, "centre_saturated_fraction": 0.0,
+    "bright_star_fraction": 0.0, "bad_column_fraction": 0.0, "masked_fraction": 0.0,
+    "dipole_fraction": 0.0,
+}
+
+
+def neighbour_free_config(**changes) -> SimConfig:
+    """The earlier default simulator: isolated point sources on clean backgrounds."""
+    return dataclasses.replace(SimConfig(), **{**NEIGHBOUR_FREE, **changes})
+
+
 @dataclass
 class SimulatedBatch:
     """Simulated stamps with their labels and per-stamp truth."""
@@ -237,107 +339,6 @@ class SimulatedBatch:
 
     def __len__(self) -> int:
         return int(self.stamps.shape[0])
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-def _pixel_offsets(size: int) -> np.ndarray:
-    """Offsets of the pixel centres from the stamp centre along one axis."""
-    return np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-
-
-def _gaussian_pixels(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray,
-                     fwhm: np.ndarray) -> np.ndarray:
-    """Pixel-integrated unit-flux Gaussians, exact: separable products of erf differences."""
-    from scipy.special import erf
-
-    h, w = shape
-    scale = (math.sqrt(2.0) * fwhm / _FWHM_PER_SIGMA)[:, None]
-    ex = np.arange(w + 1, dtype=np.float64) - w / 2.0  # pixel edges, -w/2 .. w/2
-    ey = np.arange(h + 1, dtype=np.float64) - h / 2.0
-    px = 0.5 * np.diff(erf((ex[None, :] - dx[:, None]) / scale), axis=1)
-    py = 0.5 * np.diff(erf((ey[None, :] - dy[:, None]) / scale), axis=1)
-    return py.astype(np.float32)[:, :, None] * px.astype(np.float32)[:, None, :]
-
-
-def _moffat_pixels(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, fwhm: np.ndarray,
-                   beta: np.ndarray) -> np.ndarray:
-    """Pixel-integrated (2x2 Gauss-Legendre) unit-flux Moffat profiles."""
-    h, w = shape
-    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    inv_a2 = (1.0 / alpha**2)[:, None]
-    xs = [((_pixel_offsets(w)[None, :] + o - dx[:, None]) ** 2 * inv_a2).astype(np.float32)
-          for o in _GL2]
-    ys = [((_pixel_offsets(h)[None, :] + o - dy[:, None]) ** 2 * inv_a2).astype(np.float32)
-          for o in _GL2]
-    nbeta = (-beta).astype(np.float32)[:, None, None]
-    acc = np.zeros((len(dx), h, w), dtype=np.float32)
-    tmp = np.empty_like(acc)
-    for y2 in ys:
-        for x2 in xs:
-            np.add(y2[:, :, None], x2[:, None, :], out=tmp)
-            np.log1p(tmp, out=tmp)
-            tmp *= nbeta
-            np.exp(tmp, out=tmp)
-            acc += tmp
-    norm = (0.25 * (beta - 1.0) / (np.pi * alpha**2)).astype(np.float32)
-    acc *= norm[:, None, None]
-    return acc
-
-
-def render_psf(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, fwhm: np.ndarray,
-               beta: np.ndarray | None = None) -> np.ndarray:
-    """Unit-flux PSFs centred at (dx, dy) px from the stamp centre, float32 (n, H, W).
-
-    ``beta`` > 1 gives a Moffat profile, NaN (or ``beta=None``) a Gaussian; all of
-    ``dx, dy, fwhm, beta`` are length-n arrays (one PSF per stamp). Flux falling off the
-    stamp is lost, so the sum is below 1 for wide or off-centre PSFs.
-    """
-    dx = np.atleast_1d(np.asarray(dx, dtype=np.float64))
-    dy = np.atleast_1d(np.asarray(dy, dtype=np.float64))
-    fwhm = np.broadcast_to(np.asarray(fwhm, dtype=np.float64), dx.shape)
-    if beta is None:
-        beta = np.full(dx.shape, np.nan)
-    beta = np.broadcast_to(np.asarray(beta, dtype=np.float64), dx.shape)
-    shape = (int(shape[0]), int(shape[1]))
-    out = np.empty((len(dx), *shape), dtype=np.float32)
-    moffat = beta > 1.0  # NaN compares False: Gaussian
-    if moffat.all():
-        return _moffat_pixels(shape, dx, dy, fwhm, beta)
-    if not moffat.any():
-        return _gaussian_pixels(shape, dx, dy, fwhm)
-    g = ~moffat
-    out[g] = _gaussian_pixels(shape, dx[g], dy[g], fwhm[g])
-    out[moffat] = _moffat_pixels(shape, dx[moffat], dy[moffat], fwhm[moffat], beta[moffat])
-    return out
-
-
-def render_trail(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, fwhm: np.ndarray,
-                 length: np.ndarray, angle: np.ndarray) -> np.ndarray:
-    """Unit-flux trailed Gaussian PSFs (a segment of ``length`` px at ``angle`` radians).
-
-    Closed form: a Gaussian across the trail times an erf step along it. The pixel
-    integral is approximated by sampling at pixel centres a Gaussian whose variance is
-    widened by the pixel's 1/12 px^2, the box filter's second moment.
-    """
-    from scipy.special import erf
-
-    h, w = shape
-    sigma = np.sqrt((np.asarray(fwhm, np.float64) / _FWHM_PER_SIGMA) ** 2 + 1.0 / 12.0)
-    length = np.asarray(length, np.float64)
-    c, s = np.cos(angle), np.sin(angle)
-    x = _pixel_offsets(w)[None, None, :] - np.asarray(dx, np.float64)[:, None, None]
-    y = _pixel_offsets(h)[None, :, None] - np.asarray(dy, np.float64)[:, None, None]
-    c, s = c[:, None, None], s[:, None, None]
-    along = (x * c + y * s).astype(np.float32)
-    across = (y * c - x * s).astype(np.float32)
-    sig = sigma[:, None, None].astype(np.float32)
-    half = (0.5 * length)[:, None, None].astype(np.float32)
-    r2s = np.float32(math.sqrt(2.0)) * sig
-    steps = erf((along + half) / r2s) - erf((along - half) / r2s)
-    norm = (0.5 / (length * sigma * math.sqrt(2.0 * math.pi))).astype(np.float32)
-    return (steps * np.exp(-0.5 * (across / sig) ** 2)) * norm[:, None, None]
 
 
 def matched_filter_snr(stamps: np.ndarray, shapes: np.ndarray, sigma: np.ndarray,
@@ -354,67 +355,9 @@ def matched_filter_snr(stamps: np.ndarray, shapes: np.ndarray, sigma: np.ndarray
     return resp / (np.asarray(sigma, np.float64) * np.sqrt(np.einsum("nij,nij->n", shapes, shapes)))
 
 
-# --------------------------------------------------------------------------- simulation
-
-
-def _log_uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
-    return np.exp(rng.uniform(math.log(lo), math.log(hi), n))
-
-
-def _positions_outside(rng: np.random.Generator, n: int, shape: tuple[int, int],
-                       r_min: float) -> tuple[np.ndarray, np.ndarray]:
-    """Uniform positions over the stamp area farther than ``r_min`` px from the centre.
-
-    Rejection sampling by rounds (not per stamp); validate() keeps the acceptance >= 21 %.
-    """
-    h, w = shape
-    dx, dy = np.empty(n), np.empty(n)
-    todo = np.arange(n)
-    while todo.size:
-        x = rng.uniform(-w / 2.0, w / 2.0, todo.size)
-        y = rng.uniform(-h / 2.0, h / 2.0, todo.size)
-        ok = np.hypot(x, y) > r_min
-        dx[todo[ok]], dy[todo[ok]] = x[ok], y[ok]
-        todo = todo[~ok]
-    return dx, dy
-
-
-def _pixels_near_centre(rng: np.random.Generator, n: int, size: int,
-                        max_offset: float) -> np.ndarray:
-    """Random pixel indices along one axis within ``max_offset`` px of the centre."""
-    off = np.abs(_pixel_offsets(size))
-    allowed = np.flatnonzero(off <= max(max_offset, off.min()))
-    return allowed[rng.integers(0, len(allowed), n)]
-
-
-def _correlated_noise(rng: np.random.Generator, c: np.ndarray,
-                      shape: tuple[int, int]) -> np.ndarray:
-    """Unit-variance noise convolved with [c,1,c] x [c,1,c] (no edge effects: drawn padded)."""
-    h, w = shape
-    z = rng.standard_normal((len(c), h + 2, w + 2), dtype=np.float32)
-    cc = c.astype(np.float32)[:, None, None]
-    u = z[:, :, 1:-1] + cc * (z[:, :, :-2] + z[:, :, 2:])
-    v = u[:, 1:-1, :] + cc * (u[:, :-2, :] + u[:, 2:, :])
-    v /= 1.0 + 2.0 * cc**2  # the 2-D kernel's sum of squares is (1 + 2c^2)^2
-    return v
-
-
-def _filter_noise(unit: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Noise sigma (in units of the per-pixel sigma) of the filter ``unit`` on noise made by
-    :func:`_correlated_noise`: ``sqrt(sum((K * P)**2))`` over the padded grid, K the kernel."""
-    n, h, w = unit.shape
-    p = np.zeros((n, h + 4, w + 4), dtype=np.float32)
-    p[:, 2:-2, 2:-2] = unit
-    cc = c.astype(np.float32)[:, None, None]
-    u = p[:, :, 1:-1] + cc * (p[:, :, :-2] + p[:, :, 2:])
-    v = u[:, 1:-1, :] + cc * (u[:, :-2, :] + u[:, 2:, :])
-    v /= 1.0 + 2.0 * cc**2
-    return np.sqrt(np.einsum("nij,nij->n", v, v, dtype=np.float64))
-
-
 def simulate_stamps(n: int, config: SimConfig | None = None,
                     rng: np.random.Generator | int | None = None) -> SimulatedBatch:
-    """Simulate ``n`` co-added stamps in memory (vectorised over stamps).
+    """Simulate ``n`` stamps in memory (vectorised over stamps).
 
     ``rng`` is a numpy Generator (or a seed). See the module docstring for the model, the
     SNR definition and the metadata columns.
@@ -425,139 +368,34 @@ def simulate_stamps(n: int, config: SimConfig | None = None,
         raise SimConfigError(f"number of stamps must be >= 0, got {n}")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     shape = (int(config.stamp_shape[0]), int(config.stamp_shape[1]))
-    h, w = shape
-
-    # Classes and kinds.
-    labels = (rng.random(n) < config.source_fraction).astype(np.int8)
-    edges = np.cumsum([config.offcentre_fraction, config.hot_pixel_fraction,
-                       config.cosmic_ray_fraction, config.streak_fraction])
-    neg = np.array([_OFFCENTRE, _HOT, _COSMIC, _STREAK, _BACKGROUND], dtype=np.int8)
-    kind = neg[np.searchsorted(edges, rng.random(n), side="right")]
-    kind[labels == 1] = _SOURCE
-
-    # Per-stamp observing conditions.
-    fwhm = rng.uniform(config.fwhm_min, config.fwhm_max, n)
-    beta = np.where(rng.random(n) < config.moffat_fraction,
-                    rng.uniform(config.moffat_beta_min, config.moffat_beta_max, n), np.nan)
-    n_coadd = rng.integers(config.n_coadd_min, config.n_coadd_max + 1, n)
-    sky_exp = _log_uniform(rng, config.sky_min, config.sky_max, n)
-    read_noise = rng.uniform(config.read_noise_min, config.read_noise_max, n)
-    sky_subtracted = rng.random(n) < config.sky_subtracted_fraction
-    noise_corr = np.where(rng.random(n) < config.correlated_noise_fraction,
-                          rng.uniform(config.noise_corr_min, config.noise_corr_max, n), 0.0)
-    snr = _log_uniform(rng, config.snr_min, config.snr_max, n)
-    snr[kind == _BACKGROUND] = 0.0
-    sky = n_coadd * sky_exp
-    sigma = np.sqrt(n_coadd * (sky_exp + read_noise**2))
-
-    # Background: white or correlated noise of per-pixel sigma (the sky level is added last).
-    stamps = np.empty((n, h, w), dtype=np.float32)
-    corr = noise_corr > 0
-    if corr.all():
-        stamps[:] = _correlated_noise(rng, noise_corr, shape)
-    else:
-        stamps[~corr] = rng.standard_normal((int((~corr).sum()), h, w), dtype=np.float32)
-        if corr.any():
-            stamps[corr] = _correlated_noise(rng, noise_corr[corr], shape)
-    sigma32 = sigma.astype(np.float32)
-    stamps *= sigma32[:, None, None]
-
-    dx = np.full(n, np.nan)
-    dy = np.full(n, np.nan)
-    flux = np.zeros(n)
-    trail_length = np.zeros(n)
-    trail_angle = np.full(n, np.nan)
-    snr_eff = snr.copy()
-
-    def add_signal(idx: np.ndarray, unit: np.ndarray) -> None:
-        """Scale unit-flux shapes to the drawn SNR and add them, with their shot noise.
-
-        The stamp's noise there (sigma * z) is rescaled to sqrt(sigma^2 + signal) * z: the
-        Gaussian approximation of sky + read + source noise, with the same correlation.
-        """
-        norm = np.sqrt(np.einsum("nij,nij->n", unit, unit, dtype=np.float64))
-        f = snr[idx] * sigma[idx] / norm
-        flux[idx] = f
-        corr_rows = np.flatnonzero(corr[idx])
-        if corr_rows.size:
-            snr_eff[idx[corr_rows]] = snr[idx[corr_rows]] * norm[corr_rows] / _filter_noise(
-                unit[corr_rows], noise_corr[idx[corr_rows]])
-        unit *= f.astype(np.float32)[:, None, None]
-        block = stamps[idx]
-        if config.source_shot_noise:
-            inv_var = (1.0 / sigma32[idx] ** 2)[:, None, None]
-            block *= np.sqrt(1.0 + unit * inv_var)
-        block += unit
-        stamps[idx] = block
-
-    # PSF sources: centred positives and off-centre negatives.
-    idx_src = np.flatnonzero(kind == _SOURCE)
-    r = config.max_centre_offset * np.sqrt(rng.random(idx_src.size))
-    theta = rng.uniform(0.0, 2.0 * np.pi, idx_src.size)
-    dx[idx_src], dy[idx_src] = r * np.cos(theta), r * np.sin(theta)
-    idx_off = np.flatnonzero(kind == _OFFCENTRE)
-    dx[idx_off], dy[idx_off] = _positions_outside(rng, idx_off.size, shape,
-                                                  config.offcentre_min_distance)
-    idx_psf = np.flatnonzero((kind == _SOURCE) | (kind == _OFFCENTRE))
-    if idx_psf.size:
-        add_signal(idx_psf, render_psf(shape, dx[idx_psf], dy[idx_psf], fwhm[idx_psf],
-                                       beta[idx_psf]))
-
-    # Streaks: trailed PSFs of objects that do not follow the trajectory.
-    idx_str = np.flatnonzero(kind == _STREAK)
-    if idx_str.size:
-        dx[idx_str], dy[idx_str] = _positions_outside(rng, idx_str.size, shape,
-                                                      config.streak_min_offset)
-        trail_length[idx_str] = rng.uniform(config.streak_length_min, config.streak_length_max,
-                                            idx_str.size)
-        trail_angle[idx_str] = rng.uniform(0.0, np.pi, idx_str.size)
-        add_signal(idx_str, render_trail(shape, dx[idx_str], dy[idx_str], fwhm[idx_str],
-                                         trail_length[idx_str], trail_angle[idx_str]))
-
-    # Hot pixels and cosmic rays: 1-3 sharp pixels, no PSF. Track k of stamp i: pixel
-    # (row0 + k*sy, col0 + k*sx) for k < length, clipped to the stamp.
-    idx_art = np.flatnonzero((kind == _HOT) | (kind == _COSMIC))
-    if idx_art.size:
-        m = idx_art.size
-        row0 = _pixels_near_centre(rng, m, h, config.artefact_max_offset)
-        col0 = _pixels_near_centre(rng, m, w, config.artefact_max_offset)
-        cosmic = kind[idx_art] == _COSMIC
-        steps = np.array([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
-        sy, sx = steps[rng.integers(0, 8, m)].T
-        length = np.where(cosmic, rng.integers(1, 4, m), 1)
-        amp = np.where(cosmic[:, None], rng.uniform(0.5, 1.0, (m, 3)), 1.0)
-        k = np.arange(3)[None, :]
-        rows = row0[:, None] + k * sy[:, None]
-        cols = col0[:, None] + k * sx[:, None]
-        on = (k < length[:, None]) & (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-        amp = np.where(on, amp, 0.0)
-        unit = np.zeros((m, h, w), dtype=np.float32)
-        which = np.broadcast_to(np.arange(m)[:, None], on.shape)[on]
-        unit[which, rows[on], cols[on]] = (amp / amp.sum(axis=1, keepdims=True))[on]
-        add_signal(idx_art, unit)
-        dx[idx_art] = _pixel_offsets(w)[col0]
-        dy[idx_art] = _pixel_offsets(h)[row0]
-
-    stamps += np.where(sky_subtracted, 0.0, sky).astype(np.float32)[:, None, None]
+    cond = conditions(rng, n, config)
+    scene = Scene(n, shape, cond)
+    truth = {name: np.full(n, np.nan)
+             for name in (store.META_HALF_LIGHT_RADIUS, "sersic_n", "axis_ratio")}
+    truth["trail_length"] = np.zeros(n)
+    truth["trail_angle"] = np.full(n, np.nan)
+    centre_sources(rng, scene, config, truth)
+    hard_negatives(rng, scene, config, truth)
+    fs = field_population(rng, scene, config)
+    stamps = observe(rng, scene, config, truth)
+    n_field, nn_distance, nn_snr = nearest(fs, n)
+    f32 = np.float32
     meta = {
-        "snr": snr.astype(np.float32),
-        "kind": np.asarray(KINDS)[kind],
-        "psf_fwhm": fwhm.astype(np.float32),
-        "psf_beta": beta.astype(np.float32),
-        "dx": dx.astype(np.float32),
-        "dy": dy.astype(np.float32),
-        "snr_eff": snr_eff.astype(np.float32),
-        "flux": flux.astype(np.float32),
-        "sky": sky.astype(np.float32),
-        "sky_subtracted": sky_subtracted,
-        "sigma": sigma.astype(np.float32),
-        "read_noise": read_noise.astype(np.float32),
-        "n_coadd": n_coadd.astype(np.int16),
-        "noise_corr": noise_corr.astype(np.float32),
-        "trail_length": trail_length.astype(np.float32),
-        "trail_angle": trail_angle.astype(np.float32),
+        store.META_SNR: cond["snr"].astype(f32), store.META_KIND: np.asarray(KINDS)[cond["kind"]],
+        store.META_PROFILE: np.asarray(PROFILES)[cond["profile"]],
+        store.META_BACKGROUND: np.asarray(BACKGROUNDS)[cond["background"]],
+        "psf_fwhm": cond["fwhm"].astype(f32), "psf_beta": cond["beta"].astype(f32),
+        "dx": scene.dx.astype(f32), "dy": scene.dy.astype(f32),
+        "snr_eff": scene.snr_eff.astype(f32), "flux": scene.flux.astype(f32),
+        "sky": cond["sky"].astype(f32), "sky_subtracted": cond["background"] != BACKGROUNDS.index("science"),
+        "sigma": cond["sigma"].astype(f32), "read_noise": cond["read_noise"].astype(f32),
+        "n_coadd": cond["n_coadd"].astype(np.int16), "noise_corr": cond["noise_corr"].astype(f32),
+        store.META_N_FIELD: n_field.astype(np.int16), store.META_NN_DISTANCE: nn_distance.astype(f32),
+        store.META_NN_SNR: nn_snr.astype(f32), store.META_FIELD_DENSITY: cond["density"].astype(f32),
+        "saturation": cond["saturation"].astype(f32),
+        **{k: (v.astype(f32) if v.dtype.kind == "f" else v) for k, v in truth.items()},
     }
-    return SimulatedBatch(stamps=stamps, labels=labels, meta=meta)
+    return SimulatedBatch(stamps=stamps, labels=cond["labels"], meta=meta)
 
 
 def block_rng(seed: int, block: int) -> np.random.Generator:
@@ -657,9 +495,10 @@ def write_simulated(
             contextlib.closing(iter_blocks(n, config, seed, workers=workers)) as blocks:
         for batch in blocks:
             meta = dict(batch.meta)
-            meta["kind"] = meta["kind"].astype(_KIND_BYTES)
+            for name in (store.META_KIND, store.META_PROFILE, store.META_BACKGROUND):
+                meta[name] = meta[name].astype(_KIND_BYTES)
             if candidates:
-                meta["true_label"] = batch.labels
+                meta[store.META_TRUE_LABEL] = batch.labels
                 writer.append(batch.stamps, None, meta)
             else:
                 writer.append(batch.stamps, batch.labels, meta)

@@ -53,6 +53,21 @@ _INDEX = "index.h5"
 SCORES_DIR_SUFFIX = ".scores"           # <target>.scores/<model>.h5: one file per model
 LOCK_SUFFIX = ".stampbatch.lock"        # <resolved target>.stampbatch.lock: one writer per file
 
+# Metadata columns (/meta/<name>) that stampbatch reads or writes; other modules use these
+# names, never the strings. The simulator writes all of them but IMAGE_TYPE; ingested real
+# stores carry whichever their per-stamp table has.
+META_SNR = "snr"  # matched-filter SNR of the signal that made the stamp's kind
+META_KIND = "kind"  # source, background, offcentre, hot_pixel, cosmic_ray, streak, dipole
+META_TRUE_LABEL = "true_label"  # the truth of a candidate file (no /labels)
+META_PROFILE = "profile"  # centre source: none, point, galaxy, saturated
+META_BACKGROUND = "background"  # science, sky_subtracted, difference
+META_N_FIELD = "n_field"  # field sources on the stamp
+META_NN_DISTANCE = "nn_distance"  # px from the centre to the nearest field source
+META_NN_SNR = "nn_snr"  # point-source SNR of that neighbour
+META_FIELD_DENSITY = "field_density"  # field sources per 100 px^2
+META_HALF_LIGHT_RADIUS = "half_light_radius"  # centre galaxies, px (circularised)
+META_IMAGE_TYPE = "image_type"  # real stores: science, difference, single_epoch, coadd
+
 
 class StoreError(StampbatchError, ValueError):
     """A stamp store (or an array meant to become one) is unusable; the message is one line."""

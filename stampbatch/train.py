@@ -2,23 +2,28 @@
 
 The stages of :func:`train_run`:
 
-1. split the store's rows 70/10/20 (by default) into train/validation/test, stratified by
-   class and reproducible from the seed (scikit-learn ``train_test_split`` twice); the row
-   indices are kept in ``split.npz`` so a resumed run never trains on its test stamps;
-2. stream training batches from the HDF5 store through ``tf.data``: blocks of training rows
-   are read, normalised (vectorised, :func:`stampbatch.preprocess.normalize_with_mask`),
-   shuffled in memory, randomly flipped/rotated by multiples of 90 degrees (a point source
-   at the centre looks the same; the network should not learn the orientation of noise or
-   artefacts), and batched while the model trains on the previous batch. Memory is bounded
-   by the shuffle buffer, not the store size. Stamps with NaN/Inf pixels are dropped;
+1. split each store's rows 70/10/20 (by default) into train/validation/test, stratified by
+   class and reproducible from the seed (scikit-learn ``train_test_split`` twice), and pool
+   the stores (:mod:`stampbatch.dataset`); the row indices are kept in ``split.npz`` and
+   the stores with each split's class counts in ``data.json``, so a resumed run never
+   trains on its test stamps;
+2. stream training batches from the HDF5 stores through ``tf.data``
+   (:class:`stampbatch.dataset.StampStream`): each epoch a random permutation of all the
+   training rows (a pure function of seed and epoch), read in sorted windows, normalised
+   (vectorised, :func:`stampbatch.preprocess.normalize_with_mask`), randomly
+   flipped/rotated by multiples of 90 degrees, and batched while the model trains on the
+   previous batch. Memory is bounded by the window, not the store size. Stamps with NaN/Inf
+   pixels carry weight 0;
 3. ``keras.Model.fit`` with categorical cross-entropy on one-hot labels (as the reference),
    SGD with momentum by default, "balanced" class weights, early stopping on the
    validation loss; after every epoch a checkpoint (model + optimizer state, history, best
    weights) is written atomically, and a rerun on the same directory resumes from it — a
    preempted Slurm job that is requeued simply carries on;
-4. restore the best weights, predict the test split, compute the metrics (ROC AUC,
-   completeness against SNR, the threshold for a target false-positive rate, false
-   positives by kind of negative) and draw the figures.
+4. restore the best weights, fit temperature scaling on the validation split and fold it
+   into the final layer (:mod:`stampbatch.calibrate`), predict the test split, compute the
+   metrics (:mod:`stampbatch.metrics`: ROC AUC, completeness against SNR, thresholds for 1 %
+   and 0.1 % FPR, expected calibration error, false positives by kind of negative) and draw
+   the figures.
 
 Every file is written under a temporary name and renamed into place, and ``metrics.json``
 comes last: a directory holding ``metrics.json`` is a finished run.
@@ -43,20 +48,28 @@ import numpy as np
 
 from stampbatch import store
 from stampbatch.config import from_mapping, load_toml, to_toml
+from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
+    StampStream,
+    Stores,
+    TrainError,
+    augment_dihedral,
+    class_weights,
+    predict_rows,
+    split_rows,
+    split_stores,
+    split_summary,
+)
 from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.metrics import compute_metrics
 from stampbatch.models import build_model, check_architecture, count_macs
 from stampbatch.preprocess import normalize_with_mask
 
-SNR_BIN_EDGES: tuple[float, ...] = (3, 5, 7, 10, 15, 20, 30, 50, 100)
-SNR_SUMMARY_MIN = 7.0
 OPTIMIZERS = ("sgd", "adam")
 CLASS_WEIGHTS = ("balanced", "none")
 
-# Streaming: rows read per HDF5 access, and stamps shuffled together in memory.
-READ_BLOCK_ROWS = 4096
-SHUFFLE_STAMPS = 65536
-PREDICT_ROWS = 16384
-PREDICT_BATCH = 1024
+# Several stores: their resolved paths joined by this in config.toml's ``data``.
+DATA_SEPARATOR = " + "
+DATA_FILE = "data.json"  # the stores, their weights and each split's class counts per store
 
 # Run directory layout.
 MODEL_FILE = "model.keras"
@@ -74,10 +87,6 @@ FIGURES = ("confusion_matrix.png", "history.png", "roc.png", "completeness_snr.p
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # Options that may change when a run is resumed (they do not change what was trained so far).
 RESUMABLE_CHANGES = ("epochs", "patience", "target_fpr")
-
-
-class TrainError(StampbatchError):
-    """Training cannot start or go on (bad store, bad split, a clashing run directory)."""
 
 
 @dataclass
@@ -195,332 +204,6 @@ def configure_tensorflow() -> None:
         tf.config.threading.set_inter_op_parallelism_threads(min(2, int(cores or 1)))
     except RuntimeError:  # TensorFlow already running in this process: keep its pools
         pass
-
-
-# --------------------------------------------------------------------------- split
-
-
-def split_rows(labels: np.ndarray, config: TrainConfig, source: str = "store"
-               ) -> dict[str, np.ndarray]:
-    """Stratified, seeded train/val/test split of row indices (each sorted, int64).
-
-    Raises TrainError when a split would miss a class.
-    """
-    from sklearn.model_selection import train_test_split
-
-    labels = np.asarray(labels)
-    rows = np.arange(len(labels), dtype=np.int64)
-    try:
-        rest, test = train_test_split(rows, test_size=config.test_fraction,
-                                      stratify=labels, random_state=config.seed)
-        val_share = config.val_fraction / (1.0 - config.test_fraction)
-        train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest],
-                                      random_state=config.seed)
-    except ValueError as exc:
-        raise TrainError(f"{source}: cannot split {len(labels)} stamps with val_fraction="
-                         f"{config.val_fraction} and test_fraction={config.test_fraction} "
-                         f"({exc})") from exc
-    out = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-    for name, part in out.items():
-        present = set(np.unique(labels[part]).tolist())
-        for cls, cname in ((0, "no-source"), (1, "source")):
-            if cls not in present:
-                raise TrainError(f"{source}: the {name} split would hold no {cname} stamps "
-                                 f"(val_fraction={config.val_fraction}, test_fraction="
-                                 f"{config.test_fraction}, {len(labels)} stamps); use more "
-                                 f"stamps or larger fractions")
-    return out
-
-
-def class_weights(labels: np.ndarray, mode: str) -> np.ndarray:
-    """Weight per class (index = class): N / (2 N_class) for "balanced", ones for "none"."""
-    if mode == "none":
-        return np.ones(2, dtype=np.float32)
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2).astype(np.float64)
-    return (counts.sum() / (2.0 * np.maximum(counts, 1.0))).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- streaming
-
-
-def augment_dihedral(stamps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Apply a random flip/rotation by 90-degree multiples to each stamp (N, H, W), in place.
-
-    Square stamps get one of the 8 symmetries of the square; others one of the 4 that keep
-    the shape. Loops over the symmetries, not the stamps.
-    """
-    n, h, w = stamps.shape
-    choices = np.arange(8) if h == w else np.array([0, 2, 4, 6])
-    which = rng.choice(choices, size=n)
-    for t in choices[1:]:
-        sel = np.flatnonzero(which == t)
-        if len(sel) == 0:
-            continue
-        block = stamps[sel]
-        if t % 4:
-            block = np.rot90(block, k=int(t % 4), axes=(1, 2))
-        if t >= 4:
-            block = block[:, :, ::-1]
-        stamps[sel] = block
-    return stamps
-
-
-class StampStream:
-    """Batches of normalised stamps read from a store by row index (generators for tf.data).
-
-    Training batches (:meth:`training_batches`) drop stamps with NaN/Inf pixels and carry
-    the class weight of each stamp. Evaluation batches (:meth:`evaluation_batches`) keep
-    such stamps (flat after normalisation) with weight 0, so the number of batches is known
-    in advance. Exceptions raised inside a generator reach Keras wrapped by TensorFlow; they
-    are kept in :attr:`error` so the caller can re-raise the original one-line error.
-    """
-
-    def __init__(self, path: Path, rows: np.ndarray, batch_size: int, stamp_shape: tuple[int, int],
-                 *, weights: np.ndarray | None = None, seed: int = 0, augment: bool = False,
-                 read_rows: int = READ_BLOCK_ROWS, shuffle_stamps: int = SHUFFLE_STAMPS) -> None:
-        self.path = Path(path)
-        self.rows = np.sort(np.asarray(rows, dtype=np.int64))
-        self.batch_size = int(batch_size)
-        self.stamp_shape = (int(stamp_shape[0]), int(stamp_shape[1]))
-        self.weights = (np.ones(2, dtype=np.float32) if weights is None
-                        else np.asarray(weights, dtype=np.float32))
-        self.seed = int(seed)
-        self.augment = augment
-        self.blocks = [self.rows[i:i + read_rows] for i in range(0, len(self.rows), read_rows)]
-        self.blocks_per_buffer = max(1, shuffle_stamps // max(read_rows, 1))
-        self.dropped_first_pass: int | None = None
-        self.error: BaseException | None = None
-
-    def _read(self, block_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        parts = [store.read_rows(self.path, self.blocks[i]) for i in block_ids]
-        raw = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        stamps, valid = normalize_with_mask(raw)
-        return stamps, labels.astype(np.int64), valid
-
-    def _pack(self, x: np.ndarray, y: np.ndarray, valid: np.ndarray | None = None):
-        onehot = np.zeros((len(y), 2), dtype=np.float32)
-        onehot[np.arange(len(y)), y] = 1.0
-        w = self.weights[y]
-        if valid is not None:
-            w = w * valid
-        return x[..., None], onehot, w
-
-    def _empty(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.empty((0, *self.stamp_shape), np.float32), np.empty(0, np.int64)
-
-    def training_batches(self, start_epoch: int = 0) -> Iterator[tuple[np.ndarray, ...]]:
-        """Endless shuffled, augmented, full batches; pass ``e`` is shuffled with seed (seed, e)."""
-        try:
-            epoch = start_epoch
-            carry_x, carry_y = self._empty()
-            while True:
-                rng = np.random.default_rng([self.seed, epoch])
-                order = rng.permutation(len(self.blocks))
-                kept = dropped = 0
-                for g in range(0, len(order), self.blocks_per_buffer):
-                    x, y, valid = self._read(order[g:g + self.blocks_per_buffer])
-                    if not valid.all():
-                        dropped += int((~valid).sum())
-                        x, y = x[valid], y[valid]
-                    kept += len(y)
-                    perm = rng.permutation(len(y))
-                    x, y = x[perm], y[perm]
-                    if self.augment:
-                        augment_dihedral(x, rng)
-                    if len(carry_y):
-                        x, y = np.concatenate([carry_x, x]), np.concatenate([carry_y, y])
-                    full = len(y) - len(y) % self.batch_size
-                    for s in range(0, full, self.batch_size):
-                        yield self._pack(x[s:s + self.batch_size], y[s:s + self.batch_size])
-                    carry_x, carry_y = x[full:], y[full:]
-                if self.dropped_first_pass is None:
-                    self.dropped_first_pass = dropped
-                if kept == 0:
-                    raise TrainError(f"{self.path}: every training stamp has NaN or Inf pixels "
-                                     f"or sentinel values (|x| >= 1e30)")
-                epoch += 1
-        except Exception as exc:
-            self.error = exc
-            raise
-
-    def n_evaluation_batches(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
-
-    def evaluation_batches(self) -> Iterator[tuple[np.ndarray, ...]]:
-        """One ordered pass, no shuffling or augmentation; the last batch may be short."""
-        try:
-            carry_x, carry_y = self._empty()
-            carry_v = np.empty(0, dtype=bool)
-            for g in range(0, len(self.blocks), self.blocks_per_buffer):
-                x, y, v = self._read(range(g, min(g + self.blocks_per_buffer, len(self.blocks))))
-                if len(carry_y):
-                    x, y = np.concatenate([carry_x, x]), np.concatenate([carry_y, y])
-                    v = np.concatenate([carry_v, v])
-                full = len(y) - len(y) % self.batch_size
-                for s in range(0, full, self.batch_size):
-                    sl = slice(s, s + self.batch_size)
-                    yield self._pack(x[sl], y[sl], v[sl])
-                carry_x, carry_y, carry_v = x[full:], y[full:], v[full:]
-            if len(carry_y):
-                yield self._pack(carry_x, carry_y, carry_v)
-        except Exception as exc:
-            self.error = exc
-            raise
-
-    def dataset(self, training: bool, start_epoch: int = 0):
-        """A prefetching ``tf.data.Dataset`` of (stamps, one-hot labels, weights) batches."""
-        import tensorflow as tf
-
-        h, w = self.stamp_shape
-        spec = (tf.TensorSpec((None, h, w, 1), tf.float32), tf.TensorSpec((None, 2), tf.float32),
-                tf.TensorSpec((None,), tf.float32))
-        if training:
-            ds = tf.data.Dataset.from_generator(lambda: self.training_batches(start_epoch),
-                                                output_signature=spec)
-        else:
-            ds = tf.data.Dataset.from_generator(self.evaluation_batches, output_signature=spec)
-            ds = ds.apply(tf.data.experimental.assert_cardinality(self.n_evaluation_batches()))
-        return ds.prefetch(2)
-
-
-def predict_rows(model, path: Path, rows: np.ndarray, *, read_rows: int = PREDICT_ROWS,
-                 batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """P(source) of the given store rows, in blocks: (probability float32, labels, finite mask).
-
-    Stamps with NaN/Inf pixels get probability NaN and False in the mask.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    prob = np.full(len(rows), np.nan, dtype=np.float32)
-    labels = np.zeros(len(rows), dtype=np.int8)
-    finite = np.zeros(len(rows), dtype=bool)
-    for lo in range(0, len(rows), read_rows):
-        raw, lab = store.read_rows(path, rows[lo:lo + read_rows])
-        stamps, valid = normalize_with_mask(raw)
-        if lab is not None:
-            labels[lo:lo + len(lab)] = lab
-        finite[lo:lo + len(valid)] = valid
-        if valid.any():
-            out = model.predict(stamps[valid][..., None], batch_size=batch_size, verbose=0)
-            prob[lo + np.flatnonzero(valid)] = out[:, 1]
-    return prob, labels, finite
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def operating_point(labels: np.ndarray, probabilities: np.ndarray, target_fpr: float
-                    ) -> dict[str, float]:
-    """The lowest threshold whose false-positive rate (P >= threshold) is at most target_fpr.
-
-    Returns ``{"target_fpr", "threshold", "fpr", "completeness"}``. When even the highest
-    score of a negative is shared by too many negatives, the threshold lies just above all
-    scores (nothing is selected).
-    """
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, thr = roc_curve(labels, probabilities, drop_intermediate=False)
-    i = int(np.flatnonzero(fpr <= target_fpr)[-1])
-    threshold = float(thr[i])
-    if not math.isfinite(threshold):
-        threshold = float(np.nextafter(np.float64(np.max(probabilities)), np.inf))
-    return {"target_fpr": float(target_fpr), "threshold": threshold, "fpr": float(fpr[i]),
-            "completeness": float(tpr[i])}
-
-
-def _thin_curve(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 400
-                ) -> dict[str, list[float]]:
-    if len(fpr) > max_points:
-        keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
-        fpr, tpr = fpr[keep], tpr[keep]
-    return {"fpr": [round(float(v), 6) for v in fpr], "tpr": [round(float(v), 6) for v in tpr]}
-
-
-def _binned_completeness(snr: np.ndarray, detected: np.ndarray, edges: np.ndarray
-                         ) -> tuple[list[float | None], list[int]]:
-    nb = len(edges) - 1
-    idx = np.searchsorted(edges, snr, side="right") - 1
-    idx[snr == edges[-1]] = nb - 1  # the last bin is closed, as in np.histogram
-    inside = (idx >= 0) & (idx < nb)
-    counts = np.bincount(idx[inside], minlength=nb)
-    hits = np.bincount(idx[inside], weights=detected[inside].astype(np.float64), minlength=nb)
-    completeness = [float(h / c) if c else None for h, c in zip(hits, counts, strict=True)]
-    return completeness, [int(c) for c in counts]
-
-
-def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, snr: np.ndarray | None = None,
-                    kind: np.ndarray | None = None, target_fpr: float = 0.01,
-                    bin_edges: Sequence[float] = SNR_BIN_EDGES) -> dict[str, Any]:
-    """Classification metrics of P(source) against true labels (both classes must be present).
-
-    At threshold 0.5 (P >= 0.5 is "source"): accuracy, precision, recall, confusion matrix
-    (rows = true class 0/1, columns = predicted), completeness of the sources in SNR bins
-    (``snr``: per-stamp SNR, used for label-1 stamps) and the false-positive rate of each
-    kind of negative (``kind``: per-stamp string, used for label-0 stamps). Threshold-free:
-    ROC AUC and a thinned ROC curve. At the operating point (the threshold giving
-    FPR <= ``target_fpr`` on the negatives): completeness overall and per SNR bin.
-    """
-    from sklearn.metrics import (
-        accuracy_score,
-        confusion_matrix,
-        precision_score,
-        recall_score,
-        roc_auc_score,
-        roc_curve,
-    )
-
-    y = np.asarray(labels).astype(np.int64).ravel()
-    p = np.asarray(probabilities, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"{len(y)} labels but {len(p)} probabilities")
-    if not np.isfinite(p).all():
-        raise ValueError("probabilities must be finite (drop unscorable stamps first)")
-    if set(np.unique(y).tolist()) != {0, 1}:
-        raise ValueError("labels must hold both classes (0 and 1)")
-    pred = (p >= 0.5).astype(np.int64)
-    fpr, tpr, _ = roc_curve(y, p)
-    op = operating_point(y, p, target_fpr)
-    out: dict[str, Any] = {
-        "accuracy": float(accuracy_score(y, pred)),
-        "roc_auc": float(roc_auc_score(y, p)),
-        "precision": float(precision_score(y, pred, zero_division=0)),
-        "recall": float(recall_score(y, pred, zero_division=0)),
-        "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
-        "operating_point": op,
-        "roc_curve": _thin_curve(fpr, tpr),
-    }
-    if snr is not None:
-        s = np.asarray(snr, dtype=np.float64).ravel()
-        if s.shape != y.shape:
-            raise ValueError(f"{len(s)} SNR values for {len(y)} stamps")
-        pos = (y == 1) & np.isfinite(s)
-        edges = np.asarray(bin_edges, dtype=np.float64)
-        comp, counts = _binned_completeness(s[pos], pred[pos] == 1, edges)
-        comp_op, _ = _binned_completeness(s[pos], p[pos] >= op["threshold"], edges)
-        bright = pos & (s >= SNR_SUMMARY_MIN)
-        n_bright = int(bright.sum())
-        out["completeness_vs_snr"] = {
-            "bin_edges": [float(e) for e in edges], "completeness": comp, "counts": counts,
-            "threshold": 0.5, "completeness_at_operating_point": comp_op,
-            "above_snr": {
-                "snr_min": SNR_SUMMARY_MIN, "count": n_bright,
-                "completeness": float(pred[bright].mean()) if n_bright else None,
-                "completeness_at_operating_point":
-                    float((p[bright] >= op["threshold"]).mean()) if n_bright else None,
-            },
-        }
-    if kind is not None:
-        k = np.asarray(kind).astype(str).ravel()
-        if k.shape != y.shape:
-            raise ValueError(f"{len(k)} kinds for {len(y)} stamps")
-        neg, pos = y == 0, y == 1
-        out["fpr_by_kind"] = {str(name): float(pred[neg & (k == name)].mean())
-                              for name in np.unique(k[neg])}
-        out["negatives_by_kind"] = {str(name): int((neg & (k == name)).sum())
-                                    for name in np.unique(k[neg])}
-        out["completeness_by_kind"] = {str(name): float(pred[pos & (k == name)].mean())
-                                       for name in np.unique(k[pos])}
-    return out
 
 
 # --------------------------------------------------------------------------- run directory
@@ -747,9 +430,14 @@ def _unwrap_stream_error(exc: BaseException, *streams: StampStream) -> BaseExcep
     return exc
 
 
-def train_run(store_path: Path, arch: str, out_dir: Path, config: TrainConfig, *,
-              progress: bool = True, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Train ``arch`` on the labelled store, evaluate it on the test split, fill ``out_dir``.
+def train_run(store_path: Path | Sequence[Path], arch: str, out_dir: Path, config: TrainConfig, *,
+              data_weights: Sequence[float] | None = None, progress: bool = True,
+              callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train ``arch`` on the labelled store(s), evaluate it on the test split, fill ``out_dir``.
+
+    Several stores are split each by itself (stratified by class) and pooled; with
+    ``data_weights`` (one per store) each training epoch draws that share of its stamps from
+    each store. ``DATA_FILE`` records the stores, weights and per-store class counts.
 
     Resumes from ``out_dir``'s checkpoint when there is one (history continued; ``epochs``,
     ``patience`` and ``target_fpr`` may differ from the first attempt, nothing else), and
@@ -760,7 +448,8 @@ def train_run(store_path: Path, arch: str, out_dir: Path, config: TrainConfig, *
     into it (a manual ``stampbatch train --out`` beside a Slurm job) is refused at once.
     """
     with _run_lock(Path(out_dir)):
-        return _train_run_locked(store_path, arch, out_dir, config, progress, callbacks)
+        return _train_run_locked(store_path, arch, out_dir, config, data_weights, progress,
+                                 callbacks)
 
 
 @contextlib.contextmanager
@@ -816,37 +505,35 @@ def _clear_attempt(out_dir: Path) -> None:
     (out_dir / HISTORY_FILE).unlink(missing_ok=True)
 
 
-def _train_run_locked(store_path: Path, arch: str, out_dir: Path, config: TrainConfig,
-                      progress: bool, callbacks: Sequence[Any]) -> dict[str, Any]:
+def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Path,
+                      config: TrainConfig, data_weights: Sequence[float] | None, progress: bool,
+                      callbacks: Sequence[Any]) -> dict[str, Any]:
     t_start = time.monotonic()
     check_architecture(arch)
     try:
         config.validate()
     except ValueError as exc:
         raise UsageError(f"training configuration: {exc}") from exc
-    store_path = Path(store_path)
     out_dir = Path(out_dir)
-    info = store.open_store(store_path, check_labels_values=True)
-    if info.is_score_file:
-        raise TrainError(f"{store_path}: is a score side file, not a stamp store")
-    if not info.labelled:
-        raise TrainError(f"{store_path}: has no /labels (a candidate file?); training needs a "
-                         f"labelled store")
-    data = str(store_path.resolve())
+    stores, data = _open_stores(store_path, data_weights)
     mode = _check_run_dir(out_dir, arch, data, config)
+    _check_data_record(out_dir, stores)
     if mode == "done":
         return _read_json(out_dir / METRICS_FILE)
 
-    labels = store.read_labels(store_path).astype(np.int64)
+    labels_per_store = stores.labels()
+    labels = np.concatenate(labels_per_store)
     present = np.unique(labels)
     if len(present) < 2:
         only = "source" if present[0] == 1 else "no-source"
-        raise TrainError(f"{store_path}: every label is {present[0]} ({only}); training needs "
+        raise TrainError(f"{data}: every label is {present[0]} ({only}); training needs "
                          f"both classes")
     if mode == "resume" and (out_dir / SPLIT_FILE).is_file():
-        split = _load_split(out_dir, info.n_stamps)
+        split = _load_split(out_dir, len(stores))
     else:
-        split = split_rows(labels, config, str(store_path))
+        split = split_stores(labels_per_store, config, [str(p) for p in stores.paths])
+    record = {"stores": split_summary(stores, labels_per_store, split),
+              "data_weights": None if stores.weights is None else stores.weights.tolist()}
     # Nothing has been written before this point.
     configure_tensorflow()
     import keras
@@ -857,13 +544,14 @@ def _train_run_locked(store_path: Path, arch: str, out_dir: Path, config: TrainC
         _clear_attempt(out_dir)
     # config.toml first: any directory holding a checkpoint or a split also holds it.
     _write_bytes(out_dir / CONFIG_FILE, _config_text(arch, data, config).encode())
+    _write_json(out_dir / DATA_FILE, record)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if mode == "new" or not (out_dir / SPLIT_FILE).is_file():
         _save_split(out_dir / SPLIT_FILE, split)
     (out_dir / FAILED_FILE).unlink(missing_ok=True)
     try:
-        return _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, data,
-                                   progress, callbacks, t_start, keras)
+        return _train_and_evaluate(stores, arch, out_dir, config, stores.infos[0], labels, split,
+                                   data, progress, callbacks, t_start, keras)
     except Exception as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         _write_bytes(out_dir / FAILED_FILE, (message + "\n").encode())
@@ -895,7 +583,8 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
     train_labels = labels[split["train"]]
     weights = class_weights(train_labels, config.class_weight)
     train_stream = StampStream(store_path, split["train"], config.batch_size, info.stamp_shape,
-                               weights=weights, seed=config.seed, augment=config.augment)
+                               weights=weights, seed=config.seed, augment=config.augment,
+                               store_weights=store_path.weights)
     val_stream = StampStream(store_path, split["val"], max(config.batch_size, 256),
                              info.stamp_shape)
     steps = max(1, math.ceil(len(split["train"]) / config.batch_size))
@@ -917,29 +606,48 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
             # (tensorflow/tensorflow#22632, #21277).
             gc.collect()
         if train_stream.dropped_first_pass:
-            print(f"warning: {store_path}: {train_stream.dropped_first_pass} training stamps have "
-                  f"NaN or Inf pixels or sentinel values (|x| >= 1e30) and were skipped", file=sys.stderr)
+            print(f"warning: {data}: {train_stream.dropped_first_pass} training stamps have "
+                  f"NaN or Inf pixels or sentinel values (|x| >= 1e30); they carry weight 0 (no effect on training)",
+                  file=sys.stderr)
     if state.get("best_file"):
         model.load_weights(ckpt_dir / state["best_file"])
+    calibration = _calibrate(model, store_path, split["val"])
     with _atomic(out_dir / MODEL_FILE) as tmp:
         model.save(tmp)
     _write_json(out_dir / HISTORY_FILE, state["history"])
-    return _evaluate(model, store_path, arch, out_dir, config, info, split, data, state, t_start)
+    return _evaluate(model, store_path, arch, out_dir, config, info, split, data, state, t_start,
+                     calibration)
 
 
-def _evaluate(model, store_path: Path, arch: str, out_dir: Path, config: TrainConfig,
+def _calibrate(model, stores: Stores, val_rows: np.ndarray) -> dict[str, Any]:
+    """Fit temperature scaling on the validation split and fold it into ``model``."""
+    from stampbatch import calibrate
+    from stampbatch.metrics import expected_calibration_error
+
+    margins, labels = calibrate.store_logit_margin(model, stores, val_rows)
+    temperature = calibrate.fit_temperature(margins, labels)
+    calibrate.fold_temperature(model, temperature)
+    out: dict[str, Any] = {"method": "temperature scaling on the validation split",
+                           "temperature": temperature, "n_val": int(len(labels))}
+    if len(labels):
+        out["ece_val_before"] = expected_calibration_error(labels, calibrate.sigmoid(margins))
+        out["ece_val_after"] = expected_calibration_error(
+            labels, calibrate.sigmoid(margins / temperature))
+    return out
+
+
+def _evaluate(model, store_path: Stores, arch: str, out_dir: Path, config: TrainConfig,
               info, split: dict[str, np.ndarray], data: str, state: dict[str, Any],
-              t_start: float) -> dict[str, Any]:
+              t_start: float, calibration: dict[str, Any]) -> dict[str, Any]:
     from stampbatch import plots
 
     test = split["test"]
     prob, labels, finite = predict_rows(model, store_path, test)
     buf_rows = {"rows": test, "labels": labels, "probability": prob, "finite": finite}
     _save_npz(out_dir / PREDICTIONS_FILE, buf_rows)
-    meta_cols = [c for c in ("snr", "kind") if c in info.meta_columns]
-    meta = store.read_meta(store_path, meta_cols) if meta_cols else {}
-    snr = meta["snr"][test][finite] if "snr" in meta else None
-    kind = meta["kind"][test][finite] if "kind" in meta else None
+    meta = _pooled_meta(store_path, (store.META_SNR, store.META_KIND))
+    snr = meta[store.META_SNR][test][finite] if store.META_SNR in meta else None
+    kind = meta[store.META_KIND][test][finite] if store.META_KIND in meta else None
     y, p = labels[finite], prob[finite]
     try:
         scores = compute_metrics(y, p, snr=snr, kind=kind, target_fpr=config.target_fpr)
@@ -956,6 +664,9 @@ def _evaluate(model, store_path: Path, arch: str, out_dir: Path, config: TrainCo
         **scores,
         "best_val_loss": state.get("best_val_loss"),
         "best_val_accuracy": state.get("best_val_accuracy"),
+        "stores": _read_json(out_dir / DATA_FILE)["stores"],
+        "calibration": {**calibration, "ece_test_after": scores["ece"],
+                        "ece_test_before": _ece_uncalibrated(y, p, calibration["temperature"])},
     }
     title = f"{arch} ({out_dir.name})"
     plots.plot_confusion_matrix(np.asarray(scores["confusion_matrix"]),
@@ -973,6 +684,58 @@ def _evaluate(model, store_path: Path, arch: str, out_dir: Path, config: TrainCo
     metrics["wall_time_s"] = float(state.get("train_time_s", 0.0)) + (time.monotonic() - t_start)
     _write_json(out_dir / METRICS_FILE, metrics)  # last: marks the run as done
     return json.loads(json.dumps(_jsonable(metrics)))
+
+
+def _open_stores(paths: Path | str | Sequence[Path | str],
+                 data_weights: Sequence[float] | None) -> tuple[Stores, str]:
+    """Validate the training stores; the run's ``data`` string (paths joined)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    stores = Stores(paths)
+    for path, info in zip(stores.paths, stores.infos, strict=True):
+        if info.is_score_file:
+            raise TrainError(f"{path}: is a score side file, not a stamp store")
+        if not info.labelled:
+            raise TrainError(f"{path}: has no /labels (a candidate file?); training needs a "
+                             f"labelled store")
+    stores.weights = None
+    if data_weights is not None:
+        w = np.asarray(list(data_weights), dtype=np.float64)
+        if len(w) != len(paths) or not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+            raise UsageError(f"data weights {list(data_weights)}: give one non-negative weight "
+                             f"per store ({len(paths)}), not all zero")
+        stores.weights = w / w.sum()
+    return stores, DATA_SEPARATOR.join(str(p.resolve()) for p in stores.paths)
+
+
+def _check_data_record(out_dir: Path, stores: Stores) -> None:
+    """Refuse to resume (or reuse) a run whose stores, their sizes or weights changed."""
+    path = out_dir / DATA_FILE
+    if not path.is_file():
+        return
+    old = _read_json(path)
+    was = ([(s["path"], s["n_stamps"]) for s in old.get("stores", [])], old.get("data_weights"))
+    now = ([(str(p.resolve()), int(n)) for p, n in zip(stores.paths, stores.sizes, strict=True)],
+           None if stores.weights is None else stores.weights.tolist())
+    if was != now:
+        raise TrainError(f"{out_dir}: holds a run on other stores or data weights ({path}); "
+                         f"use the same ones to resume, or another output directory")
+
+
+def _pooled_meta(stores: Stores, columns: Sequence[str]) -> dict[str, np.ndarray]:
+    """Metadata columns that every store has, concatenated in global-row order."""
+    have = [c for c in columns if all(c in info.meta_columns for info in stores.infos)]
+    parts = [store.read_meta(p, have) for p in stores.paths] if have else []
+    return {c: np.concatenate([part[c].astype(str) if part[c].dtype.kind in "SUO" else part[c]
+                               for part in parts]) for c in have}
+
+
+def _ece_uncalibrated(y: np.ndarray, p: np.ndarray, temperature: float) -> float:
+    """ECE of the probabilities before the temperature was folded in (margin times T)."""
+    from stampbatch.calibrate import sigmoid
+    from stampbatch.metrics import expected_calibration_error
+
+    q = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
+    return expected_calibration_error(y, sigmoid(temperature * np.log(q / (1 - q))))
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -1003,14 +766,14 @@ def _plot_completeness(plots, scores: dict[str, Any], path: Path, title: str) ->
         title=f"{title}: completeness of test sources (P >= 0.5)")
 
 
-def _plot_examples(plots, store_path: Path, rows: np.ndarray, y: np.ndarray, p: np.ndarray,
+def _plot_examples(plots, store_path: Stores, rows: np.ndarray, y: np.ndarray, p: np.ndarray,
                    path: Path, title: str, seed: int, n: int = 32) -> None:
     rng = np.random.default_rng(seed)
     wrong = np.flatnonzero((p >= 0.5).astype(np.int64) != y)
     right = np.flatnonzero((p >= 0.5).astype(np.int64) == y)
     pick_wrong = rng.permutation(wrong)[: n // 2]
     pick = np.concatenate([pick_wrong, rng.permutation(right)[: n - len(pick_wrong)]])
-    raw, _ = store.read_rows(store_path, rows[pick])
+    raw, _ = store_path.read(rows[pick])
     stamps, _ = normalize_with_mask(raw)
     plots.plot_stamp_grid(stamps, y[pick], p[pick], path, max_stamps=n,
                           title=f"{title}: test stamps (normalised)")

@@ -30,6 +30,22 @@ def gaussian_stamps(n: int, *, seed: int = 0, shape: tuple[int, int] = (21, 21),
     return stamps
 
 
+def write_labelled_store(path: Path, n: int = 300, *, seed: int = 1, nan_rows=()) -> Path:
+    """A labelled store: half bright centred sources, ``snr`` and ``kind`` metadata
+    (negatives cycle through background, offcentre, hot_pixel), optional NaN rows."""
+    from stampbatch import store
+
+    labels = (np.arange(n) % 2).astype(np.int8)
+    stamps = gaussian_stamps(n, seed=seed, sources=labels == 1)
+    stamps[list(nan_rows), 3, 4] = np.nan
+    rng = np.random.default_rng(seed)
+    snr = np.where(labels == 1, rng.uniform(3.0, 100.0, n), 0.0)
+    kinds = np.array(["background", "offcentre", "hot_pixel"])
+    kind = np.where(labels == 1, "source", kinds[np.arange(n) // 2 % 3])
+    store.create_store(path, stamps, labels, {"snr": snr, "kind": kind}, chunk_rows=64)
+    return path
+
+
 @pytest.fixture
 def labelled_arrays() -> tuple[np.ndarray, np.ndarray]:
     """300 stamps, half with a bright centred source: (stamps float32 (N,21,21), labels int8)."""

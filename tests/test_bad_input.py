@@ -142,7 +142,7 @@ def _models_and_configs(d: Path) -> None:
     (d / "emptyrun").mkdir()
     (d / "bad.toml").write_text("epochs = = 3\n")
     (d / "unknown.toml").write_text("frobnicate = 3\n")
-    (d / "data_list.toml").write_text('data = ["a"]\narchitecture = "simple"\n')
+    (d / "data_list.toml").write_text('data = ["a", 3]\narchitecture = "simple"\n')
     (d / "epochs_str.toml").write_text(f'data = "{d / "labelled.h5"}"\narchitecture = "simple"\n'
                                        'epochs = "many"\n')
     (d / "lr_neg.toml").write_text(f'data = "{d / "labelled.h5"}"\narchitecture = "simple"\n'
@@ -227,7 +227,6 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("sim-n-empty", [*SIM, "--n", ""], "--n"),
     ("sim-n-text", [*SIM, "--n", "many"], "--n"),
     ("sim-n-huge", [*SIM, "--n", "1" + "0" * 30], "--n"),
-    ("sim-n-missing", [*SIM], "--n"),
     ("sim-seed-negative", [*SIM, "--n", "10", "--seed", "-1"], "--seed"),
     ("sim-seed-huge", [*SIM, "--n", "10", "--seed", str(2**70)], "--seed"),
     ("sim-seed-text", [*SIM, "--n", "10", "--seed", "x"], "--seed"),

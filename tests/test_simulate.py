@@ -19,12 +19,15 @@ from stampbatch.preprocess import normalize
 from stampbatch.simulate import SimConfig, SimConfigError, simulate_stamps
 
 CENTRE = 10  # pixel index of the centre of a 21x21 stamp
+# The physics of the centre signal is checked on isolated sources (no field, no defects);
+# the field, galaxies, saturation and backgrounds have their own tests below.
+OLD = simulate.neighbour_free_config
 
 
 @pytest.fixture(scope="module")
 def batch() -> simulate.SimulatedBatch:
-    """20,000 stamps with the default settings (shared: simulating takes ~0.3 s)."""
-    return simulate_stamps(20_000, SimConfig(), np.random.default_rng(123))
+    """20,000 neighbour-free stamps (shared: simulating takes ~1 s)."""
+    return simulate_stamps(20_000, OLD(), np.random.default_rng(123))
 
 
 def _background(meta: dict[str, np.ndarray]) -> np.ndarray:
@@ -137,11 +140,11 @@ def test_file_contents_depend_on_seed_config_and_n_only(tmp_path, monkeypatch):
 
 def test_labels_kinds_and_configured_fractions(batch):
     m, n = batch.meta, len(batch)
-    cfg = SimConfig()
+    cfg = OLD()
     assert batch.stamps.shape == (n, 21, 21) and batch.stamps.dtype == np.float32
     assert batch.labels.dtype == np.int8 and set(np.unique(batch.labels)) == {0, 1}
     np.testing.assert_array_equal(batch.labels == 1, m["kind"] == "source")
-    assert set(np.unique(m["kind"])) == set(simulate.KINDS)
+    assert set(np.unique(m["kind"])) == set(simulate.KINDS) - {"dipole"}
     n_pos = int(batch.labels.sum())
     assert _binomial_ok(n_pos, n, cfg.source_fraction)
     n_neg = n - n_pos
@@ -158,12 +161,12 @@ def test_labels_kinds_and_configured_fractions(batch):
 
 
 def test_fractions_follow_the_config():
-    cfg = SimConfig(source_fraction=0.2, offcentre_fraction=0.0, hot_pixel_fraction=1.0,
+    cfg = OLD(source_fraction=0.2, offcentre_fraction=0.0, hot_pixel_fraction=1.0,
                     cosmic_ray_fraction=0.0, streak_fraction=0.0)
     b = simulate_stamps(4000, cfg, np.random.default_rng(1))
     assert _binomial_ok(int(b.labels.sum()), 4000, 0.2)
     assert set(np.unique(b.meta["kind"])) == {"source", "hot_pixel"}
-    none = simulate_stamps(300, SimConfig(source_fraction=0.0), np.random.default_rng(2))
+    none = simulate_stamps(300, OLD(source_fraction=0.0), np.random.default_rng(2))
     assert none.labels.sum() == 0 and "source" not in set(none.meta["kind"])
 
 
@@ -214,7 +217,7 @@ def _shapes(b: simulate.SimulatedBatch, sel: np.ndarray) -> np.ndarray:
 
 def test_matched_filter_snr_equals_the_stored_snr_white_noise():
     """With white noise and no source shot noise the filter statistic is N(snr, 1)."""
-    cfg = SimConfig(source_fraction=0.5, correlated_noise_fraction=0.0, source_shot_noise=False,
+    cfg = OLD(source_fraction=0.5, correlated_noise_fraction=0.0, source_shot_noise=False,
                     offcentre_fraction=0.3, hot_pixel_fraction=0.3, cosmic_ray_fraction=0.0,
                     streak_fraction=0.4)
     b = simulate_stamps(8000, cfg, np.random.default_rng(11))
@@ -243,7 +246,7 @@ def test_matched_filter_snr_with_every_effect_on(batch):
 
 
 def test_snr_eff_is_the_significance_against_correlated_noise():
-    cfg = SimConfig(source_fraction=1.0, correlated_noise_fraction=1.0, source_shot_noise=False)
+    cfg = OLD(source_fraction=1.0, correlated_noise_fraction=1.0, source_shot_noise=False)
     b = simulate_stamps(6000, cfg, np.random.default_rng(12))
     m = b.meta
     sel = np.ones(len(b), bool)
@@ -289,7 +292,7 @@ def test_source_shot_noise_adds_the_signal_to_the_variance():
                  sky_max=50.0, read_noise_min=3.0, read_noise_max=3.0, n_coadd_min=4,
                  n_coadd_max=4, correlated_noise_fraction=0.0, sky_subtracted_fraction=1.0)
     for shot in (True, False):
-        b = simulate_stamps(4000, SimConfig(source_shot_noise=shot, **fixed),
+        b = simulate_stamps(4000, OLD(source_shot_noise=shot, **fixed),
                             np.random.default_rng(5))
         peak = b.stamps[:, CENTRE, CENTRE].astype(np.float64)
         sigma, signal = float(b.meta["sigma"][0]), peak.mean()
@@ -542,3 +545,257 @@ def test_cli_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["simulate", str(out), "--n", "10", "--quiet"]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the field
+
+
+def _field_config(**changes) -> SimConfig:
+    """Point-source fields only (cheap), fixed PSF so the exclusion radius is fixed."""
+    base = dict(field_galaxy_fraction=0.0, bright_star_fraction=0.0, centre_galaxy_fraction=0.0,
+                centre_saturated_fraction=0.0, fwhm_min=2.0, fwhm_max=2.0,
+                field_density_min=1.0, field_density_max=1.0)
+    return dataclasses.replace(SimConfig(), **{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def crowded() -> simulate.SimulatedBatch:
+    """20,000 stamps in fields of 1 source per 100 px^2 beyond 3 px."""
+    return simulate_stamps(20_000, _field_config(), np.random.default_rng(31))
+
+
+def test_neighbour_counts_are_poisson_for_the_configured_density(crowded):
+    from scipy.stats import poisson
+
+    m, n = crowded.meta, len(crowded)
+    lam = 1.0 / 100.0 * (21 * 21 - math.pi * 3.0**2)  # density x area outside the 3 px disc
+    counts = m["n_field"].astype(np.int64)
+    assert abs(counts.sum() - n * lam) < 3 * math.sqrt(n * lam)
+    for k in range(10):  # the whole distribution, bin by bin
+        p = poisson.pmf(k, lam)
+        assert abs((counts == k).sum() - n * p) < 3 * math.sqrt(n * p * (1 - p)) + 1, k
+    np.testing.assert_allclose(m["field_density"], 1.0)
+    # Both classes alike: the count does not depend on the label.
+    for label in (0, 1):
+        sel = crowded.labels == label
+        assert abs(counts[sel].mean() - lam) < 3 * math.sqrt(lam / sel.sum())
+
+
+def test_nearest_neighbour_distances_follow_the_poisson_law(crowded):
+    m, n = crowded.meta, len(crowded)
+    d = m["nn_distance"].astype(np.float64)
+    assert np.nanmin(d) >= 3.0 - 1e-5  # never inside the exclusion disc (nor the centre's)
+    for r in (3.5, 4.0, 5.0, 6.0, 8.0, 10.0):  # P(d <= r) = 1 - exp(-rho pi (r^2 - r_min^2))
+        p = 1.0 - math.exp(-0.01 * math.pi * (r**2 - 9.0))
+        hits = int((d <= r).sum())  # NaN (no neighbour) counts as farther
+        assert abs(hits - n * p) < 3 * math.sqrt(n * p * (1 - p)) + 1, (r, hits / n, p)
+    has = np.isfinite(d)
+    assert (m["nn_snr"][has] >= 2.0).all() and np.isnan(m["nn_snr"][~has]).all()
+
+
+def test_exclusion_radius_grows_with_the_psf_and_density_varies_per_stamp():
+    cfg = _field_config(fwhm_min=2.0, fwhm_max=6.0, field_density_min=0.1, field_density_max=3.0)
+    b = simulate_stamps(4000, cfg, np.random.default_rng(4))
+    m = b.meta
+    r_min = np.maximum(3.0, m["psf_fwhm"])
+    has = np.isfinite(m["nn_distance"])
+    assert (m["nn_distance"][has] >= r_min[has] - 1e-4).all()
+    rho = m["field_density"].astype(np.float64)
+    assert rho.min() >= 0.1 - 1e-6 and rho.max() <= 3.0 + 1e-6
+    # log-uniform: the median is the geometric mean of the range
+    assert abs(np.median(rho) / math.sqrt(0.3) - 1.0) < 0.1
+    lam = rho / 100.0 * (441 - math.pi * r_min**2)
+    assert abs(m["n_field"].sum() - lam.sum()) < 3 * math.sqrt(lam.sum())
+
+
+@pytest.mark.parametrize("slope", [0.6, 1.0])
+def test_number_count_slope_is_recovered(slope):
+    from stampbatch.field import draw_field
+
+    rng = np.random.default_rng(8)
+    fs = draw_field(rng, np.full(20_000, 1.0), np.full(20_000, 3.0), (21, 21), 2.0, 1e12, slope)
+    s = fs.snr
+    alpha = len(s) / np.log(s / 2.0).sum()  # maximum likelihood for N(>S) ∝ S^-alpha
+    assert abs(alpha - slope) < 3 * alpha / math.sqrt(len(s)), alpha
+    # truncated: every value inside [lo, hi], and log N(>S) against log S has that slope
+    t = draw_field(rng, np.full(20_000, 1.0), np.full(20_000, 3.0), (21, 21), 2.0, 100.0,
+                   slope).snr
+    assert t.min() >= 2.0 and t.max() <= 100.0
+    grid = np.array([3.0, 10.0])
+    n_above = np.array([(t > g).sum() for g in grid])
+    tail = (100.0 / 2.0) ** -slope
+    expected = ((grid / 2.0) ** -slope - tail) / (1 - tail) * len(t)
+    np.testing.assert_allclose(n_above, expected, rtol=0.05)
+
+
+def test_labels_depend_only_on_the_centre():
+    """Field, background and defects are drawn alike for both classes (KS tests)."""
+    from scipy.stats import ks_2samp
+
+    b = simulate_stamps(6000, SimConfig(), np.random.default_rng(21))
+    m, pos = b.meta, b.labels == 1
+    for col in ("n_field", "field_density", "sky", "sigma", "psf_fwhm", "nn_snr"):
+        x, y = m[col][pos], m[col][~pos]
+        x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+        assert ks_2samp(x, y).pvalue > 1e-3, col
+    plain = ~pos & (m["kind"] != "dipole")  # dipoles exist only in difference images
+    for bg in simulate.BACKGROUNDS:
+        k_pos, k_neg = int((m["background"][pos] == bg).sum()), int((m["background"][plain] == bg).sum())
+        p = (k_pos + k_neg) / (pos.sum() + plain.sum())
+        assert _binomial_ok(k_pos, int(pos.sum()), p), bg
+    # every positive has its source within the centring tolerance, no negative has one there
+    assert np.hypot(m["dx"][pos], m["dy"][pos]).max() <= 0.5 + 1e-6
+    r_field = np.maximum(3.0, m["psf_fwhm"])
+    has = np.isfinite(m["nn_distance"])
+    assert (m["nn_distance"][has] >= r_field[has] - 1e-4).all()
+    assert set(np.unique(m["profile"][~pos])) == {"none"}
+    assert set(np.unique(m["profile"][pos])) == {"point", "galaxy", "saturated"}
+
+
+def test_default_mixture_spans_fields_backgrounds_and_profiles():
+    b = simulate_stamps(6000, SimConfig(), np.random.default_rng(22))
+    m, n = b.meta, len(b)
+    cfg = SimConfig()
+    pos = b.labels == 1
+    assert (m["n_field"] > 0).mean() > 0.5 and (m["n_field"] == 0).mean() > 0.1
+    share = {k: (m["background"] == k).mean() for k in simulate.BACKGROUNDS}
+    assert abs(share["science"] - (1 - cfg.sky_subtracted_fraction)) < 0.05, share
+    outside_diff = pos & (m["background"] != "difference")
+    assert abs((m["profile"][outside_diff] == "galaxy").mean() - cfg.centre_galaxy_fraction) < 0.04
+    gal = m["profile"] == "galaxy"
+    assert (m["half_light_radius"][gal] <= cfg.centre_galaxy_re_max + 1e-5).all()
+    assert np.isnan(m["half_light_radius"][~gal]).all()
+    assert set(np.unique(m["sersic_n"][gal])) == {1.0, 4.0}
+    assert np.isfinite(b.stamps).all()  # masked_nan_fraction = 0 by default
+    assert _binomial_ok(int((m["bad_column"] >= 0).sum()), n, cfg.bad_column_fraction)
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def _half_light_radius(image: np.ndarray, q: float = 1.0, pa: float = 0.0, up: int = 7) -> float:
+    """Semi-major axis of the ellipse (axis ratio q, angle pa, about the centre) enclosing
+    half the unit flux; pixels split into up x up sub-pixels so the aperture edge is
+    resolved."""
+    h, w = image.shape
+    fine = np.repeat(np.repeat(image.astype(np.float64), up, 0), up, 1) / up**2
+    y = ((np.arange(h * up) + 0.5) / up - h / 2.0)[:, None]
+    x = ((np.arange(w * up) + 0.5) / up - w / 2.0)[None, :]
+    xp = x * math.cos(pa) + y * math.sin(pa)
+    yp = (y * math.cos(pa) - x * math.sin(pa)) / q
+    r = np.hypot(xp, yp).ravel()
+    order = np.argsort(r)
+    cum = np.cumsum(fine.ravel()[order])
+    return float(np.interp(0.5, cum, r[order]))
+
+
+@pytest.mark.parametrize("n", [1.0, 4.0])
+@pytest.mark.parametrize(("r_e", "q", "pa"), [(1.5, 1.0, 0.0), (2.5, 1.0, 0.0), (4.0, 1.0, 0.0),
+                                              (2.5, 0.5, 0.7), (4.0, 0.5, 2.0)])
+def test_sersic_half_light_radius_is_recovered(n, r_e, q, pa):
+    """r_e (the half-light semi-major axis) measured back on the pixels to 10 % (where the
+    minor axis spans more than a pixel; below that the pixels themselves widen it)."""
+    from stampbatch.profiles import render_sersic
+
+    img = render_sersic((101, 101), [0.0], [0.0], [r_e], [n], [q], [pa], [0.2])[0]
+    assert abs(_half_light_radius(img, q, pa) / r_e - 1.0) < 0.10
+
+
+def test_sersic_convolved_with_the_psf_keeps_its_flux_and_widens():
+    from stampbatch.profiles import render_psf, render_sersic
+
+    for beta in (np.nan, 3.0):
+        g = render_sersic((61, 61), [0.4], [-0.3], [1.5], [1.0], [0.6], [0.3], [3.0], [beta])[0]
+        assert abs(g.sum() - 1.0) < 0.01
+        psf = render_psf((61, 61), [0.4], [-0.3], [3.0], [beta])[0]
+        assert g.max() < psf.max()  # extended: a lower peak than the PSF of the same flux
+        rows, cols = np.indices(g.shape) - 30
+        assert abs((g * cols).sum() - 0.4) < 0.02 and abs((g * rows).sum() + 0.3) < 0.02
+
+
+def test_saturated_cores_are_flat_at_full_well_with_bleed_trails():
+    cfg = dataclasses.replace(OLD(), source_fraction=1.0, centre_saturated_fraction=1.0,
+                              sky_subtracted_fraction=0.3, spike_fraction=0.0,
+                              saturation_min=3.0, saturation_max=30.0)
+    b = simulate_stamps(400, cfg, np.random.default_rng(3))
+    m = b.meta
+    assert (m["profile"] == "saturated").all()
+    sat = m["saturation"].astype(np.float32)
+    np.testing.assert_array_equal(b.stamps.max(axis=(1, 2)), sat)
+    np.testing.assert_array_equal(b.stamps[:, CENTRE, CENTRE], sat)  # the core is clipped
+    n_sat = (b.stamps == sat[:, None, None]).sum(axis=(1, 2))
+    assert (n_sat >= 2).all()
+    # The excess charge bleeds along columns: more saturated pixels in the centre column
+    # than in the centre row, and the full well follows n_coadd * full_well - sky.
+    col = (b.stamps[:, :, CENTRE] == sat[:, None]).sum(axis=1)
+    row = (b.stamps[:, CENTRE, :] == sat[:, None]).sum(axis=1)
+    assert (col >= row).all() and (col > row).mean() > 0.8
+    expected = m["n_coadd"] * cfg.full_well - np.where(m["sky_subtracted"], m["sky"], 0.0)
+    np.testing.assert_allclose(m["saturation"], expected, rtol=1e-6)
+    assert (m["snr"] > 100).all()  # the unclipped star's SNR
+
+
+def test_difference_image_residuals_and_dipoles():
+    cfg = dataclasses.replace(OLD(), source_fraction=0.0, dipole_fraction=1.0,
+                              offcentre_fraction=0.0, hot_pixel_fraction=0.0,
+                              cosmic_ray_fraction=0.0, streak_fraction=0.0, snr_min=30.0,
+                              source_shot_noise=False, correlated_noise_fraction=0.0)
+    b = simulate_stamps(500, cfg, np.random.default_rng(6))
+    m = b.meta
+    assert (m["kind"] == "dipole").all() and (m["background"] == "difference").all()
+    res = (b.stamps - 0.0) / m["sigma"][:, None, None]
+    assert (res.max(axis=(1, 2)) > 3).mean() > 0.95 and (res.min(axis=(1, 2)) < -3).mean() > 0.9
+    # a residual has (nearly) no net flux: |sum| far below the star's flux
+    assert np.median(np.abs(b.stamps.sum(axis=(1, 2))) / m["flux"]) < 0.1
+
+
+def test_bad_columns_and_masked_pixels():
+    b = simulate_stamps(300, OLD(bad_column_fraction=1.0), np.random.default_rng(7))
+    m = b.meta
+    assert (m["bad_column"] >= 0).all() and (m["n_masked"] == 0).all()
+    columns = b.stamps[np.arange(300), :, m["bad_column"]]
+    assert (np.ptp(columns, axis=1) == 0.0).all()  # one constant per column
+    dead = columns[:, 0] == 0.0
+    assert 0.35 < dead.mean() < 0.65  # dead (0) or hot (far above the background)
+    hot_level = (columns[~dead, 0] - np.where(m["sky_subtracted"], 0.0, m["sky"])[~dead])
+    assert (hot_level >= 10 * m["sigma"][~dead] - 1e-3).all()
+    cfg = OLD(masked_fraction=1.0, masked_nan_fraction=0.5, mask_max_size=2)
+    b = simulate_stamps(300, cfg, np.random.default_rng(7))
+    m = b.meta
+    nan_rows = np.isnan(b.stamps).any(axis=(1, 2))
+    assert 0.35 < nan_rows.mean() < 0.65
+    assert (np.isnan(b.stamps).sum(axis=(1, 2))[nan_rows] == m["n_masked"][nan_rows]).all()
+    assert ((m["n_masked"] >= 1) & (m["n_masked"] <= 4)).all()
+
+
+def test_neighbour_free_preset_is_the_old_simulator():
+    b = simulate_stamps(2000, OLD(), np.random.default_rng(2))
+    m = b.meta
+    assert (m["n_field"] == 0).all() and set(np.unique(m["profile"])) <= {"none", "point"}
+    assert set(np.unique(m["background"])) == {"science", "sky_subtracted"}
+    assert (m["bad_column"] == -1).all() and (m["n_masked"] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["sim_neighbour_free.toml", "sim_shifted.toml"])
+def test_benchmark_presets_load(name):
+    from stampbatch.config import load_toml
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / name
+    cfg = from_mapping(SimConfig, load_toml(path), str(path))
+    cfg.validate()
+    if name == "sim_neighbour_free.toml":
+        assert cfg == simulate.neighbour_free_config()
+
+
+def test_sources_in_difference_images_are_new_light_with_their_full_snr():
+    """A positive in a difference image is a transient or a mover: its whole PSF is there
+    (only the static field is subtracted), so the matched filter recovers its SNR."""
+    cfg = OLD(sky_subtracted_fraction=1.0, difference_fraction=1.0, source_fraction=1.0,
+              correlated_noise_fraction=0.0, source_shot_noise=False)
+    b = simulate_stamps(3000, cfg, np.random.default_rng(14))
+    m = b.meta
+    assert (m["background"] == "difference").all() and (m["profile"] == "point").all()
+    shapes = simulate.render_psf((21, 21), m["dx"], m["dy"], m["psf_fwhm"], m["psf_beta"])
+    z = simulate.matched_filter_snr(b.stamps, shapes, m["sigma"])
+    d = z - m["snr"]
+    assert abs(d.mean()) < 4.0 / math.sqrt(len(d)) and abs(d.std() - 1.0) < 0.08

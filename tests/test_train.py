@@ -12,31 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IN_CI, gaussian_stamps
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+from conftest import IN_CI, gaussian_stamps, write_labelled_store
+from sklearn.metrics import accuracy_score, roc_auc_score
 
 from stampbatch import cli, store
+from stampbatch.dataset import split_rows
 from stampbatch.errors import UsageError
 from stampbatch.store import StoreError
 from stampbatch.train import (
     FIGURES,
     LOCK_FILE,
-    StampStream,
     TrainConfig,
     TrainError,
-    augment_dihedral,
-    class_weights,
-    compute_metrics,
-    operating_point,
     read_run_config,
     run_state,
-    split_rows,
     train_run,
 )
 
@@ -44,18 +33,6 @@ keras = pytest.importorskip("keras")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KINDS = np.array(["background", "offcentre", "hot_pixel"])
-
-
-def write_labelled_store(path: Path, n: int = 300, *, seed: int = 1, nan_rows=()) -> Path:
-    """Half bright centred sources; SNR and kind metadata; optional rows of NaN stamps."""
-    labels = (np.arange(n) % 2).astype(np.int8)
-    stamps = gaussian_stamps(n, seed=seed, sources=labels == 1)
-    stamps[list(nan_rows), 3, 4] = np.nan
-    rng = np.random.default_rng(seed)
-    snr = np.where(labels == 1, rng.uniform(3.0, 100.0, n), 0.0)
-    kind = np.where(labels == 1, "source", KINDS[np.arange(n) // 2 % 3])
-    store.create_store(path, stamps, labels, {"snr": snr, "kind": kind}, chunk_rows=64)
-    return path
 
 
 def tiny(**kw) -> TrainConfig:
@@ -101,171 +78,6 @@ def test_config_round_trips_through_run_directory(vgg6_run, data):
     out, _ = vgg6_run
     arch, path, config = read_run_config(out)
     assert (arch, path, config) == ("vgg6", str(data.resolve()), tiny(epochs=2))
-
-
-# --------------------------------------------------------------------------- split and streams
-
-
-def test_split_is_stratified_disjoint_and_reproducible():
-    labels = np.r_[np.zeros(700, np.int8), np.ones(300, np.int8)]
-    config = TrainConfig(seed=3)
-    split = split_rows(labels, config)
-    sizes = {k: len(v) for k, v in split.items()}
-    assert sizes == {"train": 700, "val": 100, "test": 200}
-    everything = np.concatenate(list(split.values()))
-    assert np.array_equal(np.sort(everything), np.arange(1000))
-    for part in split.values():
-        assert np.all(np.diff(part) > 0)
-        assert labels[part].mean() == pytest.approx(0.3, abs=0.011)
-    again = split_rows(labels, config)
-    assert all(np.array_equal(split[k], again[k]) for k in split)
-    other = split_rows(labels, TrainConfig(seed=4))
-    assert not np.array_equal(split["test"], other["test"])
-
-
-def test_split_that_empties_a_class_is_refused():
-    labels = np.r_[np.zeros(300, np.int8), np.ones(4, np.int8)]
-    with pytest.raises(TrainError, match="train.h5: .*(val|split)"):
-        split_rows(labels, TrainConfig(val_fraction=0.05, test_fraction=0.05), "train.h5")
-
-
-def test_class_weights_balance_the_classes():
-    labels = np.r_[np.zeros(75), np.ones(25)].astype(np.int8)
-    w = class_weights(labels, "balanced")
-    np.testing.assert_allclose(w, [100 / 150, 100 / 50])
-    assert w[0] * 75 == pytest.approx(w[1] * 25)
-    np.testing.assert_array_equal(class_weights(labels, "none"), [1.0, 1.0])
-
-
-def test_augmentation_applies_the_symmetries_of_the_square():
-    rng = np.random.default_rng(0)
-    stamps = rng.random((4000, 5, 5)).astype(np.float32)
-    original = stamps.copy()
-    out = augment_dihedral(stamps, np.random.default_rng(1))
-    variants = [np.rot90(original, k, axes=(1, 2)) for k in range(4)]
-    variants += [v[:, :, ::-1] for v in variants]
-    which = np.full(len(out), -1)
-    for t, v in enumerate(variants):
-        which[np.all(out == v, axis=(1, 2))] = t
-    assert np.all(which >= 0)  # every stamp is one of the 8 symmetric images of itself
-    counts = np.bincount(which, minlength=8)
-    assert counts.min() > 400  # all 8 used, about equally
-    # a centred symmetric source is unchanged by every symmetry
-    yy, xx = np.mgrid[:5, :5]
-    blob = np.exp(-((yy - 2) ** 2 + (xx - 2) ** 2) / 2.0).astype(np.float32)
-    same = augment_dihedral(np.repeat(blob[None], 50, axis=0), np.random.default_rng(2))
-    np.testing.assert_array_equal(same, np.repeat(blob[None], 50, axis=0))
-    # non-square stamps keep their shape
-    rect = augment_dihedral(rng.random((100, 3, 5)).astype(np.float32), rng)
-    assert rect.shape == (100, 3, 5)
-
-
-def test_training_stream_batches_and_drops_nonfinite_stamps(tmp_path):
-    path = write_labelled_store(tmp_path / "nan.h5", 200, nan_rows=(0, 1, 2, 3, 4))
-    rows = np.arange(200)
-    weights = np.array([0.5, 2.0], np.float32)
-    stream = StampStream(path, rows, 16, (21, 21), weights=weights, seed=0, augment=True,
-                         read_rows=40, shuffle_stamps=80)
-    gen = stream.training_batches()
-    batches = [next(gen) for _ in range(13)]  # 195 finite stamps: 12 full batches per pass
-    for x, y, w in batches:
-        assert x.shape == (16, 21, 21, 1) and x.dtype == np.float32
-        assert np.isfinite(x).all()
-        np.testing.assert_allclose(x.sum(axis=(1, 2, 3)), 1.0, rtol=1e-4)
-        np.testing.assert_array_equal(y.sum(axis=1), 1.0)
-        np.testing.assert_array_equal(w, weights[y.argmax(axis=1)])
-    assert stream.dropped_first_pass == 5
-    # evaluation: every row once, in order, non-finite ones with weight 0
-    ev = StampStream(path, rows, 64, (21, 21), read_rows=40, shuffle_stamps=80)
-    parts = list(ev.evaluation_batches())
-    assert len(parts) == ev.n_evaluation_batches() == 4
-    w = np.concatenate([p[2] for p in parts])
-    assert len(w) == 200 and np.flatnonzero(w == 0).tolist() == [0, 1, 2, 3, 4]
-    labels = np.concatenate([p[1] for p in parts]).argmax(axis=1)
-    np.testing.assert_array_equal(labels, store.read_labels(path))
-
-
-def test_training_passes_are_reshuffled(tmp_path):
-    path = write_labelled_store(tmp_path / "s.h5", 128)
-    stream = StampStream(path, np.arange(128), 128, (21, 21), seed=0, read_rows=32,
-                         shuffle_stamps=64)
-    gen = stream.training_batches()
-    first, second = next(gen)[0], next(gen)[0]
-    assert not np.array_equal(first, second)
-    again = StampStream(path, np.arange(128), 128, (21, 21), seed=0, read_rows=32,
-                        shuffle_stamps=64).training_batches()
-    np.testing.assert_array_equal(next(again)[0], first)  # reproducible from the seed
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def test_compute_metrics_against_scikit_learn():
-    rng = np.random.default_rng(5)
-    labels = np.r_[np.zeros(400, int), np.ones(200, int)]
-    prob = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1)
-    snr = np.where(labels == 1, rng.uniform(3, 100, 600), 0.0)
-    kind = np.where(labels == 1, "source", np.where(np.arange(600) % 2, "streak", "background"))
-    m = compute_metrics(labels, prob, snr=snr, kind=kind, target_fpr=0.05)
-    pred = (prob >= 0.5).astype(int)
-    assert m["accuracy"] == pytest.approx(accuracy_score(labels, pred))
-    assert m["roc_auc"] == pytest.approx(roc_auc_score(labels, prob))
-    assert m["precision"] == pytest.approx(precision_score(labels, pred))
-    assert m["recall"] == pytest.approx(recall_score(labels, pred))
-    assert m["confusion_matrix"] == confusion_matrix(labels, pred).tolist()
-    op = m["operating_point"]
-    neg, pos = prob[labels == 0], prob[labels == 1]
-    assert op["fpr"] == pytest.approx(np.mean(neg >= op["threshold"])) and op["fpr"] <= 0.05
-    assert op["completeness"] == pytest.approx(np.mean(pos >= op["threshold"]))
-    # the lowest such threshold: the next lower score would exceed the target FPR
-    lower = prob[prob < op["threshold"]].max()
-    assert np.mean(neg >= lower) > 0.05
-    cvs = m["completeness_vs_snr"]
-    assert cvs["bin_edges"] == [3, 5, 7, 10, 15, 20, 30, 50, 100]
-    assert sum(cvs["counts"]) == 200
-    s_pos = snr[labels == 1]
-    in_bin = (s_pos >= 10) & (s_pos < 15)
-    assert cvs["counts"][3] == in_bin.sum()
-    assert cvs["completeness"][3] == pytest.approx(np.mean(pos[in_bin] >= 0.5))
-    assert cvs["completeness_at_operating_point"][3] == pytest.approx(
-        np.mean(pos[in_bin] >= op["threshold"]))
-    bright = s_pos >= 7
-    assert cvs["above_snr"]["count"] == bright.sum()
-    assert cvs["above_snr"]["completeness_at_operating_point"] == pytest.approx(
-        np.mean(pos[bright] >= op["threshold"]))
-    assert set(m["fpr_by_kind"]) == {"background", "streak"}
-    streak = (labels == 0) & (kind == "streak")
-    assert m["fpr_by_kind"]["streak"] == pytest.approx(np.mean(prob[streak] >= 0.5))
-    assert m["negatives_by_kind"] == {"background": 200, "streak": 200}
-    json.dumps(m, allow_nan=False)  # plain JSON
-
-
-def test_compute_metrics_on_hand_made_arrays():
-    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    prob = np.array([0.1, 0.2, 0.6, 0.3, 0.4, 0.7, 0.8, 0.9])
-    snr = np.array([0, 0, 0, 0, 4.0, 4.5, 8.0, 200.0])  # 200: outside the bins
-    m = compute_metrics(labels, prob, snr=snr, target_fpr=0.25)
-    assert m["confusion_matrix"] == [[3, 1], [1, 3]]
-    assert m["accuracy"] == 0.75 and m["precision"] == 0.75 and m["recall"] == 0.75
-    assert m["roc_auc"] == pytest.approx(15 / 16)  # one (neg 0.6 > pos 0.4) of 16 pairs wrong
-    # lowest threshold with FPR <= 0.25: 0.4 (only the negative at 0.6 passes it)
-    assert m["operating_point"] == {"target_fpr": 0.25, "threshold": 0.4, "fpr": 0.25,
-                                    "completeness": 1.0}
-    cvs = m["completeness_vs_snr"]
-    assert cvs["counts"] == [2, 0, 1, 0, 0, 0, 0, 0]
-    assert cvs["completeness"] == [0.5, None, 1.0, None, None, None, None, None]
-    assert cvs["completeness_at_operating_point"][0] == 1.0
-    assert "fpr_by_kind" not in m
-    # a target below any achievable FPR: nothing selected, threshold above every score
-    strict = operating_point(np.array([0, 1, 0]), np.array([0.9, 0.9, 0.1]), 0.1)
-    assert strict["threshold"] > 0.9 and strict["fpr"] == 0 and strict["completeness"] == 0
-
-
-def test_compute_metrics_refuses_one_class_and_nan():
-    with pytest.raises(ValueError, match="both classes"):
-        compute_metrics(np.ones(4), np.full(4, 0.7))
-    with pytest.raises(ValueError, match="finite"):
-        compute_metrics(np.array([0, 1]), np.array([np.nan, 0.5]))
 
 
 # --------------------------------------------------------------------------- whole runs
@@ -332,12 +144,49 @@ def test_saved_model_reproduces_test_predictions_and_metrics(vgg6_run, data):
     np.testing.assert_allclose(again, prob, rtol=1e-5, atol=1e-6)
     assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, prob))
     assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, prob >= 0.5))
-    # the saved model holds the best epoch's weights
+    # the saved model holds the best epoch's weights, the softmax head divided by T
     best = json.loads((out / "checkpoint" / "state.json").read_text())["best_file"]
     reference = keras.models.clone_model(model)
     reference.load_weights(out / "checkpoint" / best)
-    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    t = metrics["calibration"]["temperature"]
+    head = {id(v) for v in model.layers[-1].weights}
+    for var, ref in zip(model.weights, reference.get_weights(), strict=True):
+        expected = ref / np.float32(t) if id(var) in head else ref
+        np.testing.assert_allclose(np.asarray(var), expected, rtol=1e-6)
+    cal = metrics["calibration"]
+    assert 0.05 <= t <= 20.0 and cal["n_val"] == metrics["n_val"]
+    for key in ("ece_val_before", "ece_val_after", "ece_test_before", "ece_test_after"):
+        assert 0.0 <= cal[key] <= 1.0, key
+    assert cal["ece_test_after"] == pytest.approx(metrics["ece"])
+    assert set(metrics["thresholds"]) == {"0.01", "0.001"}
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    from stampbatch.calibrate import fit_temperature, sigmoid
+
+    rng = np.random.default_rng(4)
+    true_margin = rng.normal(0.0, 3.0, 40_000)
+    labels = (rng.random(40_000) < sigmoid(true_margin)).astype(int)
+    for t in (0.5, 2.5):  # the model's margins are T times the calibrated ones
+        assert fit_temperature(t * true_margin, labels) == pytest.approx(t, rel=0.05)
+
+
+def test_folding_the_temperature_is_exact():
+    from stampbatch.calibrate import fold_temperature, logit_margin, sigmoid
+    from stampbatch.models import build_model
+
+    keras.utils.set_random_seed(1)
+    model = build_model("vgg6", (21, 21))
+    x = np.random.default_rng(0).random((64, 21, 21, 1)).astype(np.float32)
+    x /= x.sum(axis=(1, 2, 3), keepdims=True)
+    margin = logit_margin(model, x)
+    np.testing.assert_allclose(sigmoid(margin), model.predict(x, verbose=0)[:, 1], rtol=1e-4,
+                               atol=1e-6)
+    fold_temperature(model, 3.0)
+    out = model.predict(x, verbose=0)
+    assert out.shape == (64, 2)
+    np.testing.assert_allclose(out[:, 1], sigmoid(margin / 3.0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -714,3 +563,36 @@ def test_cli_train_bad_input(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--data", str(data), "--arch", "vgg6", "--out", "x",
                   "--learning-rate", "fast"])
+
+
+@pytest.mark.slow
+def test_training_on_two_stores_records_them_and_their_split(tmp_path, capsys):
+    a = write_labelled_store(tmp_path / "sim.h5", 240, seed=2)
+    b = write_labelled_store(tmp_path / "injected.h5", 160, seed=3)
+    out = tmp_path / "run"
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'data = ["{a}", "{b}"]\ndata_weights = [0.7, 0.3]\nepochs = 1\n'
+                    f'batch_size = 32\n')
+    assert cli.main(["train", "--config", str(toml), "--arch", "simple", "--out", str(out),
+                     "--quiet"]) == 0
+    record = json.loads((out / "data.json").read_text())
+    assert record["data_weights"] == [0.7, 0.3]
+    assert [s["n_stamps"] for s in record["stores"]] == [240, 160]
+    for s, n in zip(record["stores"], (240, 160), strict=True):
+        assert s["train"]["sources"] == s["train"]["negatives"] == 0.7 * n / 2
+        assert s["test"]["sources"] == s["test"]["negatives"] == 0.2 * n / 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_train"] + metrics["n_val"] + metrics["n_test"] == 400
+    assert metrics["stores"] == record["stores"]
+    arch, data, _ = read_run_config(out)
+    assert data == f"{a.resolve()} + {b.resolve()}"
+    with np.load(out / "split.npz") as split:
+        assert split["test"].max() >= 240  # global rows: the second store follows the first
+    # the CLI's repeated --data and --data-weights; other weights are another run
+    capsys.readouterr()
+    assert cli.main(["train", "--data", str(a), "--data", str(b), "--data-weights", "0.5,0.5",
+                     "--arch", "simple", "--out", str(out), "--epochs", "1",
+                     "--batch-size", "32", "--quiet"]) == 1
+    assert "other stores or data weights" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(a), "--data", str(b), "--data-weights", "1",
+                     "--arch", "simple", "--out", str(tmp_path / "r2"), "--quiet"]) == 2

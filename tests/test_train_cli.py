@@ -55,16 +55,31 @@ def test_seed_out_of_range_in_a_config_file(tmp_path, data, capsys):
     assert f"{cfg} (with command-line options): seed must be an integer from 0" in err
 
 
-@pytest.mark.parametrize("line", ['data = ["a"]', "data = 3", 'data = ""', "architecture = [1]"])
-def test_wrong_types_for_data_and_architecture_in_toml(tmp_path, data, capsys, line):
+@pytest.mark.parametrize(("line", "expected"), [
+    ("data = 3", "'data' must be a non-empty path or list of paths"),
+    ('data = ""', "'data' must be a non-empty path or list of paths"),
+    ("data = []", "'data' must be a non-empty path or list of paths"),
+    ("data = [3]", "'data' must be a non-empty path or list of paths"),
+    ("architecture = [1]", "'architecture' must be a non-empty string")])
+def test_wrong_types_for_data_and_architecture_in_toml(tmp_path, data, capsys, line, expected):
     cfg = tmp_path / "c.toml"
     base = {"data": f'data = "{data}"', "architecture": 'architecture = "simple"'}
     base[line.split(" ")[0]] = line
     cfg.write_text("\n".join(base.values()) + "\n")
     assert cli.main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and str(cfg) in err and "must be a non-empty string" in err
+    assert err.count("\n") == 1 and str(cfg) in err and expected in err
     assert "Traceback" not in err and not (tmp_path / "r").exists()
+
+
+def test_a_list_of_stores_in_toml_names_a_missing_one(tmp_path, data, capsys):
+    """data = [...] is several training stores; a missing one is one line naming it."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'data = ["{data}", "{tmp_path / "nope.h5"}"]\narchitecture = "simple"\n')
+    assert cli.main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.h5" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_config_from_mapping_still_accepts_a_normal_seed():

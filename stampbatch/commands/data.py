@@ -38,10 +38,20 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="write simulated stamps (labelled, or unlabelled candidates)",
-                       description="Simulate co-added 21x21 stamps: point sources of SNR 3-100 with "
-                                   "Gaussian/Moffat PSFs and hard negatives, written to an HDF5 store.")
+                       description="Simulate 21x21 survey stamps: a source (point, compact galaxy "
+                                   "or saturated star, SNR 3-100) at the centre or not, in fields of "
+                                   "other stars and galaxies, on science, sky-subtracted and "
+                                   "difference-image backgrounds, with hard negatives; written to an "
+                                   "HDF5 store.")
     p.add_argument("out", type=path_arg, metavar="OUT.h5")
-    p.add_argument("--n", type=int_between(1, MAX_STAMPS), required=True, help="number of stamps")
+    p.add_argument("--n", type=int_between(1, MAX_STAMPS), default=None,
+                   help="number of stamps (default 30000; with --backgrounds: backgrounds used, "
+                        "default all)")
+    p.add_argument("--backgrounds", type=path_arg, metavar="REAL.h5",
+                   help="inject point sources into these real stamps (a labelled store's "
+                        "negatives or a candidate file) instead of simulating: positives, the "
+                        "untouched backgrounds as negatives, off-centre injections as hard "
+                        "negatives")
     p.add_argument("--seed", type=seed, default=0, help="random seed, 0 to 2**32-1 (default 0)")
     p.add_argument("--candidates", action="store_true",
                    help="write an unlabelled candidate file (truth kept in /meta for evaluation)")
@@ -91,8 +101,19 @@ def run_simulate(args: argparse.Namespace) -> int:
     config = simulate.SimConfig()
     if args.config is not None:
         config = from_mapping(simulate.SimConfig, load_toml(args.config), str(args.config))
+    if args.backgrounds is not None:
+        if args.candidates:
+            raise UsageError("--backgrounds writes a labelled store; drop --candidates")
+        from stampbatch.inject import write_injected
+
+        info = write_injected(args.out, args.backgrounds, config=config, seed=args.seed,
+                              n=args.n, chunk_rows=args.chunk_rows,
+                              compression=args.compression, overwrite=args.overwrite,
+                              progress=not args.quiet)
+        print(f"wrote {info.n_stamps:,} stamps injected into {args.backgrounds} to {info.path}")
+        return 0
     info = simulate.write_simulated(
-        args.out, args.n, config=config, seed=args.seed, candidates=args.candidates,
+        args.out, args.n or 30_000, config=config, seed=args.seed, candidates=args.candidates,
         chunk_rows=args.chunk_rows, compression=args.compression, overwrite=args.overwrite,
         progress=not args.quiet,
     )
@@ -151,23 +172,25 @@ def describe_store(path: Path) -> str:
             lines.append("  unlabelled (candidate file)")
         if info.meta_columns:
             lines.append(f"  meta: {', '.join(info.meta_columns)}")
-            meta = store.read_meta(path, [c for c in ("snr", "kind", "true_label") if c in info.meta_columns])
-            if "snr" in meta:
+            wanted = (store.META_SNR, store.META_KIND, store.META_TRUE_LABEL)
+            meta = store.read_meta(path, [c for c in wanted if c in info.meta_columns])
+            if store.META_SNR in meta:
                 # Only real sources: hard negatives (hot pixels, streaks …) carry an SNR too.
                 if info.labelled:
                     is_source = store.read_labels(path) == 1
-                elif "true_label" in meta:
-                    is_source = meta["true_label"] == 1
-                elif "kind" in meta:
-                    is_source = meta["kind"] == "source"
+                elif store.META_TRUE_LABEL in meta:
+                    is_source = meta[store.META_TRUE_LABEL] == 1
+                elif store.META_KIND in meta:
+                    is_source = meta[store.META_KIND] == "source"
                 else:
-                    is_source = np.ones(len(meta["snr"]), dtype=bool)
-                snr = meta["snr"][is_source & np.isfinite(meta["snr"]) & (meta["snr"] > 0)]
+                    is_source = np.ones(len(meta[store.META_SNR]), dtype=bool)
+                snr = meta[store.META_SNR]
+                snr = snr[is_source & np.isfinite(snr) & (snr > 0)]
                 if len(snr):
                     lines.append(f"  SNR of sources: {snr.min():.1f} to {snr.max():.1f} "
                                  f"(median {np.median(snr):.1f})")
-            if "kind" in meta:
-                kinds, counts = np.unique(meta["kind"], return_counts=True)
+            if store.META_KIND in meta:
+                kinds, counts = np.unique(meta[store.META_KIND], return_counts=True)
                 lines.append("  kinds: " + ", ".join(f"{k} {c:,}" for k, c in zip(kinds, counts)))
     if not info.scored_models:
         lines.append("  scores: none")

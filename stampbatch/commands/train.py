@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "metrics.json and PNG figures. Rerunning on the same OUT resumes an "
                     "interrupted run; a finished run is not retrained. Options override the "
                     "--config file.")
-    p.add_argument("--data", type=path_arg, metavar="TRAIN.h5",
-                   help="labelled stamp store (or 'data' in --config)")
+    p.add_argument("--data", type=path_arg, metavar="TRAIN.h5", action="append",
+                   help="labelled stamp store; repeat it to train on several (each split by "
+                        "itself, stratified by class), or 'data' (a path or a list) in --config")
+    p.add_argument("--data-weights", type=_weights, metavar="W1,W2,...",
+                   help="share of each training epoch drawn from each --data store (default: "
+                        "in proportion to their training stamps); or 'data_weights' in --config")
     p.add_argument("--arch", metavar="NAME",
                    help="architecture (see 'stampbatch models'; or 'architecture' in --config)")
     p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="run directory")
@@ -72,7 +77,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_report)
 
 
-def _train_settings(args: argparse.Namespace) -> tuple[Path, str, Any]:
+def _weights(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(not v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"weights must be >= 0, got {text!r}")
+    return values
+
+
+def _data_paths(data: Any) -> list[Path]:
+    """'data' as given: one path, a list of paths, or a run's joined string."""
+    from stampbatch.train import DATA_SEPARATOR
+
+    if isinstance(data, (list, tuple)):
+        return [Path(d) for d in data]
+    if isinstance(data, str):
+        return [Path(d) for d in data.split(DATA_SEPARATOR)]
+    return [Path(data)]
+
+
+def _train_settings(args: argparse.Namespace) -> tuple[list[Path], str, Any, Any]:
     from stampbatch.config import from_mapping, load_toml
     from stampbatch.train import TrainConfig
 
@@ -82,9 +108,12 @@ def _train_settings(args: argparse.Namespace) -> tuple[Path, str, Any]:
         settings = dict(load_toml(args.config))
         source = f"{args.config} (with command-line options)"
     data = settings.pop("data", None)
+    weights = settings.pop("data_weights", None)
     arch = settings.pop("architecture", None)
     if args.data is not None:
         data = args.data
+    if args.data_weights is not None:
+        weights = args.data_weights
     if args.arch is not None:
         arch = args.arch
     if data is None:
@@ -92,9 +121,12 @@ def _train_settings(args: argparse.Namespace) -> tuple[Path, str, Any]:
     if arch is None:
         raise UsageError("give --arch NAME (or 'architecture' in --config); "
                          "see 'stampbatch models'")
-    for key, value in (("data", data), ("architecture", arch)):
-        if not isinstance(value, (str, Path)) or not str(value):
-            raise UsageError(f"{args.config}: '{key}' must be a non-empty string, got {value!r}")
+    where = args.config if args.config is not None else "command line"
+    paths = data if isinstance(data, (list, tuple)) else [data]
+    if not paths or not all(isinstance(p, (str, Path)) and str(p) for p in paths):
+        raise UsageError(f"{where}: 'data' must be a non-empty path or list of paths, got {data!r}")
+    if not isinstance(arch, str) or not arch:
+        raise UsageError(f"{where}: 'architecture' must be a non-empty string, got {arch!r}")
     for option in ("epochs", "batch_size", "learning_rate", "optimizer", "seed", "patience",
                    "augment"):
         value = getattr(args, option)
@@ -103,7 +135,7 @@ def _train_settings(args: argparse.Namespace) -> tuple[Path, str, Any]:
     config = from_mapping(TrainConfig, settings, source)
     if not 0 <= config.seed <= SEED_MAX:
         raise UsageError(f"{source}: seed must be an integer from 0 to {SEED_MAX}, got {config.seed}")
-    return Path(data), str(arch), config
+    return _data_paths(data), str(arch), config, weights
 
 
 def training_split_size(n_stamps: int, config: Any) -> int:
@@ -114,29 +146,31 @@ def training_split_size(n_stamps: int, config: Any) -> int:
     return rest - n_val
 
 
-def _check_batch_size(data: Path, config: Any) -> None:
+def _check_batch_size(data: Sequence[Path], config: Any) -> None:
     """A batch larger than the training split would cycle the split many times per epoch."""
     from stampbatch import store
 
-    info = store.open_store(data)
-    if not info.labelled:
-        return  # training itself says the store has no labels
-    n = info.n_stamps
-    n_train = training_split_size(n, config)
+    infos = [store.open_store(path) for path in data]
+    if not all(info.labelled for info in infos):
+        return  # training itself says which store has no labels
+    n = sum(info.n_stamps for info in infos)
+    n_train = sum(training_split_size(info.n_stamps, config) for info in infos)
     if config.batch_size > n_train:
+        names = ", ".join(str(path) for path in data)
         raise UsageError(f"--batch-size {config.batch_size} is larger than the training split of "
-                         f"{data} ({n_train:,} of {n:,} stamps); use at most {n_train:,}")
+                         f"{names} ({n_train:,} of {n:,} stamps); use at most {n_train:,}")
 
 
 def run_train(args: argparse.Namespace) -> int:
     from stampbatch.models import check_architecture
 
-    data, arch, config = _train_settings(args)
+    data, arch, config, weights = _train_settings(args)
     check_architecture(arch)
     _check_batch_size(data, config)
     from stampbatch.train import train_run
 
-    metrics = train_run(data, arch, args.out, config, progress=not args.quiet)
+    metrics = train_run(data, arch, args.out, config, data_weights=weights,
+                        progress=not args.quiet)
     op = metrics["operating_point"]
     line = (f"{arch}: {metrics['epochs_run']} epochs, test accuracy {metrics['accuracy']:.4f}, "
             f"ROC AUC {metrics['roc_auc']:.4f}, completeness {op['completeness']:.3f} at FPR "

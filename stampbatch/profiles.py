@@ -1,0 +1,259 @@
+"""Source profiles on stamp pixels: PSFs, trails, Sérsic galaxies, saturated stars.
+
+Every renderer is vectorised over stamps: length-n parameter arrays in, a float32
+(n, H, W) array out. Shapes have unit total flux on the infinite plane, so light falling
+off the stamp is lost. Pixel ``(i, j)`` has its centre at offset ``(j - (W-1)/2,
+i - (H-1)/2)`` from the stamp centre: ``dx`` runs along columns, ``dy`` along rows.
+
+* PSF: Gaussian (integrated over pixels exactly, with erf) or Moffat
+  ``(1 + r^2/alpha^2)^-beta`` (2x2-point Gauss-Legendre per pixel, better than 0.4 % of
+  the peak at FWHM 2 px).
+* Trail: a PSF dragged along a segment (streaks of objects off the trajectory).
+* Sérsic galaxy: ``I(r) = I_e exp(-b_n ((r/r_e)^(1/n) - 1))`` on elliptical radii
+  ``r^2 = x'^2 + (y'/q)^2`` (``x'`` along the major axis at position angle ``pa``; ``r_e``
+  is the half-light semi-major axis), normalised by its analytic total flux
+  ``2 pi q r_e^2 n e^b_n b_n^(-2n) Gamma(2n)``, sampled on a 3x3 sub-pixel grid and
+  convolved with the stamp's PSF by FFT (Ciotti & Bertin 1999 for ``b_n``).
+* Saturation: pixels above the full-well level are clipped to it, and the charge above it
+  bleeds along the column (up and down from the saturated core) until spent.
+* Diffraction spikes: thin cross-shaped wings along the pixel axes of bright stars.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# 2-point Gauss-Legendre nodes on a unit pixel (equal weights 1/2): exact for cubics.
+_GL2 = (-0.5 / math.sqrt(3.0), 0.5 / math.sqrt(3.0))
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+SERSIC_OVERSAMPLE = 3  # sub-pixels per pixel and axis for galaxies
+SERSIC_PAD = 3  # px rendered beyond each stamp edge before the PSF convolution
+SERSIC_BATCH = 1024  # galaxies convolved at once (memory: ~40 kB per galaxy)
+
+
+def pixel_offsets(size: int) -> np.ndarray:
+    """Offsets of the pixel centres from the stamp centre along one axis."""
+    return np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+
+
+def _gaussian_pixels(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray,
+                     fwhm: np.ndarray) -> np.ndarray:
+    """Pixel-integrated unit-flux Gaussians, exact: separable products of erf differences."""
+    from scipy.special import erf
+
+    h, w = shape
+    scale = (math.sqrt(2.0) * fwhm / FWHM_PER_SIGMA)[:, None]
+    ex = np.arange(w + 1, dtype=np.float64) - w / 2.0  # pixel edges, -w/2 .. w/2
+    ey = np.arange(h + 1, dtype=np.float64) - h / 2.0
+    px = 0.5 * np.diff(erf((ex[None, :] - dx[:, None]) / scale), axis=1)
+    py = 0.5 * np.diff(erf((ey[None, :] - dy[:, None]) / scale), axis=1)
+    return py.astype(np.float32)[:, :, None] * px.astype(np.float32)[:, None, :]
+
+
+def _moffat_pixels(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, fwhm: np.ndarray,
+                   beta: np.ndarray) -> np.ndarray:
+    """Pixel-integrated (2x2 Gauss-Legendre) unit-flux Moffat profiles."""
+    h, w = shape
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    inv_a2 = (1.0 / alpha**2)[:, None]
+    xs = [((pixel_offsets(w)[None, :] + o - dx[:, None]) ** 2 * inv_a2).astype(np.float32)
+          for o in _GL2]
+    ys = [((pixel_offsets(h)[None, :] + o - dy[:, None]) ** 2 * inv_a2).astype(np.float32)
+          for o in _GL2]
+    nbeta = (-beta).astype(np.float32)[:, None, None]
+    acc = np.zeros((len(dx), h, w), dtype=np.float32)
+    tmp = np.empty_like(acc)
+    for y2 in ys:
+        for x2 in xs:
+            np.add(y2[:, :, None], x2[:, None, :], out=tmp)
+            np.log1p(tmp, out=tmp)
+            tmp *= nbeta
+            np.exp(tmp, out=tmp)
+            acc += tmp
+    norm = (0.25 * (beta - 1.0) / (np.pi * alpha**2)).astype(np.float32)
+    acc *= norm[:, None, None]
+    return acc
+
+
+def render_psf(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, fwhm: np.ndarray,
+               beta: np.ndarray | None = None) -> np.ndarray:
+    """Unit-flux PSFs centred at (dx, dy) px from the stamp centre, float32 (n, H, W).
+
+    ``beta`` > 1 gives a Moffat profile, NaN (or ``beta=None``) a Gaussian; all of
+    ``dx, dy, fwhm, beta`` are length-n arrays (one PSF per stamp). Flux falling off the
+    stamp is lost, so the sum is below 1 for wide or off-centre PSFs.
+    """
+    dx = np.atleast_1d(np.asarray(dx, dtype=np.float64))
+    dy = np.atleast_1d(np.asarray(dy, dtype=np.float64))
+    fwhm = np.broadcast_to(np.asarray(fwhm, dtype=np.float64), dx.shape)
+    if beta is None:
+        beta = np.full(dx.shape, np.nan)
+    beta = np.broadcast_to(np.asarray(beta, dtype=np.float64), dx.shape)
+    shape = (int(shape[0]), int(shape[1]))
+    out = np.empty((len(dx), *shape), dtype=np.float32)
+    moffat = beta > 1.0  # NaN compares False: Gaussian
+    if moffat.all():
+        return _moffat_pixels(shape, dx, dy, fwhm, beta)
+    if not moffat.any():
+        return _gaussian_pixels(shape, dx, dy, fwhm)
+    g = ~moffat
+    out[g] = _gaussian_pixels(shape, dx[g], dy[g], fwhm[g])
+    out[moffat] = _moffat_pixels(shape, dx[moffat], dy[moffat], fwhm[moffat], beta[moffat])
+    return out
+
+
+def render_trail(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, fwhm: np.ndarray,
+                 length: np.ndarray, angle: np.ndarray) -> np.ndarray:
+    """Unit-flux trailed Gaussian PSFs (a segment of ``length`` px at ``angle`` radians).
+
+    Closed form: a Gaussian across the trail times an erf step along it. The pixel
+    integral is approximated by sampling at pixel centres a Gaussian whose variance is
+    widened by the pixel's 1/12 px^2, the box filter's second moment.
+    """
+    from scipy.special import erf
+
+    h, w = shape
+    sigma = np.sqrt((np.asarray(fwhm, np.float64) / FWHM_PER_SIGMA) ** 2 + 1.0 / 12.0)
+    length = np.asarray(length, np.float64)
+    c, s = np.cos(angle), np.sin(angle)
+    x = pixel_offsets(w)[None, None, :] - np.asarray(dx, np.float64)[:, None, None]
+    y = pixel_offsets(h)[None, :, None] - np.asarray(dy, np.float64)[:, None, None]
+    c, s = c[:, None, None], s[:, None, None]
+    along = (x * c + y * s).astype(np.float32)
+    across = (y * c - x * s).astype(np.float32)
+    sig = sigma[:, None, None].astype(np.float32)
+    half = (0.5 * length)[:, None, None].astype(np.float32)
+    r2s = np.float32(math.sqrt(2.0)) * sig
+    steps = erf((along + half) / r2s) - erf((along - half) / r2s)
+    norm = (0.5 / (length * sigma * math.sqrt(2.0 * math.pi))).astype(np.float32)
+    return (steps * np.exp(-0.5 * (across / sig) ** 2)) * norm[:, None, None]
+
+
+def sersic_b(n: np.ndarray | float) -> np.ndarray:
+    """``b_n`` such that ``r_e`` encloses half the light (Ciotti & Bertin 1999 series)."""
+    n = np.asarray(n, dtype=np.float64)
+    return 2.0 * n - 1.0 / 3.0 + 4.0 / (405.0 * n) + 46.0 / (25515.0 * n**2)
+
+
+def _psf_transform(size: tuple[int, int], step: float, fwhm: np.ndarray,
+                   beta: np.ndarray) -> np.ndarray:
+    """The PSFs' discrete Fourier transforms on the sub-pixel grid (unit sum): Gaussian in
+    closed form, Moffat sampled (centred on sample (0, 0)) and transformed."""
+    ky = np.fft.fftfreq(size[0], step)[:, None]
+    kx = np.fft.rfftfreq(size[1], step)[None, :]
+    sig2 = ((fwhm / FWHM_PER_SIGMA) ** 2).astype(np.float32)[:, None, None]
+    k2 = (ky**2 + kx**2).astype(np.float32)[None]
+    out = np.exp(np.float32(-2.0 * np.pi**2) * sig2 * k2).astype(np.complex64)
+    moffat = np.flatnonzero(beta > 1.0)  # NaN compares False: Gaussian
+    if moffat.size:
+        gy = (np.fft.fftfreq(size[0], 1.0 / size[0]) * step)[:, None]
+        gx = (np.fft.fftfreq(size[1], 1.0 / size[1]) * step)[None, :]
+        r2 = (gy**2 + gx**2).astype(np.float32)[None]
+        b = beta[moffat]
+        alpha2 = (fwhm[moffat] / (2.0 * np.sqrt(2.0 ** (1.0 / b) - 1.0))) ** 2
+        img = np.power(1.0 + r2 / alpha2.astype(np.float32)[:, None, None],
+                       (-b).astype(np.float32)[:, None, None])
+        img /= img.sum(axis=(1, 2), keepdims=True)
+        out[moffat] = np.fft.rfft2(img)
+    return out
+
+
+def render_sersic(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, r_e: np.ndarray,
+                  n: np.ndarray, q: np.ndarray, pa: np.ndarray, fwhm: np.ndarray,
+                  beta: np.ndarray | None = None) -> np.ndarray:
+    """Unit-flux Sérsic galaxies convolved with each stamp's PSF, float32 (m, H, W).
+
+    ``r_e`` (px) is the half-light semi-major axis, ``n`` the Sérsic index (1 exponential,
+    4 de Vaucouleurs), ``q`` the axis ratio b/a, ``pa`` the major axis's angle from +x
+    (radians); ``fwhm``/``beta`` the PSF as in :func:`render_psf`. Done in batches of
+    ``SERSIC_BATCH`` galaxies (vectorised within a batch).
+    """
+    args = [np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in (dx, dy, r_e, n, q, pa, fwhm)]
+    m = len(args[0])
+    args = [np.broadcast_to(a, (m,)) for a in args]
+    beta = np.full(m, np.nan) if beta is None else np.broadcast_to(
+        np.asarray(beta, dtype=np.float64), (m,))
+    h, w = int(shape[0]), int(shape[1])
+    out = np.empty((m, h, w), dtype=np.float32)
+    for lo in range(0, m, SERSIC_BATCH):
+        sl = slice(lo, lo + SERSIC_BATCH)
+        out[sl] = _sersic_batch((h, w), *(a[sl] for a in args), beta[sl])
+    return out
+
+
+def _sersic_batch(shape, dx, dy, r_e, n, q, pa, fwhm, beta) -> np.ndarray:
+    from scipy.special import gammaln
+
+    h, w = shape
+    os_, pad = SERSIC_OVERSAMPLE, SERSIC_PAD
+    size = ((h + 2 * pad) * os_, (w + 2 * pad) * os_)
+    step = 1.0 / os_
+    # Sub-pixel centres, in px from the stamp centre.
+    ys = (np.arange(size[0]) + 0.5) * step - (h + 2 * pad) / 2.0
+    xs = (np.arange(size[1]) + 0.5) * step - (w + 2 * pad) / 2.0
+    c, s = np.cos(pa)[:, None, None], np.sin(pa)[:, None, None]
+    x = (xs[None, None, :] - dx[:, None, None]).astype(np.float32)
+    y = (ys[None, :, None] - dy[:, None, None]).astype(np.float32)
+    xp = x * c.astype(np.float32) + y * s.astype(np.float32)
+    yp = (y * c.astype(np.float32) - x * s.astype(np.float32)) / q[:, None, None].astype(np.float32)
+    # The n = 4 cusp is integrable but a sample exactly on it is not: radii below a
+    # quarter sub-pixel take the value there (the cusp's mean over that sub-pixel).
+    r = np.maximum(np.sqrt(xp * xp + yp * yp), np.float32(0.25 * step)) \
+        / r_e[:, None, None].astype(np.float32)
+    b = sersic_b(n)
+    img = np.exp(-b[:, None, None].astype(np.float32)
+                 * (np.power(r, (1.0 / n[:, None, None]).astype(np.float32)) - 1.0))
+    log_total = (np.log(2.0 * np.pi * q * n) + 2.0 * np.log(r_e) + b - 2.0 * n * np.log(b)
+                 + gammaln(2.0 * n))
+    img *= (step * step * np.exp(-log_total)).astype(np.float32)[:, None, None]
+    conv = np.fft.irfft2(np.fft.rfft2(img) * _psf_transform(size, step, fwhm, beta), s=size)
+    binned = conv.reshape(len(dx), h + 2 * pad, os_, w + 2 * pad, os_).sum(axis=(2, 4))
+    return binned[:, pad:pad + h, pad:pad + w]
+
+
+def render_spikes(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, fwhm: np.ndarray,
+                  length: np.ndarray) -> np.ndarray:
+    """Unit-flux diffraction-like spikes: a cross along the pixel axes through (dx, dy).
+
+    Each arm falls off as ``exp(-|d| / length)`` along the axis and is a Gaussian of
+    sigma ``0.25 * fwhm`` across it (sampled at pixel centres, then normalised on the
+    infinite plane: four arms of ``length`` each).
+    """
+    h, w = shape
+    x = pixel_offsets(w)[None, None, :] - np.asarray(dx, np.float64)[:, None, None]
+    y = pixel_offsets(h)[None, :, None] - np.asarray(dy, np.float64)[:, None, None]
+    sig = (0.25 * np.asarray(fwhm, np.float64))[:, None, None]
+    ln = np.asarray(length, np.float64)[:, None, None]
+    across_x = np.exp(-0.5 * (y / sig) ** 2) * np.exp(-np.abs(x) / ln)  # horizontal arms
+    across_y = np.exp(-0.5 * (x / sig) ** 2) * np.exp(-np.abs(y) / ln)  # vertical arms
+    norm = 2.0 * (2.0 * ln) * sig * math.sqrt(2.0 * math.pi)
+    return ((across_x + across_y) / norm).astype(np.float32)
+
+
+def saturate(stamps: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """Clip at the full-well ``level`` (per stamp) and bleed the excess charge along columns.
+
+    In each column the charge above ``level`` is summed and spread, half up and half down,
+    from the ends of the saturated run, filling pixels to ``level`` (the last one
+    partly). Saturated pixels hold exactly ``level``. Returns a new array.
+    """
+    lev = np.asarray(level, np.float32)[:, None, None]
+    over = stamps >= lev
+    if not over.any():
+        return stamps.copy()
+    n, h, w = stamps.shape
+    excess = np.maximum(stamps - lev, 0.0).sum(axis=1)  # (n, w) charge above full well
+    has = over.any(axis=1)
+    top = np.where(has, over.argmax(axis=1), h)
+    bottom = np.where(has, h - 1 - over[:, ::-1, :].argmax(axis=1), -1)
+    half = 0.5 * excess / np.maximum(lev[:, :, 0], 1e-30)  # pixels' worth, each way
+    rows = np.arange(h)[None, :, None]
+    d_up = top[:, None, :] - rows
+    d_dn = rows - bottom[:, None, :]
+    half = half[:, None, :]
+    fill = np.where(d_up > 0, np.clip(half - (d_up - 1), 0.0, 1.0), 0.0) \
+        + np.where(d_dn > 0, np.clip(half - (d_dn - 1), 0.0, 1.0), 0.0)
+    out = stamps + (np.minimum(fill, 1.0) * np.maximum(lev - stamps, 0.0)).astype(np.float32)
+    return np.where(over, lev, np.minimum(out, lev)).astype(np.float32)

@@ -1,0 +1,358 @@
+"""The scene of each simulated stamp: what lies on it, and how it is observed.
+
+Used by :func:`stampbatch.simulate.simulate_stamps`, which describes the model (the
+settings are :class:`stampbatch.simulate.SimConfig`). Vectorised over stamps throughout:
+:func:`conditions` draws every stamp's class, kind, profile, background and observing
+conditions; a :class:`Scene` accumulates the noiseless signal of the centre source
+(:func:`centre_sources`), the hard negatives (:func:`hard_negatives`) and the field
+(:func:`field_population`); :func:`observe` adds noise with each signal's shot noise, the
+sky, saturation and detector defects.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from stampbatch import backgrounds, store
+from stampbatch.field import FieldSources, draw_field
+from stampbatch.profiles import (
+    pixel_offsets,
+    render_psf,
+    render_sersic,
+    render_spikes,
+    render_trail,
+    saturate,
+)
+
+if TYPE_CHECKING:
+    from stampbatch.simulate import SimConfig
+
+KINDS = ("source", "background", "offcentre", "hot_pixel", "cosmic_ray", "streak", "dipole")
+PROFILES = ("none", "point", "galaxy", "saturated")
+BACKGROUNDS = ("science", "sky_subtracted", "difference")
+# SimConfig fields giving each hard negative's share of the negatives, in KINDS order.
+HARD_FRACTIONS = ("offcentre_fraction", "hot_pixel_fraction", "cosmic_ray_fraction",
+                  "streak_fraction", "dipole_fraction")
+_SOURCE, _BACKGROUND, _OFFCENTRE, _HOT, _COSMIC, _STREAK, _DIPOLE = range(len(KINDS))
+_NONE, _POINT, _GALAXY, _SATURATED = range(len(PROFILES))
+_SCIENCE, _SKYSUB, _DIFFERENCE = range(len(BACKGROUNDS))
+
+
+def log_uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
+    return np.exp(rng.uniform(math.log(lo), math.log(hi), n))
+
+
+def positions_outside(rng: np.random.Generator, n: int, shape: tuple[int, int],
+                       r_min: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform positions over the stamp area farther than ``r_min`` px from the centre.
+
+    Rejection sampling by rounds (not per stamp); validate() keeps the acceptance >= 21 %.
+    """
+    h, w = shape
+    r_min = np.broadcast_to(np.asarray(r_min, dtype=np.float64), (n,))
+    dx, dy = np.empty(n), np.empty(n)
+    todo = np.arange(n)
+    while todo.size:
+        x = rng.uniform(-w / 2.0, w / 2.0, todo.size)
+        y = rng.uniform(-h / 2.0, h / 2.0, todo.size)
+        ok = np.hypot(x, y) > r_min[todo]
+        dx[todo[ok]], dy[todo[ok]] = x[ok], y[ok]
+        todo = todo[~ok]
+    return dx, dy
+
+
+def _in_disc(rng: np.random.Generator, n: int, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    r = radius * np.sqrt(rng.random(n))
+    theta = rng.uniform(0.0, 2.0 * np.pi, n)
+    return r * np.cos(theta), r * np.sin(theta)
+
+
+def _pixels_near_centre(rng: np.random.Generator, n: int, size: int,
+                        max_offset: float) -> np.ndarray:
+    """Random pixel indices along one axis within ``max_offset`` px of the centre."""
+    off = np.abs(pixel_offsets(size))
+    allowed = np.flatnonzero(off <= max(max_offset, off.min()))
+    return allowed[rng.integers(0, len(allowed), n)]
+
+
+def conditions(rng: np.random.Generator, n: int, c: SimConfig) -> dict[str, np.ndarray]:
+    """Per-stamp class, kind, profile, background and observing conditions."""
+    labels = (rng.random(n) < c.source_fraction).astype(np.int8)
+    edges = np.cumsum([getattr(c, name) for name in HARD_FRACTIONS])
+    neg = np.array([_OFFCENTRE, _HOT, _COSMIC, _STREAK, _DIPOLE, _BACKGROUND], dtype=np.int8)
+    kind = neg[np.searchsorted(edges, rng.random(n), side="right")]
+    kind[labels == 1] = _SOURCE
+    sub = rng.random(n) < c.sky_subtracted_fraction
+    diff = sub & (rng.random(n) < c.difference_fraction)
+    diff |= kind == _DIPOLE  # subtraction residuals exist only in difference images
+    sub |= diff
+    background = np.where(diff, _DIFFERENCE, np.where(sub, _SKYSUB, _SCIENCE)).astype(np.int8)
+    u = rng.random(n)
+    profile = np.where(u < c.centre_galaxy_fraction, _GALAXY,
+                       np.where(u < c.centre_galaxy_fraction + c.centre_saturated_fraction,
+                                _SATURATED, _POINT)).astype(np.int8)
+    profile[background == _DIFFERENCE] = _POINT
+    profile[labels == 0] = _NONE
+    n_coadd = rng.integers(c.n_coadd_min, c.n_coadd_max + 1, n)
+    sky_exp = log_uniform(rng, c.sky_min, c.sky_max, n)
+    read_noise = rng.uniform(c.read_noise_min, c.read_noise_max, n)
+    sky = n_coadd * sky_exp
+    level = np.where(sub, 0.0, sky)  # the background level the stamp keeps
+    density = (log_uniform(rng, c.field_density_min, c.field_density_max, n)
+               if c.field_density_max > 0 else np.zeros(n))
+    fwhm = rng.uniform(c.fwhm_min, c.fwhm_max, n)
+    return {
+        "labels": labels, "kind": kind, "background": background, "profile": profile,
+        "fwhm": fwhm, "n_coadd": n_coadd, "sky": sky, "read_noise": read_noise, "level": level,
+        "beta": np.where(rng.random(n) < c.moffat_fraction,
+                         rng.uniform(c.moffat_beta_min, c.moffat_beta_max, n), np.nan),
+        "sigma": np.sqrt(n_coadd * (sky_exp + read_noise**2)),
+        "noise_corr": np.where(rng.random(n) < c.correlated_noise_fraction,
+                               rng.uniform(c.noise_corr_min, c.noise_corr_max, n), 0.0),
+        "snr": np.where(kind == _BACKGROUND, 0.0, log_uniform(rng, c.snr_min, c.snr_max, n)),
+        "density": density,
+        "field_r_min": np.maximum(c.field_min_distance, c.field_min_distance_fwhm * fwhm),
+        "saturation": n_coadd * c.full_well - np.where(sub, sky, 0.0),
+        "shift": rng.uniform(0.0, c.misregistration_max, n),
+        "shift_angle": rng.uniform(0.0, 2.0 * np.pi, n),
+        "mismatch": rng.uniform(-c.flux_mismatch_max, c.flux_mismatch_max, n),
+    }
+
+
+class Scene:
+    """The noiseless signal of every stamp, built up source by source, and its truth."""
+
+    def __init__(self, n: int, shape: tuple[int, int], cond: dict[str, np.ndarray]) -> None:
+        self.shape = shape
+        self.cond = cond
+        self.signal = np.zeros((n, *shape), dtype=np.float32)
+        self.flux = np.zeros(n)
+        self.snr_eff = cond["snr"].copy()
+        self.dx = np.full(n, np.nan)
+        self.dy = np.full(n, np.nan)
+        self.psf_norm = np.sqrt(np.einsum(
+            "nij,nij->n", *(2 * [render_psf(shape, np.zeros(n), np.zeros(n), cond["fwhm"],
+                                            cond["beta"])]), dtype=np.float64))
+
+    def residual_shift(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s, a = self.cond["shift"][idx], self.cond["shift_angle"][idx]
+        return s * np.cos(a), s * np.sin(a)
+
+    def add(self, idx: np.ndarray, unit: np.ndarray) -> None:
+        """The centre (or hard-negative) signal: unit shapes scaled to the stamps' SNR."""
+        c = self.cond
+        norm = np.sqrt(np.einsum("nij,nij->n", unit, unit, dtype=np.float64))
+        f = c["snr"][idx] * c["sigma"][idx] / norm
+        self.flux[idx] = f
+        corr = np.flatnonzero(c["noise_corr"][idx] > 0)
+        if corr.size:
+            self.snr_eff[idx[corr]] = c["snr"][idx[corr]] * norm[corr] / backgrounds.filter_noise(
+                unit[corr], c["noise_corr"][idx[corr]])
+        self.signal[idx] += unit * f.astype(np.float32)[:, None, None]
+
+    def addfield_population(self, stamp: np.ndarray, unit: np.ndarray, snr: np.ndarray) -> None:
+        """Field sources: unit shapes at a point-source SNR (several per stamp allowed)."""
+        f = snr * self.cond["sigma"][stamp] / self.psf_norm[stamp]
+        np.add.at(self.signal, stamp, unit * f.astype(np.float32)[:, None, None])
+
+
+def _galaxy_params(rng: np.random.Generator, k: int, c: SimConfig,
+                   re_max: float) -> dict[str, np.ndarray]:
+    return {"r_e": log_uniform(rng, c.galaxy_re_min, re_max, k),
+            "n": np.where(rng.random(k) < c.galaxy_devaucouleurs_fraction, 4.0, 1.0),
+            "q": rng.uniform(c.galaxy_axis_ratio_min, 1.0, k),
+            "pa": rng.uniform(0.0, np.pi, k)}
+
+
+def _shapes(scene: Scene, stamp: np.ndarray, dx: np.ndarray, dy: np.ndarray,
+            galaxy: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Unit-flux shapes of point sources (or galaxies) on the given stamps; on difference
+    images what their subtraction leaves (the misregistered, mis-scaled template)."""
+    c = scene.cond
+    fwhm, beta = c["fwhm"][stamp], c["beta"][stamp]
+
+    def render(x: np.ndarray, y: np.ndarray, sel: np.ndarray) -> np.ndarray:
+        if galaxy is None:
+            return render_psf(scene.shape, x, y, fwhm[sel], beta[sel])
+        return render_sersic(scene.shape, x, y, galaxy["r_e"][sel], galaxy["n"][sel],
+                             galaxy["q"][sel], galaxy["pa"][sel], fwhm[sel], beta[sel])
+
+    out = np.empty((len(stamp), *scene.shape), dtype=np.float32)
+    diff = c["background"][stamp] == _DIFFERENCE
+    keep = np.flatnonzero(~diff)
+    if keep.size:
+        out[keep] = render(dx[keep], dy[keep], keep)
+    sub = np.flatnonzero(diff)
+    if sub.size:
+        sx, sy = scene.residual_shift(stamp[sub])
+        plus = render(dx[sub] + 0.5 * sx, dy[sub] + 0.5 * sy, sub)
+        plus *= (1.0 + c["mismatch"][stamp[sub]]).astype(np.float32)[:, None, None]
+        out[sub] = plus - render(dx[sub] - 0.5 * sx, dy[sub] - 0.5 * sy, sub)
+    return out
+
+
+def _bright_stars(rng: np.random.Generator, scene: Scene, idx: np.ndarray, dx: np.ndarray,
+                  dy: np.ndarray, c: SimConfig) -> np.ndarray:
+    """Saturating stars at (dx, dy) on stamps ``idx``; returns their point-source SNR.
+
+    The flux puts the unclipped peak at ``saturation_min``-``saturation_max`` times the
+    headroom between the background level and the full well.
+    """
+    cond = scene.cond
+    unit = _shapes(scene, idx, dx, dy)
+    peak_unit = render_psf(scene.shape, dx, dy, cond["fwhm"][idx], cond["beta"][idx]).max(
+        axis=(1, 2)).astype(np.float64)
+    headroom = cond["saturation"][idx] - cond["level"][idx]
+    flux = log_uniform(rng, c.saturation_min, c.saturation_max, idx.size) * headroom / peak_unit
+    spiky = np.flatnonzero(rng.random(idx.size) < c.spike_fraction)
+    if spiky.size:
+        unit[spiky] += c.spike_strength * render_spikes(
+            scene.shape, dx[spiky], dy[spiky], cond["fwhm"][idx[spiky]],
+            np.full(spiky.size, c.spike_length))
+    np.add.at(scene.signal, idx, unit * flux.astype(np.float32)[:, None, None])
+    return flux * scene.psf_norm[idx] / cond["sigma"][idx]
+
+
+def centre_sources(rng: np.random.Generator, scene: Scene, c: SimConfig,
+                    truth: dict[str, np.ndarray]) -> None:
+    """Positives at the centre: point sources, compact galaxies, saturated stars."""
+    cond = scene.cond
+    profile = cond["profile"]
+    for kind_id in (_POINT, _GALAXY):
+        idx = np.flatnonzero(profile == kind_id)
+        if not idx.size:
+            continue
+        scene.dx[idx], scene.dy[idx] = _in_disc(rng, idx.size, c.max_centre_offset)
+        if kind_id == _POINT:  # new light: not in a difference image's template
+            scene.add(idx, render_psf(scene.shape, scene.dx[idx], scene.dy[idx],
+                                      cond["fwhm"][idx], cond["beta"][idx]))
+            continue
+        gal = _galaxy_params(rng, idx.size, c, c.centre_galaxy_re_max)
+        truth[store.META_HALF_LIGHT_RADIUS][idx] = gal["r_e"] * np.sqrt(gal["q"])  # circularised
+        truth["sersic_n"][idx], truth["axis_ratio"][idx] = gal["n"], gal["q"]
+        scene.add(idx, _shapes(scene, idx, scene.dx[idx], scene.dy[idx], gal))
+    idx = np.flatnonzero(profile == _SATURATED)
+    if idx.size:
+        scene.dx[idx], scene.dy[idx] = _in_disc(rng, idx.size, c.max_centre_offset)
+        snr = _bright_stars(rng, scene, idx, scene.dx[idx], scene.dy[idx], c)
+        cond["snr"][idx] = scene.snr_eff[idx] = snr
+        scene.flux[idx] = snr * cond["sigma"][idx] / scene.psf_norm[idx]
+
+
+def hard_negatives(rng: np.random.Generator, scene: Scene, c: SimConfig,
+                    truth: dict[str, np.ndarray]) -> None:
+    """Off-centre sources, streaks, hot pixels, cosmic rays and subtraction residuals."""
+    cond = scene.cond
+    kind = cond["kind"]
+    idx = np.flatnonzero(kind == _OFFCENTRE)
+    if idx.size:
+        scene.dx[idx], scene.dy[idx] = positions_outside(rng, idx.size, scene.shape,
+                                                          c.offcentre_min_distance)
+        scene.add(idx, render_psf(scene.shape, scene.dx[idx], scene.dy[idx], cond["fwhm"][idx],
+                                  cond["beta"][idx]))
+    idx = np.flatnonzero(kind == _STREAK)
+    if idx.size:
+        scene.dx[idx], scene.dy[idx] = positions_outside(rng, idx.size, scene.shape,
+                                                          c.streak_min_offset)
+        truth["trail_length"][idx] = rng.uniform(c.streak_length_min, c.streak_length_max,
+                                                 idx.size)
+        truth["trail_angle"][idx] = rng.uniform(0.0, np.pi, idx.size)
+        scene.add(idx, render_trail(scene.shape, scene.dx[idx], scene.dy[idx], cond["fwhm"][idx],
+                                    truth["trail_length"][idx], truth["trail_angle"][idx]))
+    idx = np.flatnonzero(kind == _DIPOLE)
+    if idx.size:
+        # A visible dipole: a shift of at least 0.1 px, and a flux mismatch too small to
+        # leave what looks like a faint source at the centre (at most a quarter of the
+        # dipole's own amplitude, ~shift / PSF sigma), which would be a positive.
+        cond["shift"][idx] = np.maximum(cond["shift"][idx], 0.1)
+        psf_sigma = cond["fwhm"][idx] / 2.3548
+        cond["mismatch"][idx] = np.clip(cond["mismatch"][idx], -0.25 * cond["shift"][idx] / psf_sigma,
+                                        0.25 * cond["shift"][idx] / psf_sigma)
+        scene.dx[idx] = rng.uniform(-c.artefact_max_offset, c.artefact_max_offset, idx.size)
+        scene.dy[idx] = rng.uniform(-c.artefact_max_offset, c.artefact_max_offset, idx.size)
+        scene.add(idx, _shapes(scene, idx, scene.dx[idx], scene.dy[idx]))
+    _sharp_artefacts(rng, scene, c)
+
+
+def _sharp_artefacts(rng: np.random.Generator, scene: Scene, c: SimConfig) -> None:
+    """Hot pixels and cosmic rays: 1-3 sharp pixels, no PSF. Track k of stamp i: pixel
+    (row0 + k*sy, col0 + k*sx) for k < length, clipped to the stamp."""
+    h, w = scene.shape
+    kind = scene.cond["kind"]
+    idx = np.flatnonzero((kind == _HOT) | (kind == _COSMIC))
+    if not idx.size:
+        return
+    m = idx.size
+    row0 = _pixels_near_centre(rng, m, h, c.artefact_max_offset)
+    col0 = _pixels_near_centre(rng, m, w, c.artefact_max_offset)
+    cosmic = kind[idx] == _COSMIC
+    steps = np.array([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
+    sy, sx = steps[rng.integers(0, 8, m)].T
+    length = np.where(cosmic, rng.integers(1, 4, m), 1)
+    amp = np.where(cosmic[:, None], rng.uniform(0.5, 1.0, (m, 3)), 1.0)
+    k = np.arange(3)[None, :]
+    rows = row0[:, None] + k * sy[:, None]
+    cols = col0[:, None] + k * sx[:, None]
+    on = (k < length[:, None]) & (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    amp = np.where(on, amp, 0.0)
+    unit = np.zeros((m, h, w), dtype=np.float32)
+    which = np.broadcast_to(np.arange(m)[:, None], on.shape)[on]
+    unit[which, rows[on], cols[on]] = (amp / amp.sum(axis=1, keepdims=True))[on]
+    scene.add(idx, unit)
+    scene.dx[idx] = pixel_offsets(w)[col0]
+    scene.dy[idx] = pixel_offsets(h)[row0]
+
+
+def field_population(rng: np.random.Generator, scene: Scene, c: SimConfig) -> FieldSources:
+    """The field population and bright stars of every stamp; returns the whole catalogue."""
+    cond, n = scene.cond, len(scene.flux)
+    fs = draw_field(rng, cond["density"], cond["field_r_min"], scene.shape, c.field_snr_min,
+                    c.field_snr_max, c.field_count_slope)
+    galaxy = rng.random(len(fs)) < c.field_galaxy_fraction
+    for sel in (np.flatnonzero(~galaxy), np.flatnonzero(galaxy)):
+        if not sel.size:
+            continue
+        params = (_galaxy_params(rng, sel.size, c, c.galaxy_re_max)
+                  if galaxy[sel[0]] else None)
+        unit = _shapes(scene, fs.stamp[sel], fs.dx[sel], fs.dy[sel], params)
+        scene.addfield_population(fs.stamp[sel], unit, fs.snr[sel])
+    bright = np.flatnonzero(rng.random(n) < c.bright_star_fraction)
+    if bright.size:
+        bdx, bdy = positions_outside(rng, bright.size, scene.shape, cond["field_r_min"][bright])
+        bsnr = _bright_stars(rng, scene, bright, bdx, bdy, c)
+        fs = FieldSources(stamp=np.concatenate([fs.stamp, bright]),
+                          dx=np.concatenate([fs.dx, bdx]), dy=np.concatenate([fs.dy, bdy]),
+                          snr=np.concatenate([fs.snr, bsnr]))
+    return fs
+
+
+def observe(rng: np.random.Generator, scene: Scene, c: SimConfig,
+             truth: dict[str, np.ndarray]) -> np.ndarray:
+    """Noise (with the signals' shot noise), sky, saturation and detector defects."""
+    cond, shape = scene.cond, scene.shape
+    n = len(scene.flux)
+    sigma32 = cond["sigma"].astype(np.float32)[:, None, None]
+    stamps = backgrounds.noise(rng, cond["noise_corr"], shape) * sigma32
+    if c.source_shot_noise:
+        stamps *= np.sqrt(1.0 + np.abs(scene.signal) / sigma32**2)
+    stamps += scene.signal
+    sub = cond["background"] != _SCIENCE
+    offset = np.where(sub, rng.uniform(-1.0, 1.0, n) * c.residual_sky_max, 0.0)
+    slope = rng.uniform(0.0, c.sky_gradient_max, n)
+    stamps += backgrounds.plane(shape, cond["level"] + offset * cond["sigma"],
+                                slope * cond["sigma"], rng.uniform(0.0, 2.0 * np.pi, n))
+    truth["sky_gradient"] = slope
+    over = np.flatnonzero((cond["background"] != _DIFFERENCE)
+                          & (stamps.max(axis=(1, 2)) >= cond["saturation"]))
+    if over.size:
+        stamps[over] = saturate(stamps[over], cond["saturation"][over])
+    hot = cond["level"] + cond["sigma"] * rng.uniform(10.0, 100.0, n)
+    truth["bad_column"] = backgrounds.bad_columns(
+        rng, stamps, np.flatnonzero(rng.random(n) < c.bad_column_fraction), hot)
+    truth["n_masked"] = backgrounds.mask_pixels(
+        rng, stamps, np.flatnonzero(rng.random(n) < c.masked_fraction), c.mask_max_size,
+        rng.random(n) < c.masked_nan_fraction)
+    return stamps

@@ -1,0 +1,122 @@
+"""``stampbatch evaluate``: numbers equal scikit-learn's, computed independently here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import gaussian_stamps
+from sklearn.metrics import confusion_matrix, recall_score, roc_auc_score
+
+from stampbatch import cli, store
+from stampbatch.evaluate import EvaluateError, evaluate_run
+from stampbatch.train import TrainConfig, train_run
+
+keras = pytest.importorskip("keras")
+IMAGE_TYPES = np.array(["science", "difference", "single_epoch", "coadd"])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A `simple` network trained for two epochs on 400 labelled stamps."""
+    work = tmp_path_factory.mktemp("evaluate")
+    labels = (np.arange(400) % 2).astype(np.int8)
+    stamps = gaussian_stamps(400, seed=3, sources=labels == 1)
+    store.create_store(work / "train.h5", stamps, labels, chunk_rows=64)
+    train_run(work / "train.h5", "simple", work / "run", TrainConfig(epochs=2, batch_size=32),
+              progress=False)
+    return work / "run"
+
+
+def real_format_store(path: Path, n: int = 600, *, labelled: bool = True) -> Path:
+    """Stamps as `ingest` writes them, with per-stamp groups in /meta (image type, SNR,
+    neighbour distance); faint sources so that the scores overlap."""
+    rng = np.random.default_rng(12)
+    labels = (rng.random(n) < 0.4).astype(np.int8)
+    stamps = gaussian_stamps(n, seed=13, sources=labels == 1)
+    noise = rng.normal(0, 1.5, stamps.shape).astype(np.float32)
+    meta = {store.META_IMAGE_TYPE: IMAGE_TYPES[np.arange(n) % 4],
+            store.META_SNR: np.where(labels == 1, rng.uniform(3, 60, n), 0.0),
+            store.META_NN_DISTANCE: np.where(rng.random(n) < 0.5, rng.uniform(3, 14, n), np.nan)}
+    if labelled:
+        store.create_store(path, stamps + noise, labels, meta, chunk_rows=128)
+    else:
+        meta[store.META_TRUE_LABEL] = labels
+        store.create_store(path, stamps + noise, None, meta, chunk_rows=128)
+    return path
+
+
+def _independent(run: Path, data: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    from stampbatch.preprocess import normalize
+
+    model = keras.models.load_model(run / "model.keras")
+    p = model.predict(normalize(store.read_stamps(data))[..., None], verbose=0)[:, 1]
+    info = store.open_store(data)
+    y = (store.read_labels(data) if info.labelled
+         else store.read_meta(data, ["true_label"])["true_label"]).astype(int)
+    return y, p.astype(np.float64), store.read_meta(data)
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_evaluation_equals_scikit_learn(run, tmp_path, labelled):
+    data = real_format_store(tmp_path / "real.h5", labelled=labelled)
+    result = evaluate_run(run, data)
+    y, p, meta = _independent(run, data)
+    assert result["n"] == 600 and result["n_sources"] == y.sum()
+    assert result["roc_auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+    assert result["confusion_matrix"] == confusion_matrix(y, (p >= 0.5).astype(int)).tolist()
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key, target in (("0.01", "fpr_0.01"), ("0.001", "fpr_0.001")):
+        thr = metrics["thresholds"][key]["threshold"]
+        row = result["at_run_thresholds"][target]
+        assert row["threshold"] == thr
+        assert row["completeness"] == pytest.approx(recall_score(y, (p >= thr).astype(int)))
+        assert row["fpr"] == pytest.approx(np.mean(p[y == 0] >= thr))
+    by_type = result["groups"][store.META_IMAGE_TYPE]
+    assert set(by_type) == set(IMAGE_TYPES)
+    for name, row in by_type.items():
+        sel = meta[store.META_IMAGE_TYPE] == name
+        assert row["n"] == sel.sum()
+        assert row["roc_auc"] == pytest.approx(roc_auc_score(y[sel], p[sel]), abs=1e-6)
+        thr = metrics["thresholds"]["0.01"]["threshold"]
+        assert row["fpr_fpr_0.01"] == pytest.approx(np.mean(p[sel & (y == 0)] >= thr))
+    by_dist = result["groups"][store.META_NN_DISTANCE]
+    near = (meta[store.META_NN_DISTANCE] >= 4) & (meta[store.META_NN_DISTANCE] < 6)
+    assert by_dist["4-6"]["n"] == near.sum()
+    assert by_dist["none"]["n"] == np.isnan(meta[store.META_NN_DISTANCE]).sum()
+    # ECE by its definition (15 equal-width bins)
+    idx = np.minimum((p * 15).astype(int), 14)
+    ece = sum(abs(y[idx == b].mean() - p[idx == b].mean()) * (idx == b).mean()
+              for b in range(15) if (idx == b).any())
+    assert result["ece"] == pytest.approx(ece, abs=1e-6)
+    out = run / "eval" / "real"
+    assert json.loads((out / "evaluation.json").read_text()) == result
+    for name in ("roc.png", "reliability.png", "completeness_snr.png", "confusion_matrix.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_cli_evaluate_by_column_and_report(run, tmp_path, capsys):
+    data = real_format_store(tmp_path / "blind.h5")
+    assert cli.main(["evaluate", str(run), "--data", str(data), "--by", "image_type"]) == 0
+    out = capsys.readouterr().out
+    assert "ROC AUC" in out and "by image_type:" in out and "coadd" in out
+    result = json.loads((run / "eval" / "blind" / "evaluation.json").read_text())
+    assert set(result["groups"]) == {"image_type"}
+    assert cli.main(["report", str(run.parent)]) == 0
+    html = (run.parent / "report.html").read_text()
+    assert "Evaluations" in html and "blind.h5" in html and "eval/blind/reliability.png" in html
+
+
+def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
+    data = real_format_store(tmp_path / "r.h5")
+    assert cli.main(["evaluate", str(run), "--data", str(data), "--by", "colour"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "no /meta column colour" in err and len(err.splitlines()) == 1
+    stamps = gaussian_stamps(20, seed=1)
+    store.create_store(tmp_path / "c.h5", stamps, None)
+    with pytest.raises(EvaluateError, match="neither /labels nor /meta/true_label"):
+        evaluate_run(run, tmp_path / "c.h5")
+    with pytest.raises(EvaluateError, match="no model.keras"):
+        evaluate_run(tmp_path, data)
