@@ -19,6 +19,7 @@ from conftest import REPO, gaussian_stamps
 from test_score import _train, client  # noqa: F401 - the module's Dask client fixture
 
 from stampbatch import cli, kbmod, score, store
+from stampbatch.kbmod import table as kbtable
 
 pytestmark = pytest.mark.slow
 
@@ -102,8 +103,8 @@ def _arrow_same(a, b) -> bool:
 
 
 def _meta_entries(yaml_text: str) -> list[str]:
-    sections = dict(kbmod._yaml_sections(yaml_text.splitlines()))
-    return ["\n".join(e) for e in kbmod._entries(sections["meta"])]
+    sections = dict(kbtable._yaml_sections(yaml_text.splitlines()))
+    return ["\n".join(e) for e in kbtable._entries(sections["meta"])]
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".ecsv", ".hdf5"])
@@ -151,8 +152,8 @@ def test_score_round_trip_every_format(tmp_path, run, client, suffix):  # noqa: 
         assert {k: v for k, v in mb.items() if k != b"table_meta_yaml"} == \
             {k: v for k, v in ma.items() if k != b"table_meta_yaml"}
         ya, yb = ma[b"table_meta_yaml"].decode(), mb[b"table_meta_yaml"].decode()
-        old_types = dict(kbmod._yaml_sections(ya.splitlines()))["datatype"]
-        assert dict(kbmod._yaml_sections(yb.splitlines()))["datatype"][:len(old_types)] == old_types
+        old_types = dict(kbtable._yaml_sections(ya.splitlines()))["datatype"]
+        assert dict(kbtable._yaml_sections(yb.splitlines()))["datatype"][:len(old_types)] == old_types
         kept = [e for e in _meta_entries(ya) if not e.startswith("- image_column_shapes")]
         assert set(kept) <= set(_meta_entries(yb))   # wcs, mjd_*: byte for byte
 

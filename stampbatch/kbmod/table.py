@@ -1,38 +1,11 @@
-"""KBMOD Results tables in and out: ingest their co-added stamps, score them, write them back.
-
-A KBMOD search ends with a ``Results`` table written by ``Results.write_table``: an astropy
-``Table`` whose format follows the suffix (``.parquet``/``.parq``, ``.ecsv``, or ``.hdf5``
-under the path ``__astropy_table__``), one row per candidate trajectory, ``uuid`` as the
-row's identity and co-added stamps as image columns (``coadd_mean``, ``coadd_median``, …,
-per night ``coadd_mean_<day>``). Parquet flattens image columns to 1-D; KBMOD records their
-shapes in the table meta as ``image_column_shapes: {column: [h, w]}`` (inside the YAML
-``table_meta_yaml`` of the Arrow schema metadata) and reshapes on read. This module owns
-that format: nothing else in stampbatch knows it.
-
-* Stamps are centre-cropped to the classifier's input (KBMOD's co-add radius is often
-  larger than 10): rows and columns ``(h - H) / 2`` are dropped on each side, so the
-  trajectory's pixel stays the centre pixel.
-* Parquet is streamed in row batches (``ParquetFile.iter_batches``) sized to a fixed number
-  of bytes, so memory stays bounded whatever the table's width. ECSV and astropy-HDF5 are
-  not streamable formats; they are read whole, as KBMOD reads them.
-* Scoring reuses the Dask scorer: the chosen column is streamed into a normal candidate
-  store in a work directory beside the output (``<out>.stampbatch-work/``, with ``uuid`` in
-  ``/meta``), scored there (its journal makes a killed run resume), and the original table
-  plus the new columns is streamed into the output under a temporary name, fsynced and
-  renamed; the work directory is removed last.
-* Stamps with NaN/Inf pixels are never fed to the model (KBMOD's own filter sets NaN to 0
-  first, which invents flux-free pixels the classifier never saw): ``prob_real`` and
-  ``prob_bogus`` are NaN, ``cnn_class`` is False, and the rows are counted.
-"""
+"""The KBMOD Results format itself: open a Results file by its suffix, read its columns in
+bounded batches, reshape and centre-crop its image columns, and write it back with new
+columns — the original columns, rows and meta untouched (Parquet: Arrow arrays streamed
+through, the astropy YAML header spliced; ECSV/HDF5: astropy, as KBMOD writes them)."""
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import json
 import math
-import shutil
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from stampbatch import __version__, store
-from stampbatch.errors import StampbatchError, UsageError
+from stampbatch import store
+from stampbatch.errors import StampbatchError
 
 FORMATS = {".parquet": "parquet", ".parq": "parquet", ".ecsv": "ecsv", ".hdf5": "hdf5"}
 REQUIRED_COLUMNS = ("x", "y", "vx", "vy", "likelihood", "flux", "obs_count")
@@ -49,9 +22,6 @@ UUID = "uuid"
 SHAPES_KEY = "image_column_shapes"
 YAML_KEY = b"table_meta_yaml"
 HDF5_PATH = "__astropy_table__"
-WORK_SUFFIX = ".stampbatch-work"
-WORK_STORE = "stamps.h5"
-OUTPUT_INFIX = ".scored"        # results.parquet -> results.scored.parquet
 BATCH_BYTES = 64 << 20          # bytes of table read per Parquet batch
 MAX_BATCH_ROWS = 65536
 NEW_COLUMNS = ("prob_real", "prob_bogus", "cnn_class")
@@ -276,160 +246,10 @@ def check_uuids(table: ResultsTable) -> None:
                                 "uuid must identify each row")
 
 
-_TRUE = {"1", "true", "real", "source", "yes", "good"}
-_FALSE = {"0", "false", "bogus", "noise", "no", "bad"}
-
-
-def _labels(path: Path, column: str, values: np.ndarray) -> np.ndarray:
-    """0/1 labels from a label column: booleans, 0/1 numbers, or words (real/bogus, true/false)."""
-    if values.dtype.kind in "US":
-        words = np.char.lower(np.char.strip(values.astype(str)))
-        bad = ~np.isin(words, list(_TRUE | _FALSE))
-        if bad.any():
-            raise _fail(path, f"label column '{column}' holds {sorted(set(words[bad]))[:5]}; "
-                              f"expected 0/1, true/false or real/bogus")
-        return np.isin(words, list(_TRUE)).astype(np.int8)
-    return store.check_labels(path, values, len(values))
-
-
-def _meta_columns(table: ResultsTable, exclude: Sequence[str]) -> list[str]:
-    """Scalar columns kept in /meta: uuid, the required trajectory columns, every other scalar."""
-    return [c for c in table.scalar_columns() if c not in exclude]
-
-
-def ingest_results(
-    out: Path | str,
-    results: Path | str,
-    *,
-    column: str = "coadd_mean",
-    label_column: str | None = None,
-    stamp_shape: tuple[int, int] = store.DEFAULT_STAMP_SHAPE,
-    chunk_rows: int = store.DEFAULT_CHUNK_ROWS,
-    compression: str | None = None,
-    overwrite: bool = False,
-    attrs: dict[str, Any] | None = None,
-) -> store.StoreInfo:
-    """Stream one co-add column of a KBMOD Results file into a stamp store (centre-cropped).
-
-    ``uuid``, the trajectory columns and every scalar column go to ``/meta``; with
-    ``label_column`` the store is labelled from that column. Everything is validated before
-    anything is written; nothing appears at ``out`` unless the whole store was written.
-    """
-    table = open_results(results)
-    stamp_geometry(table, column, stamp_shape)
-    check_uuids(table)
-    if label_column is not None and table.cell_shapes.get(label_column) != ():
-        raise _fail(table.path, f"has no scalar label column '{label_column}'")
-    meta_cols = _meta_columns(table, [label_column] if label_column else [])
-    wanted = [column, *meta_cols] + ([label_column] if label_column else [])
-    with store.StoreWriter(out, labelled=label_column is not None, stamp_shape=stamp_shape,
-                           chunk_rows=min(chunk_rows, table.n_rows), compression=compression,
-                           overwrite=overwrite, attrs=attrs) as writer:
-        for _, batch in iter_batches(table, wanted):
-            stamps = batch[column].reshape(-1, *table.image_shape(column))
-            labels = _labels(table.path, label_column, batch[label_column]) if label_column else None
-            writer.append(crop_center(stamps, stamp_shape), labels,
-                          {c: batch[c] for c in meta_cols})
-    return store.open_store(out)
-
-
-# --------------------------------------------------------------------------- thresholds
-
-
-def _fpr_thresholds(metrics: dict[str, Any]) -> dict[float, float]:
-    """target FPR -> threshold from a run's metrics.json.
-
-    Read, in order: ``thresholds`` (a mapping like ``{"0.01": t}``/``{"fpr:0.01": t}``, or a list
-    of ``{"target_fpr", "threshold"}``) and ``operating_point`` (``{"target_fpr", "threshold"}``,
-    written by ``stampbatch train``).
-    """
-    found: dict[float, float] = {}
-    stored = metrics.get("thresholds")
-    items = stored.items() if isinstance(stored, dict) else []
-    for key, value in items:
-        with contextlib.suppress(TypeError, ValueError):
-            t = value.get("threshold") if isinstance(value, dict) else value
-            found[float(str(key).replace("fpr", "").strip(":_= "))] = float(t)
-    for entry in ([*stored] if isinstance(stored, list) else []) + [metrics.get("operating_point")]:
-        if isinstance(entry, dict) and "target_fpr" in entry and "threshold" in entry:
-            found.setdefault(float(entry["target_fpr"]), float(entry["threshold"]))
-    return found
-
-
-def resolve_threshold(text: str, model: Path | str) -> tuple[float, str]:
-    """``0.5`` or ``fpr:0.01`` (the run's stored threshold for that FPR) -> (threshold, origin)."""
-    text = str(text).strip()
-    if not text.startswith("fpr:"):
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not 0.0 <= value <= 1.0:
-            raise UsageError(f"--threshold {text!r}: give a probability (e.g. 0.5) or fpr:F")
-        return value, "given"
-    try:
-        target = float(text[4:])
-    except ValueError:
-        raise UsageError(f"--threshold {text!r}: expected fpr:F, e.g. fpr:0.01") from None
-    run = Path(model)
-    metrics_file = run / "metrics.json" if run.is_dir() else run.parent / "metrics.json"
-    try:
-        metrics = json.loads(metrics_file.read_text())
-    except (OSError, ValueError) as exc:
-        raise KbmodError(f"{metrics_file}: cannot read the run's thresholds for --threshold "
-                         f"{text} ({type(exc).__name__})") from exc
-    table = _fpr_thresholds(metrics)
-    match = [t for f, t in table.items() if math.isclose(f, target, rel_tol=1e-6)]
-    if not match:
-        raise KbmodError(f"{metrics_file}: no threshold stored for FPR {target:g} (has "
-                         f"{sorted(table) or 'none'}); use --threshold P")
-    return match[0], f"{metrics_file.name}: FPR {target:g}"
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def output_path(results: Path | str, out_dir: Path | str | None = None) -> Path:
-    """``DIR/<stem>.scored<suffix>`` (beside the input by default).
-
-    Not ``<stem>_scored``: KBMOD's ``read_table(load_aux_files=True)`` would take any
-    ``<stem>_*`` file beside the results for an auxiliary column.
-    """
-    results = Path(results)
-    return Path(out_dir or results.parent) / f"{results.stem}{OUTPUT_INFIX}{results.suffix}"
-
-
-def work_dir(output: Path) -> Path:
-    """Where the stamps are staged and scored (removed once the output is in place)."""
-    return output.with_name(output.name + WORK_SUFFIX)
 
 
 @dataclass
-class KbmodSummary:
-    """What ``score_results`` did."""
-
-    results: Path
-    output: Path
-    model: str
-    sha256: str
-    column: str
-    rows: int
-    unscorable: int
-    positives: int
-    threshold: float
-    threshold_from: str
-    maps: int
-    stamps_scored: int          # rows computed in this run (fewer when resuming)
-    wall_s: float
-    scheduler: str
-
-    @property
-    def rows_per_s(self) -> float:
-        return self.rows / self.wall_s if self.wall_s > 0 else 0.0
-
-
-@dataclass
-class _Scored:
+class NewColumns:
     """The new columns, computed batch by batch from the work store's scores."""
 
     probability: np.ndarray
@@ -457,111 +277,10 @@ class _Scored:
         return out
 
 
-def _signature(table: ResultsTable, column: str, stamp_shape: tuple[int, int]) -> str:
-    """Identity of the staged stamps: a changed input or column means staging again."""
-    st = table.path.stat()
-    return json.dumps({"source": str(table.path.resolve()), "size": st.st_size,
-                       "mtime_ns": st.st_mtime_ns, "column": column,
-                       "stamp_shape": list(stamp_shape)}, sort_keys=True)
-
-
-def _stage(table: ResultsTable, work: Path, column: str, stamp_shape: tuple[int, int],
-           force: bool, chunk_rows: int) -> Path:
-    """The work store holding the cropped stamps (reused when a killed run left it); its HDF5
-    chunks are the scorer's tasks, so they follow the scorer's chunk size."""
-    path = work / WORK_STORE
-    signature = _signature(table, column, stamp_shape)
-    if work.exists() and not force and path.exists():
-        with contextlib.suppress(StampbatchError):
-            if store.read_attrs(path).get("kbmod_signature") == signature:
-                return path
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    ingest_results(path, table.path, column=column, stamp_shape=stamp_shape,
-                   chunk_rows=chunk_rows, attrs={"kbmod_signature": signature})
-    return path
-
-
-def _run_scorer(work_store: Path, model: Path | str, name: str, occlusion: str, patch: int,
-                backend: str, options: dict[str, Any]) -> Any:
-    """The one call into the Dask scorer (journaled, resumable) for the staged stamps."""
-    from stampbatch import score
-
-    return score.score_files([work_store], [model], name=name, occlusion=occlusion, patch=patch,
-                             backend=backend, **options)
-
-
-def score_results(
-    results: Path | str,
-    model: Path | str,
-    *,
-    column: str = "coadd_mean",
-    out_dir: Path | str | None = None,
-    threshold: str = "0.5",
-    occlusion: str = "none",
-    patch: int = 5,
-    name: str | None = None,
-    backend: str = "auto",
-    force: bool = False,
-    scorer_options: dict[str, Any] | None = None,
-) -> KbmodSummary:
-    """Score one co-add column of a KBMOD Results file; write ``<stem>.scored<suffix>``.
-
-    The output holds every original column, row and meta entry unchanged, plus
-    ``prob_real`` (P(source)), ``prob_bogus`` (1 - prob_real), ``cnn_class``
-    (prob_real >= threshold), with ``occlusion`` an image column ``occlusion_<model>``
-    (NaN where a row has no map), and the model's name and sha256 under the meta key
-    ``stampbatch``. Everything is checked before anything is written.
-    """
-    from stampbatch import inference, score
-
-    t0 = time.monotonic()
-    table = open_results(results)
-    output = output_path(table.path, out_dir)
-    if output.exists() and not force:
-        raise _fail(output, "already exists (pass --force to replace it)")
-    if not output.parent.is_dir():
-        raise _fail(output, f"directory {output.parent} does not exist")
-    thr, origin = resolve_threshold(threshold, model)
-    source = inference.resolve_model(model, name)
-    spec = inference.prepare_model(source, backend)
-    stamp_geometry(table, column, spec.stamp_shape)
-    check_uuids(table)
-    lock = score.TargetLock(output)
-    lock.acquire()
-    try:
-        work = work_dir(output)
-        options = dict(scorer_options or {})
-        staged = _stage(table, work, column, spec.stamp_shape, force,
-                        int(options.get("chunk_size", store.DEFAULT_CHUNK_ROWS)))
-        run = _run_scorer(staged, model, source.name, occlusion, patch, backend, options)
-        scores = store.read_scores(staged, source.name, with_maps=False)
-        mode = str(scores.attrs.get("occlusion_mode", "none"))
-        scored = _Scored(scores.probability, thr, spec.stamp_shape, staged, source.name,
-                         f"occlusion_{source.name}" if mode != "none" else None)
-        info = {"model": source.name, "model_sha256": source.sha256,
-                "architecture": spec.architecture, "column": column,
-                "crop": list(spec.stamp_shape), "threshold": float(thr),
-                "threshold_from": origin, "occlusion": mode,
-                "occlusion_patch": int(scores.attrs.get("occlusion_patch", 0)),
-                "unscorable": int(np.isnan(scores.probability).sum()),
-                "stampbatch_version": __version__,
-                "scored_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
-        write_results(table, output, scored, info, overwrite=force)
-        shutil.rmtree(work, ignore_errors=True)
-    finally:
-        lock.release()
-    p = scores.probability
-    return KbmodSummary(table.path, output, source.name, source.sha256, column, table.n_rows,
-                        info["unscorable"], int((p[np.isfinite(p)] >= thr).sum()),
-                        thr, origin, len(scores.occlusion_index), run.stamps_scored,
-                        time.monotonic() - t0, run.scheduler or "(already scored)")
-
-
 # --------------------------------------------------------------------------- writing
 
 
-def _new_meta(meta: dict[str, Any], scored: _Scored, info: dict[str, Any]) -> dict[str, Any]:
+def _new_meta(meta: dict[str, Any], scored: NewColumns, info: dict[str, Any]) -> dict[str, Any]:
     out = dict(meta)
     if scored.occlusion_column:
         shapes = dict(out.get(SHAPES_KEY) or {})
@@ -571,7 +290,7 @@ def _new_meta(meta: dict[str, Any], scored: _Scored, info: dict[str, Any]) -> di
     return out
 
 
-def write_results(table: ResultsTable, output: Path, scored: _Scored, info: dict[str, Any], *,
+def write_results(table: ResultsTable, output: Path, scored: NewColumns, info: dict[str, Any], *,
                   overwrite: bool = False) -> None:
     """Write the table plus the new columns to ``output`` (temporary name, fsync, rename)."""
     meta = _new_meta(table.meta, scored, info)
@@ -582,7 +301,7 @@ def write_results(table: ResultsTable, output: Path, scored: _Scored, info: dict
             _write_astropy(table, tmp, scored, meta)
 
 
-def _write_astropy(table: ResultsTable, tmp: Path, scored: _Scored, meta: dict[str, Any]) -> None:
+def _write_astropy(table: ResultsTable, tmp: Path, scored: NewColumns, meta: dict[str, Any]) -> None:
     """ECSV / astropy-HDF5: the table in memory (as KBMOD holds it), written as KBMOD writes it."""
     t = table.table.copy(copy_data=False)
     t.remove_columns([c for c in scored.names if c in t.colnames])
@@ -617,7 +336,7 @@ def _entries(section: list[str]) -> list[list[str]]:
     return items
 
 
-def _header_yaml(table: ResultsTable, scored: _Scored, meta: dict[str, Any]) -> str:
+def _header_yaml(table: ResultsTable, scored: NewColumns, meta: dict[str, Any]) -> str:
     """The original YAML header with the replaced columns' entries dropped, the new columns'
     entries appended (as astropy writes them) and the meta section rewritten (astropy's
     dumper is deterministic: the original keys come out as they were)."""
@@ -645,7 +364,7 @@ def _header_yaml(table: ResultsTable, scored: _Scored, meta: dict[str, Any]) -> 
     return "\n".join(out)
 
 
-def _write_parquet(table: ResultsTable, tmp: Path, scored: _Scored, meta: dict[str, Any]) -> None:
+def _write_parquet(table: ResultsTable, tmp: Path, scored: NewColumns, meta: dict[str, Any]) -> None:
     """Stream the original columns through unchanged (Arrow arrays, no conversion) and append
     the new ones, one bounded batch at a time."""
     import pyarrow as pa
