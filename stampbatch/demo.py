@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     if not kbmod_results.exists():
         write_kbmod_results(kbmod_results, candidates, min(20_000, args.candidates))
     best = next((d for d in run_dirs if d.name == "vgg6"), run_dirs[0])
-    run(["score", str(kbmod_results), "--model", str(best), "--occlusion", "above:0.5",
-         "--threshold", "fpr:0.01", "--force"])
+    if not (out / "kbmod_results.scored.parquet").exists():
+        run(["score", str(kbmod_results), "--model", str(best), "--occlusion", "above:0.5",
+             "--threshold", "fpr:0.01"])
 
     print("\nAgainst the candidates' hidden truth (kept in /meta for evaluation):")
     print(completeness_table(candidates, models))

@@ -225,21 +225,23 @@ class KbmodSummary:
         return self.rows / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def _signature(table: ResultsTable, column: str, stamp_shape: tuple[int, int]) -> str:
-    """Identity of the staged stamps: a changed input or column means staging again."""
+def _signature(table: ResultsTable, column: str, stamp_shape: tuple[int, int],
+               run: dict[str, Any]) -> str:
+    """Identity of a staged run: another input, column, model or occlusion setting starts over;
+    the same one resumes from the scorer's journal."""
     st = table.path.stat()
     return json.dumps({"source": str(table.path.resolve()), "size": st.st_size,
                        "mtime_ns": st.st_mtime_ns, "column": column,
-                       "stamp_shape": list(stamp_shape)}, sort_keys=True)
+                       "stamp_shape": list(stamp_shape), **run}, sort_keys=True)
 
 
 def _stage(table: ResultsTable, work: Path, column: str, stamp_shape: tuple[int, int],
-           force: bool, chunk_rows: int) -> Path:
+           run: dict[str, Any], chunk_rows: int) -> Path:
     """The work store holding the cropped stamps (reused when a killed run left it); its HDF5
     chunks are the scorer's tasks, so they follow the scorer's chunk size."""
     path = work / WORK_STORE
-    signature = _signature(table, column, stamp_shape)
-    if work.exists() and not force and path.exists():
+    signature = _signature(table, column, stamp_shape, run)
+    if path.exists():
         with contextlib.suppress(StampbatchError):
             if store.read_attrs(path).get("kbmod_signature") == signature:
                 return path
@@ -257,6 +259,19 @@ def _run_scorer(work_store: Path, model: Path | str, name: str, occlusion: str, 
 
     return score.score_files([work_store], [model], name=name, occlusion=occlusion, patch=patch,
                              backend=backend, **options)
+
+
+def _provenance(source: Any, spec: Any, column: str, threshold: float, origin: str,
+                scores: store.Scores) -> dict[str, Any]:
+    """What the output's table meta records under ``stampbatch``: which model, how."""
+    return {"model": source.name, "model_sha256": source.sha256,
+            "architecture": spec.architecture, "column": column,
+            "crop": list(spec.stamp_shape), "threshold": float(threshold),
+            "threshold_from": origin, "occlusion": str(scores.attrs.get("occlusion_mode", "none")),
+            "occlusion_patch": int(scores.attrs.get("occlusion_patch", 0)),
+            "unscorable": int(np.isnan(scores.probability).sum()),
+            "stampbatch_version": __version__,
+            "scored_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
 
 
 def score_results(
@@ -300,21 +315,15 @@ def score_results(
     try:
         work = work_dir(output)
         options = dict(scorer_options or {})
-        staged = _stage(table, work, column, spec.stamp_shape, force,
+        run_id = {"model_sha256": source.sha256, "occlusion": occlusion, "patch": patch}
+        staged = _stage(table, work, column, spec.stamp_shape, run_id,
                         int(options.get("chunk_size", store.DEFAULT_CHUNK_ROWS)))
         run = _run_scorer(staged, model, source.name, occlusion, patch, backend, options)
         scores = store.read_scores(staged, source.name, with_maps=False)
         mode = str(scores.attrs.get("occlusion_mode", "none"))
         scored = NewColumns(scores.probability, thr, spec.stamp_shape, staged, source.name,
-                         f"occlusion_{source.name}" if mode != "none" else None)
-        info = {"model": source.name, "model_sha256": source.sha256,
-                "architecture": spec.architecture, "column": column,
-                "crop": list(spec.stamp_shape), "threshold": float(thr),
-                "threshold_from": origin, "occlusion": mode,
-                "occlusion_patch": int(scores.attrs.get("occlusion_patch", 0)),
-                "unscorable": int(np.isnan(scores.probability).sum()),
-                "stampbatch_version": __version__,
-                "scored_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+                            f"occlusion_{source.name}" if mode != "none" else None)
+        info = _provenance(source, spec, column, thr, origin, scores)
         write_results(table, output, scored, info, overwrite=force)
         shutil.rmtree(work, ignore_errors=True)
     finally:

@@ -73,7 +73,8 @@ class ResultsTable:
             md = self.parquet.metadata
             total = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
             return max(1, total // max(1, self.n_rows))
-        return max(1, self.table.as_array().dtype.itemsize) if self.n_rows else 1
+        return max(1, sum(c.dtype.itemsize * math.prod(c.shape[1:])
+                          for c in self.table.columns.values()))
 
     def batch_rows(self, limit: int | None = None) -> int:
         rows = max(1, min(MAX_BATCH_ROWS, BATCH_BYTES // self.row_bytes()))
@@ -175,12 +176,14 @@ def iter_batches(table: ResultsTable, columns: Sequence[str],
     """Yield ``(first_row, {column: values})`` over the table, ``batch_rows`` rows at a time."""
     rows = batch_rows or table.batch_rows()
     if table.fmt == "parquet":
+        import pyarrow as pa
+
         start = 0
         try:
             for batch in table.parquet.iter_batches(batch_size=rows, columns=list(columns)):
                 yield start, {c: _column_values(table, batch, c) for c in columns}
                 start += batch.num_rows
-        except OSError as exc:
+        except (OSError, pa.ArrowException) as exc:
             raise _fail(table.path, f"unreadable Parquet data at row {start} "
                                     f"({' '.join(str(exc).split())[:150]})") from exc
         return
