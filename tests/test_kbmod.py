@@ -242,6 +242,17 @@ def test_wrong_shape_suffix_truncation_and_existing_output(tmp_path, run, capsys
     assert (tmp_path / "other.scored.ecsv").read_text() == "keep me"
 
 
+def test_a_stampbatch_store_named_hdf5_stays_on_the_hdf5_path(tmp_path):
+    from stampbatch.commands import _kbmod
+
+    store.create_store(tmp_path / "cands.hdf5", gaussian_stamps(8))
+    write_results(tmp_path / "results.hdf5", n=20)
+    assert not _kbmod.is_results_table(tmp_path / "cands.hdf5")
+    assert _kbmod.is_results_table(tmp_path / "results.hdf5")
+    assert _kbmod.is_results_table(tmp_path / "results.parq")
+    assert not _kbmod.is_results_table(tmp_path / "cands.h5")
+
+
 def test_threshold_from_the_runs_metrics(tmp_path, run):
     (run / "metrics.json").write_text(json.dumps(
         {"operating_point": {"target_fpr": 0.01, "threshold": 0.83, "fpr": 0.009}}))

@@ -14,10 +14,20 @@ NAN_HELP = ("rows whose stamp has NaN/Inf pixels are not scored (KBMOD's own fil
 
 
 def is_results_table(path: str | Path) -> bool:
-    """A KBMOD Results file by its suffix (.parquet, .parq, .ecsv, .hdf5)."""
+    """A KBMOD Results file by its suffix (.parquet, .parq, .ecsv, .hdf5) — except a
+    stampbatch store that happens to be named .hdf5, which stays on the HDF5 path."""
+    from stampbatch import store
+    from stampbatch.errors import StampbatchError
     from stampbatch.kbmod import results_format
 
-    return results_format(path) is not None
+    fmt = results_format(path)
+    if fmt == "hdf5" and Path(path).is_file():
+        try:
+            store.open_store(path)
+        except StampbatchError:
+            return True
+        return False
+    return fmt is not None
 
 
 def run_ingest(args: argparse.Namespace) -> int:
