@@ -47,6 +47,7 @@ from stampbatch.kbmod.table import (
     FORMATS,
     REQUIRED_COLUMNS,
     SHAPES_KEY,
+    UUID,
     KbmodError,
     NewColumns,
     ResultsTable,
@@ -118,10 +119,20 @@ def ingest_results(
     if label_column is not None and table.cell_shapes.get(label_column) != ():
         raise _fail(table.path, f"has no scalar label column '{label_column}'")
     meta_cols = _meta_columns(table, [label_column] if label_column else [])
+    return _write_store(table, out, column, stamp_shape, meta_cols, label_column,
+                        chunk_rows=chunk_rows, compression=compression, overwrite=overwrite,
+                        attrs=attrs)
+
+
+def _write_store(table: ResultsTable, out: Path | str, column: str,
+                 stamp_shape: tuple[int, int], meta_cols: Sequence[str],
+                 label_column: str | None = None, **writer_options: Any) -> store.StoreInfo:
+    """Stream a validated table's co-add column (cropped), meta and labels into a new store."""
     wanted = [column, *meta_cols] + ([label_column] if label_column else [])
+    writer_options["chunk_rows"] = min(writer_options.get("chunk_rows", store.DEFAULT_CHUNK_ROWS),
+                                       table.n_rows)
     with store.StoreWriter(out, labelled=label_column is not None, stamp_shape=stamp_shape,
-                           chunk_rows=min(chunk_rows, table.n_rows), compression=compression,
-                           overwrite=overwrite, attrs=attrs) as writer:
+                           **writer_options) as writer:
         for _, batch in iter_batches(table, wanted):
             stamps = batch[column].reshape(-1, *table.image_shape(column))
             labels = _labels(table.path, label_column, batch[label_column]) if label_column else None
@@ -247,8 +258,8 @@ def _stage(table: ResultsTable, work: Path, column: str, stamp_shape: tuple[int,
                 return path
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    ingest_results(path, table.path, column=column, stamp_shape=stamp_shape,
-                   chunk_rows=chunk_rows, attrs={"kbmod_signature": signature})
+    _write_store(table, path, column, stamp_shape, [UUID], chunk_rows=chunk_rows,
+                 attrs={"kbmod_signature": signature})
     return path
 
 

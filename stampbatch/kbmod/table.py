@@ -24,6 +24,7 @@ YAML_KEY = b"table_meta_yaml"
 HDF5_PATH = "__astropy_table__"
 BATCH_BYTES = 64 << 20          # bytes of table read per Parquet batch
 MAX_BATCH_ROWS = 65536
+READ_BUFFER = 4 << 20           # Parquet read buffer (bytes)
 NEW_COLUMNS = ("prob_real", "prob_bogus", "cnn_class")
 META_KEY = "stampbatch"
 
@@ -103,7 +104,9 @@ def _open_parquet(path: Path) -> ResultsTable:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        # pre_buffer off and a small read buffer: pages are read as the batches need them
+        # (pre-buffering holds whole row groups, which astropy writes up to 1 Mi rows long)
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
     except (OSError, pa.ArrowException) as exc:
         raise _fail(path, f"not a readable Parquet file, truncated? ({' '.join(str(exc).split())[:150]})") from exc
     header = _yaml_header(path, pf.schema_arrow.metadata)
@@ -386,7 +389,10 @@ def _write_parquet(table: ResultsTable, tmp: Path, scored: NewColumns, meta: dic
     out_schema = pa.schema(keep + new_fields, metadata=metadata)
     rows = table.batch_rows()
     start = 0
-    with pq.ParquetWriter(tmp, out_schema, version="2.4") as writer:
+    # no dictionary attempt on image columns: noisy pixels never fit one, it only costs time
+    scalars = [f.name for f in out_schema if not pa.types.is_fixed_size_list(f.type)
+               and not pa.types.is_list(f.type)]
+    with pq.ParquetWriter(tmp, out_schema, version="2.4", use_dictionary=scalars) as writer:
         for batch in table.parquet.iter_batches(batch_size=rows, columns=[f.name for f in keep]):
             n = batch.num_rows
             new = scored.values(start, start + n)
