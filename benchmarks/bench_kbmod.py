@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,26 @@ def cpu_flags() -> str:
     return " ".join(keep)
 
 
+def run_kbmod(parquet: Path, model: Path, out: Path) -> dict:
+    """The KBMOD path as a whole process; its own phase times (check, stage, score, write)."""
+    import subprocess
+
+    from bench_score import REPO, TreeMemory
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "stampbatch", "score", str(parquet),
+                             "--model", str(model), "--out", str(out), "--quiet"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mem = TreeMemory(proc.pid)
+    stdout, stderr = proc.communicate()
+    res = {"wall_s": time.perf_counter() - t0, "peak_rss_mb": mem.stop() / 1e6}
+    if proc.returncode != 0:
+        raise SystemExit(f"KBMOD path failed ({proc.returncode}):\n{stderr[-3000:]}")
+    res["phases_s"] = {k: float(v.replace(",", "")) for k, v in
+                       re.findall(r"(check|stage|score|write) ([\d,.]+) s", stdout)}
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         res["hdf5"].append(run_process(score_cmd(h5, model, work / "out_h5")))
         out = work / "out_kbmod"
         shutil.rmtree(out, ignore_errors=True)
-        res["kbmod"].append(run_process([sys.executable, "-m", "stampbatch", "score",
-                                         str(parquet), "--model", str(model), "--out", str(out),
-                                         "--quiet"]))
+        res["kbmod"].append(run_kbmod(parquet, model, out))
     res["load_after"] = os.getloadavg()
     for key in ("hdf5", "kbmod"):
         walls = [r["wall_s"] for r in res[key]]

@@ -62,6 +62,7 @@ def run_score(args: argparse.Namespace, scorer_options: dict) -> int:
         print(f"scored {s.rows:,} KBMOD results ({s.column}) from {s.results} with {s.model} "
               f"(sha256 {s.sha256[:12]}) in {s.wall_s:,.1f} s ({s.rows_per_s:,.0f} rows/s) on "
               f"{s.scheduler}")
+        print("  " + ", ".join(f"{k} {v:,.1f} s" for k, v in s.phases_s.items()))
         print(f"  cnn_class True for {s.positives:,} rows (prob_real >= {s.threshold:.4g}, "
               f"{s.threshold_from}), {s.maps:,} occlusion maps")
         if s.unscorable:

@@ -35,7 +35,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,7 @@ class KbmodSummary:
     stamps_scored: int          # rows computed in this run (fewer when resuming)
     wall_s: float
     scheduler: str
+    phases_s: dict[str, float] = field(default_factory=dict)   # check, stage, score, write
 
     @property
     def rows_per_s(self) -> float:
@@ -323,13 +324,17 @@ def score_results(
     check_uuids(table)
     lock = score.TargetLock(output)
     lock.acquire()
+    phases = {"check": time.monotonic() - t0}
     try:
         work = work_dir(output)
         options = dict(scorer_options or {})
         run_id = {"model_sha256": source.sha256, "occlusion": occlusion, "patch": patch}
+        t1 = time.monotonic()
         staged = _stage(table, work, column, spec.stamp_shape, run_id,
                         int(options.get("chunk_size", store.DEFAULT_CHUNK_ROWS)))
+        t2 = time.monotonic()
         run = _run_scorer(staged, model, source.name, occlusion, patch, backend, options)
+        t3 = time.monotonic()
         scores = store.read_scores(staged, source.name, with_maps=False)
         mode = str(scores.attrs.get("occlusion_mode", "none"))
         scored = NewColumns(scores.probability, thr, spec.stamp_shape, staged, source.name,
@@ -337,12 +342,13 @@ def score_results(
         info = _provenance(source, spec, column, thr, origin, scores)
         write_results(table, output, scored, info, overwrite=force)
         shutil.rmtree(work, ignore_errors=True)
+        phases.update(stage=t2 - t1, score=t3 - t2, write=time.monotonic() - t3)
     finally:
         lock.release()
     p = scores.probability
     return KbmodSummary(table.path, output, source.name, source.sha256, column, table.n_rows,
                         info["unscorable"], int((p[np.isfinite(p)] >= thr).sum()),
                         thr, origin, len(scores.occlusion_index), run.stamps_scored,
-                        time.monotonic() - t0, run.scheduler or "(already scored)")
+                        time.monotonic() - t0, run.scheduler or "(already scored)", phases)
 
 
