@@ -71,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip unusable candidate files (listed at the end) instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     kb = p.add_argument_group("KBMOD Results files (.parquet, .parq, .ecsv, .hdf5): written to "
-                              "DIR/<stem>.scored<suffix> with prob_real, prob_bogus, cnn_class")
+                              "DIR/<stem>.scored<suffix> with prob_real, prob_bogus, cnn_class "
+                              "(--force replaces an existing one)")
     kb.add_argument("--column", default="coadd_mean",
                     help="the co-add image column to score, centre-cropped to the model's input "
                          f"(default coadd_mean); {_kbmod.NAN_HELP}")
