@@ -51,6 +51,7 @@ from stampbatch.kbmod.table import (
     KbmodError,
     NewColumns,
     ResultsTable,
+    _fail,
     check_uuids,
     crop_center,
     iter_batches,
@@ -68,10 +69,6 @@ __all__ = ["FORMATS", "REQUIRED_COLUMNS", "SHAPES_KEY", "KbmodError", "KbmodSumm
 WORK_SUFFIX = ".stampbatch-work"
 WORK_STORE = "stamps.h5"
 OUTPUT_INFIX = ".scored"        # results.parquet -> results.scored.parquet
-
-
-def _fail(path: Path | str, problem: str) -> KbmodError:
-    return KbmodError(f"{path}: {problem}")
 
 
 _TRUE = {"1", "true", "real", "source", "yes", "good"}
