@@ -63,6 +63,24 @@ def completeness_table(candidates: Path, models: list[str]) -> str:
     return "\n".join(lines)
 
 
+def write_kbmod_results(path: Path, candidates: Path, n: int, seed: int = 3) -> None:
+    """The first ``n`` candidates as a KBMOD Results table, written as KBMOD's write_table
+    writes it (astropy Table.write; trajectory columns, uuid, 21x21 coadd_mean flattened in
+    Parquet with its shape in the meta ``image_column_shapes``)."""
+    from astropy.table import Table
+
+    rng = np.random.default_rng(seed)
+    t = Table({"x": rng.integers(0, 4000, n), "y": rng.integers(0, 4000, n),
+               "vx": rng.normal(0, 50, n), "vy": rng.normal(0, 50, n),
+               "likelihood": rng.uniform(5, 50, n), "flux": rng.uniform(100, 1000, n),
+               "obs_count": rng.integers(10, 20, n),
+               "uuid": [f"{v:032x}" for v in rng.integers(0, 2**62, n)],
+               "coadd_mean": store.read_stamps(candidates, 0, n)})
+    t.meta["image_column_shapes"] = {"coadd_mean": [21, 21]}
+    t.meta["mjd_mid"] = np.linspace(60370.1, 60372.1, 20)
+    t.write(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="where everything goes")
@@ -117,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
              "--out", str(figures / f"occlusion_{model}.png")])
     run(["inspect", str(candidates)])
 
+    # A KBMOD search's Results file among the candidates: scored into results.scored.parquet
+    kbmod_results = out / "kbmod_results.parquet"
+    if not kbmod_results.exists():
+        write_kbmod_results(kbmod_results, candidates, min(20_000, args.candidates))
+    best = next((d for d in run_dirs if d.name == "vgg6"), run_dirs[0])
+    if not (out / "kbmod_results.scored.parquet").exists():
+        run(["score", str(kbmod_results), "--model", str(best), "--occlusion", "above:0.5",
+             "--threshold", "fpr:0.01"])
+
     print("\nAgainst the candidates' hidden truth (kept in /meta for evaluation):")
     print(completeness_table(candidates, models))
     report = runs / "report.html"
@@ -125,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  training report:    {report}")
     print(f"  run directories:    {runs}/<arch>/ (model.keras, metrics.json, figures)")
     print(f"  occlusion figures:  {figures}/")
+    print(f"  KBMOD results:      {out / 'kbmod_results.scored.parquet'}  (prob_real, prob_bogus, "
+          "cnn_class, occlusion_<model>)")
     return 0
 
 

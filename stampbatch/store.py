@@ -908,3 +908,17 @@ def read_occlusion(path: Path | str, model: str, rows: Sequence[int]) -> dict[in
             if int(row) in where:
                 out[int(row)] = grp[_OCCLUSION][where[int(row)]]
         return out
+
+
+def read_occlusion_range(path: Path | str, model: str, start: int, stop: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """The occlusion maps of the stamp rows in ``[start, stop)``: (rows, maps), rows increasing.
+
+    One slice read (the index is increasing), so memory is bounded by the maps in the range.
+    """
+    with _open_h5(path) as h5:
+        _check_scores(Path(path), h5, None)
+        grp = _scores_group(path, h5, model)
+        index = grp[_OCCLUSION_INDEX][:]
+        lo, hi = np.searchsorted(index, [start, stop])
+        return index[lo:hi], grp[_OCCLUSION][lo:hi]

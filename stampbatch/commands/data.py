@@ -70,6 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise", type=path_arg, metavar="B.npy", help="stamps without a source (label 0)")
     p.add_argument("--candidates", type=path_arg, metavar="C.npy", help="unlabelled candidate stamps")
     p.add_argument("--key", default=None, help="array name inside an .npz (default: its only array)")
+    p.add_argument("--kbmod", type=Path, metavar="RESULTS",
+                   help="a KBMOD Results file (.parquet, .parq, .ecsv, .hdf5): stamps from --column, "
+                        "centre-cropped to 21x21; uuid and scalar columns kept in /meta")
+    p.add_argument("--column", default="coadd_mean", help="with --kbmod: the co-add image column")
+    p.add_argument("--label-column", metavar="COL",
+                   help="with --kbmod: labels from this column (0/1, bool, real/bogus), e.g. user_class")
     _add_store_options(p)
     p.set_defaults(func=run_ingest)
 
@@ -125,6 +131,10 @@ def run_simulate(args: argparse.Namespace) -> int:
 def run_ingest(args: argparse.Namespace) -> int:
     from stampbatch import fetch
 
+    if args.kbmod is not None:
+        from stampbatch.commands import _kbmod
+
+        return _kbmod.run_ingest(args)
     if args.candidates is None and (args.sources is None or args.noise is None):
         raise UsageError("give --sources and --noise (a labelled store) or --candidates")
     if args.candidates is not None and (args.sources or args.noise):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stampbatch.commands import _kbmod
 from stampbatch.commands._types import non_negative_int, path_arg, positive_int
 from stampbatch.errors import UsageError
 
@@ -101,6 +102,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unusable candidate files (listed at the end) instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    kb = p.add_argument_group("KBMOD Results files (.parquet, .parq, .ecsv, .hdf5): written to "
+                              "DIR/<stem>.scored<suffix> with prob_real, prob_bogus, cnn_class "
+                              "(--force replaces an existing one)")
+    kb.add_argument("--column", default="coadd_mean",
+                    help="the co-add image column to score, centre-cropped to the model's input "
+                         f"(default coadd_mean); {_kbmod.NAN_HELP}")
+    kb.add_argument("--threshold", default="0.5", metavar="P|fpr:F",
+                    help="cnn_class is prob_real >= P (default 0.5), or fpr:0.01 for the run's "
+                         "stored threshold at 1%% false positives")
     where = p.add_argument_group("where to run (default: a local Dask cluster for this machine)")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="join a running Dask scheduler (e.g. tcp://host:8786)")
@@ -175,6 +185,12 @@ def run_score(args: argparse.Namespace) -> int:
     where = score.ClusterOptions(
         scheduler=args.scheduler, slurm=slurm, n_workers=None if args.slurm else args.workers,
         threads_per_worker=args.threads_per_worker, dashboard=args.dashboard)
+    tables = [c for c in args.candidates if _kbmod.is_results_table(c)]
+    if tables:
+        if len(tables) != len(args.candidates):
+            raise UsageError("score KBMOD Results files and HDF5 candidate files in separate runs")
+        return _kbmod.run_score(args, dict(chunk_size=args.chunk_size, cluster=where,
+                                           progress=not args.quiet))
     options = score.ScoreOptions(
         name=args.name, occlusion=args.occlusion, patch=args.occlusion_patch,
         chunk_size=args.chunk_size, out_dir=args.out, backend=args.backend, force=args.force,

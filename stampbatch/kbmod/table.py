@@ -1,0 +1,407 @@
+"""The KBMOD Results format itself: open a Results file by its suffix, read its columns in
+bounded batches, reshape and centre-crop its image columns, and write it back with new
+columns — the original columns, rows and meta untouched (Parquet: Arrow arrays streamed
+through, the astropy YAML header spliced; ECSV/HDF5: astropy, as KBMOD writes them)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stampbatch import store
+from stampbatch.errors import StampbatchError
+
+FORMATS = {".parquet": "parquet", ".parq": "parquet", ".ecsv": "ecsv", ".hdf5": "hdf5"}
+REQUIRED_COLUMNS = ("x", "y", "vx", "vy", "likelihood", "flux", "obs_count")
+UUID = "uuid"
+SHAPES_KEY = "image_column_shapes"
+YAML_KEY = b"table_meta_yaml"
+HDF5_PATH = "__astropy_table__"
+BATCH_BYTES = 64 << 20          # bytes of table read per Parquet batch
+MAX_BATCH_ROWS = 65536
+READ_BUFFER = 4 << 20           # Parquet read buffer (bytes)
+NEW_COLUMNS = ("prob_real", "prob_bogus", "cnn_class")
+META_KEY = "stampbatch"
+
+
+class KbmodError(StampbatchError):
+    """A KBMOD Results file cannot be used; the one-line message names the file and problem."""
+
+
+def _fail(path: Path | str, problem: str) -> KbmodError:
+    return KbmodError(f"{path}: {problem}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ResultsTable:
+    """An opened KBMOD Results file: its layout, not its data (except ECSV/HDF5, read whole)."""
+
+    path: Path
+    fmt: str                                   # "parquet", "ecsv" or "hdf5"
+    n_rows: int
+    columns: tuple[str, ...]
+    meta: dict[str, Any]
+    cell_shapes: dict[str, tuple[int, ...]]    # per-row shape of each column as stored
+    table: Any = field(default=None, repr=False)   # astropy Table (ECSV/HDF5 only)
+    parquet: Any = field(default=None, repr=False)  # pyarrow ParquetFile (Parquet only)
+
+    def image_shape(self, column: str) -> tuple[int, ...] | None:
+        """The image shape of a column: from ``image_column_shapes``, else as stored (ndim>=2)."""
+        declared = (self.meta.get(SHAPES_KEY) or {}).get(column)
+        if declared is not None:
+            return tuple(int(s) for s in declared)
+        shape = self.cell_shapes.get(column, ())
+        return shape if len(shape) >= 2 else None
+
+    def image_columns(self) -> list[str]:
+        """Columns holding one image (or a stack of images) per row."""
+        return [c for c in self.columns if self.image_shape(c) is not None]
+
+    def scalar_columns(self) -> list[str]:
+        return [c for c in self.columns if self.cell_shapes.get(c) == ()]
+
+    def row_bytes(self) -> int:
+        """About how many bytes one row takes in memory (for sizing batches)."""
+        if self.parquet is not None:
+            md = self.parquet.metadata
+            total = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+            return max(1, total // max(1, self.n_rows))
+        return max(1, sum(c.dtype.itemsize * math.prod(c.shape[1:])
+                          for c in self.table.columns.values()))
+
+    def batch_rows(self, limit: int | None = None) -> int:
+        rows = max(1, min(MAX_BATCH_ROWS, BATCH_BYTES // self.row_bytes()))
+        return min(rows, limit) if limit else rows
+
+
+def results_format(path: Path | str) -> str | None:
+    """``parquet``, ``ecsv`` or ``hdf5`` for a KBMOD Results suffix, else None."""
+    return FORMATS.get(Path(path).suffix.lower())
+
+
+def _yaml_header(path: Path, schema_metadata: dict | None) -> dict[str, Any]:
+    """The astropy YAML header (``datatype`` list and ``meta``) of a Parquet file."""
+    from astropy.table import meta as table_meta
+
+    if not schema_metadata or YAML_KEY not in schema_metadata:
+        return {"datatype": [], "meta": {}}
+    try:
+        return table_meta.get_header_from_yaml(schema_metadata[YAML_KEY].decode().splitlines())
+    except Exception as exc:  # noqa: BLE001 - yaml raises many types
+        raise _fail(path, f"unreadable astropy table meta ({' '.join(str(exc).split())[:150]})") from exc
+
+
+def _open_parquet(path: Path) -> ResultsTable:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        # pre_buffer off and a small read buffer: pages are read as the batches need them
+        # (pre-buffering holds whole row groups, which astropy writes up to 1 Mi rows long)
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
+    except (OSError, pa.ArrowException) as exc:
+        raise _fail(path, f"not a readable Parquet file, truncated? ({' '.join(str(exc).split())[:150]})") from exc
+    header = _yaml_header(path, pf.schema_arrow.metadata)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in pf.schema_arrow:
+        if pa.types.is_fixed_size_list(f.type):
+            shapes[f.name] = (f.type.list_size,)
+        elif pa.types.is_list(f.type) or pa.types.is_large_list(f.type):
+            shapes[f.name] = (-1,)                  # variable length per row
+        else:
+            shapes[f.name] = ()
+    return ResultsTable(path, "parquet", pf.metadata.num_rows, tuple(pf.schema_arrow.names),
+                        dict(header.get("meta") or {}), shapes, parquet=pf)
+
+
+def _open_astropy(path: Path, fmt: str) -> ResultsTable:
+    from astropy.table import Table
+
+    kwargs = {"path": HDF5_PATH} if fmt == "hdf5" else {}
+    try:
+        table = Table.read(path, format="ascii.ecsv" if fmt == "ecsv" else "hdf5", **kwargs)
+    except Exception as exc:  # noqa: BLE001 - astropy raises many types for a bad file
+        raise _fail(path, f"not a readable {fmt.upper()} results table "
+                          f"({' '.join(str(exc).split())[:150]})") from exc
+    shapes = {name: tuple(int(s) for s in table[name].shape[1:]) for name in table.colnames}
+    return ResultsTable(path, fmt, len(table), tuple(table.colnames), dict(table.meta), shapes,
+                        table=table)
+
+
+def open_results(path: Path | str) -> ResultsTable:
+    """Open a KBMOD Results file by its suffix; refuse what KBMOD would not read."""
+    path = Path(path)
+    fmt = results_format(path)
+    if fmt is None:
+        raise _fail(path, f"unsupported suffix '{path.suffix}': a KBMOD Results file is "
+                          f"{', '.join(FORMATS)}")
+    if not path.is_file():
+        raise _fail(path, "no such file" if not path.exists() else "is not a file")
+    table = _open_parquet(path) if fmt == "parquet" else _open_astropy(path, fmt)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise _fail(path, f"not a KBMOD Results table: required column(s) {missing} missing")
+    if table.n_rows == 0:
+        raise _fail(path, "has no rows")
+    return table
+
+
+def _column_values(table: ResultsTable, batch: Any, name: str) -> np.ndarray:
+    """One column of a batch as numpy: (n,) scalars, (n, k) flattened cells; strings as str."""
+    if table.fmt != "parquet":
+        values = np.asarray(batch[name])
+        return np.char.decode(values, "utf-8") if values.dtype.kind == "S" else values
+    import pyarrow as pa
+
+    col = batch.column(name)
+    if pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type):
+        n = len(col)
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+        if n and flat.size % n:
+            raise _fail(table.path, f"column '{name}' has cells of different lengths")
+        return flat.reshape(n, -1) if n else flat.reshape(0, 0)
+    values = col.to_numpy(zero_copy_only=False)
+    if values.dtype.kind == "O":
+        values = values.astype(str)
+    return values
+
+
+def iter_batches(table: ResultsTable, columns: Sequence[str],
+                 batch_rows: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yield ``(first_row, {column: values})`` over the table, ``batch_rows`` rows at a time."""
+    rows = batch_rows or table.batch_rows()
+    if table.fmt == "parquet":
+        import pyarrow as pa
+
+        start = 0
+        try:
+            for batch in table.parquet.iter_batches(batch_size=rows, columns=list(columns)):
+                yield start, {c: _column_values(table, batch, c) for c in columns}
+                start += batch.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise _fail(table.path, f"unreadable Parquet data at row {start} "
+                                    f"({' '.join(str(exc).split())[:150]})") from exc
+        return
+    for lo in range(0, table.n_rows, rows):
+        part = table.table[lo:lo + rows]
+        yield lo, {c: _column_values(table, part, c) for c in columns}
+
+
+# --------------------------------------------------------------------------- stamps
+
+
+def stamp_geometry(table: ResultsTable, column: str, stamp_shape: tuple[int, int]
+                   ) -> tuple[int, int]:
+    """Check ``column`` holds one 2-D image per row that can be centre-cropped to stamp_shape."""
+    if column not in table.columns:
+        have = table.image_columns()
+        raise _fail(table.path, f"has no column '{column}' (image columns: "
+                                f"{', '.join(have) if have else 'none'})")
+    shape = table.image_shape(column)
+    stored = table.cell_shapes.get(column, ())
+    if shape is None:
+        if len(stored) == 1:
+            raise _fail(table.path, f"column '{column}' is flattened to {stored[0]} values per "
+                                    f"row and the table meta has no '{SHAPES_KEY}' entry for it")
+        raise _fail(table.path, f"column '{column}' is not an image column (image columns: "
+                                f"{', '.join(table.image_columns()) or 'none'})")
+    if len(shape) != 2:
+        raise _fail(table.path, f"column '{column}' holds {shape} arrays per row, not one 2-D "
+                                "co-added stamp (choose a coadd_* column)")
+    if math.prod(stored) != math.prod(shape):
+        raise _fail(table.path, f"column '{column}' holds {math.prod(stored)} values per row but "
+                                f"'{SHAPES_KEY}' says {shape[0]}x{shape[1]}")
+    h, w = shape
+    H, W = stamp_shape
+    if h < H or w < W:
+        raise _fail(table.path, f"column '{column}' stamps are {h}x{w}, smaller than the "
+                                f"model's {H}x{W} input")
+    if (h - H) % 2 or (w - W) % 2:
+        raise _fail(table.path, f"column '{column}' stamps are {h}x{w}: cannot centre-crop to "
+                                f"{H}x{W} (the difference must be even)")
+    return h, w
+
+
+def crop_center(stamps: np.ndarray, stamp_shape: tuple[int, int]) -> np.ndarray:
+    """The central ``stamp_shape`` pixels of (N, h, w) stamps (h - H and w - W even)."""
+    h, w = stamps.shape[1:]
+    dy, dx = (h - stamp_shape[0]) // 2, (w - stamp_shape[1]) // 2
+    return np.ascontiguousarray(stamps[:, dy:dy + stamp_shape[0], dx:dx + stamp_shape[1]],
+                                dtype=np.float32)
+
+
+def check_uuids(table: ResultsTable) -> None:
+    """Refuse a table without ``uuid`` (the join key is never invented) or with duplicates."""
+    if UUID not in table.columns:
+        raise _fail(table.path, "has no 'uuid' column, the join key (refused, not generated: "
+                                "Results.read_table(f).write_table(f) in KBMOD adds one)")
+    ids = np.concatenate([np.char.encode(b[UUID].astype(str), "utf-8")
+                          for _, b in iter_batches(table, [UUID], MAX_BATCH_ROWS * 4)])
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != len(ids):
+        dup = uniq[counts > 1]
+        raise _fail(table.path, f"{len(dup):,} duplicate uuid(s), e.g. {dup[0].decode()!r}; "
+                                "uuid must identify each row")
+
+
+
+
+@dataclass
+class NewColumns:
+    """The new columns, computed batch by batch from the work store's scores."""
+
+    probability: np.ndarray
+    threshold: float
+    stamp_shape: tuple[int, int]
+    work_store: Path
+    model: str
+    occlusion_column: str | None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return NEW_COLUMNS + ((self.occlusion_column,) if self.occlusion_column else ())
+
+    def values(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        p = self.probability[lo:hi].astype(np.float32)
+        finite = np.isfinite(p)
+        out = {"prob_real": p, "prob_bogus": (np.float32(1) - p).astype(np.float32),
+               "cnn_class": np.greater_equal(p, self.threshold, where=finite,
+                                             out=np.zeros(len(p), dtype=bool))}
+        if self.occlusion_column:
+            maps = np.full((hi - lo, *self.stamp_shape), np.nan, dtype=np.float32)
+            rows, found = store.read_occlusion_range(self.work_store, self.model, lo, hi)
+            maps[rows - lo] = found
+            out[self.occlusion_column] = maps
+        return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _new_meta(meta: dict[str, Any], scored: NewColumns, info: dict[str, Any]) -> dict[str, Any]:
+    out = dict(meta)
+    if scored.occlusion_column:
+        shapes = dict(out.get(SHAPES_KEY) or {})
+        shapes[scored.occlusion_column] = list(scored.stamp_shape)
+        out[SHAPES_KEY] = shapes
+    out[META_KEY] = info
+    return out
+
+
+def write_results(table: ResultsTable, output: Path, scored: NewColumns, info: dict[str, Any], *,
+                  overwrite: bool = False) -> None:
+    """Write the table plus the new columns to ``output`` (temporary name, fsync, rename)."""
+    meta = _new_meta(table.meta, scored, info)
+    with store.atomic_path(output, overwrite=overwrite, suffix=output.suffix) as tmp:
+        if table.fmt == "parquet":
+            _write_parquet(table, tmp, scored, meta)
+        else:
+            _write_astropy(table, tmp, scored, meta)
+
+
+def _write_astropy(table: ResultsTable, tmp: Path, scored: NewColumns, meta: dict[str, Any]) -> None:
+    """ECSV / astropy-HDF5: the table in memory (as KBMOD holds it), written as KBMOD writes it."""
+    t = table.table.copy(copy_data=False)
+    t.remove_columns([c for c in scored.names if c in t.colnames])
+    for name, values in scored.values(0, table.n_rows).items():
+        t[name] = values
+    t.meta = meta
+    if table.fmt == "hdf5":
+        t.write(tmp, format="hdf5", path=HDF5_PATH, serialize_meta=True, overwrite=True)
+    else:
+        t.write(tmp, format="ascii.ecsv", overwrite=True)
+
+
+def _yaml_sections(lines: list[str]) -> list[tuple[str, list[str]]]:
+    """Top-level sections (``datatype:``, ``meta:``, …) of an astropy YAML header, in order."""
+    sections: list[tuple[str, list[str]]] = []
+    for line in lines:
+        if line and not line.startswith((" ", "-")):
+            sections.append((line.split(":", 1)[0], [line]))
+        elif sections:
+            sections[-1][1].append(line)
+    return sections
+
+
+def _entries(section: list[str]) -> list[list[str]]:
+    """The ``- …`` items of a YAML list section (continuation lines included)."""
+    items: list[list[str]] = []
+    for line in section[1:]:
+        if line.startswith("- ") or not items:
+            items.append([line])
+        else:
+            items[-1].append(line)
+    return items
+
+
+def _header_yaml(table: ResultsTable, scored: NewColumns, meta: dict[str, Any]) -> str:
+    """The original YAML header with the replaced columns' entries dropped, the new columns'
+    entries appended (as astropy writes them) and the meta section rewritten (astropy's
+    dumper is deterministic: the original keys come out as they were)."""
+    from astropy.table import Table
+    from astropy.table import meta as table_meta
+
+    old_lines = table.parquet.schema_arrow.metadata[YAML_KEY].decode().splitlines() \
+        if YAML_KEY in (table.parquet.schema_arrow.metadata or {}) else ["datatype:"]
+    old = _yaml_sections(old_lines)
+    names = [d["name"] for d in table_meta.get_header_from_yaml(old_lines).get("datatype", [])]
+    zero = scored.values(0, 0)
+    new = Table({k: zero[k] for k in scored.names}, meta=meta)
+    new_sections = dict(_yaml_sections(table_meta.get_yaml_from_table(new)))
+    out: list[str] = []
+    for key, lines in old:
+        if key == "datatype":
+            kept = [e for n, e in zip(names, _entries(lines)) if n not in scored.names]
+            out += ["datatype:", *[x for e in kept for x in e], *new_sections["datatype"][1:]]
+        elif key == "meta":
+            out += new_sections["meta"]
+        else:
+            out += lines
+    if "meta" not in dict(old):
+        out += new_sections["meta"]
+    return "\n".join(out)
+
+
+def _write_parquet(table: ResultsTable, tmp: Path, scored: NewColumns, meta: dict[str, Any]) -> None:
+    """Stream the original columns through unchanged (Arrow arrays, no conversion) and append
+    the new ones, one bounded batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = table.parquet.schema_arrow
+    keep = [f for f in schema if f.name not in scored.names]
+    h, w = scored.stamp_shape
+    new_fields = [pa.field("prob_real", pa.float32()), pa.field("prob_bogus", pa.float32()),
+                  pa.field("cnn_class", pa.bool_())]
+    if scored.occlusion_column:
+        new_fields.append(pa.field(scored.occlusion_column, pa.list_(pa.float32(), h * w)))
+    dropped = {f"table::len::{n}".encode() for n in scored.names}
+    metadata = {k: v for k, v in (schema.metadata or {}).items() if k not in dropped}
+    metadata[YAML_KEY] = _header_yaml(table, scored, meta).encode()
+    out_schema = pa.schema(keep + new_fields, metadata=metadata)
+    rows = table.batch_rows()
+    start = 0
+    # no dictionary attempt on image columns: noisy pixels never fit one, it only costs time
+    scalars = [f.name for f in out_schema if not pa.types.is_fixed_size_list(f.type)
+               and not pa.types.is_list(f.type)]
+    with pq.ParquetWriter(tmp, out_schema, version="2.4", use_dictionary=scalars) as writer:
+        for batch in table.parquet.iter_batches(batch_size=rows, columns=[f.name for f in keep]):
+            n = batch.num_rows
+            new = scored.values(start, start + n)
+            arrays = [batch.column(f.name) for f in keep]
+            arrays += [pa.array(new[f.name]) for f in new_fields[:3]]
+            if scored.occlusion_column:
+                arrays.append(pa.FixedSizeListArray.from_arrays(
+                    pa.array(new[scored.occlusion_column].reshape(-1)), h * w))
+            writer.write_table(pa.Table.from_arrays(arrays, schema=out_schema), row_group_size=rows)
+            start += n
+    if start != table.n_rows:
+        raise _fail(table.path, f"read {start:,} rows of {table.n_rows:,} (truncated?)")
