@@ -1,0 +1,206 @@
+"""Writing stores: atomic creation (temporary name, fsync, rename) and the streaming writer."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from stampbatch import fileio
+from stampbatch.store._schema import (
+    _ATTR_SCHEMA,
+    _ATTR_SHAPE,
+    _LABELS,
+    _META,
+    _STAMPS,
+    COMPRESSIONS,
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_STAMP_SHAPE,
+    SCHEMA_VERSION,
+    StoreInfo,
+    _add_scores_link,
+    _fail,
+)
+from stampbatch.store._validate import (
+    check_labels,
+    check_stamps,
+    open_store,
+)
+
+
+def _as_storable_column(path: Path | str, name: str, values: Any, n: int) -> np.ndarray:
+    """Metadata columns are numeric, boolean or short strings (stored as fixed-width bytes)."""
+    arr = np.asarray(values)
+    if arr.ndim != 1 or len(arr) != n:
+        raise _fail(path, f"metadata column '{name}' has shape {arr.shape}, expected ({n},)")
+    if arr.dtype.kind == "U":
+        arr = np.char.encode(arr, "utf-8")
+    if arr.dtype.kind == "O":
+        raise _fail(path, f"metadata column '{name}' holds Python objects; use numbers or strings")
+    if arr.dtype.kind not in "fiubS":
+        raise _fail(path, f"metadata column '{name}' has unsupported dtype {arr.dtype}")
+    return arr
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def atomic_path(path: Path | str, *, overwrite: bool = False,
+                suffix: str = ".h5") -> contextlib.AbstractContextManager[Path]:
+    """:func:`stampbatch.fileio.atomic_path` with refusals as :class:`StoreError`."""
+    return fileio.atomic_path(path, overwrite=overwrite, suffix=suffix, fail=_fail)
+
+
+class StoreWriter:
+    """Stream batches of stamps into a new store, atomically.
+
+    >>> with StoreWriter("train.h5", labelled=True) as w:   # doctest: +SKIP
+    ...     w.append(stamps, labels, {"snr": snr})
+
+    The file appears under its real name only when the ``with`` block ends without an error.
+    Every batch must carry the same metadata columns.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        labelled: bool,
+        stamp_shape: tuple[int, int] = DEFAULT_STAMP_SHAPE,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        compression: str | None = None,
+        overwrite: bool = False,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if compression not in COMPRESSIONS:
+            raise _fail(path, f"unknown compression {compression!r}; choose from none, lzf, gzip")
+        if chunk_rows < 1:
+            raise _fail(path, f"chunk_rows must be positive, got {chunk_rows}")
+        self.path = Path(path)
+        self.labelled = labelled
+        self.stamp_shape = (int(stamp_shape[0]), int(stamp_shape[1]))
+        self.chunk_rows = int(chunk_rows)
+        self.compression = compression
+        self.overwrite = overwrite
+        self.attrs = dict(attrs or {})
+        self.n = 0
+        self._meta_names: tuple[str, ...] | None = None
+        self._ctx: contextlib.AbstractContextManager[Path] | None = None
+        self._h5: h5py.File | None = None
+
+    def __enter__(self) -> StoreWriter:
+        self._ctx = atomic_path(self.path, overwrite=self.overwrite)
+        tmp = self._ctx.__enter__()
+        try:
+            self._h5 = h5py.File(tmp, "w")
+            h, w = self.stamp_shape
+            self._h5.create_dataset(
+                _STAMPS, shape=(0, h, w), maxshape=(None, h, w), dtype=np.float32,
+                chunks=(self.chunk_rows, h, w), compression=self.compression,
+            )
+            if self.labelled:
+                self._h5.create_dataset(_LABELS, shape=(0,), maxshape=(None,), dtype=np.int8,
+                                        chunks=(max(self.chunk_rows, 1024),))
+            self._h5.create_group(_META)
+            _add_scores_link(self._h5, self.path.name)
+            self._h5.attrs[_ATTR_SCHEMA] = SCHEMA_VERSION
+            self._h5.attrs[_ATTR_SHAPE] = np.asarray(self.stamp_shape, dtype=np.int64)
+            for key, value in self.attrs.items():
+                self._h5.attrs[key] = value
+        except BaseException as exc:
+            self._abort(exc)
+            raise
+        return self
+
+    def append(
+        self,
+        stamps: Any,
+        labels: Any = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Add a batch of stamps (with labels when the store is labelled) and metadata."""
+        assert self._h5 is not None, "use StoreWriter inside a with block"
+        arr = check_stamps(self.path, stamps, self.stamp_shape)
+        n = arr.shape[0]
+        meta = dict(meta or {})
+        names = tuple(sorted(meta))
+        if self._meta_names is None:
+            self._meta_names = names
+        elif names != self._meta_names:
+            raise _fail(self.path, f"metadata columns changed between batches: "
+                                   f"{list(self._meta_names)} then {list(names)}")
+        columns = {k: _as_storable_column(self.path, k, v, n) for k, v in meta.items()}
+        if self.labelled:
+            if labels is None:
+                raise _fail(self.path, "labels are required for a labelled store")
+            lab = check_labels(self.path, labels, n)
+        elif labels is not None:
+            raise _fail(self.path, "labels given for an unlabelled (candidate) store")
+        start, stop = self.n, self.n + n
+        ds = self._h5[_STAMPS]
+        ds.resize(stop, axis=0)
+        ds[start:stop] = arr
+        if self.labelled:
+            ds_l = self._h5[_LABELS]
+            ds_l.resize(stop, axis=0)
+            ds_l[start:stop] = lab
+        group = self._h5[_META]
+        for name, col in columns.items():
+            if name not in group:
+                if start != 0:
+                    raise _fail(self.path, f"metadata column '{name}' appeared after row 0")
+                group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=col.dtype,
+                                     chunks=(max(self.chunk_rows, 1024),))
+            elif group[name].dtype.kind == "S" and col.dtype.itemsize > group[name].dtype.itemsize:
+                raise _fail(self.path, f"metadata column '{name}' strings grew longer than "
+                                       f"{group[name].dtype.itemsize} bytes")
+            group[name].resize(stop, axis=0)
+            group[name][start:stop] = col
+        self.n = stop
+
+    def _abort(self, exc: BaseException) -> None:
+        if self._h5 is not None:
+            with contextlib.suppress(Exception):
+                self._h5.close()
+            self._h5 = None
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            with contextlib.suppress(BaseException):
+                ctx.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None and self.n == 0:
+            exc = _fail(self.path, "no stamps were written")
+            self._abort(exc)
+            raise exc
+        if exc is not None:
+            self._abort(exc)
+            return
+        assert self._h5 is not None and self._ctx is not None
+        self._h5.close()
+        self._h5 = None
+        ctx, self._ctx = self._ctx, None
+        ctx.__exit__(None, None, None)
+
+
+def create_store(
+    path: Path | str,
+    stamps: Any,
+    labels: Any = None,
+    meta: Mapping[str, Any] | None = None,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    compression: str | None = None,
+    overwrite: bool = False,
+) -> StoreInfo:
+    """Write a whole in-memory array of stamps as a new store (atomically) and validate it."""
+    arr = check_stamps(path, stamps)
+    with StoreWriter(path, labelled=labels is not None, stamp_shape=arr.shape[1:],
+                     chunk_rows=min(chunk_rows, len(arr)) or 1, compression=compression,
+                     overwrite=overwrite) as writer:
+        writer.append(arr, labels, meta)
+    return open_store(path)
