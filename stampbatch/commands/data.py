@@ -69,7 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sources", type=path_arg, metavar="A.npy", help="stamps with a source (label 1)")
     p.add_argument("--noise", type=path_arg, metavar="B.npy", help="stamps without a source (label 0)")
     p.add_argument("--candidates", type=path_arg, metavar="C.npy", help="unlabelled candidate stamps")
-    p.add_argument("--key", default=None, help="array name inside an .npz (default: its only array)")
+    p.add_argument("--key", default=None,
+                   help="array name inside an .npz (default: its only array); the .npz's other "
+                        "1-D keys with one value per stamp become /meta columns")
+    p.add_argument("--meta", type=path_arg, metavar="TABLE.csv",
+                   help="per-stamp metadata: a CSV with a header and one row per stamp in store "
+                        "order (--sources rows, then --noise rows); numeric and short-text "
+                        "columns become /meta/<column>")
     _add_store_options(p)
     p.set_defaults(func=run_ingest)
 
@@ -131,7 +137,7 @@ def run_ingest(args: argparse.Namespace) -> int:
         raise UsageError("--candidates cannot be combined with --sources/--noise")
     info = fetch.ingest(
         args.out, sources=args.sources, noise=args.noise, candidates=args.candidates,
-        key=args.key, chunk_rows=args.chunk_rows, compression=args.compression,
+        key=args.key, meta=args.meta, chunk_rows=args.chunk_rows, compression=args.compression,
         overwrite=args.overwrite,
     )
     print(f"wrote {info.n_stamps:,} stamps to {info.path}")
