@@ -22,6 +22,7 @@ import numpy as np
 
 from stampbatch import ingest_meta, store
 from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.fileio import one_line
 from stampbatch.progress import Progress
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -37,11 +38,6 @@ class FetchError(StampbatchError):
 
 def _fail(path: Path | str, problem: str) -> FetchError:
     return FetchError(f"{path}: {problem}")
-
-
-def _one_line(exc: BaseException | str, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- reading arrays
@@ -91,7 +87,7 @@ class _ArraySource:
         try:
             arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise _fail(self.path, f"unreadable .npy file ({_one_line(exc)})") from exc
+            raise _fail(self.path, f"unreadable .npy file ({one_line(exc)})") from exc
         for lo in range(0, self.n, block_rows):
             yield lo, self._as_stamps(arr[lo:lo + block_rows], lo)
 
@@ -115,7 +111,7 @@ class _ArraySource:
                     yield lo, self._as_stamps(np.frombuffer(raw, dtype=self.dtype).reshape(rows, -1),
                                               lo)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise _fail(self.label, f"corrupt .npz member ({_one_line(exc)})") from exc
+            raise _fail(self.label, f"corrupt .npz member ({one_line(exc)})") from exc
 
 
 def _read_exact(fp: IO[bytes], nbytes: int, label: str) -> bytes:
@@ -138,7 +134,7 @@ def _read_npy_header(fp: IO[bytes], label: str) -> tuple[tuple[int, ...], bool, 
         else:  # pragma: no cover - read_magic accepts only the versions above today
             raise ValueError(f"unsupported .npy format version {version}")
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
-        raise _fail(label, f"not a readable .npy array ({_one_line(exc)})") from exc
+        raise _fail(label, f"not a readable .npy array ({one_line(exc)})") from exc
     return tuple(int(s) for s in shape), bool(fortran_order), np.dtype(dtype)
 
 
@@ -220,7 +216,7 @@ def _open_npz(path: Path, key: str | None, stamp_shape: tuple[int, int] | None) 
                 shape, fortran_order, dtype = _read_npy_header(fp, label)
     except zipfile.BadZipFile as exc:
         raise _fail(path, f"not a readable .npz archive, truncated or corrupt "
-                          f"({_one_line(exc)})") from exc
+                          f"({one_line(exc)})") from exc
     return _check_array(_ArraySource(path, key, dtype, shape, fortran_order, 0), stamp_shape)
 
 
@@ -236,7 +232,7 @@ def _open_array(path: Path | str, key: str | None = None,
         with open(path, "rb") as fh:
             magic = fh.read(len(_NPY_MAGIC))
     except OSError as exc:
-        raise _fail(path, f"cannot read ({_one_line(exc.strerror or exc)})") from exc
+        raise _fail(path, f"cannot read ({one_line(exc.strerror or exc)})") from exc
     if magic.startswith(_NPY_MAGIC):
         return _open_npy(path, stamp_shape)
     if magic[:4] in _ZIP_MAGICS:
@@ -285,7 +281,7 @@ def _npz_extras(src: _ArraySource) -> dict[str, np.ndarray]:
                 out[name] = ingest_meta.check_column(
                     src.path, name, np.frombuffer(raw, dtype=dtype).copy(), src.n)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise _fail(src.path, f"corrupt .npz member ({_one_line(exc)})") from exc
+        raise _fail(src.path, f"corrupt .npz member ({one_line(exc)})") from exc
     return out
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from stampbatch import store
 from stampbatch.errors import StampbatchError
+from stampbatch.fileio import one_line
 
 MAX_STRING_BYTES = 64  # a group label, not free text: longer cells are a wrong column
 RESERVED = ("source_row", store.META_KIND)  # ingest writes these itself
@@ -104,7 +105,7 @@ def read_table(path: Path | str, n: int) -> dict[str, np.ndarray]:
     except UnicodeDecodeError as exc:
         raise _fail(path, f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except (OSError, csv.Error) as exc:
-        raise _fail(path, f"cannot read the table ({' '.join(str(exc).split())})") from None
+        raise _fail(path, f"cannot read the table ({one_line(exc)})") from None
     while rows and not any(rows[-1]):
         rows.pop()  # trailing blank lines
     if not rows:

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from stampbatch import store
+from stampbatch import fileio, store
 from stampbatch.config import from_mapping, load_toml, to_toml
 from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
     StampStream,
@@ -153,16 +153,7 @@ def _atomic(path: Path) -> contextlib.AbstractContextManager[Path]:
     complete new one, never a partial one."""
     path = Path(path)
     suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
-    return store.atomic_path(path, overwrite=True, suffix=suffix)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with _atomic(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_bytes(path, (json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n").encode())
+    return fileio.atomic_path(path, overwrite=True, suffix=suffix)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -172,36 +163,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise TrainError(f"{path}: unreadable ({exc})") from exc
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types; NaN and infinities become null."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def configure_tensorflow() -> None:
     """oneDNN on, quiet logs, and one intra-op thread per available core (before TF starts)."""
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = fileio.cores()
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(int(cores or 1))
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, int(cores or 1)))
+        tf.config.threading.set_intra_op_parallelism_threads(cores)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, cores))
     except RuntimeError:  # TensorFlow already running in this process: keep its pools
         pass
 
@@ -318,7 +289,7 @@ def _save_split(path: Path, split: dict[str, np.ndarray]) -> None:
 
     buf = io.BytesIO()
     np.savez(buf, **split)
-    _write_bytes(path, buf.getvalue())
+    fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- training loop
@@ -391,8 +362,8 @@ def _make_callbacks(out_dir: Path, state: dict[str, Any],
             state["model_file"] = model_name
             # state.json (which holds the history) is the commit point of this epoch;
             # history.json is a copy written after it, so it never runs ahead of the state.
-            _write_json(ckpt_dir / STATE_FILE, state)
-            _write_json(out_dir / HISTORY_FILE, state["history"])
+            fileio.write_json_atomic(ckpt_dir / STATE_FILE, state)
+            fileio.write_json_atomic(out_dir / HISTORY_FILE, state["history"])
             for stale in ckpt_dir.iterdir():
                 if stale.name not in (model_name, state["best_file"], STATE_FILE) and \
                         (stale.name.startswith("epoch-") or stale.name.startswith("best-")):
@@ -543,8 +514,8 @@ def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Pat
     if mode == "new":
         _clear_attempt(out_dir)
     # config.toml first: any directory holding a checkpoint or a split also holds it.
-    _write_bytes(out_dir / CONFIG_FILE, _config_text(arch, data, config).encode())
-    _write_json(out_dir / DATA_FILE, record)
+    fileio.write_bytes_atomic(out_dir / CONFIG_FILE, _config_text(arch, data, config).encode())
+    fileio.write_json_atomic(out_dir / DATA_FILE, record)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if mode == "new" or not (out_dir / SPLIT_FILE).is_file():
         _save_split(out_dir / SPLIT_FILE, split)
@@ -554,7 +525,7 @@ def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Pat
                                    data, progress, callbacks, t_start, keras)
     except Exception as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
-        _write_bytes(out_dir / FAILED_FILE, (message + "\n").encode())
+        fileio.write_bytes_atomic(out_dir / FAILED_FILE, (message + "\n").encode())
         raise
 
 
@@ -614,7 +585,7 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
     calibration = _calibrate(model, store_path, split["val"])
     with _atomic(out_dir / MODEL_FILE) as tmp:
         model.save(tmp)
-    _write_json(out_dir / HISTORY_FILE, state["history"])
+    fileio.write_json_atomic(out_dir / HISTORY_FILE, state["history"])
     return _evaluate(model, store_path, arch, out_dir, config, info, split, data, state, t_start,
                      calibration)
 
@@ -682,8 +653,8 @@ def _evaluate(model, store_path: Stores, arch: str, out_dir: Path, config: Train
     _plot_examples(plots, store_path, test[finite], y, p, out_dir / "examples.png", title,
                    config.seed)
     metrics["wall_time_s"] = float(state.get("train_time_s", 0.0)) + (time.monotonic() - t_start)
-    _write_json(out_dir / METRICS_FILE, metrics)  # last: marks the run as done
-    return json.loads(json.dumps(_jsonable(metrics)))
+    fileio.write_json_atomic(out_dir / METRICS_FILE, metrics)  # last: marks the run as done
+    return json.loads(json.dumps(fileio.jsonable(metrics)))
 
 
 def _open_stores(paths: Path | str | Sequence[Path | str],
@@ -743,7 +714,7 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    _write_bytes(path, buf.getvalue())
+    fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 def _plot_completeness(plots, scores: dict[str, Any], path: Path, title: str) -> None:
