@@ -340,52 +340,64 @@ def ingest(
     out = Path(out)
     if chunk_rows < 1:
         raise UsageError(f"ingest: chunk_rows must be a positive integer, got {chunk_rows}")
-    if candidates is not None and (sources is not None or noise is not None):
-        raise UsageError("ingest: candidates cannot be combined with sources/noise")
-    if candidates is None and (sources is None or noise is None):
-        raise UsageError("ingest: give sources and noise (a labelled store) or candidates")
-
-    inputs = (_open_labelled(Path(sources), Path(noise), key) if candidates is None
-              else [(_open_array(candidates, key), None)])
-    for src, _ in inputs:
-        with contextlib.suppress(OSError):
-            if out.exists() and out.samefile(src.path):
-                raise _fail(out, f"is also the input {src.path}; choose another output name")
-
+    inputs = _ingest_inputs(out, sources, noise, candidates, key)
     total = sum(src.n for src, _ in inputs)
     columns = ingest_meta.merge(
         ingest_meta.read_table(meta, total) if meta is not None else {},
         Path(meta) if meta is not None else None,
         ingest_meta.concatenate([(src.path, _npz_extras(src)) for src, _ in inputs]))
-    stamp_shape = inputs[0][0].stamp_shape
-    labelled = candidates is None
-    chunk_rows = min(int(chunk_rows), total)
     attrs: dict[str, Any] = {"created_by": "stampbatch ingest"}
     for src, kind in inputs:
         attrs[f"ingested_{kind or 'candidates'}"] = str(Path(src.path).resolve()) + (
             f"[{src.key}]" if src.key is not None else "")
     if meta is not None:
         attrs["ingested_meta"] = str(Path(meta).resolve())
-    block_rows = _block_rows(chunk_rows, stamp_shape)
+    stamp_shape = inputs[0][0].stamp_shape
+    chunk_rows = min(int(chunk_rows), total)
     with Progress(total, f"ingest {out.name}", "stamps", enabled=progress) as bar, \
-            store.StoreWriter(out, labelled=labelled, stamp_shape=stamp_shape,
+            store.StoreWriter(out, labelled=candidates is None, stamp_shape=stamp_shape,
                               chunk_rows=chunk_rows, compression=compression, overwrite=overwrite,
                               attrs=attrs) as writer:
-        offset = 0
-        for src, kind in inputs:
-            for start, stamps in src.blocks(block_rows):
-                n = len(stamps)
-                row_meta: dict[str, np.ndarray] = {
-                    name: col[offset + start:offset + start + n] for name, col in columns.items()}
-                row_meta["source_row"] = np.arange(start, start + n, dtype=np.int64)
-                labels = None
-                if labelled:
-                    row_meta[store.META_KIND] = np.full(n, kind, dtype="S6")
-                    labels = np.full(n, 1 if kind == "source" else 0, dtype=np.int8)
-                writer.append(stamps, labels, row_meta)
-                bar.update(n)
-            offset += src.n
+        _write_inputs(writer, inputs, columns, _block_rows(chunk_rows, stamp_shape), bar)
     return store.open_store(out)
+
+
+def _ingest_inputs(out: Path, sources: Path | str | None, noise: Path | str | None,
+                   candidates: Path | str | None, key: str | None
+                   ) -> list[tuple[_ArraySource, str | None]]:
+    """The validated inputs of an ingest with their kind ("source", "noise"; None for
+    candidates), none of them the output file."""
+    if candidates is not None and (sources is not None or noise is not None):
+        raise UsageError("ingest: candidates cannot be combined with sources/noise")
+    if candidates is None and (sources is None or noise is None):
+        raise UsageError("ingest: give sources and noise (a labelled store) or candidates")
+    inputs = (_open_labelled(Path(sources), Path(noise), key) if candidates is None
+              else [(_open_array(candidates, key), None)])
+    for src, _ in inputs:
+        with contextlib.suppress(OSError):
+            if out.exists() and out.samefile(src.path):
+                raise _fail(out, f"is also the input {src.path}; choose another output name")
+    return inputs
+
+
+def _write_inputs(writer: store.StoreWriter, inputs: list[tuple[_ArraySource, str | None]],
+                  columns: dict[str, np.ndarray], block_rows: int, bar: Progress) -> None:
+    """Append every input a block at a time, with labels, kind, source_row and the block's
+    slice of the metadata ``columns`` (which run over all inputs in order)."""
+    offset = 0
+    for src, kind in inputs:
+        for start, stamps in src.blocks(block_rows):
+            n = len(stamps)
+            row_meta = {name: col[offset + start:offset + start + n]
+                        for name, col in columns.items()}
+            row_meta["source_row"] = np.arange(start, start + n, dtype=np.int64)
+            labels = None
+            if kind is not None:
+                row_meta[store.META_KIND] = np.full(n, kind, dtype="S6")
+                labels = np.full(n, 1 if kind == "source" else 0, dtype=np.int8)
+            writer.append(stamps, labels, row_meta)
+            bar.update(n)
+        offset += src.n
 
 
 def __getattr__(name: str) -> Any:

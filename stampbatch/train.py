@@ -333,54 +333,77 @@ def _make_callbacks(out_dir: Path, state: dict[str, Any],
         def on_epoch_end(self, epoch, logs=None):
             logs = dict(logs or {})
             elapsed = time.monotonic() - self._t0
-            if "val_loss" not in logs:
-                raise TrainError(f"{out_dir}: the validation split yielded no finite stamps")
-            if not math.isfinite(float(logs.get("loss", math.nan))):
-                raise TrainError(f"{out_dir}: training diverged (loss {logs.get('loss')} at epoch "
-                                 f"{epoch + 1}); lower the learning rate")
-            for key in HISTORY_KEYS:
-                state["history"].setdefault(key, []).append(float(logs.get(key, math.nan)))
-            state["epoch"] = epoch + 1
-            state["train_time_s"] = float(state.get("train_time_s", 0.0)) + elapsed
-            val_loss = float(logs["val_loss"])
-            improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+            improved = _record_epoch(state, logs, epoch, elapsed, config, out_dir)
             if improved:
-                state.update(best_val_loss=val_loss, best_epoch=epoch + 1, wait=0,
-                             best_val_accuracy=float(logs.get("val_accuracy", math.nan)))
-                best_name = f"best-{epoch + 1:04d}.weights.h5"
-                with _atomic(ckpt_dir / best_name) as tmp:
+                with _atomic(ckpt_dir / state["best_file"]) as tmp:
                     self.model.save_weights(tmp)
-                state["best_file"] = best_name
-            else:
-                state["wait"] = int(state.get("wait", 0)) + 1
-            if config.patience and state["wait"] >= config.patience:
-                state["stopped_early"] = True
+            if state.get("stopped_early"):
                 self.model.stop_training = True
-            model_name = f"epoch-{epoch + 1:04d}.keras"
-            with _atomic(ckpt_dir / model_name) as tmp:
-                self.model.save(tmp)
-            state["model_file"] = model_name
-            # state.json (which holds the history) is the commit point of this epoch;
-            # history.json is a copy written after it, so it never runs ahead of the state.
-            fileio.write_json_atomic(ckpt_dir / STATE_FILE, state)
-            fileio.write_json_atomic(out_dir / HISTORY_FILE, state["history"])
-            for stale in ckpt_dir.iterdir():
-                if stale.name not in (model_name, state["best_file"], STATE_FILE) and \
-                        (stale.name.startswith("epoch-") or stale.name.startswith("best-")):
-                    stale.unlink(missing_ok=True)
+            _commit_epoch(self.model, out_dir, state, epoch)
             if progress:
                 self._bar.enabled = False
-                rate = steps * config.batch_size / max(elapsed, 1e-9)
                 if sys.stderr.isatty():
                     sys.stderr.write("\r\033[K")
-                print(f"{arch} epoch {epoch + 1}/{config.epochs}: loss {logs.get('loss', 0):.4f} "
-                      f"acc {logs.get('accuracy', 0):.4f} val_loss {val_loss:.4f} "
-                      f"val_acc {logs.get('val_accuracy', 0):.4f}, {elapsed:.1f} s, "
-                      f"{rate:,.0f} stamps/s" + (" *" if improved else "")
-                      + (" (early stop)" if state.get("stopped_early") else ""),
-                      file=sys.stderr, flush=True)
+                print(_epoch_line(arch, epoch, config, logs, steps, elapsed, improved,
+                                  bool(state.get("stopped_early"))), file=sys.stderr, flush=True)
 
     return [Checkpoint()]
+
+
+def _record_epoch(state: dict[str, Any], logs: dict[str, Any], epoch: int, elapsed: float,
+                  config: TrainConfig, out_dir: Path) -> bool:
+    """Check the epoch's losses, append them to the history, and update the best epoch and
+    early stopping in ``state``; True when the validation loss improved (``best_file`` then
+    names the weights to save)."""
+    if "val_loss" not in logs:
+        raise TrainError(f"{out_dir}: the validation split yielded no finite stamps")
+    if not math.isfinite(float(logs.get("loss", math.nan))):
+        raise TrainError(f"{out_dir}: training diverged (loss {logs.get('loss')} at epoch "
+                         f"{epoch + 1}); lower the learning rate")
+    for key in HISTORY_KEYS:
+        state["history"].setdefault(key, []).append(float(logs.get(key, math.nan)))
+    state["epoch"] = epoch + 1
+    state["train_time_s"] = float(state.get("train_time_s", 0.0)) + elapsed
+    val_loss = float(logs["val_loss"])
+    improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+    if improved:
+        state.update(best_val_loss=val_loss, best_epoch=epoch + 1, wait=0,
+                     best_val_accuracy=float(logs.get("val_accuracy", math.nan)),
+                     best_file=f"best-{epoch + 1:04d}.weights.h5")
+    else:
+        state["wait"] = int(state.get("wait", 0)) + 1
+    if config.patience and state["wait"] >= config.patience:
+        state["stopped_early"] = True
+    return improved
+
+
+def _commit_epoch(model, out_dir: Path, state: dict[str, Any], epoch: int) -> None:
+    """Save the epoch's model, then state.json (the commit point), then history.json, then
+    drop the checkpoints that state.json no longer names."""
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    model_name = f"epoch-{epoch + 1:04d}.keras"
+    with _atomic(ckpt_dir / model_name) as tmp:
+        model.save(tmp)
+    state["model_file"] = model_name
+    # state.json (which holds the history) is the commit point of this epoch;
+    # history.json is a copy written after it, so it never runs ahead of the state.
+    fileio.write_json_atomic(ckpt_dir / STATE_FILE, state)
+    fileio.write_json_atomic(out_dir / HISTORY_FILE, state["history"])
+    for stale in ckpt_dir.iterdir():
+        if stale.name not in (model_name, state["best_file"], STATE_FILE) and \
+                (stale.name.startswith("epoch-") or stale.name.startswith("best-")):
+            stale.unlink(missing_ok=True)
+
+
+def _epoch_line(arch: str, epoch: int, config: TrainConfig, logs: dict[str, Any], steps: int,
+                elapsed: float, improved: bool, stopped_early: bool) -> str:
+    """One progress line per epoch: losses, accuracies, time and stamps per second."""
+    rate = steps * config.batch_size / max(elapsed, 1e-9)
+    return (f"{arch} epoch {epoch + 1}/{config.epochs}: loss {logs.get('loss', 0):.4f} "
+            f"acc {logs.get('accuracy', 0):.4f} val_loss {float(logs['val_loss']):.4f} "
+            f"val_acc {logs.get('val_accuracy', 0):.4f}, {elapsed:.1f} s, "
+            f"{rate:,.0f} stamps/s" + (" *" if improved else "")
+            + (" (early stop)" if stopped_early else ""))
 
 
 def compile_model(model, config: TrainConfig) -> None:

@@ -36,7 +36,7 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declarations only
     p = sub.add_parser("simulate", help="write simulated stamps (labelled, or unlabelled candidates)",
                        description="Simulate 21x21 survey stamps: a source (point, compact galaxy "
                                    "or saturated star, SNR 3-100) at the centre or not, in fields of "
