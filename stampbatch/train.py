@@ -547,7 +547,7 @@ def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Pat
         return _train_and_evaluate(stores, arch, out_dir, config, stores.infos[0], labels, split,
                                    data, progress, callbacks, t_start, keras)
     except Exception as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = fileio.one_line(exc, limit=None)
         fileio.write_bytes_atomic(out_dir / FAILED_FILE, (message + "\n").encode())
         raise
 
