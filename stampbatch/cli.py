@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from stampbatch import __version__
 from stampbatch.errors import StampbatchError
+from stampbatch.fileio import one_line
 
 # Groups listed first appear first in --help; any other module in stampbatch.commands follows.
 COMMAND_ORDER = ("data", "train", "launch", "score")
@@ -63,10 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived (``timeout``, ``scancel``, a Slurm time limit)."""
 
@@ -96,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StampbatchError as exc:
         if verbose:
             raise
-        print(f"{prefix}error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{prefix}error: {one_line(exc, limit=None)}", file=sys.stderr)
         return exc.exit_code
     except Terminated:
         print(f"{prefix}terminated (SIGTERM)", file=sys.stderr)
@@ -107,12 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError, MemoryError) as exc:
         if verbose:
             raise
-        print(f"{prefix}error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{prefix}error: {one_line(exc, limit=None)}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback with --verbose
         if verbose:
             raise
-        print(f"{prefix}error: {type(exc).__name__}: {_one_line(exc)} (an unexpected failure; "
+        print(f"{prefix}error: {type(exc).__name__}: {one_line(exc, limit=None)} (an unexpected failure; "
               f"rerun with --verbose for the traceback and report it)", file=sys.stderr)
         return 1
     finally:

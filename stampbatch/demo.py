@@ -81,7 +81,7 @@ def write_kbmod_results(path: Path, candidates: Path, n: int, seed: int = 3) -> 
     t.write(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="where everything goes")
     parser.add_argument("--train-stamps", type=int, default=30_000, help="labelled training stamps")
@@ -91,7 +91,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--costly-occlusion", default="above:0.995", metavar="above:P",
                         help="occlusion selection for models above 10 M multiply-adds per stamp "
                              "(resnet50); the others map every candidate above 0.5")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _score_all(candidates: Path, run_dirs: list[Path], costly_occlusion: str) -> None:
+    """Score the candidates with every run, occlusion maps limited for the costly models.
+
+    An occlusion map costs 289 forward passes. For the small models that is cheap; for a
+    model like resnet50 (~70x vgg6's multiply-adds) the few thousand candidates above 0.5
+    would take most of an hour on two CPU cores, so its maps are limited to the most
+    confident candidates here (on a GPU node use --occlusion above:0.5 for every model).
+    """
+    cheap = [d for d in run_dirs if macs_per_stamp(d) <= COSTLY_MACS]
+    costly = [d for d in run_dirs if macs_per_stamp(d) > COSTLY_MACS]
+    for group, occlusion in ((cheap, "above:0.5"), (costly, costly_occlusion)):
+        if group:
+            score = ["score", str(candidates), "--occlusion", occlusion]
+            for run_dir in group:
+                score += ["--model", str(run_dir)]
+            run(score)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -114,18 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dirs = sorted(p.parent for p in runs.glob("*/model.keras"))
     if not run_dirs:
         raise SystemExit(f"demo: no trained model under {runs}")
-    # An occlusion map costs 289 forward passes. For the small models that is cheap; for a
-    # model like resnet50 (~70x vgg6's multiply-adds) the few thousand candidates above 0.5
-    # would take most of an hour on two CPU cores, so its maps are limited to the most
-    # confident candidates here (on a GPU node use --occlusion above:0.5 for every model).
-    cheap = [d for d in run_dirs if macs_per_stamp(d) <= COSTLY_MACS]
-    costly = [d for d in run_dirs if macs_per_stamp(d) > COSTLY_MACS]
-    for group, occlusion in ((cheap, "above:0.5"), (costly, args.costly_occlusion)):
-        if group:
-            score = ["score", str(candidates), "--occlusion", occlusion]
-            for run_dir in group:
-                score += ["--model", str(run_dir)]
-            run(score)
+    _score_all(candidates, run_dirs, args.costly_occlusion)
 
     models = [p.name for p in run_dirs]
     figures = out / "figures"

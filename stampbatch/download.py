@@ -9,7 +9,6 @@ Credentials in a URL (``user:password@``) never appear in a message.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import re
@@ -24,7 +23,8 @@ import requests
 import urllib3
 
 from stampbatch.errors import StampbatchError, UsageError
-from stampbatch.fetch import FetchError, _fail, _one_line
+from stampbatch.fetch import FetchError, _fail
+from stampbatch.fileio import fsync_dir, fsync_file, one_line, sha256_file
 from stampbatch.progress import Progress
 
 try:  # advisory lock on the partial download; not available on Windows
@@ -62,14 +62,6 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=user + host))
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _Retry(Exception):
     """One attempt failed in a way that another attempt may fix."""
 
@@ -77,11 +69,11 @@ class _Retry(Exception):
 def _describe_network_error(exc: BaseException) -> str:
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)):
         return "timed out"
-    text = _one_line(exc, limit=1000)
+    text = one_line(exc, limit=1000)
     errno_text = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
     if errno_text:
         return errno_text.group(1).strip()
-    return _one_line(exc)
+    return one_line(exc)
 
 
 def _get(session: requests.Session, url: str, headers: dict[str, str],
@@ -93,7 +85,7 @@ def _get(session: requests.Session, url: str, headers: dict[str, str],
             resp = session.get(chain[-1], headers=headers, stream=True, timeout=(timeout, timeout),
                                allow_redirects=False)
         except requests.exceptions.InvalidURL as exc:
-            raise UsageError(f"{chain[-1]}: invalid URL ({_one_line(exc)})") from exc
+            raise UsageError(f"{chain[-1]}: invalid URL ({one_line(exc)})") from exc
         except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema) as exc:
             raise UsageError(f"{chain[-1]}: not an http(s) URL") from exc
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -202,7 +194,7 @@ def _locked_partial(part: Path) -> Iterator[IO[bytes]]:
     try:
         fh = open(part, "r+b") if part.exists() else open(part, "w+b")
     except OSError as exc:
-        raise _fail(part, f"cannot open the partial download ({_one_line(exc)})") from exc
+        raise _fail(part, f"cannot open the partial download ({one_line(exc)})") from exc
     if fcntl is not None:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -283,7 +275,7 @@ def _fetch(url: str, dest: Path, expected: str, *, retries: int, timeout: float,
     if dest.is_dir():
         raise _fail(dest, "is a directory")
     if dest.exists():
-        actual = _sha256_file(dest)
+        actual = sha256_file(dest)
         if actual == expected:
             return Fetched(dest, downloaded=False)
         if not overwrite:
@@ -303,7 +295,7 @@ def _fetch(url: str, dest: Path, expected: str, *, retries: int, timeout: float,
             while True:
                 _transfer(session, url, fh, retries=retries, timeout=timeout, backoff=backoff,
                           progress=progress, label=f"fetch {dest.name}")
-                actual = _sha256_file(part)
+                actual = sha256_file(part)
                 if actual == expected:
                     break
                 if resumed_stale:
@@ -315,17 +307,13 @@ def _fetch(url: str, dest: Path, expected: str, *, retries: int, timeout: float,
                 part.unlink(missing_ok=True)
                 raise FetchError(f"{url}: sha256 mismatch: expected {expected}, got {actual}; "
                                  f"the download was discarded")
-            os.fsync(fh.fileno())
+            fh.flush()
+            fsync_file(part)
             os.replace(part, dest)
     finally:
         if own_session:
             session.close()
-    with contextlib.suppress(OSError):
-        fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(parent)
     return Fetched(dest, downloaded=True)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from stampbatch import store
+from stampbatch import fileio, store
 from stampbatch.errors import StampbatchError
 from stampbatch.metrics import (
     MAX_GROUPS,
@@ -160,10 +160,8 @@ def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     if figures:
         _figures(out_dir, result, scores, thresholds)
-    text = json.dumps(result, indent=1, allow_nan=False) + "\n"
-    with store.atomic_path(out_dir / EVALUATION_FILE, overwrite=True, suffix=".json") as tmp:
-        tmp.write_text(text)
-    return json.loads(text)
+    path = fileio.write_json_atomic(out_dir / EVALUATION_FILE, result)
+    return json.loads(path.read_text())
 
 
 def _at_thresholds(y: np.ndarray, p: np.ndarray, thresholds: dict[str, float],

@@ -20,8 +20,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from stampbatch import store
+from stampbatch import ingest_meta, store
 from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.fileio import one_line
 from stampbatch.progress import Progress
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -37,11 +38,6 @@ class FetchError(StampbatchError):
 
 def _fail(path: Path | str, problem: str) -> FetchError:
     return FetchError(f"{path}: {problem}")
-
-
-def _one_line(exc: BaseException | str, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- reading arrays
@@ -91,7 +87,7 @@ class _ArraySource:
         try:
             arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise _fail(self.path, f"unreadable .npy file ({_one_line(exc)})") from exc
+            raise _fail(self.path, f"unreadable .npy file ({one_line(exc)})") from exc
         for lo in range(0, self.n, block_rows):
             yield lo, self._as_stamps(arr[lo:lo + block_rows], lo)
 
@@ -115,7 +111,7 @@ class _ArraySource:
                     yield lo, self._as_stamps(np.frombuffer(raw, dtype=self.dtype).reshape(rows, -1),
                                               lo)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise _fail(self.label, f"corrupt .npz member ({_one_line(exc)})") from exc
+            raise _fail(self.label, f"corrupt .npz member ({one_line(exc)})") from exc
 
 
 def _read_exact(fp: IO[bytes], nbytes: int, label: str) -> bytes:
@@ -138,7 +134,7 @@ def _read_npy_header(fp: IO[bytes], label: str) -> tuple[tuple[int, ...], bool, 
         else:  # pragma: no cover - read_magic accepts only the versions above today
             raise ValueError(f"unsupported .npy format version {version}")
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
-        raise _fail(label, f"not a readable .npy array ({_one_line(exc)})") from exc
+        raise _fail(label, f"not a readable .npy array ({one_line(exc)})") from exc
     return tuple(int(s) for s in shape), bool(fortran_order), np.dtype(dtype)
 
 
@@ -192,6 +188,18 @@ def _open_npy(path: Path, stamp_shape: tuple[int, int] | None) -> _ArraySource:
     return src
 
 
+def _only_stamp_member(zf: zipfile.ZipFile, path: Path, names: list[str]) -> str:
+    """The one 2-D/3-D member among several (the rest are per-stamp metadata), or a refusal."""
+    stamp_like = []
+    for name in names:
+        with zf.open(f"{name}.npy") as fp:
+            if len(_read_npy_header(fp, f"{path}[{name}]")[0]) in (2, 3):
+                stamp_like.append(name)
+    if len(stamp_like) != 1:
+        raise _fail(path, f"holds {len(names)} arrays ({', '.join(names)}); choose one with --key")
+    return stamp_like[0]
+
+
 def _open_npz(path: Path, key: str | None, stamp_shape: tuple[int, int] | None) -> _ArraySource:
     try:
         with zipfile.ZipFile(path) as zf:
@@ -200,10 +208,7 @@ def _open_npz(path: Path, key: str | None, stamp_shape: tuple[int, int] | None) 
             if not names:
                 raise _fail(path, "holds no arrays (an .npz with no .npy members)")
             if key is None:
-                if len(names) > 1:
-                    raise _fail(path, f"holds {len(names)} arrays ({', '.join(names)}); "
-                                      f"choose one with --key")
-                key = names[0]
+                key = names[0] if len(names) == 1 else _only_stamp_member(zf, path, names)
             elif key not in names:
                 raise _fail(path, f"has no array '{key}' (it has: {', '.join(names)})")
             label = f"{path}[{key}]"
@@ -211,7 +216,7 @@ def _open_npz(path: Path, key: str | None, stamp_shape: tuple[int, int] | None) 
                 shape, fortran_order, dtype = _read_npy_header(fp, label)
     except zipfile.BadZipFile as exc:
         raise _fail(path, f"not a readable .npz archive, truncated or corrupt "
-                          f"({_one_line(exc)})") from exc
+                          f"({one_line(exc)})") from exc
     return _check_array(_ArraySource(path, key, dtype, shape, fortran_order, 0), stamp_shape)
 
 
@@ -227,7 +232,7 @@ def _open_array(path: Path | str, key: str | None = None,
         with open(path, "rb") as fh:
             magic = fh.read(len(_NPY_MAGIC))
     except OSError as exc:
-        raise _fail(path, f"cannot read ({_one_line(exc.strerror or exc)})") from exc
+        raise _fail(path, f"cannot read ({one_line(exc.strerror or exc)})") from exc
     if magic.startswith(_NPY_MAGIC):
         return _open_npy(path, stamp_shape)
     if magic[:4] in _ZIP_MAGICS:
@@ -246,6 +251,38 @@ def load_stamp_array(path: Path | str, *, key: str | None = None,
     src = _open_array(path, key, stamp_shape)
     (_, stamps), = src.blocks(src.n)
     return stamps
+
+
+def _npz_extras(src: _ArraySource) -> dict[str, np.ndarray]:
+    """The other 1-D members of the stamps' .npz, one value per stamp: metadata columns.
+
+    Members of other shapes (a scalar such as the pixel scale) are not per-stamp: left out.
+    """
+    if src.key is None:
+        return {}
+    out: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(src.path) as zf:
+            for member in zf.namelist():
+                name = member[: -len(".npy")]
+                if not member.endswith(".npy") or name == src.key:
+                    continue
+                label = f"{src.path}[{name}]"
+                with zf.open(member) as fp:
+                    shape, fortran_order, dtype = _read_npy_header(fp, label)
+                    if len(shape) != 1:
+                        continue
+                    if dtype.hasobject:
+                        raise _fail(label, "holds Python objects (pickle); refusing to load it")
+                    if shape[0] != src.n:
+                        raise _fail(label, f"has {shape[0]} values but {src.label} holds "
+                                           f"{src.n} stamps; a 1-D key is one value per stamp")
+                    raw = _read_exact(fp, shape[0] * dtype.itemsize, label)
+                out[name] = ingest_meta.check_column(
+                    src.path, name, np.frombuffer(raw, dtype=dtype).copy(), src.n)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise _fail(src.path, f"corrupt .npz member ({one_line(exc)})") from exc
+    return out
 
 
 # --------------------------------------------------------------------------- ingest
@@ -283,6 +320,7 @@ def ingest(
     noise: Path | str | None = None,
     candidates: Path | str | None = None,
     key: str | None = None,
+    meta: Path | str | None = None,
     chunk_rows: int = store.DEFAULT_CHUNK_ROWS,
     compression: str | None = None,
     overwrite: bool = False,
@@ -293,49 +331,73 @@ def ingest(
     Labelled: ``sources`` (stamps with a source at the centre, label 1) then ``noise``
     (label 0), with metadata ``kind`` ("source"/"noise") and ``source_row`` (row within its
     input file). Unlabelled: ``candidates``, with ``source_row``. ``key`` names the array
-    inside any .npz input (.npy inputs ignore it). Every input is validated before anything is written, and nothing
-    appears at ``out`` unless the whole store was written.
+    inside any .npz input (.npy inputs ignore it); the .npz's other 1-D keys of one value per
+    stamp become metadata columns too, and so do the columns of the CSV table ``meta`` (one
+    row per stamp in store order, see :mod:`stampbatch.ingest_meta`). Every input is
+    validated before anything is written, and nothing appears at ``out`` unless the whole
+    store was written.
     """
     out = Path(out)
     if chunk_rows < 1:
         raise UsageError(f"ingest: chunk_rows must be a positive integer, got {chunk_rows}")
+    inputs = _ingest_inputs(out, sources, noise, candidates, key)
+    total = sum(src.n for src, _ in inputs)
+    columns = ingest_meta.merge(
+        ingest_meta.read_table(meta, total) if meta is not None else {},
+        Path(meta) if meta is not None else None,
+        ingest_meta.concatenate([(src.path, _npz_extras(src)) for src, _ in inputs]))
+    attrs: dict[str, Any] = {"created_by": "stampbatch ingest"}
+    for src, kind in inputs:
+        attrs[f"ingested_{kind or 'candidates'}"] = str(Path(src.path).resolve()) + (
+            f"[{src.key}]" if src.key is not None else "")
+    if meta is not None:
+        attrs["ingested_meta"] = str(Path(meta).resolve())
+    stamp_shape = inputs[0][0].stamp_shape
+    chunk_rows = min(int(chunk_rows), total)
+    with Progress(total, f"ingest {out.name}", "stamps", enabled=progress) as bar, \
+            store.StoreWriter(out, labelled=candidates is None, stamp_shape=stamp_shape,
+                              chunk_rows=chunk_rows, compression=compression, overwrite=overwrite,
+                              attrs=attrs) as writer:
+        _write_inputs(writer, inputs, columns, _block_rows(chunk_rows, stamp_shape), bar)
+    return store.open_store(out)
+
+
+def _ingest_inputs(out: Path, sources: Path | str | None, noise: Path | str | None,
+                   candidates: Path | str | None, key: str | None
+                   ) -> list[tuple[_ArraySource, str | None]]:
+    """The validated inputs of an ingest with their kind ("source", "noise"; None for
+    candidates), none of them the output file."""
     if candidates is not None and (sources is not None or noise is not None):
         raise UsageError("ingest: candidates cannot be combined with sources/noise")
     if candidates is None and (sources is None or noise is None):
         raise UsageError("ingest: give sources and noise (a labelled store) or candidates")
-
     inputs = (_open_labelled(Path(sources), Path(noise), key) if candidates is None
               else [(_open_array(candidates, key), None)])
     for src, _ in inputs:
         with contextlib.suppress(OSError):
             if out.exists() and out.samefile(src.path):
                 raise _fail(out, f"is also the input {src.path}; choose another output name")
+    return inputs
 
-    total = sum(src.n for src, _ in inputs)
-    stamp_shape = inputs[0][0].stamp_shape
-    labelled = candidates is None
-    chunk_rows = min(int(chunk_rows), total)
-    attrs: dict[str, Any] = {"created_by": "stampbatch ingest"}
+
+def _write_inputs(writer: store.StoreWriter, inputs: list[tuple[_ArraySource, str | None]],
+                  columns: dict[str, np.ndarray], block_rows: int, bar: Progress) -> None:
+    """Append every input a block at a time, with labels, kind, source_row and the block's
+    slice of the metadata ``columns`` (which run over all inputs in order)."""
+    offset = 0
     for src, kind in inputs:
-        attrs[f"ingested_{kind or 'candidates'}"] = str(Path(src.path).resolve()) + (
-            f"[{src.key}]" if src.key is not None else "")
-    block_rows = _block_rows(chunk_rows, stamp_shape)
-    with Progress(total, f"ingest {out.name}", "stamps", enabled=progress) as bar, \
-            store.StoreWriter(out, labelled=labelled, stamp_shape=stamp_shape,
-                              chunk_rows=chunk_rows, compression=compression, overwrite=overwrite,
-                              attrs=attrs) as writer:
-        for src, kind in inputs:
-            for start, stamps in src.blocks(block_rows):
-                n = len(stamps)
-                meta: dict[str, np.ndarray] = {
-                    "source_row": np.arange(start, start + n, dtype=np.int64)}
-                labels = None
-                if labelled:
-                    meta["kind"] = np.full(n, kind, dtype="S6")
-                    labels = np.full(n, 1 if kind == "source" else 0, dtype=np.int8)
-                writer.append(stamps, labels, meta)
-                bar.update(n)
-    return store.open_store(out)
+        for start, stamps in src.blocks(block_rows):
+            n = len(stamps)
+            row_meta = {name: col[offset + start:offset + start + n]
+                        for name, col in columns.items()}
+            row_meta["source_row"] = np.arange(start, start + n, dtype=np.int64)
+            labels = None
+            if kind is not None:
+                row_meta[store.META_KIND] = np.full(n, kind, dtype="S6")
+                labels = np.full(n, 1 if kind == "source" else 0, dtype=np.int8)
+            writer.append(stamps, labels, row_meta)
+            bar.update(n)
+        offset += src.n
 
 
 def __getattr__(name: str) -> Any:

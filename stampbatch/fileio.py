@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 from stampbatch.errors import StampbatchError
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+COMPACT_TIMESTAMP = "%Y%m%dT%H%M%SZ"  # the same instant inside a name (launch ids)
 
 
 class FileError(StampbatchError, ValueError):
@@ -46,15 +47,25 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def utc_now() -> str:
-    """The current UTC time as ``YYYY-MM-DDTHH:MM:SSZ`` (the one format the project writes)."""
-    return _dt.datetime.now(_dt.UTC).strftime(TIMESTAMP_FORMAT)
+def utc_now(fmt: str = TIMESTAMP_FORMAT) -> str:
+    """The current UTC time as ``YYYY-MM-DDTHH:MM:SSZ`` (the one format the project writes;
+    :data:`COMPACT_TIMESTAMP` where it becomes part of a name)."""
+    return _dt.datetime.now(_dt.UTC).strftime(fmt)
 
 
-def one_line(exc: BaseException | str, limit: int = 300) -> str:
-    """An exception (or text) squeezed to one line of at most ``limit`` characters."""
+def one_line(exc: BaseException | str, limit: int | None = 300) -> str:
+    """An exception (or text) squeezed to one line of at most ``limit`` characters (None:
+    no limit)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+def telling_line(exc: BaseException | str, limit: int | None = 300) -> str:
+    """The most telling line of a multi-line message (the last one that mentions an error,
+    else the last line), as :func:`one_line` — for a tool's stderr or a job's exception."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "error" in ln.lower()] or lines
+    return one_line(useful[-1], limit) if useful else type(exc).__name__
 
 
 def jsonable(obj: Any) -> Any:

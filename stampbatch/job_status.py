@@ -12,7 +12,6 @@ side-by-side report.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from typing import Any, TextIO
 from submitit.core.utils import JobPaths
 
 from stampbatch.errors import StampbatchError
+from stampbatch.fileio import TIMESTAMP_FORMAT, jsonable, write_json_atomic
 
 MANIFEST_NAME = "launch-manifest.json"  # in the runs directory: every launch and its jobs
 MANIFEST_VERSION = 1
@@ -224,7 +224,7 @@ def _status_of(record: Mapping[str, Any], job: Mapping[str, Any], raw: str | Non
     elif finished:
         state = "FAILED"
     elif raw in (None, ""):
-        submitted = datetime.strptime(record["submitted_at"], "%Y-%m-%dT%H:%M:%SZ")
+        submitted = datetime.strptime(record["submitted_at"], TIMESTAMP_FORMAT)
         age = time.time() - submitted.replace(tzinfo=UTC).timestamp()
         state = "SUBMITTED" if age < _UNSEEN_GRACE_S else "UNKNOWN"
     elif raw == "EXITED":  # a local job whose process ended without a result
@@ -373,18 +373,6 @@ def collect(runs_dir: Path | str) -> tuple[Path, list[JobStatus]]:
     return path, unfinished
 
 
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 # --------------------------------------------------------------------------- the manifest
 
 
@@ -434,15 +422,9 @@ def append_manifest(runs_dir: Path | str, record: Mapping[str, Any], *,
     runs_dir = Path(runs_dir)
     with contextlib.nullcontext() if locked_by_caller else _locked(runs_dir):
         data = read_manifest(runs_dir)
-        data["launches"].append(_jsonable(record))
+        data["launches"].append(jsonable(record))
         return _write_manifest(runs_dir, data)
 
 
 def _write_manifest(runs_dir: Path, data: Mapping[str, Any]) -> Path:
-    from stampbatch.store import atomic_path
-
-    path = manifest_path(runs_dir)
-    text = json.dumps(data, indent=1) + "\n"  # fails before anything is written
-    with atomic_path(path, overwrite=True, suffix=".json") as tmp:
-        tmp.write_text(text)
-    return path
+    return write_json_atomic(manifest_path(runs_dir), data)

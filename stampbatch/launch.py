@@ -23,7 +23,6 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,9 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from stampbatch.config import from_mapping, load_toml
 from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.fileio import COMPACT_TIMESTAMP, jsonable, telling_line, utc_now
 from stampbatch.job_status import (
     LaunchError,
-    _jsonable,
     _latest_jobs,
     _lock_path,
     _locked,
@@ -44,7 +43,7 @@ from stampbatch.job_status import (
     statuses_of,
 )
 from stampbatch.train import TrainConfig
-from stampbatch.train_job import TrainJob, host_requeue_lines, one_line, utc_now
+from stampbatch.train_job import TrainJob, host_requeue_lines
 
 SUBMITIT_DIR = "submitit"  # RUNS/submitit/<launch id>/<job id>/: sbatch script, pickles, logs
 EXECUTORS = ("auto", "slurm", "local")
@@ -433,7 +432,7 @@ def _submit(spec: LaunchSpec, plans: Sequence[JobPlan], kind: str, runs: Path,
         b = busy[0]
         raise UsageError(f"{b.run_dir}: job {b.job_id} of an earlier launch is still "
                          f"{b.state}; wait for it (stampbatch status {runs}) or cancel it")
-    launch_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    launch_id = utc_now(COMPACT_TIMESTAMP) + "-" + secrets.token_hex(3)
     folder = runs / SUBMITIT_DIR / launch_id / "%j"
     executor = _make_executor(kind, folder, spec, plans)
     try:
@@ -445,7 +444,7 @@ def _submit(spec: LaunchSpec, plans: Sequence[JobPlan], kind: str, runs: Path,
     except Exception as exc:  # sbatch refused (bad partition, too many GPUs, ...)
         shutil.rmtree(folder.parent, ignore_errors=True)  # the pickled calls
         raise LaunchError(f"{kind} submission of {len(plans)} job(s) failed: "
-                          f"{one_line(exc)}") from exc
+                          f"{telling_line(exc)}") from exc
     entries = []
     for plan, job in zip(plans, jobs):
         entries.append({
@@ -456,7 +455,7 @@ def _submit(spec: LaunchSpec, plans: Sequence[JobPlan], kind: str, runs: Path,
     record = {
         "id": launch_id, "submitted_at": utc_now(), "executor": kind,
         "folder": str(folder), "spec_file": str(Path(spec_file).absolute()) if spec_file else None,
-        "spec": _jsonable(_absolute_paths(spec)),
+        "spec": jsonable(_absolute_paths(spec)),
         "host": os.uname().nodename, "jobs": entries,
     }
     try:
@@ -464,5 +463,5 @@ def _submit(spec: LaunchSpec, plans: Sequence[JobPlan], kind: str, runs: Path,
     except (OSError, StampbatchError) as exc:
         ids = ", ".join(f"{e['arch']} {e['job_id']}" for e in entries)
         raise LaunchError(f"submitted {ids} but could not write {manifest_path(runs)}: "
-                          f"{one_line(exc)}") from exc
+                          f"{telling_line(exc)}") from exc
     return record

@@ -138,37 +138,53 @@ def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, snr: np.ndarr
         "ece": expected_calibration_error(y, p),
     }
     if snr is not None:
-        s = np.asarray(snr, dtype=np.float64).ravel()
-        if s.shape != y.shape:
-            raise ValueError(f"{len(s)} SNR values for {len(y)} stamps")
-        pos = (y == 1) & np.isfinite(s)
-        edges = np.asarray(bin_edges, dtype=np.float64)
-        comp, counts = binned_completeness(s[pos], pred[pos] == 1, edges)
-        comp_op, _ = binned_completeness(s[pos], p[pos] >= op["threshold"], edges)
-        bright = pos & (s >= SNR_SUMMARY_MIN)
-        n_bright = int(bright.sum())
-        out["completeness_vs_snr"] = {
-            "bin_edges": [float(e) for e in edges], "completeness": comp, "counts": counts,
-            "threshold": 0.5, "completeness_at_operating_point": comp_op,
-            "above_snr": {
-                "snr_min": SNR_SUMMARY_MIN, "count": n_bright,
-                "completeness": float(pred[bright].mean()) if n_bright else None,
-                "completeness_at_operating_point":
-                    float((p[bright] >= op["threshold"]).mean()) if n_bright else None,
-            },
-        }
+        out["completeness_vs_snr"] = _completeness_vs_snr(y, p, pred, snr, op["threshold"],
+                                                          bin_edges)
     if kind is not None:
-        k = np.asarray(kind).astype(str).ravel()
-        if k.shape != y.shape:
-            raise ValueError(f"{len(k)} kinds for {len(y)} stamps")
-        neg, pos = y == 0, y == 1
-        out["fpr_by_kind"] = {str(name): float(pred[neg & (k == name)].mean())
-                              for name in np.unique(k[neg])}
-        out["negatives_by_kind"] = {str(name): int((neg & (k == name)).sum())
-                                    for name in np.unique(k[neg])}
-        out["completeness_by_kind"] = {str(name): float(pred[pos & (k == name)].mean())
-                                       for name in np.unique(k[pos])}
+        out.update(_by_kind(y, pred, kind))
     return out
+
+
+def _completeness_vs_snr(y: np.ndarray, p: np.ndarray, pred: np.ndarray, snr: np.ndarray,
+                         threshold: float, bin_edges: Sequence[float]) -> dict[str, Any]:
+    """Completeness of the sources per SNR bin, at 0.5 and at the operating point, and
+    above :data:`SNR_SUMMARY_MIN`."""
+    s = np.asarray(snr, dtype=np.float64).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"{len(s)} SNR values for {len(y)} stamps")
+    pos = (y == 1) & np.isfinite(s)
+    edges = np.asarray(bin_edges, dtype=np.float64)
+    comp, counts = binned_completeness(s[pos], pred[pos] == 1, edges)
+    comp_op, _ = binned_completeness(s[pos], p[pos] >= threshold, edges)
+    bright = pos & (s >= SNR_SUMMARY_MIN)
+    n_bright = int(bright.sum())
+    return {
+        "bin_edges": [float(e) for e in edges], "completeness": comp, "counts": counts,
+        "threshold": 0.5, "completeness_at_operating_point": comp_op,
+        "above_snr": {
+            "snr_min": SNR_SUMMARY_MIN, "count": n_bright,
+            "completeness": float(pred[bright].mean()) if n_bright else None,
+            "completeness_at_operating_point":
+                float((p[bright] >= threshold).mean()) if n_bright else None,
+        },
+    }
+
+
+def _by_kind(y: np.ndarray, pred: np.ndarray, kind: np.ndarray) -> dict[str, Any]:
+    """False-positive rate and count of each kind of negative, completeness of each kind of
+    source, at threshold 0.5."""
+    k = np.asarray(kind).astype(str).ravel()
+    if k.shape != y.shape:
+        raise ValueError(f"{len(k)} kinds for {len(y)} stamps")
+    neg, pos = y == 0, y == 1
+    return {
+        "fpr_by_kind": {str(name): float(pred[neg & (k == name)].mean())
+                        for name in np.unique(k[neg])},
+        "negatives_by_kind": {str(name): int((neg & (k == name)).sum())
+                              for name in np.unique(k[neg])},
+        "completeness_by_kind": {str(name): float(pred[pos & (k == name)].mean())
+                                 for name in np.unique(k[pos])},
+    }
 
 
 

@@ -88,7 +88,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -97,7 +96,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stampbatch import store
+from stampbatch import fileio, store
 from stampbatch.errors import UsageError
 from stampbatch.field import nearest
 from stampbatch.profiles import render_psf, render_trail
@@ -439,10 +438,7 @@ def iter_blocks(n: int, config: SimConfig, seed: int, *,
 
 
 def _default_workers() -> int:
-    try:
-        return max(1, min(4, len(os.sched_getaffinity(0))))
-    except AttributeError:  # not on Linux
-        return max(1, min(4, os.cpu_count() or 1))
+    return min(4, fileio.cores())
 
 
 def write_simulated(

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from stampbatch import store
+from stampbatch import fileio, store
 from stampbatch.config import from_mapping, load_toml, to_toml
 from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
     StampStream,
@@ -153,16 +153,7 @@ def _atomic(path: Path) -> contextlib.AbstractContextManager[Path]:
     complete new one, never a partial one."""
     path = Path(path)
     suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
-    return store.atomic_path(path, overwrite=True, suffix=suffix)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with _atomic(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_bytes(path, (json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n").encode())
+    return fileio.atomic_path(path, overwrite=True, suffix=suffix)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -172,36 +163,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise TrainError(f"{path}: unreadable ({exc})") from exc
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types; NaN and infinities become null."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def configure_tensorflow() -> None:
     """oneDNN on, quiet logs, and one intra-op thread per available core (before TF starts)."""
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = fileio.cores()
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(int(cores or 1))
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, int(cores or 1)))
+        tf.config.threading.set_intra_op_parallelism_threads(cores)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, cores))
     except RuntimeError:  # TensorFlow already running in this process: keep its pools
         pass
 
@@ -318,7 +289,7 @@ def _save_split(path: Path, split: dict[str, np.ndarray]) -> None:
 
     buf = io.BytesIO()
     np.savez(buf, **split)
-    _write_bytes(path, buf.getvalue())
+    fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- training loop
@@ -362,54 +333,77 @@ def _make_callbacks(out_dir: Path, state: dict[str, Any],
         def on_epoch_end(self, epoch, logs=None):
             logs = dict(logs or {})
             elapsed = time.monotonic() - self._t0
-            if "val_loss" not in logs:
-                raise TrainError(f"{out_dir}: the validation split yielded no finite stamps")
-            if not math.isfinite(float(logs.get("loss", math.nan))):
-                raise TrainError(f"{out_dir}: training diverged (loss {logs.get('loss')} at epoch "
-                                 f"{epoch + 1}); lower the learning rate")
-            for key in HISTORY_KEYS:
-                state["history"].setdefault(key, []).append(float(logs.get(key, math.nan)))
-            state["epoch"] = epoch + 1
-            state["train_time_s"] = float(state.get("train_time_s", 0.0)) + elapsed
-            val_loss = float(logs["val_loss"])
-            improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+            improved = _record_epoch(state, logs, epoch, elapsed, config, out_dir)
             if improved:
-                state.update(best_val_loss=val_loss, best_epoch=epoch + 1, wait=0,
-                             best_val_accuracy=float(logs.get("val_accuracy", math.nan)))
-                best_name = f"best-{epoch + 1:04d}.weights.h5"
-                with _atomic(ckpt_dir / best_name) as tmp:
+                with _atomic(ckpt_dir / state["best_file"]) as tmp:
                     self.model.save_weights(tmp)
-                state["best_file"] = best_name
-            else:
-                state["wait"] = int(state.get("wait", 0)) + 1
-            if config.patience and state["wait"] >= config.patience:
-                state["stopped_early"] = True
+            if state.get("stopped_early"):
                 self.model.stop_training = True
-            model_name = f"epoch-{epoch + 1:04d}.keras"
-            with _atomic(ckpt_dir / model_name) as tmp:
-                self.model.save(tmp)
-            state["model_file"] = model_name
-            # state.json (which holds the history) is the commit point of this epoch;
-            # history.json is a copy written after it, so it never runs ahead of the state.
-            _write_json(ckpt_dir / STATE_FILE, state)
-            _write_json(out_dir / HISTORY_FILE, state["history"])
-            for stale in ckpt_dir.iterdir():
-                if stale.name not in (model_name, state["best_file"], STATE_FILE) and \
-                        (stale.name.startswith("epoch-") or stale.name.startswith("best-")):
-                    stale.unlink(missing_ok=True)
+            _commit_epoch(self.model, out_dir, state, epoch)
             if progress:
                 self._bar.enabled = False
-                rate = steps * config.batch_size / max(elapsed, 1e-9)
                 if sys.stderr.isatty():
                     sys.stderr.write("\r\033[K")
-                print(f"{arch} epoch {epoch + 1}/{config.epochs}: loss {logs.get('loss', 0):.4f} "
-                      f"acc {logs.get('accuracy', 0):.4f} val_loss {val_loss:.4f} "
-                      f"val_acc {logs.get('val_accuracy', 0):.4f}, {elapsed:.1f} s, "
-                      f"{rate:,.0f} stamps/s" + (" *" if improved else "")
-                      + (" (early stop)" if state.get("stopped_early") else ""),
-                      file=sys.stderr, flush=True)
+                print(_epoch_line(arch, epoch, config, logs, steps, elapsed, improved,
+                                  bool(state.get("stopped_early"))), file=sys.stderr, flush=True)
 
     return [Checkpoint()]
+
+
+def _record_epoch(state: dict[str, Any], logs: dict[str, Any], epoch: int, elapsed: float,
+                  config: TrainConfig, out_dir: Path) -> bool:
+    """Check the epoch's losses, append them to the history, and update the best epoch and
+    early stopping in ``state``; True when the validation loss improved (``best_file`` then
+    names the weights to save)."""
+    if "val_loss" not in logs:
+        raise TrainError(f"{out_dir}: the validation split yielded no finite stamps")
+    if not math.isfinite(float(logs.get("loss", math.nan))):
+        raise TrainError(f"{out_dir}: training diverged (loss {logs.get('loss')} at epoch "
+                         f"{epoch + 1}); lower the learning rate")
+    for key in HISTORY_KEYS:
+        state["history"].setdefault(key, []).append(float(logs.get(key, math.nan)))
+    state["epoch"] = epoch + 1
+    state["train_time_s"] = float(state.get("train_time_s", 0.0)) + elapsed
+    val_loss = float(logs["val_loss"])
+    improved = state["best_val_loss"] is None or val_loss < state["best_val_loss"]
+    if improved:
+        state.update(best_val_loss=val_loss, best_epoch=epoch + 1, wait=0,
+                     best_val_accuracy=float(logs.get("val_accuracy", math.nan)),
+                     best_file=f"best-{epoch + 1:04d}.weights.h5")
+    else:
+        state["wait"] = int(state.get("wait", 0)) + 1
+    if config.patience and state["wait"] >= config.patience:
+        state["stopped_early"] = True
+    return improved
+
+
+def _commit_epoch(model, out_dir: Path, state: dict[str, Any], epoch: int) -> None:
+    """Save the epoch's model, then state.json (the commit point), then history.json, then
+    drop the checkpoints that state.json no longer names."""
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    model_name = f"epoch-{epoch + 1:04d}.keras"
+    with _atomic(ckpt_dir / model_name) as tmp:
+        model.save(tmp)
+    state["model_file"] = model_name
+    # state.json (which holds the history) is the commit point of this epoch;
+    # history.json is a copy written after it, so it never runs ahead of the state.
+    fileio.write_json_atomic(ckpt_dir / STATE_FILE, state)
+    fileio.write_json_atomic(out_dir / HISTORY_FILE, state["history"])
+    for stale in ckpt_dir.iterdir():
+        if stale.name not in (model_name, state["best_file"], STATE_FILE) and \
+                (stale.name.startswith("epoch-") or stale.name.startswith("best-")):
+            stale.unlink(missing_ok=True)
+
+
+def _epoch_line(arch: str, epoch: int, config: TrainConfig, logs: dict[str, Any], steps: int,
+                elapsed: float, improved: bool, stopped_early: bool) -> str:
+    """One progress line per epoch: losses, accuracies, time and stamps per second."""
+    rate = steps * config.batch_size / max(elapsed, 1e-9)
+    return (f"{arch} epoch {epoch + 1}/{config.epochs}: loss {logs.get('loss', 0):.4f} "
+            f"acc {logs.get('accuracy', 0):.4f} val_loss {float(logs['val_loss']):.4f} "
+            f"val_acc {logs.get('val_accuracy', 0):.4f}, {elapsed:.1f} s, "
+            f"{rate:,.0f} stamps/s" + (" *" if improved else "")
+            + (" (early stop)" if stopped_early else ""))
 
 
 def compile_model(model, config: TrainConfig) -> None:
@@ -543,8 +537,8 @@ def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Pat
     if mode == "new":
         _clear_attempt(out_dir)
     # config.toml first: any directory holding a checkpoint or a split also holds it.
-    _write_bytes(out_dir / CONFIG_FILE, _config_text(arch, data, config).encode())
-    _write_json(out_dir / DATA_FILE, record)
+    fileio.write_bytes_atomic(out_dir / CONFIG_FILE, _config_text(arch, data, config).encode())
+    fileio.write_json_atomic(out_dir / DATA_FILE, record)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if mode == "new" or not (out_dir / SPLIT_FILE).is_file():
         _save_split(out_dir / SPLIT_FILE, split)
@@ -553,8 +547,8 @@ def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Pat
         return _train_and_evaluate(stores, arch, out_dir, config, stores.infos[0], labels, split,
                                    data, progress, callbacks, t_start, keras)
     except Exception as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        _write_bytes(out_dir / FAILED_FILE, (message + "\n").encode())
+        message = fileio.one_line(exc, limit=None)
+        fileio.write_bytes_atomic(out_dir / FAILED_FILE, (message + "\n").encode())
         raise
 
 
@@ -614,7 +608,7 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
     calibration = _calibrate(model, store_path, split["val"])
     with _atomic(out_dir / MODEL_FILE) as tmp:
         model.save(tmp)
-    _write_json(out_dir / HISTORY_FILE, state["history"])
+    fileio.write_json_atomic(out_dir / HISTORY_FILE, state["history"])
     return _evaluate(model, store_path, arch, out_dir, config, info, split, data, state, t_start,
                      calibration)
 
@@ -682,8 +676,8 @@ def _evaluate(model, store_path: Stores, arch: str, out_dir: Path, config: Train
     _plot_examples(plots, store_path, test[finite], y, p, out_dir / "examples.png", title,
                    config.seed)
     metrics["wall_time_s"] = float(state.get("train_time_s", 0.0)) + (time.monotonic() - t_start)
-    _write_json(out_dir / METRICS_FILE, metrics)  # last: marks the run as done
-    return json.loads(json.dumps(_jsonable(metrics)))
+    fileio.write_json_atomic(out_dir / METRICS_FILE, metrics)  # last: marks the run as done
+    return json.loads(json.dumps(fileio.jsonable(metrics)))
 
 
 def _open_stores(paths: Path | str | Sequence[Path | str],
@@ -743,7 +737,7 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    _write_bytes(path, buf.getvalue())
+    fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 def _plot_completeness(plots, scores: dict[str, Any], path: Path, title: str) -> None:

@@ -22,11 +22,11 @@ import contextlib
 import os
 import signal
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import submitit
 
+from stampbatch.fileio import telling_line, utc_now
 from stampbatch.train import TrainConfig
 
 EVENTS_NAME = "launch.log"  # in each run directory: one line per job start, checkpoint, end
@@ -78,17 +78,6 @@ def route_requeue_to_host() -> Path | None:
     return folder
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def one_line(exc: BaseException) -> str:
-    """The most telling line of an exception's message."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if "error" in ln.lower()] or lines
-    return useful[-1] if useful else type(exc).__name__
-
-
 def log_event(run_dir: Path, text: str) -> None:
     """One line in the run directory's launch.log (never fails the job)."""
     with contextlib.suppress(OSError):
@@ -126,7 +115,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         try:
             metrics = train.train_run(Path(data), arch, Path(run_dir), config, progress=True)
         except Exception as exc:
-            log_event(run_dir, f"{_job_label()}: failed: {one_line(exc)}")
+            log_event(run_dir, f"{_job_label()}: failed: {telling_line(exc)}")
             raise
         log_event(run_dir, f"{_job_label()}: done after {metrics.get('epochs_run')} epochs")
         return metrics

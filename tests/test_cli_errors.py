@@ -35,7 +35,7 @@ def test_expected_errors_stay_one_line_with_verbose_off(tmp_path, capsys):
 
 def test_usage_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as info:
-        cli.main(["simulate", "x.h5"])
+        cli.main(["evaluate", "run"])  # --n of simulate has a default now: --data has none
     assert info.value.code == 2
-    assert capsys.readouterr().err == ("stampbatch simulate: error: the following arguments are "
-                                       "required: --n (see 'stampbatch simulate --help')\n")
+    assert capsys.readouterr().err == ("stampbatch evaluate: error: the following arguments are "
+                                       "required: --data (see 'stampbatch evaluate --help')\n")

@@ -120,3 +120,26 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path, capsys):
         evaluate_run(run, tmp_path / "c.h5")
     with pytest.raises(EvaluateError, match="no model.keras"):
         evaluate_run(tmp_path, data)
+
+
+def test_evaluate_by_a_column_of_an_ingested_table(run, tmp_path, capsys):
+    """`ingest --meta TABLE.csv` then `evaluate --by image_type`: group AUCs equal sklearn's."""
+    rng = np.random.default_rng(5)
+    src = gaussian_stamps(120, seed=6, sources=np.ones(120, bool)) + rng.normal(0, 1.5, (120, 21, 21))
+    nse = gaussian_stamps(80, seed=7) + rng.normal(0, 1.5, (80, 21, 21))
+    np.save(tmp_path / "src.npy", src.astype(np.float32))
+    np.save(tmp_path / "nse.npy", nse.astype(np.float32))
+    types = IMAGE_TYPES[np.arange(200) % 4]
+    (tmp_path / "m.csv").write_text("image_type\n" + "\n".join(types) + "\n")
+    data = tmp_path / "real.h5"
+    assert cli.main(["ingest", str(data), "--sources", str(tmp_path / "src.npy"), "--noise",
+                     str(tmp_path / "nse.npy"), "--meta", str(tmp_path / "m.csv")]) == 0
+    assert cli.main(["evaluate", str(run), "--data", str(data), "--by", "image_type",
+                     "--no-figures"]) == 0
+    assert "by image_type:" in capsys.readouterr().out
+    result = json.loads((run / "eval" / "real" / "evaluation.json").read_text())
+    y, p, _ = _independent(run, data)
+    groups = result["groups"]["image_type"]
+    for name in IMAGE_TYPES:
+        sel = types == name
+        assert groups[name]["roc_auc"] == pytest.approx(roc_auc_score(y[sel], p[sel]), abs=1e-9)

@@ -82,3 +82,12 @@ def test_writers_are_found_by_inode_whatever_hdf5_locking_says(tmp_path):
     while (st.st_dev, st.st_ino) in fileio.writers_by_file() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (st.st_dev, st.st_ino) not in fileio.writers_by_file()
+
+
+def test_telling_line_and_compact_timestamp():
+    assert fileio.telling_line("sbatch: queued\nsbatch: error: no partition\n  ") == (
+        "sbatch: error: no partition")
+    assert fileio.telling_line("first\nlast") == "last"
+    assert fileio.one_line("x" * 400, limit=None) == "x" * 400
+    compact = fileio.utc_now(fileio.COMPACT_TIMESTAMP)
+    assert len(compact) == 16 and compact[8] == "T" and compact.endswith("Z")

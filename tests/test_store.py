@@ -31,7 +31,7 @@ def test_create_and_validate_round_trip(tmp_path):
     info, stamps, labels, meta = make_store(path)
     assert info.n_stamps == 100 and info.stamp_shape == (21, 21) and info.labelled
     assert info.meta_columns == ("kind", "snr") and info.chunk_rows == 32
-    with h5py.File(path) as h5:  # the schema of DESIGN.md, checked by name once here
+    with h5py.File(path) as h5:  # the schema of ARCHITECTURE.md, checked by name once here
         assert h5.attrs["stampbatch_schema"] == 1
         assert list(h5.attrs["stamp_shape"]) == [21, 21]
         assert h5["stamps"].dtype == np.float32 and h5["stamps"].chunks == (32, 21, 21)

@@ -36,7 +36,7 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declarations only
     p = sub.add_parser("simulate", help="write simulated stamps (labelled, or unlabelled candidates)",
                        description="Simulate 21x21 survey stamps: a source (point, compact galaxy "
                                    "or saturated star, SNR 3-100) at the centre or not, in fields of "
@@ -69,8 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sources", type=path_arg, metavar="A.npy", help="stamps with a source (label 1)")
     p.add_argument("--noise", type=path_arg, metavar="B.npy", help="stamps without a source (label 0)")
     p.add_argument("--candidates", type=path_arg, metavar="C.npy", help="unlabelled candidate stamps")
-    p.add_argument("--key", default=None, help="array name inside an .npz (default: its only array)")
-    p.add_argument("--kbmod", type=Path, metavar="RESULTS",
+    p.add_argument("--key", default=None,
+                   help="array name inside an .npz (default: its only array); the .npz's other "
+                        "1-D keys with one value per stamp become /meta columns")
+    p.add_argument("--meta", type=path_arg, metavar="TABLE.csv",
+                   help="per-stamp metadata: a CSV with a header and one row per stamp in store "
+                        "order (--sources rows, then --noise rows); numeric and short-text "
+                        "columns become /meta/<column>")
+    p.add_argument("--kbmod", type=path_arg, metavar="RESULTS",
                    help="a KBMOD Results file (.parquet, .parq, .ecsv, .hdf5): stamps from --column, "
                         "centre-cropped to 21x21; uuid and scalar columns kept in /meta")
     p.add_argument("--column", default="coadd_mean", help="with --kbmod: the co-add image column")
@@ -134,6 +140,9 @@ def run_ingest(args: argparse.Namespace) -> int:
     if args.kbmod is not None:
         from stampbatch.commands import _kbmod
 
+        if args.meta is not None or args.sources or args.noise or args.candidates:
+            raise UsageError("--kbmod takes its stamps and metadata from the Results table; give "
+                             "it without --sources/--noise/--candidates/--meta")
         return _kbmod.run_ingest(args)
     if args.candidates is None and (args.sources is None or args.noise is None):
         raise UsageError("give --sources and --noise (a labelled store) or --candidates")
@@ -141,7 +150,7 @@ def run_ingest(args: argparse.Namespace) -> int:
         raise UsageError("--candidates cannot be combined with --sources/--noise")
     info = fetch.ingest(
         args.out, sources=args.sources, noise=args.noise, candidates=args.candidates,
-        key=args.key, chunk_rows=args.chunk_rows, compression=args.compression,
+        key=args.key, meta=args.meta, chunk_rows=args.chunk_rows, compression=args.compression,
         overwrite=args.overwrite,
     )
     print(f"wrote {info.n_stamps:,} stamps to {info.path}")
