@@ -128,9 +128,10 @@ def test_huge_but_ordinary_pixels_do_not_overflow():
 
 def test_training_stream_drops_sentinel_stamps(tmp_path):
     """Three +-3e38 stamps in a training store made training 'diverge'; now they are counted
-    and dropped like NaN stamps (train.StampStream, which normalises with the mask)."""
+    and carry weight 0 like NaN stamps (dataset.StampStream normalises with the mask), so every
+    batch is finite and they have no effect on training."""
     from stampbatch import store
-    from stampbatch.train import StampStream
+    from stampbatch.dataset import StampStream
 
     labels = (np.arange(120) % 2).astype(np.int8)
     stamps = np.random.default_rng(11).normal(size=(120, 21, 21)).astype(np.float32)
@@ -139,8 +140,14 @@ def test_training_stream_drops_sentinel_stamps(tmp_path):
     store.create_store(path, stamps, labels, chunk_rows=32)
     stream = StampStream(path, np.arange(120), 16, (21, 21), seed=0, read_rows=40,
                          shuffle_stamps=40)
+    order = stream.epoch_rows(0)
+    sentinel_in_epoch = int(np.isin(order, [5, 6, 7]).sum())
+    assert sentinel_in_epoch >= 3
     gen = stream.training_batches()
-    for _ in range(8):  # 117 usable stamps: 7 full batches per pass
-        x, _, _ = next(gen)
+    zero_weight = 0
+    for _ in range(stream.steps_per_epoch):
+        x, _, w = next(gen)
         assert np.isfinite(x).all()
-    assert stream.dropped_first_pass == 3
+        zero_weight += int((w == 0).sum())
+    next(gen)  # the first batch of epoch 1: epoch 0's count is final
+    assert zero_weight == sentinel_in_epoch == stream.dropped_first_pass
