@@ -44,6 +44,7 @@ import numpy as np
 from stampbatch import store
 from stampbatch.config import from_mapping, load_toml, to_toml
 from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.export import export_for_scoring
 from stampbatch.models import build_model, check_architecture, count_macs
 from stampbatch.preprocess import normalize_with_mask
 
@@ -770,12 +771,14 @@ def train_run(store_path: Path, arch: str, out_dir: Path, config: TrainConfig, *
     _write_bytes(out_dir / CONFIG_FILE, _config_text(arch, data, config).encode())
     (out_dir / FAILED_FILE).unlink(missing_ok=True)
     try:
-        return _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, data,
-                                   progress, callbacks, t_start, keras)
+        metrics = _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split,
+                                      data, progress, callbacks, t_start, keras)
     except Exception as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         _write_bytes(out_dir / FAILED_FILE, (message + "\n").encode())
         raise
+    export_for_scoring(out_dir)   # the ONNX form, once, after the final model.keras
+    return metrics
 
 
 def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, data, progress,
