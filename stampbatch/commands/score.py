@@ -101,7 +101,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unusable candidate files (listed at the end) instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress line")
-    where = p.add_argument_group("where to run (default: a local Dask cluster for this machine)")
+    where = p.add_argument_group("where to run (default: threads of this process for up to "
+                                 "4 M stamp evaluations, else a local Dask cluster; --workers "
+                                 "always starts one)")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="join a running Dask scheduler (e.g. tcp://host:8786)")
     where.add_argument("--workers", type=positive_int, metavar="N",
