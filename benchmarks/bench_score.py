@@ -290,6 +290,8 @@ def fresh_run(work: Path, arch: str, n_train: int, epochs: int) -> tuple[Path, P
     if not data.exists():
         simulate.write_simulated(data, n_train, seed=1, progress=False)
     run = work / f"run_{arch}_{n_train}_{epochs}"
+    if (run / "metrics.json").is_file():       # trained earlier in this run of the benchmark
+        return run, data
     if run.exists():
         shutil.rmtree(run)
     t0 = time.perf_counter()
@@ -385,7 +387,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists():                          # every model freshly trained, every file new
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     from precision import cpu_flags
 
     model = make_model(work / "vgg6.keras")

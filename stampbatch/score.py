@@ -9,9 +9,10 @@ distributed worker plugin, backed by :func:`stampbatch.inference.cached_predicto
 The public entry point is :func:`score_files` (candidate files, models, a
 :class:`ScoreOptions`) → :class:`ScoreSummary`. A run has three stages, each a few short
 functions here: **plan** (models resolved, files validated, locked, what is done and what
-is not), **run** (chunk tasks on the cluster of :mod:`stampbatch.cluster`, each result
-recorded in the :mod:`stampbatch.journal`), **finalise** (a file's journals written into
-its scores files, which are then linked into the target).
+is not), **run** (chunk tasks on the cluster of :mod:`stampbatch.cluster`, or on threads of
+this process for a small local run, each result recorded in the
+:mod:`stampbatch.journal`), **finalise** (a file's journals written into its scores files,
+which are then linked into the target).
 
 Nothing here trusts a process to finish (SIGKILL included):
 
