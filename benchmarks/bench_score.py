@@ -343,14 +343,21 @@ def bench_rates(run: Path, work: Path, sizes: tuple[int, ...], repeats: int) -> 
                 shutil.rmtree(fresh.parent)
     out: dict = {k: {"median_stamps_per_s": float(np.median(v)), "all": v}
                  for k, v in samples.items()}
-    inf = out["inference only (in memory)"]["median_stamps_per_s"]
-    for row in out.values():
-        row["vs_inference_only"] = row["median_stamps_per_s"] / inf
+    inf = np.array(samples["inference only (in memory)"])
+    for label, row in out.items():   # the load moves between rounds: ratios within a round
+        row["vs_inference_only_median_of_rounds"] = float(np.median(np.array(samples[label])
+                                                                    / inf))
     big, small = max(sizes), min(sizes)
+    def ratio(a: str, b: str) -> float:
+        return float(np.median(np.array(samples[a]) / np.array(samples[b])))
+
     for how in ("in-process", "local Dask worker"):
-        out[f"{small:,} vs {big:,} stamps ({how})"] = (
-            out[f"whole process {small:,} stamps, {how}"]["median_stamps_per_s"]
-            / out[f"whole process {big:,} stamps, {how}"]["median_stamps_per_s"])
+        out[f"{small:,} vs {big:,} stamps ({how}), median of rounds"] = ratio(
+            f"whole process {small:,} stamps, {how}", f"whole process {big:,} stamps, {how}")
+    for n in sizes:
+        out[f"in-process vs Dask worker, {n:,} stamps, median of rounds"] = ratio(
+            f"whole process {n:,} stamps, in-process",
+            f"whole process {n:,} stamps, local Dask worker")
     return out
 
 
