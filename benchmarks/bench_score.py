@@ -361,11 +361,18 @@ def bench_rates(run: Path, work: Path, sizes: tuple[int, ...], repeats: int) -> 
     return out
 
 
-def bench_precision(work: Path, arch: str, n_train: int, epochs: int, n_speed: int) -> dict:
-    from precision import trial
+def bench_precision(work: Path, arch: str, n_train: int, epochs: int, n_speed: int,
+                    e2e: int = 0, repeats: int = 3) -> dict:
+    """Every precision candidate against FP32; with ``e2e`` stamps, the bf16 candidate end
+    to end too (whole processes, interleaved)."""
+    from precision import end_to_end, trial
 
     run, data = fresh_run(work, arch, n_train, epochs)
-    return trial(run, arch, data, work, n_speed)
+    res = trial(run, arch, data, work, n_speed)
+    if e2e:
+        cand = make_candidates(work / f"candidates_{e2e}.h5", e2e)
+        res["end to end, bf16 vs fp32"] = end_to_end(cand, run, repeats)
+    return res
 
 
 def main() -> None:
@@ -413,7 +420,8 @@ def main() -> None:
 
     sections = [("rates", rates),
                 ("precision", lambda: bench_precision(work, "vgg6", args.train, 2,
-                                                      args.speed_stamps)),
+                                                      args.speed_stamps, max(args.sizes),
+                                                      args.repeats)),
                 ("resnet50", lambda: bench_precision(work, "resnet50", args.resnet_train, 1,
                                                      args.speed_stamps // 16)),
                 ("occlusion", lambda: bench_occlusion(model, cand(), work, args.maps,

@@ -227,3 +227,57 @@ def trial(run: Path, arch: str, data: Path, work: Path, n_speed: int,
             and abs(row["auc_move"]) <= KEEP_AUC_MOVE)
         res[label] = row
     return res
+
+
+def whole_process_main(kind: str, candidates: str, run: str) -> None:
+    """One whole process: imports, model load, read + normalise + predict every chunk of the
+    file on two pipelines (as the in-process scorer), no journal or write. ``kind``:
+    ``fp32-onnx`` (the scorer's path) or ``bf16-tf`` (the bf16 candidate, TensorFlow)."""
+    from stampbatch import inference, store
+    from stampbatch.preprocess import normalize_with_mask
+
+    spec = inference.prepare_model(inference.resolve_model(run), "onnx")
+    if kind == "fp32-onnx":
+        predict = inference.load_predictor(spec, 1)
+    else:
+        predict = _tf(Path(spec.keras_path), spec.architecture, True)
+    n = store.open_store(candidates).n_stamps
+
+    def chunk(lo: int) -> int:
+        x, _ = normalize_with_mask(store.read_stamps(candidates, lo, min(lo + 4096, n)))
+        return len(predict(x))
+
+    with ThreadPoolExecutor(2) as pool:
+        done = sum(pool.map(chunk, range(0, n, 4096)))
+    assert done == n
+
+
+def end_to_end(candidates: Path, run: Path, rounds: int) -> dict:
+    """fp32-onnx vs bf16-tf whole processes on one file, interleaved; per-round ratios."""
+    import subprocess
+    import sys
+
+    times: dict[str, list[float]] = {"fp32-onnx": [], "bf16-tf": []}
+    for _ in range(rounds):
+        for kind in times:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, __file__, kind, str(candidates), str(run)],
+                           check=True, capture_output=True)
+            times[kind].append(time.perf_counter() - t0)
+    n = _n_stamps(candidates)
+    ratio = np.array(times["fp32-onnx"]) / np.array(times["bf16-tf"])
+    return {"stamps": n, **{f"{k} stamps/s (median)": n / float(np.median(v))
+                            for k, v in times.items()},
+            "all_s": times, "bf16 speed-up, median of rounds": float(np.median(ratio))}
+
+
+def _n_stamps(path: Path) -> int:
+    from stampbatch import store
+
+    return store.open_store(path).n_stamps
+
+
+if __name__ == "__main__":
+    import sys
+
+    whole_process_main(*sys.argv[1:4])
