@@ -362,13 +362,13 @@ def bench_rates(run: Path, work: Path, sizes: tuple[int, ...], repeats: int) -> 
 
 
 def bench_precision(work: Path, arch: str, n_train: int, epochs: int, n_speed: int,
-                    e2e: int = 0, repeats: int = 3) -> dict:
+                    e2e: int = 0, repeats: int = 3, n_calib: int = 2048) -> dict:
     """Every precision candidate against FP32; with ``e2e`` stamps, the bf16 candidate end
     to end too (whole processes, interleaved)."""
     from precision import end_to_end, trial
 
     run, data = fresh_run(work, arch, n_train, epochs)
-    res = trial(run, arch, data, work, n_speed)
+    res = trial(run, arch, data, work, n_speed, n_calib=n_calib)
     if e2e:
         cand = make_candidates(work / f"candidates_{e2e}.h5", e2e)
         res["end to end, bf16 vs fp32"] = end_to_end(cand, run, repeats)
@@ -423,7 +423,7 @@ def main() -> None:
                                                       args.speed_stamps, max(args.sizes),
                                                       args.repeats)),
                 ("resnet50", lambda: bench_precision(work, "resnet50", args.resnet_train, 1,
-                                                     args.speed_stamps // 16)),
+                                                     args.speed_stamps // 16, n_calib=256)),
                 ("occlusion", lambda: bench_occlusion(model, cand(), work, args.maps,
                                                        args.ref_maps)),
                 ("backends", lambda: bench_backends(model)),
