@@ -207,6 +207,29 @@ def test_in_process_threads_match_dask_workers_bit_for_bit(tmp_path, runs, keras
     assert len(store.read_scores(tmp_path / "a.h5", "vgg6").occlusion_index) > 50
 
 
+def test_an_in_process_chunk_failure_is_one_line_and_skip_bad_goes_on(tmp_path, runs):
+    """A chunk that cannot be decompressed, scored on the driver's threads: the same one-line
+    error as from a Dask worker; with skip_bad the other file is still scored."""
+    import h5py
+
+    bad, good = tmp_path / "bad.h5", tmp_path / "good.h5"
+    store.create_store(bad, gaussian_stamps(2000, seed=3), chunk_rows=128, compression="gzip")
+    candidates(good, 512)
+    with h5py.File(bad, "r") as h5:
+        info = h5["stamps"].id.get_chunk_info_by_coord((384, 0, 0))
+    with open(bad, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
+    with pytest.raises(score.ScoreError, match=r"bad.h5: scoring rows 384..512 failed"):
+        score.score_files([bad], [runs["vgg6"]], opts(chunk_size=128))
+    summary = score.score_files([bad, good], [runs["vgg6"]], opts(chunk_size=128,
+                                                                  skip_bad=True))
+    assert summary.scheduler.startswith("in-process")
+    assert [p.name for p, _ in summary.skipped] == ["bad.h5"] and summary.files == [good]
+    assert store.read_scores(good, "vgg6").probability.shape == (512,)
+    assert store.list_scores(bad) == []
+
+
 def test_in_process_is_chosen_only_for_small_local_runs():
     auto = cluster.ClusterOptions(threads_per_worker=2)
     assert cluster.in_process_threads(auto, cluster.IN_PROCESS_MAX_WORK) == 2
