@@ -281,40 +281,163 @@ def bench_memory(model: Path, work: Path, big: int) -> dict:
     return res
 
 
+def fresh_run(work: Path, arch: str, n_train: int, epochs: int) -> tuple[Path, Path]:
+    """A freshly trained run directory (train_run, so with its training-time ONNX export)."""
+    from stampbatch import simulate
+    from stampbatch.train import TrainConfig, train_run
+
+    data = work / f"train_{n_train}.h5"
+    if not data.exists():
+        simulate.write_simulated(data, n_train, seed=1, progress=False)
+    run = work / f"run_{arch}_{n_train}_{epochs}"
+    if (run / "metrics.json").is_file():       # trained earlier in this run of the benchmark
+        return run, data
+    if run.exists():
+        shutil.rmtree(run)
+    t0 = time.perf_counter()
+    train_run(data, arch, run, TrainConfig(epochs=epochs, batch_size=256), progress=False)
+    print(f"trained {arch} on {n_train:,} stamps, {epochs} epoch(s): "
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return run, data
+
+
+def _copy_run(run: Path, dest: Path) -> Path:
+    """A never-used copy of a run (model.keras and its training-time export only)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in run.glob("model.*"):
+        shutil.copy(f, dest / f.name)
+    shutil.copy(run / "config.toml", dest / "config.toml")
+    return dest
+
+
+def inference_only(run: Path, n: int = 65536) -> float:
+    """The scorer's inference alone, in memory: 2 pipelines x 1 thread, batch 128."""
+    from precision import rate
+
+    from stampbatch import inference, preprocess
+
+    x = preprocess.normalize(np.random.default_rng(1).standard_normal((n, 21, 21),
+                                                                       dtype=np.float32))
+    spec = inference.prepare_model(inference.resolve_model(run), "onnx")
+    return rate(inference.load_predictor(spec, 1), x, 2)
+
+
+def bench_rates(run: Path, work: Path, sizes: tuple[int, ...], repeats: int) -> dict:
+    """Inference-only vs whole process (in-process threads and a local Dask worker), each
+    whole process on a never-used copy of a freshly trained run; interleaved, medians."""
+    cands = {n: make_candidates(work / f"candidates_{n}.h5", n) for n in sizes}
+    samples: dict[str, list[float]] = {}
+
+    def add(label: str, value: float) -> None:
+        samples.setdefault(label, []).append(value)
+
+    for r in range(repeats):
+        add("inference only (in memory)", inference_only(run))
+        for n, cand in cands.items():
+            for how, extra in (("in-process", ()), ("local Dask worker", ("--workers", "1"))):
+                fresh = _copy_run(run, work / f"fresh_{r}_{n}_{how[:2]}" / "vgg6")
+                res = run_process(score_cmd(cand, fresh, work / "rates_out", *extra))
+                add(f"whole process {n:,} stamps, {how}", n / res["wall_s"])
+                shutil.rmtree(fresh.parent)
+    out: dict = {k: {"median_stamps_per_s": float(np.median(v)), "all": v}
+                 for k, v in samples.items()}
+    inf = np.array(samples["inference only (in memory)"])
+    for label, row in out.items():   # the load moves between rounds: ratios within a round
+        row["vs_inference_only_median_of_rounds"] = float(np.median(np.array(samples[label])
+                                                                    / inf))
+    big, small = max(sizes), min(sizes)
+    def ratio(a: str, b: str) -> float:
+        return float(np.median(np.array(samples[a]) / np.array(samples[b])))
+
+    for how in ("in-process", "local Dask worker"):
+        out[f"{small:,} vs {big:,} stamps ({how}), median of rounds"] = ratio(
+            f"whole process {small:,} stamps, {how}", f"whole process {big:,} stamps, {how}")
+    for n in sizes:
+        out[f"in-process vs Dask worker, {n:,} stamps, median of rounds"] = ratio(
+            f"whole process {n:,} stamps, in-process",
+            f"whole process {n:,} stamps, local Dask worker")
+    return out
+
+
+def bench_precision(work: Path, arch: str, n_train: int, epochs: int, n_speed: int,
+                    e2e: int = 0, repeats: int = 3, n_calib: int = 2048) -> dict:
+    """Every precision candidate against FP32; with ``e2e`` stamps, the bf16 candidate end
+    to end too (whole processes, interleaved)."""
+    from precision import end_to_end, trial
+
+    run, data = fresh_run(work, arch, n_train, epochs)
+    res = trial(run, arch, data, work, n_speed, n_calib=n_calib)
+    if e2e:
+        cand = make_candidates(work / f"candidates_{e2e}.h5", e2e)
+        res["end to end, bf16 vs fp32"] = end_to_end(cand, run, repeats)
+    return res
+
+
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--baseline":
         baseline_main(*sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=200_000, help="stamps, end to end")
+    parser.add_argument("--n", type=int, default=200_000, help="stamps, end-to-end section")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 500_000],
+                        help="stamps, whole-process rates")
     parser.add_argument("--big", type=int, default=2_000_000, help="stamps, memory run")
-    parser.add_argument("--maps", type=int, default=2000, help="occlusion maps, batched")
-    parser.add_argument("--ref-maps", type=int, default=100, help="occlusion maps, loop")
-    parser.add_argument("--repeats", type=int, default=3, help="end-to-end runs (median)")
+    parser.add_argument("--maps", type=int, default=1000, help="occlusion maps, batched")
+    parser.add_argument("--ref-maps", type=int, default=50, help="occlusion maps, loop")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs (median)")
+    parser.add_argument("--train", type=int, default=20_000, help="vgg6 training stamps")
+    parser.add_argument("--resnet-train", type=int, default=2_000,
+                        help="resnet50 training stamps (one epoch)")
+    parser.add_argument("--speed-stamps", type=int, default=32768,
+                        help="stamps per inference-only pass (resnet50: 1/16)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/stampbatch-bench-score"))
-    parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["backends", "end-to-end", "occlusion", "memory"])
+    parser.add_argument("--only", nargs="*", default=["rates", "precision", "resnet50",
+                                                      "occlusion"],
+                        choices=["rates", "precision", "resnet50", "occlusion", "backends",
+                                 "end-to-end", "memory"])
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists():                          # every model freshly trained, every file new
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    from precision import cpu_flags
+
     model = make_model(work / "vgg6.keras")
-    cand = make_candidates(work / f"candidates_{args.n}.h5", args.n)
-    results: dict = {"load_average_at_start": os.getloadavg(), "cores": os.cpu_count()}
-    sections = [("backends", lambda: bench_backends(model)),
-                ("end-to-end", lambda: bench_end_to_end(cand, model, work, args.n,
-                                                        args.repeats)),
-                ("occlusion", lambda: bench_occlusion(model, cand, work, args.maps,
+    results: dict = {"load_average_at_start": os.getloadavg(), "cores": os.cpu_count(),
+                     "cpu_flags": cpu_flags()}
+    print(json.dumps(results))
+
+    def rates():
+        run, _ = fresh_run(work, "vgg6", args.train, 2)
+        return bench_rates(run, work, tuple(args.sizes), args.repeats)
+
+    def cand():
+        return make_candidates(work / f"candidates_{args.n}.h5", args.n)
+
+    sections = [("rates", rates),
+                ("precision", lambda: bench_precision(work, "vgg6", args.train, 2,
+                                                      args.speed_stamps, max(args.sizes),
+                                                      args.repeats)),
+                ("resnet50", lambda: bench_precision(work, "resnet50", args.resnet_train, 1,
+                                                     args.speed_stamps // 16, n_calib=256)),
+                ("occlusion", lambda: bench_occlusion(model, cand(), work, args.maps,
                                                        args.ref_maps)),
+                ("backends", lambda: bench_backends(model)),
+                ("end-to-end", lambda: bench_end_to_end(cand(), model, work, args.n,
+                                                        args.repeats)),
                 ("memory", lambda: bench_memory(model, work, args.big))]
     for name, fn in sections:
-        if name in args.skip:
+        if name not in args.only:
             continue
         t0 = time.perf_counter()
         results[name] = fn()
+        results[name]["load_average"] = os.getloadavg()
         print(f"== {name} ({time.perf_counter() - t0:.0f} s)")
-        print(json.dumps(results[name], indent=2))
+        print(json.dumps(results[name], indent=2), flush=True)
     results["load_average_at_end"] = os.getloadavg()
     if "end-to-end" in results:
         e = results["end-to-end"]

@@ -55,6 +55,7 @@ class ClusterOptions:
     n_workers: int | None = None         # local worker processes
     threads_per_worker: int | None = None
     dashboard: str | None = None         # e.g. ":8787"; None: no dashboard
+    in_process: bool | None = None       # threads of this process, no Dask; None: auto
 
     def __post_init__(self) -> None:
         if self.scheduler is not None and self.slurm is not None:
@@ -77,6 +78,62 @@ def walltime_seconds(text: str) -> int:
     if third is not None:       # H:M:S
         return int(first) * 3600 + int(second) * 60 + int(third)
     return int(first) * 60 + int(second or 0)   # M or M:S
+
+
+# Work up to this many stamp evaluations (stamps x models; an occlusion map counts as 289)
+# runs on threads of the scoring process when no cluster is asked for: starting a local
+# Dask worker process costs ~1-2 s, a few seconds of work on two cores at ~70 k stamps/s.
+# Measured on 500 k vgg6 stamps the thread path was no slower (BENCHMARKS.md), so the limit
+# only keeps very long runs on worker processes (isolated, restartable with retries).
+IN_PROCESS_MAX_WORK = 4_000_000
+
+
+def local_shape(options: ClusterOptions) -> tuple[int, int]:
+    """(worker processes, threads per worker) of a local cluster for these options."""
+    cores = fileio.cores()
+    threads = options.threads_per_worker
+    if threads is None:
+        threads = max(1, cores // options.n_workers) if options.n_workers else min(cores, 4)
+    return options.n_workers or max(1, cores // threads), threads
+
+
+def in_process_threads(options: ClusterOptions, work: int) -> int | None:
+    """Threads to score on inside this process, or None for a Dask cluster.
+
+    Auto (``in_process=None``): in-process when no scheduler, Slurm, worker count or
+    dashboard is asked for and ``work`` (stamp evaluations) is at most :data:`IN_PROCESS_MAX_WORK`. As
+    many threads as one local worker has, each model call as many intra-op threads as on
+    that worker, so the results are the same bit for bit and the cores are used once.
+    """
+    if options.scheduler is not None or options.slurm is not None or options.in_process is False:
+        return None
+    if options.in_process is None and (options.n_workers is not None or options.dashboard
+                                       or work > IN_PROCESS_MAX_WORK):
+        return None
+    return local_shape(options)[1]
+
+
+class ThreadPool:
+    """Chunk tasks on threads of this process, finished futures in completion order."""
+
+    def __init__(self, threads: int) -> None:
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stampbatch")
+        self._done: queue.Queue = queue.Queue()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        fut = self._pool.submit(fn, *args)
+        fut.add_done_callback(self._done.put)
+        return fut
+
+    def next_done(self) -> Any:
+        return self._done.get()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def total_threads(client: Any) -> int:
@@ -121,11 +178,7 @@ def _joined(address: str) -> Iterator[tuple[Any, str]]:
 def _local(options: ClusterOptions) -> Iterator[tuple[Any, str]]:
     from distributed import Client, LocalCluster
 
-    cores = fileio.cores()
-    threads = options.threads_per_worker
-    if threads is None:
-        threads = max(1, cores // options.n_workers) if options.n_workers else min(cores, 4)
-    workers = options.n_workers or max(1, cores // threads)
+    workers, threads = local_shape(options)
     # The scheduler always serves HTTP (health routes), on 8787 unless told: a free port
     # then, so a second cluster on the machine never prints "Port 8787 is already in use".
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,

@@ -10,6 +10,8 @@ Two inference backends compute the same function:
 * ``onnx`` — ONNX Runtime on the model exported once (``model.export(format="onnx")``) and
   cached beside the model file as ``<stem>.<sha12>.onnx`` (keyed by the model's sha256, written
   atomically; under ``~/.cache/stampbatch/onnx`` when the model's directory is read-only).
+  A training run makes it when it finishes (:mod:`stampbatch.export`), so scoring a fresh
+  run finds it and never exports.
   ``CUDAExecutionProvider`` is used when onnxruntime-gpu offers it. The fastest CPU path here:
   80 k vs 64 k stamps/s for vgg6 on two cores (``benchmarks/bench_score.py``).
 * ``tf`` — a compiled ``tf.function`` (no XLA: slower on this CPU) around the Keras model.

@@ -9,9 +9,10 @@ distributed worker plugin, backed by :func:`stampbatch.inference.cached_predicto
 The public entry point is :func:`score_files` (candidate files, models, a
 :class:`ScoreOptions`) → :class:`ScoreSummary`. A run has three stages, each a few short
 functions here: **plan** (models resolved, files validated, locked, what is done and what
-is not), **run** (chunk tasks on the cluster of :mod:`stampbatch.cluster`, each result
-recorded in the :mod:`stampbatch.journal`), **finalise** (a file's journals written into
-its scores files, which are then linked into the target).
+is not), **run** (chunk tasks on the cluster of :mod:`stampbatch.cluster`, or on threads of
+this process for a small local run, each result recorded in the
+:mod:`stampbatch.journal`), **finalise** (a file's journals written into its scores files,
+which are then linked into the target).
 
 Nothing here trusts a process to finish (SIGKILL included):
 
@@ -42,7 +43,14 @@ import numpy as np
 
 from stampbatch import __version__, fileio, store
 from stampbatch.candidates import expand_candidates
-from stampbatch.cluster import ClusterOptions, SlurmOptions, dask_client, total_threads
+from stampbatch.cluster import (
+    ClusterOptions,
+    SlurmOptions,
+    ThreadPool,
+    dask_client,
+    in_process_threads,
+    total_threads,
+)
 from stampbatch.errors import StampbatchError
 from stampbatch.inference import ModelSpec
 from stampbatch.journal import ChunkResult, Journal, ScoreError, disk_error, journal_root
@@ -100,6 +108,12 @@ def _compute(files: list[FileWork], prepared: dict[str, ModelSpec], options: Sco
         return
     tasks = ((fw, task) for fw in files if remaining[id(fw)]
              for task in _chunk_tasks(fw, options))
+    work = total * len(prepared) * (1 + (289 if options.occ.kind == "all" else 0))
+    threads = None if options.client is not None else in_process_threads(options.cluster, work)
+    if threads is not None:
+        summary.scheduler = f"in-process ({threads} thread(s))"
+        _run_threads(threads, tasks, total, remaining, prepared, options, bad, summary)
+        return
     with contextlib.ExitStack() as stack:
         client = options.client
         if client is None:
@@ -131,10 +145,70 @@ def _failure(task: ChunkTask, fut: Any) -> tuple[dict[str, ChunkResult] | None,
                                 f"({fileio.one_line(exc)})")
 
 
+class _Results:
+    """What the driver does with each finished chunk task, wherever it ran."""
+
+    def __init__(self, remaining: dict[int, int], bad: BadFiles, summary: ScoreSummary) -> None:
+        self.remaining, self.bad, self.summary = remaining, bad, summary
+        self.failed: set[int] = set()
+
+    def wanted(self, fw: FileWork) -> bool:
+        return id(fw) not in self.failed
+
+    def take(self, fw: FileWork, task: ChunkTask, fut: Any) -> int:
+        """Journal one finished task (or report its file); the stamps it adds to progress."""
+        result, failure = _failure(task, fut)
+        if id(fw) in self.failed:
+            return 0
+        if failure is not None:
+            self.bad.report(fw.candidates, failure)     # raises unless --skip-bad
+            self.failed.add(id(fw))
+            self.summary.files = [p for p in self.summary.files if p != fw.candidates]
+            self.summary.targets = [p for p in self.summary.targets if p != fw.target]
+            return 0
+        _journal_chunk(fw, task, result, self.remaining, self.summary)
+        return task.stop - task.start
+
+
+def _run_threads(threads: int, tasks: Iterator[tuple[FileWork, ChunkTask]], total: int,
+                 remaining: dict[int, int], prepared: dict[str, ModelSpec],
+                 options: ScoreOptions, bad: BadFiles, summary: ScoreSummary) -> None:
+    """Chunk tasks on threads of this process (no Dask start-up): the same tasks, the same
+    window, the same per-call threads as one local worker, so the same results."""
+    from stampbatch import inference
+    from stampbatch.progress import Progress
+
+    per_call = max(1, fileio.cores() // threads)
+    for spec in sorted(prepared.values(), key=lambda s: s.name):   # as the worker plugin does
+        inference.cached_predictor(spec, per_call)
+    results = _Results(remaining, bad, summary)
+    pool = ThreadPool(threads)
+    owner: dict[Any, tuple[FileWork, ChunkTask]] = {}
+
+    def submit_more() -> None:
+        while len(owner) < max(4, 3 * threads):
+            item = next(tasks, None)
+            if item is None:
+                return
+            if results.wanted(item[0]):
+                owner[pool.submit(score_chunk, item[1], threads)] = item
+
+    with Progress(total, "scoring", "stamps", enabled=options.progress) as bar:
+        try:
+            submit_more()
+            while owner:
+                fut = pool.next_done()
+                fw, task = owner.pop(fut)
+                bar.update(results.take(fw, task, fut))
+                submit_more()
+        finally:
+            pool.close()
+
+
 def _run(client: Any, tasks: Iterator[tuple[FileWork, ChunkTask]], total: int,
          remaining: dict[int, int], prepared: dict[str, ModelSpec], options: ScoreOptions,
          bad: BadFiles, summary: ScoreSummary) -> None:
-    """Submit chunk tasks in a bounded window; journal results; finalise finished files."""
+    """Submit chunk tasks to Dask in a bounded window; journal results; finalise files."""
     from distributed import as_completed
 
     from stampbatch.plugin import ModelPlugin
@@ -148,7 +222,7 @@ def _run(client: Any, tasks: Iterator[tuple[FileWork, ChunkTask]], total: int,
                                        quiet=local), name=plugin_name)
     counter = iter(range(1 << 62))
     owner: dict[str, tuple[FileWork, ChunkTask]] = {}
-    failed: set[int] = set()
+    results = _Results(remaining, bad, summary)
     done = as_completed()
 
     def submit_more() -> None:
@@ -157,7 +231,7 @@ def _run(client: Any, tasks: Iterator[tuple[FileWork, ChunkTask]], total: int,
             item = next(tasks, None)
             if item is None:
                 return
-            if id(item[0]) in failed:
+            if not results.wanted(item[0]):
                 continue
             fut = client.submit(score_chunk, item[1], key=f"stampbatch-score-{token}-"
                                 f"{next(counter)}", pure=False, retries=1)
@@ -169,18 +243,8 @@ def _run(client: Any, tasks: Iterator[tuple[FileWork, ChunkTask]], total: int,
             submit_more()
             for fut in done:
                 fw, task = owner.pop(fut.key)
-                result, failure = _failure(task, fut)
+                bar.update(results.take(fw, task, fut))
                 fut.release()
-                if id(fw) in failed:
-                    continue
-                if failure is not None:
-                    bad.report(fw.candidates, failure)     # raises unless --skip-bad
-                    failed.add(id(fw))
-                    summary.files = [p for p in summary.files if p != fw.candidates]
-                    summary.targets = [p for p in summary.targets if p != fw.target]
-                else:
-                    _journal_chunk(fw, task, result, remaining, summary)
-                    bar.update(task.stop - task.start)
                 submit_more()
         finally:
             for fut_key in list(owner):

@@ -9,6 +9,7 @@ this module does not import Dask.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,28 +71,35 @@ class ChunkTask:
     patch: int
 
 
-def _task_threads() -> tuple[int, int]:
-    """(inference threads per call, occlusion pipelines per task) in this worker process.
+def _task_threads(nthreads: int | None = None) -> tuple[int, int]:
+    """(inference threads per call, occlusion pipelines per task) in this process.
 
-    A worker runs ``nthreads`` tasks at once, so each call of the model gets
-    cores // nthreads intra-op threads. Occlusion maps are split over ``nthreads``
-    pipelines inside the task too, so a chunk alone on a worker still uses every core;
-    when all tasks compute maps this oversubscribes by at most nthreads x (measured cost on
-    2 cores: 3 %).
+    ``nthreads`` tasks run at once (given when the tasks run on threads of the driver; read
+    from the Dask worker otherwise), so each call of the model gets cores // nthreads
+    intra-op threads. Occlusion maps are split over ``nthreads`` pipelines inside the task
+    too, so a chunk alone still uses every core; when all tasks compute maps this
+    oversubscribes by at most nthreads x (measured cost on 2 cores: 3 %).
     """
-    try:
-        from distributed import get_worker
+    if nthreads is None:
+        if "distributed" not in sys.modules:    # not on a Dask worker: never import Dask
+            return 1, 1
+        try:
+            from distributed import get_worker
 
-        nthreads = max(1, get_worker().state.nthreads)
-    except (ImportError, ValueError):
-        return 1, 1
+            nthreads = get_worker().state.nthreads
+        except ValueError:
+            return 1, 1
+    nthreads = max(1, int(nthreads))
     return max(1, fileio.cores() // nthreads), nthreads
 
 
-def score_chunk(task: ChunkTask) -> dict[str, ChunkResult]:
-    """Read, normalise and score one chunk with every model of the task (runs on a worker)."""
+def score_chunk(task: ChunkTask, nthreads: int | None = None) -> dict[str, ChunkResult]:
+    """Read, normalise and score one chunk with every model of the task.
+
+    Runs on a Dask worker, or on one of ``nthreads`` threads of the driver (in-process runs).
+    """
     normalised, valid = normalize_with_mask(store.read_stamps(task.path, task.start, task.stop))
-    threads, pipelines = _task_threads()
+    threads, pipelines = _task_threads(nthreads)
     h, w = normalised.shape[1:]
     results: dict[str, ChunkResult] = {}
     for spec in task.models:

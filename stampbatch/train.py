@@ -60,6 +60,7 @@ from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
     split_summary,
 )
 from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.export import export_for_scoring
 from stampbatch.metrics import compute_metrics
 from stampbatch.models import build_model, check_architecture, count_macs
 from stampbatch.preprocess import normalize_with_mask
@@ -544,12 +545,14 @@ def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Pat
         _save_split(out_dir / SPLIT_FILE, split)
     (out_dir / FAILED_FILE).unlink(missing_ok=True)
     try:
-        return _train_and_evaluate(stores, arch, out_dir, config, stores.infos[0], labels, split,
-                                   data, progress, callbacks, t_start, keras)
+        metrics = _train_and_evaluate(stores, arch, out_dir, config, stores.infos[0], labels,
+                                      split, data, progress, callbacks, t_start, keras)
     except Exception as exc:
         message = fileio.one_line(exc, limit=None)
         fileio.write_bytes_atomic(out_dir / FAILED_FILE, (message + "\n").encode())
         raise
+    export_for_scoring(out_dir)   # the ONNX form, once, after the final model.keras
+    return metrics
 
 
 def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, data, progress,

@@ -185,6 +185,63 @@ def test_each_worker_loads_each_model_once(tmp_path, runs, client):
     assert all(c[s] == 1 for c in counts.values() for s in shas)   # 2 runs x 20 chunks, 1 load
 
 
+def test_in_process_threads_match_dask_workers_bit_for_bit(tmp_path, runs, keras_models,
+                                                            client):
+    """Small runs score on threads of the driver: the same probabilities and maps, bit for
+    bit, as on a Dask worker of the same shape (1 x 2 threads here); two models, maps."""
+    stamps = candidates(tmp_path / "a.h5", 3000, seed=31, chunk_rows=256)
+    store.create_store(tmp_path / "b.h5", stamps, chunk_rows=256)
+    cut = f"{np.quantile(expected_p(keras_models['vgg6'], stamps), 0.97):.6f}"
+    models = [runs["vgg6"], runs["simple"]]
+    ours = score.score_files([tmp_path / "a.h5"], models,
+                             opts(occlusion=f"above:{cut}",
+                                  cluster=cluster.ClusterOptions(threads_per_worker=2)))
+    theirs = score.score_files([tmp_path / "b.h5"], models,
+                               opts(occlusion=f"above:{cut}", client=client))
+    assert ours.scheduler == "in-process (2 thread(s))" and theirs.scheduler == "given Dask client"
+    for name in ("vgg6", "simple"):
+        a, b = store.read_scores(tmp_path / "a.h5", name), store.read_scores(tmp_path / "b.h5", name)
+        np.testing.assert_array_equal(a.probability, b.probability)
+        np.testing.assert_array_equal(a.occlusion_index, b.occlusion_index)
+        np.testing.assert_array_equal(a.occlusion, b.occlusion)
+    assert len(store.read_scores(tmp_path / "a.h5", "vgg6").occlusion_index) > 50
+
+
+def test_an_in_process_chunk_failure_is_one_line_and_skip_bad_goes_on(tmp_path, runs):
+    """A chunk that cannot be decompressed, scored on the driver's threads: the same one-line
+    error as from a Dask worker; with skip_bad the other file is still scored."""
+    import h5py
+
+    bad, good = tmp_path / "bad.h5", tmp_path / "good.h5"
+    store.create_store(bad, gaussian_stamps(2000, seed=3), chunk_rows=128, compression="gzip")
+    candidates(good, 512)
+    with h5py.File(bad, "r") as h5:
+        info = h5["stamps"].id.get_chunk_info_by_coord((384, 0, 0))
+    with open(bad, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
+    with pytest.raises(score.ScoreError, match=r"bad.h5: scoring rows 384..512 failed"):
+        score.score_files([bad], [runs["vgg6"]], opts(chunk_size=128))
+    summary = score.score_files([bad, good], [runs["vgg6"]], opts(chunk_size=128,
+                                                                  skip_bad=True))
+    assert summary.scheduler.startswith("in-process")
+    assert [p.name for p, _ in summary.skipped] == ["bad.h5"] and summary.files == [good]
+    assert store.read_scores(good, "vgg6").probability.shape == (512,)
+    assert store.list_scores(bad) == []
+
+
+def test_in_process_is_chosen_only_for_small_local_runs():
+    auto = cluster.ClusterOptions(threads_per_worker=2)
+    assert cluster.in_process_threads(auto, cluster.IN_PROCESS_MAX_WORK) == 2
+    assert cluster.in_process_threads(auto, cluster.IN_PROCESS_MAX_WORK + 1) is None
+    for asked in (cluster.ClusterOptions(n_workers=1), cluster.ClusterOptions(dashboard=":0"),
+                  cluster.ClusterOptions(scheduler="tcp://x:1"),
+                  cluster.ClusterOptions(in_process=False)):
+        assert cluster.in_process_threads(asked, 10) is None
+    forced = cluster.ClusterOptions(in_process=True, threads_per_worker=3)
+    assert cluster.in_process_threads(forced, 10**9) == 3
+
+
 def test_tf_and_onnx_backends_agree(tmp_path, runs, client):
     path = tmp_path / "cand.h5"
     candidates(path, 300, seed=5)
@@ -704,7 +761,7 @@ def test_cli_output_and_errors(tmp_path, runs, capsys):
     candidates(path, 300)
     assert cli.main(["score", str(path), "--model", str(runs["vgg6"]), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "scored 300 stamps from 1 file(s)" in out and "local Dask cluster" in out
+    assert "scored 300 stamps from 1 file(s)" in out and "in-process (" in out
     assert "vgg6 (onnx, sha256" in out and "with P(source) >= 0.5" in out
     assert cli.main(["score", str(path), "--model", str(tmp_path / "nope.keras")]) == 1
     err = capsys.readouterr().err

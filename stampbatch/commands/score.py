@@ -111,7 +111,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
     kb.add_argument("--threshold", default="0.5", metavar="P|fpr:F",
                     help="cnn_class is prob_real >= P (default 0.5), or fpr:0.01 for the run's "
                          "stored threshold at 1%% false positives")
-    where = p.add_argument_group("where to run (default: a local Dask cluster for this machine)")
+    where = p.add_argument_group("where to run (default: threads of this process for up to "
+                                 "4 M stamp evaluations, else a local Dask cluster; --workers "
+                                 "always starts one)")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="join a running Dask scheduler (e.g. tcp://host:8786)")
     where.add_argument("--workers", type=positive_int, metavar="N",
