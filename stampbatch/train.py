@@ -66,6 +66,7 @@ from stampbatch.preprocess import normalize_with_mask
 
 OPTIMIZERS = ("sgd", "adam")
 CLASS_WEIGHTS = ("balanced", "none")
+LR_SCHEDULES = ("constant", "cosine")
 
 # Several stores: their resolved paths joined by this in config.toml's ``data``.
 DATA_SEPARATOR = " + "
@@ -99,7 +100,8 @@ class TrainConfig:
     class by N / (2 N_class) of the training split. ``patience`` is the number of epochs
     without a lower validation loss before stopping early (0: never stop early); the best
     weights are restored at the end either way. ``augment`` applies random flips and
-    rotations by multiples of 90 degrees to training stamps.
+    rotations by multiples of 90 degrees to training stamps. ``lr_schedule`` is
+    ``constant`` or ``cosine`` (decay to zero over the run, see :func:`compile_model`).
     """
 
     epochs: int = 20
@@ -114,6 +116,7 @@ class TrainConfig:
     test_fraction: float = 0.2
     target_fpr: float = 0.01
     augment: bool = True
+    lr_schedule: str = "constant"
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid option."""
@@ -131,6 +134,9 @@ class TrainConfig:
         if self.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"class_weight must be one of {', '.join(CLASS_WEIGHTS)}, "
                              f"got {self.class_weight!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
         if self.patience < 0:
             raise ValueError(f"patience must be 0 (no early stopping) or more, got {self.patience}")
         for name in ("val_fraction", "test_fraction"):
@@ -412,14 +418,23 @@ def _make_callbacks(out_dir: Path, state: dict[str, Any],
     return [Checkpoint()]
 
 
-def compile_model(model, config: TrainConfig) -> None:
-    """Compile for one-hot labels: categorical cross-entropy, accuracy, SGD+momentum or Adam."""
+def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1) -> None:
+    """Compile for one-hot labels: categorical cross-entropy, accuracy, SGD+momentum or Adam.
+
+    ``lr_schedule="cosine"`` decays the learning rate from ``learning_rate`` to zero over
+    ``epochs * steps_per_epoch`` steps (Keras's ``CosineDecay``; its step is the optimiser's
+    iteration count, saved with the checkpoint, so a resumed run continues the same curve).
+    """
     import keras
 
+    lr: Any = config.learning_rate
+    if config.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(
+            config.learning_rate, decay_steps=max(1, config.epochs * int(steps_per_epoch)))
     if config.optimizer == "sgd":
-        opt = keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum)
+        opt = keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)
     else:
-        opt = keras.optimizers.Adam(learning_rate=config.learning_rate)
+        opt = keras.optimizers.Adam(learning_rate=lr)
     model.compile(optimizer=opt, loss="categorical_crossentropy", metrics=["accuracy"])
 
 
@@ -576,7 +591,7 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
                  "stopped_early": False, "model_file": None, "train_time_s": 0.0}
         keras.utils.set_random_seed(config.seed)
         model = build_model(arch, info.stamp_shape)
-        compile_model(model, config)
+        compile_model(model, config, math.ceil(len(split["train"]) / config.batch_size))
     start_epoch = int(state["epoch"])
     if config.patience and int(state.get("wait", 0)) >= config.patience:
         state["stopped_early"] = True

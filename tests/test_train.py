@@ -68,7 +68,8 @@ def test_config_validation_names_the_option():
                       ({"learning_rate": -1.0}, "learning_rate"), ({"momentum": 1.0}, "momentum"),
                       ({"class_weight": "auto"}, "class_weight"),
                       ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction"),
-                      ({"target_fpr": 0.0}, "target_fpr"), ({"patience": -1}, "patience")):
+                      ({"target_fpr": 0.0}, "target_fpr"), ({"patience": -1}, "patience"),
+                      ({"lr_schedule": "step"}, "lr_schedule")):
         with pytest.raises(ValueError, match=word):
             TrainConfig(**bad).validate()
 
@@ -159,6 +160,23 @@ def test_saved_model_reproduces_test_predictions_and_metrics(vgg6_run, data):
         assert 0.0 <= cal[key] <= 1.0, key
     assert cal["ece_test_after"] == pytest.approx(metrics["ece"])
     assert set(metrics["thresholds"]) == {"0.01", "0.001"}
+
+
+def test_cosine_schedule_decays_to_zero_over_the_run_and_survives_a_checkpoint(tmp_path):
+    from stampbatch.models import build_model
+    from stampbatch.train import compile_model
+
+    model = build_model("simple")
+    compile_model(model, tiny(epochs=4, lr_schedule="cosine", learning_rate=0.02), 10)
+    schedule = model.optimizer._learning_rate
+    lr = [float(schedule(step)) for step in (0, 20, 40)]
+    np.testing.assert_allclose(lr, [0.02, 0.01, 0.0], atol=1e-7)
+    # the checkpoint is a .keras file with the optimiser: the schedule must come back with it
+    model.save(tmp_path / "ckpt.keras")
+    again = keras.models.load_model(tmp_path / "ckpt.keras", safe_mode=True)
+    assert float(again.optimizer._learning_rate(20)) == pytest.approx(0.01)
+    compile_model(model, tiny(epochs=4), 10)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
 
 
 def test_fit_temperature_recovers_a_known_temperature():
