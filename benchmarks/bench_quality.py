@@ -37,6 +37,7 @@ import os
 import platform
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -117,7 +118,13 @@ def main() -> int:
                         help="architecture(s) (default: vgg6)")
     parser.add_argument("--train-sets", nargs="+", default=["default", "neighbour_free"],
                         choices=["default", "neighbour_free"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a TrainConfig option for every run, TOML value (e.g. "
+                             "lr_schedule='\"cosine\"'); repeatable")
+    parser.add_argument("--tag", default="", help="suffix of the run directories (variants)")
     args = parser.parse_args()
+    overrides = tomllib.loads("\n".join(args.set))
+    train_config = from_mapping(TrainConfig, {"epochs": args.epochs, **overrides}, "--set")
     args.out.mkdir(parents=True, exist_ok=True)
     tests = {name: simulated(args.out / f"test_{name}.h5",
                              args.test_n if name == "shifted" else args.test_n // 2, name, seed)
@@ -126,11 +133,11 @@ def main() -> int:
     for arch in args.arch or ["vgg6"]:
         for train_set in args.train_sets:
             data = simulated(args.out / f"train_{train_set}.h5", args.n, train_set, 0)
-            run_dir = args.out / "runs" / f"{arch}-{train_set}"
+            run_dir = args.out / "runs" / f"{arch}-{train_set}{args.tag}"
             print(f"== {arch} trained on {data.name}", file=sys.stderr, flush=True)
             t0 = time.monotonic()
-            m = train_run(data, arch, run_dir, TrainConfig(epochs=args.epochs))
-            row = {"architecture": arch, "train_set": train_set, "n_train": m["n_train"],
+            m = train_run(data, arch, run_dir, train_config)
+            row = {"architecture": arch, "train_set": train_set, "tag": args.tag, "n_train": m["n_train"],
                    "epochs_run": m["epochs_run"], "wall_time_s": m["wall_time_s"],
                    "this_call_s": time.monotonic() - t0, "own_test_auc": m["roc_auc"],
                    "temperature": m["calibration"]["temperature"],

@@ -68,7 +68,8 @@ def test_config_validation_names_the_option():
                       ({"learning_rate": -1.0}, "learning_rate"), ({"momentum": 1.0}, "momentum"),
                       ({"class_weight": "auto"}, "class_weight"),
                       ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction"),
-                      ({"target_fpr": 0.0}, "target_fpr"), ({"patience": -1}, "patience")):
+                      ({"target_fpr": 0.0}, "target_fpr"), ({"patience": -1}, "patience"),
+                      ({"lr_schedule": "step"}, "lr_schedule")):
         with pytest.raises(ValueError, match=word):
             TrainConfig(**bad).validate()
 
@@ -103,7 +104,7 @@ def test_run_directory_contents(vgg6_run, data):
         assert key in metrics, key
     assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (210, 30, 60)
     assert metrics["epochs_run"] == metrics["epochs"] == 2
-    assert metrics["parameters"] == 25_458 and metrics["macs_per_stamp"] == 1_039_888
+    assert metrics["parameters"] == 50_034 and metrics["macs_per_stamp"] == 1_064_464
     assert metrics["best_val_loss"] == pytest.approx(min(history["val_loss"]))
     assert set(metrics["fpr_by_kind"]) == set(KINDS)
     assert sum(sum(r) for r in metrics["confusion_matrix"]) == 60
@@ -159,6 +160,27 @@ def test_saved_model_reproduces_test_predictions_and_metrics(vgg6_run, data):
         assert 0.0 <= cal[key] <= 1.0, key
     assert cal["ece_test_after"] == pytest.approx(metrics["ece"])
     assert set(metrics["thresholds"]) == {"0.01", "0.001"}
+
+
+def test_cosine_schedule_decays_to_zero_over_the_run_and_survives_a_checkpoint(tmp_path):
+    from stampbatch.models import build_model
+    from stampbatch.train import compile_model, extend_schedule
+
+    model = build_model("simple")
+    compile_model(model, tiny(epochs=4, lr_schedule="cosine", learning_rate=0.02), 10)
+    schedule = model.optimizer._learning_rate
+    lr = [float(schedule(step)) for step in (0, 20, 40)]
+    np.testing.assert_allclose(lr, [0.02, 0.01, 0.0], atol=1e-7)
+    # the checkpoint is a .keras file with the optimiser: the schedule must come back with it
+    model.save(tmp_path / "ckpt.keras")
+    again = keras.models.load_model(tmp_path / "ckpt.keras", safe_mode=True)
+    assert float(again.optimizer._learning_rate(20)) == pytest.approx(0.01)
+    # a resumed run extended from 4 to 8 epochs decays over 80 steps, not 40
+    extend_schedule(again, tiny(epochs=8, lr_schedule="cosine", learning_rate=0.02), 10)
+    assert float(again.optimizer._learning_rate(40)) == pytest.approx(0.01)
+    assert float(again.optimizer._learning_rate(80)) == pytest.approx(0.0, abs=1e-7)
+    compile_model(model, tiny(epochs=4, lr_schedule="constant", optimizer="sgd"), 10)
+    assert float(model.optimizer.learning_rate) == pytest.approx(TrainConfig().learning_rate)
 
 
 def test_fit_temperature_recovers_a_known_temperature():
@@ -391,7 +413,7 @@ def test_resume_may_extend_epochs_but_not_change_settings(data, tmp_path):
         train_run(data, "simple", out, tiny(epochs=2), progress=False,
                   callbacks=[InterruptAfterFirstEpoch()])
     before = snapshot(out)
-    with pytest.raises(TrainError, match="learning_rate 0.01 -> 0.1"):
+    with pytest.raises(TrainError, match="learning_rate 0.003 -> 0.1"):
         train_run(data, "simple", out, tiny(epochs=2, learning_rate=0.1), progress=False)
     assert snapshot(out) == before
     metrics = train_run(data, "simple", out, tiny(epochs=3), progress=False)
@@ -508,7 +530,7 @@ def test_cli_models(capsys):
     lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
     for name in ("simple", "simple_bn", "vgg6", "resnet50"):
         assert name in lines
-    assert "25,458" in lines["vgg6"] and "1,039,888" in lines["vgg6"] and "2.08" in lines["vgg6"]
+    assert "50,034" in lines["vgg6"] and "1,064,464" in lines["vgg6"] and "2.13" in lines["vgg6"]
     assert "0.87" in lines["simple"]
 
 
