@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
     for model in models:
+        if not len(store.read_scores(candidates, model, with_maps=False).occlusion_index):
+            print(f"(no occlusion figure for {model}: no candidate reached its occlusion "
+                  f"threshold)")
+            continue
         run(["plot-occlusion", str(candidates), "--model", model, "--top", "6",
              "--out", str(figures / f"occlusion_{model}.png")])
     run(["inspect", str(candidates)])
