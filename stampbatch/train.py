@@ -15,7 +15,7 @@ The stages of :func:`train_run`:
    previous batch. Memory is bounded by the window, not the store size. Stamps with NaN/Inf
    pixels carry weight 0;
 3. ``keras.Model.fit`` with categorical cross-entropy on one-hot labels (as the reference),
-   SGD with momentum by default, "balanced" class weights, early stopping on the
+   Adam with cosine decay by default (or SGD with momentum), "balanced" class weights, early stopping on the
    validation loss; after every epoch a checkpoint (model + optimizer state, history, best
    weights) is written atomically, and a rerun on the same directory resumes from it — a
    preempted Slurm job that is requeued simply carries on;
@@ -31,23 +31,19 @@ comes last: a directory holding ``metrics.json`` is a finished run.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import gc
-import json
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stampbatch import fileio, store
-from stampbatch.config import from_mapping, load_toml, to_toml
+from stampbatch import fileio
 from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
     StampStream,
     Stores,
@@ -59,36 +55,46 @@ from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
     split_stores,
     split_summary,
 )
-from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.errors import UsageError
 from stampbatch.export import export_for_scoring
-from stampbatch.metrics import compute_metrics
-from stampbatch.models import build_model, check_architecture, count_macs
-from stampbatch.preprocess import normalize_with_mask
+from stampbatch.models import build_model, check_architecture
+from stampbatch.rundir import (  # noqa: F401  (public run-directory names re-exported)
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    DATA_FILE,
+    DATA_SEPARATOR,
+    FAILED_FILE,
+    FIGURES,
+    HISTORY_FILE,
+    HISTORY_KEYS,
+    LOCK_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PREDICTIONS_FILE,
+    RESUMABLE_CHANGES,
+    SPLIT_FILE,
+    STATE_FILE,
+    _atomic,
+    _check_data_record,
+    _check_run_dir,
+    _clear_attempt,
+    _clear_partials,
+    _config_text,
+    _load_split,
+    _read_json,
+    _run_lock,
+    _save_split,
+    read_run_config,
+    run_state,
+)
+from stampbatch.train_eval import (  # noqa: F401  (public run-directory names re-exported)
+    _calibrate,
+    _evaluate,
+)
 
 OPTIMIZERS = ("sgd", "adam")
 CLASS_WEIGHTS = ("balanced", "none")
 LR_SCHEDULES = ("constant", "cosine")
-
-# Several stores: their resolved paths joined by this in config.toml's ``data``.
-DATA_SEPARATOR = " + "
-DATA_FILE = "data.json"  # the stores, their weights and each split's class counts per store
-
-# Run directory layout.
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.toml"
-HISTORY_FILE = "history.json"
-SPLIT_FILE = "split.npz"
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.npz"
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.json"
-FAILED_FILE = "FAILED"
-LOCK_FILE = ".stampbatch-train.lock"  # flock held by the process training in the directory
-FIGURES = ("confusion_matrix.png", "history.png", "roc.png", "completeness_snr.png",
-           "examples.png")
-HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
-# Options that may change when a run is resumed (they do not change what was trained so far).
-RESUMABLE_CHANGES = ("epochs", "patience", "target_fpr")
 
 
 @dataclass
@@ -154,25 +160,6 @@ class TrainConfig:
             raise ValueError(f"target_fpr must be between 0 and 1, got {self.target_fpr}")
 
 
-# --------------------------------------------------------------------------- small helpers
-
-
-def _atomic(path: Path) -> contextlib.AbstractContextManager[Path]:
-    """Yield a temporary path beside ``path`` (same suffix, as Keras insists on ``.keras`` and
-    ``.weights.h5``); rename it onto ``path`` on success. A reader sees the old file or the
-    complete new one, never a partial one."""
-    path = Path(path)
-    suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
-    return fileio.atomic_path(path, overwrite=True, suffix=suffix)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"{path}: unreadable ({exc})") from exc
-
-
 def configure_tensorflow() -> None:
     """oneDNN on, quiet logs, and one intra-op thread per available core (before TF starts)."""
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
@@ -185,121 +172,6 @@ def configure_tensorflow() -> None:
         tf.config.threading.set_inter_op_parallelism_threads(min(2, cores))
     except RuntimeError:  # TensorFlow already running in this process: keep its pools
         pass
-
-
-# --------------------------------------------------------------------------- run directory
-
-
-def read_run_config(out_dir: Path) -> tuple[str, str, TrainConfig]:
-    """(architecture, data path, TrainConfig) from a run directory's config.toml."""
-    path = Path(out_dir) / CONFIG_FILE
-    data = load_toml(path)
-    arch, store_path = data.pop("architecture", None), data.pop("data", None)
-    if not isinstance(arch, str) or not isinstance(store_path, str):
-        raise TrainError(f"{path}: missing 'architecture' or 'data'")
-    return arch, store_path, from_mapping(TrainConfig, data, str(path))
-
-
-def _config_text(arch: str, data: str, config: TrainConfig) -> str:
-    return to_toml({"architecture": arch, "data": data, **dataclasses.asdict(config)})
-
-
-def run_state(out_dir: Path) -> dict[str, Any]:
-    """Where a run directory stands: new, training (checkpointed or started), done, failed."""
-    out_dir = Path(out_dir)
-    state: dict[str, Any] = {"status": "new", "epoch": 0, "epochs": 0, "best_val_loss": None,
-                             "best_val_accuracy": None, "architecture": None}
-    config_path = out_dir / CONFIG_FILE
-    if config_path.is_file():
-        try:
-            arch, _, config = read_run_config(out_dir)
-            state.update(status="training", architecture=arch, epochs=config.epochs)
-        except StampbatchError:
-            state["status"] = "training"
-    ckpt = out_dir / CHECKPOINT_DIR / STATE_FILE
-    if ckpt.is_file():
-        saved = _read_json(ckpt)
-        state.update(status="training", epoch=int(saved.get("epoch", 0)),
-                     epochs=int(saved.get("epochs", state["epochs"])),
-                     best_val_loss=saved.get("best_val_loss"),
-                     best_val_accuracy=saved.get("best_val_accuracy"),
-                     architecture=saved.get("architecture", state["architecture"]))
-    if (out_dir / FAILED_FILE).is_file():
-        state["status"] = "failed"
-        state["message"] = (out_dir / FAILED_FILE).read_text().strip()
-    if (out_dir / METRICS_FILE).is_file():
-        metrics = _read_json(out_dir / METRICS_FILE)
-        state.update(status="done", epoch=int(metrics.get("epochs_run", 0)),
-                     epochs=int(metrics.get("epochs", 0)),
-                     best_val_loss=metrics.get("best_val_loss"),
-                     best_val_accuracy=metrics.get("best_val_accuracy"),
-                     architecture=metrics.get("architecture"))
-        state.pop("message", None)
-    return state
-
-
-def _check_run_dir(out_dir: Path, arch: str, data: str, config: TrainConfig) -> str:
-    """Decide what to do with ``out_dir``: "new", "resume" or "done"; refuse clashes.
-
-    A directory whose checkpoint holds no committed epoch (killed before the first epoch
-    ended, or diverged in it) is "new" whatever its config.toml says: nothing is lost by
-    starting afresh, with other settings if need be (a lower learning rate).
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainError(f"{out_dir}: exists and is not a directory")
-    if not (out_dir / CONFIG_FILE).is_file():
-        ours = [n for n in (MODEL_FILE, METRICS_FILE, SPLIT_FILE, CHECKPOINT_DIR, HISTORY_FILE)
-                if (out_dir / n).exists()]
-        if ours:
-            raise TrainError(f"{out_dir}: holds {', '.join(ours)} but no {CONFIG_FILE}; not a "
-                             f"stampbatch run directory (choose another output directory)")
-        return "new"
-    finished = (out_dir / METRICS_FILE).is_file()
-    state_path = out_dir / CHECKPOINT_DIR / STATE_FILE
-    if not finished and not state_path.is_file():
-        return "new"  # no epoch committed (killed early, or diverged): start afresh
-    old_arch, old_data, old = read_run_config(out_dir)
-    what = "a finished run" if finished else "a checkpoint"
-    if old_arch != arch:
-        raise TrainError(f"{out_dir}: holds {what} of architecture '{old_arch}', not '{arch}'; "
-                         f"choose another output directory")
-    if old_data != data:
-        raise TrainError(f"{out_dir}: holds {what} trained on {old_data}, not {data}; choose "
-                         f"another output directory")
-    new_d, old_d = dataclasses.asdict(config), dataclasses.asdict(old)
-    allowed = () if finished else RESUMABLE_CHANGES
-    changed = [k for k in new_d if new_d[k] != old_d[k] and k not in allowed]
-    if changed:
-        diff = ", ".join(f"{k} {old_d[k]!r} -> {new_d[k]!r}" for k in changed)
-        raise TrainError(f"{out_dir}: holds {what} with other settings ({diff}); use the same "
-                         f"settings to resume, or another output directory")
-    if not finished:
-        done = int(_read_json(state_path).get("epoch", 0))
-        if config.epochs < done:
-            raise TrainError(f"{out_dir}: holds a checkpoint after {done} epochs; cannot resume "
-                             f"it with epochs={config.epochs}")
-    return "done" if finished else "resume"
-
-
-def _load_split(out_dir: Path, n_stamps: int) -> dict[str, np.ndarray]:
-    path = out_dir / SPLIT_FILE
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            split = {k: np.asarray(npz[k], dtype=np.int64) for k in ("train", "val", "test")}
-    except (OSError, KeyError, ValueError) as exc:
-        raise TrainError(f"{path}: unreadable split file ({exc})") from exc
-    top = max(int(v.max()) for v in split.values() if len(v))
-    if top >= n_stamps:
-        raise TrainError(f"{path}: row {top} beyond the store's {n_stamps} stamps (another store?)")
-    return split
-
-
-def _save_split(path: Path, split: dict[str, np.ndarray]) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **split)
-    fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- training loop
@@ -483,59 +355,6 @@ def train_run(store_path: Path | Sequence[Path], arch: str, out_dir: Path, confi
                                  callbacks)
 
 
-@contextlib.contextmanager
-def _run_lock(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``out_dir``'s lock file (creating the directory); a
-    directory created here that is left holding nothing else is removed again."""
-    import fcntl
-    import socket
-
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainError(f"{out_dir}: exists and is not a directory")
-    created = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(out_dir / LOCK_FILE, "a+")
-    except OSError as exc:
-        raise TrainError(f"{out_dir}: cannot create the run directory ({exc.strerror})") from exc
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise TrainError(f"{out_dir}: in use by {holder} (training into it now); wait for "
-                             f"it to end or choose another output directory") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        fh.flush()
-        try:
-            yield
-        finally:
-            if created and [p.name for p in out_dir.iterdir()] == [LOCK_FILE]:
-                (out_dir / LOCK_FILE).unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    out_dir.rmdir()
-
-
-def _clear_partials(*dirs: Path) -> None:
-    """Remove temporary files of writes a kill interrupted (the lock is held)."""
-    for d in dirs:
-        for tmp in d.glob(".*.partial*"):
-            tmp.unlink(missing_ok=True)
-
-
-def _clear_attempt(out_dir: Path) -> None:
-    """Forget an attempt that committed no epoch: its checkpoint files and history."""
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    if ckpt_dir.is_dir():
-        for f in ckpt_dir.iterdir():
-            if f.is_file() and (f.name.startswith(("epoch-", "best-", "."))):
-                f.unlink(missing_ok=True)
-    (out_dir / HISTORY_FILE).unlink(missing_ok=True)
-
-
 def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Path,
                       config: TrainConfig, data_weights: Sequence[float] | None, progress: bool,
                       callbacks: Sequence[Any]) -> dict[str, Any]:
@@ -653,73 +472,6 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
                      calibration)
 
 
-def _calibrate(model, stores: Stores, val_rows: np.ndarray) -> dict[str, Any]:
-    """Fit temperature scaling on the validation split and fold it into ``model``."""
-    from stampbatch import calibrate
-    from stampbatch.metrics import expected_calibration_error
-
-    margins, labels = calibrate.store_logit_margin(model, stores, val_rows)
-    temperature = calibrate.fit_temperature(margins, labels)
-    calibrate.fold_temperature(model, temperature)
-    out: dict[str, Any] = {"method": "temperature scaling on the validation split",
-                           "temperature": temperature, "n_val": int(len(labels))}
-    if len(labels):
-        out["ece_val_before"] = expected_calibration_error(labels, calibrate.sigmoid(margins))
-        out["ece_val_after"] = expected_calibration_error(
-            labels, calibrate.sigmoid(margins / temperature))
-    return out
-
-
-def _evaluate(model, store_path: Stores, arch: str, out_dir: Path, config: TrainConfig,
-              info, split: dict[str, np.ndarray], data: str, state: dict[str, Any],
-              t_start: float, calibration: dict[str, Any]) -> dict[str, Any]:
-    from stampbatch import plots
-
-    test = split["test"]
-    prob, labels, finite = predict_rows(model, store_path, test)
-    buf_rows = {"rows": test, "labels": labels, "probability": prob, "finite": finite}
-    _save_npz(out_dir / PREDICTIONS_FILE, buf_rows)
-    meta = _pooled_meta(store_path, (store.META_SNR, store.META_KIND))
-    snr = meta[store.META_SNR][test][finite] if store.META_SNR in meta else None
-    kind = meta[store.META_KIND][test][finite] if store.META_KIND in meta else None
-    y, p = labels[finite], prob[finite]
-    try:
-        scores = compute_metrics(y, p, snr=snr, kind=kind, target_fpr=config.target_fpr)
-    except ValueError as exc:
-        raise TrainError(f"{store_path}: cannot evaluate the test split ({exc})") from exc
-    metrics: dict[str, Any] = {
-        "architecture": arch, "data": data, "n_train": len(split["train"]),
-        "n_val": len(split["val"]), "n_test": len(test),
-        "n_test_unscorable": int((~finite).sum()),
-        "epochs_run": int(state["epoch"]), "epochs": config.epochs,
-        "stopped_early": bool(state.get("stopped_early", False)),
-        "best_epoch": state.get("best_epoch"),
-        "parameters": int(model.count_params()), "macs_per_stamp": count_macs(model),
-        **scores,
-        "best_val_loss": state.get("best_val_loss"),
-        "best_val_accuracy": state.get("best_val_accuracy"),
-        "stores": _read_json(out_dir / DATA_FILE)["stores"],
-        "calibration": {**calibration, "ece_test_after": scores["ece"],
-                        "ece_test_before": _ece_uncalibrated(y, p, calibration["temperature"])},
-    }
-    title = f"{arch} ({out_dir.name})"
-    plots.plot_confusion_matrix(np.asarray(scores["confusion_matrix"]),
-                                out_dir / "confusion_matrix.png", title=f"{title}: test split")
-    plots.plot_history(state["history"], out_dir / "history.png", title=title)
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, _ = roc_curve(y, p)
-    op = scores["operating_point"]
-    plots.plot_roc(fpr, tpr, out_dir / "roc.png", auc=scores["roc_auc"],
-                   operating_point=(op["fpr"], op["completeness"]), title=f"{title}: ROC")
-    _plot_completeness(plots, scores, out_dir / "completeness_snr.png", title)
-    _plot_examples(plots, store_path, test[finite], y, p, out_dir / "examples.png", title,
-                   config.seed)
-    metrics["wall_time_s"] = float(state.get("train_time_s", 0.0)) + (time.monotonic() - t_start)
-    fileio.write_json_atomic(out_dir / METRICS_FILE, metrics)  # last: marks the run as done
-    return json.loads(json.dumps(fileio.jsonable(metrics)))
-
-
 def _open_stores(paths: Path | str | Sequence[Path | str],
                  data_weights: Sequence[float] | None) -> tuple[Stores, str]:
     """Validate the training stores; the run's ``data`` string (paths joined)."""
@@ -739,75 +491,3 @@ def _open_stores(paths: Path | str | Sequence[Path | str],
                              f"per store ({len(paths)}), not all zero")
         stores.weights = w / w.sum()
     return stores, DATA_SEPARATOR.join(str(p.resolve()) for p in stores.paths)
-
-
-def _check_data_record(out_dir: Path, stores: Stores) -> None:
-    """Refuse to resume (or reuse) a run whose stores, their sizes or weights changed."""
-    path = out_dir / DATA_FILE
-    if not path.is_file():
-        return
-    old = _read_json(path)
-    was = ([(s["path"], s["n_stamps"]) for s in old.get("stores", [])], old.get("data_weights"))
-    now = ([(str(p.resolve()), int(n)) for p, n in zip(stores.paths, stores.sizes, strict=True)],
-           None if stores.weights is None else stores.weights.tolist())
-    if was != now:
-        raise TrainError(f"{out_dir}: holds a run on other stores or data weights ({path}); "
-                         f"use the same ones to resume, or another output directory")
-
-
-def _pooled_meta(stores: Stores, columns: Sequence[str]) -> dict[str, np.ndarray]:
-    """Metadata columns that every store has, concatenated in global-row order."""
-    have = [c for c in columns if all(c in info.meta_columns for info in stores.infos)]
-    parts = [store.read_meta(p, have) for p in stores.paths] if have else []
-    return {c: np.concatenate([part[c].astype(str) if part[c].dtype.kind in "SUO" else part[c]
-                               for part in parts]) for c in have}
-
-
-def _ece_uncalibrated(y: np.ndarray, p: np.ndarray, temperature: float) -> float:
-    """ECE of the probabilities before the temperature was folded in (margin times T)."""
-    from stampbatch.calibrate import sigmoid
-    from stampbatch.metrics import expected_calibration_error
-
-    q = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
-    return expected_calibration_error(y, sigmoid(temperature * np.log(q / (1 - q))))
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    fileio.write_bytes_atomic(path, buf.getvalue())
-
-
-def _plot_completeness(plots, scores: dict[str, Any], path: Path, title: str) -> None:
-    cvs = scores.get("completeness_vs_snr")
-    if cvs is None:  # no SNR in the store: completeness of all sources in one bin
-        edges = [1.0, 1000.0]
-        rec = scores["confusion_matrix"][1]
-        n = rec[0] + rec[1]
-        comp, counts = [rec[1] / n if n else None], [n]
-        extra = {f"at FPR {scores['operating_point']['target_fpr']:g}":
-                 [scores["operating_point"]["completeness"]]}
-        plots.plot_completeness(edges, comp, counts, path, extra=extra,
-                                title=f"{title}: no SNR in the store, all sources")
-        return
-    op = scores["operating_point"]
-    plots.plot_completeness(
-        cvs["bin_edges"], cvs["completeness"], cvs["counts"], path,
-        extra={f"at FPR {op['target_fpr']:g} (P >= {op['threshold']:.3g})":
-               cvs["completeness_at_operating_point"]},
-        title=f"{title}: completeness of test sources (P >= 0.5)")
-
-
-def _plot_examples(plots, store_path: Stores, rows: np.ndarray, y: np.ndarray, p: np.ndarray,
-                   path: Path, title: str, seed: int, n: int = 32) -> None:
-    rng = np.random.default_rng(seed)
-    wrong = np.flatnonzero((p >= 0.5).astype(np.int64) != y)
-    right = np.flatnonzero((p >= 0.5).astype(np.int64) == y)
-    pick_wrong = rng.permutation(wrong)[: n // 2]
-    pick = np.concatenate([pick_wrong, rng.permutation(right)[: n - len(pick_wrong)]])
-    raw, _ = store_path.read(rows[pick])
-    stamps, _ = normalize_with_mask(raw)
-    plots.plot_stamp_grid(stamps, y[pick], p[pick], path, max_stamps=n,
-                          title=f"{title}: test stamps (normalised)")

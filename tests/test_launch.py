@@ -660,6 +660,12 @@ def test_slurm_cancelled_job_is_reported_with_slurms_message(slurm_cluster, tmp_
     subprocess.run(["scancel", job_id], check=True)
     status = job_status.wait_for_jobs(record, poll_s=1.0, timeout_s=120)[0]
     assert status.state == "CANCELLED"
+    # slurmstepd writes its verdict as it tears the step down, which can be a moment after
+    # the state reads CANCELLED (srun's own line comes first under load): wait for it.
+    deadline = time.monotonic() + 30
+    while not (status.error or "").startswith("slurmstepd") and time.monotonic() < deadline:
+        time.sleep(1.0)
+        status = job_status.statuses_of([(record, record["jobs"][0])])[0]
     # Slurm's verdict, not the lines the job went on logging during KillWait
     assert status.error.startswith("slurmstepd")
     assert re.search(rf"\*\*\* (JOB {job_id}|STEP {job_id}\.0) ON \S+ CANCELLED AT ",
