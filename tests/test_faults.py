@@ -176,7 +176,11 @@ def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tm
                                              "-e", f"inject={name}:signal=KILL:when={k}"])
             _, err = proc.communicate(timeout=120)
             assert proc.returncode in (-9, 137, 0), (name, k, err.decode()[-1500:])
-            _check_after_kill(work, before, *refs[work])
+            try:
+                _check_after_kill(work, before, *refs[work])
+            except Exception as exc:  # name the kill point: the harness must say where it broke
+                raise AssertionError(f"after SIGKILL at {name} call {k} (exit {proc.returncode}): "
+                                     f"{exc}") from exc
             shutil.rmtree(work)
             return proc.returncode
         finally:
