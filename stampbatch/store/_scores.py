@@ -48,6 +48,7 @@ from stampbatch.store._validate import (
 )
 from stampbatch.store._write import (
     atomic_path,
+    discard_unfinished,
 )
 
 
@@ -288,15 +289,8 @@ class ScoreWriter:
             link_scores(self.path, [self.model])
 
     def close(self) -> None:
-        if self._h5 is not None:
-            with contextlib.suppress(Exception):
-                self._h5.close()
-            self._h5 = None
-        if self._ctx is not None:
-            ctx, self._ctx = self._ctx, None
-            abort = StoreError("not committed")
-            with contextlib.suppress(BaseException):
-                ctx.__exit__(StoreError, abort, None)
+        h5, ctx, self._h5, self._ctx = self._h5, self._ctx, None, None
+        discard_unfinished(h5, ctx, StoreError("not committed"))
         if self._lock is not None:
             self._lock.release()
             self._lock = None

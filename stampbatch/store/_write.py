@@ -55,6 +55,17 @@ def atomic_path(path: Path | str, *, overwrite: bool = False,
     return fileio.atomic_path(path, overwrite=overwrite, suffix=suffix, fail=_fail)
 
 
+def discard_unfinished(h5: h5py.File | None, ctx: Any, exc: BaseException) -> None:
+    """Close a file still being written and drop its temporary name (``ctx`` is the
+    :func:`atomic_path` context it was written under): the destination stays as it was."""
+    if h5 is not None:
+        with contextlib.suppress(Exception):
+            h5.close()
+    if ctx is not None:
+        with contextlib.suppress(BaseException):
+            ctx.__exit__(type(exc), exc, exc.__traceback__)
+
+
 class StoreWriter:
     """Stream batches of stamps into a new store, atomically.
 
@@ -163,14 +174,8 @@ class StoreWriter:
         self.n = stop
 
     def _abort(self, exc: BaseException) -> None:
-        if self._h5 is not None:
-            with contextlib.suppress(Exception):
-                self._h5.close()
-            self._h5 = None
-        if self._ctx is not None:
-            ctx, self._ctx = self._ctx, None
-            with contextlib.suppress(BaseException):
-                ctx.__exit__(type(exc), exc, exc.__traceback__)
+        h5, ctx, self._h5, self._ctx = self._h5, self._ctx, None, None
+        discard_unfinished(h5, ctx, exc)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None and self.n == 0:
