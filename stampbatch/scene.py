@@ -33,12 +33,17 @@ if TYPE_CHECKING:
 KINDS = ("source", "background", "offcentre", "hot_pixel", "cosmic_ray", "streak", "dipole")
 PROFILES = ("none", "point", "galaxy", "saturated")
 BACKGROUNDS = ("science", "sky_subtracted", "difference")
+# What lies off the centre beside the field: an isolated source beyond the centring disc or a
+# streak of another moving object. Drawn with the same probabilities in both classes (see
+# :func:`conditions`), so neither is evidence about the label.
+COMPANIONS = ("none", "offcentre", "streak")
 # SimConfig fields giving each hard negative's share of the negatives, in KINDS order.
 HARD_FRACTIONS = ("offcentre_fraction", "hot_pixel_fraction", "cosmic_ray_fraction",
                   "streak_fraction", "dipole_fraction")
 _SOURCE, _BACKGROUND, _OFFCENTRE, _HOT, _COSMIC, _STREAK, _DIPOLE = range(len(KINDS))
 _NONE, _POINT, _GALAXY, _SATURATED = range(len(PROFILES))
 _SCIENCE, _SKYSUB, _DIFFERENCE = range(len(BACKGROUNDS))
+_NO_COMPANION, _OFFCENTRE_COMPANION, _STREAK_COMPANION = range(len(COMPANIONS))
 
 
 def log_uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
@@ -104,7 +109,7 @@ def conditions(rng: np.random.Generator, n: int, c: SimConfig) -> dict[str, np.n
     density = (log_uniform(rng, c.field_density_min, c.field_density_max, n)
                if c.field_density_max > 0 else np.zeros(n))
     fwhm = rng.uniform(c.fwhm_min, c.fwhm_max, n)
-    return {
+    cond = {
         "labels": labels, "kind": kind, "background": background, "profile": profile,
         "fwhm": fwhm, "n_coadd": n_coadd, "sky": sky, "read_noise": read_noise, "level": level,
         "beta": np.where(rng.random(n) < c.moffat_fraction,
@@ -120,6 +125,35 @@ def conditions(rng: np.random.Generator, n: int, c: SimConfig) -> dict[str, np.n
         "shift_angle": rng.uniform(0.0, 2.0 * np.pi, n),
         "mismatch": rng.uniform(-c.flux_mismatch_max, c.flux_mismatch_max, n),
     }
+    cond["companion"], cond["companion_snr"] = _companions(rng, labels, kind, c)
+    return cond
+
+
+def _companions(rng: np.random.Generator, labels: np.ndarray, kind: np.ndarray,
+                c: SimConfig) -> tuple[np.ndarray, np.ndarray]:
+    """What lies off the centre besides the field, per stamp, and a positive's companion SNR.
+
+    A negative's companion is its own kind (an off-centre source or a streak). With
+    ``positive_companions`` positives carry one with the same probabilities, at an SNR drawn
+    like the negatives': what lies off the centre must say nothing about the label. Were
+    they negative-only, "a bright source off the centre" would be a sign of the negative
+    class, and a network would learn to doubt every centred source with a brighter
+    neighbour. (Drawn last, so the earlier draws, and ``positive_companions = false``
+    stores, are those of the simulator before companions.)
+    """
+    n = len(labels)
+    companion = np.where(kind == _OFFCENTRE, _OFFCENTRE_COMPANION,
+                         np.where(kind == _STREAK, _STREAK_COMPANION, _NO_COMPANION)).astype(np.int8)
+    snr = np.zeros(n)
+    if c.positive_companions:
+        u = rng.random(n)
+        drawn = np.where(u < c.offcentre_fraction, _OFFCENTRE_COMPANION,
+                         np.where(u < c.offcentre_fraction + c.streak_fraction,
+                                  _STREAK_COMPANION, _NO_COMPANION))
+        pos = labels == 1
+        companion[pos] = drawn[pos]
+        snr = np.where(pos, log_uniform(rng, c.snr_min, c.snr_max, n), 0.0)
+    return companion, snr
 
 
 class Scene:
@@ -131,6 +165,7 @@ class Scene:
         self.signal = np.zeros((n, *shape), dtype=np.float32)
         self.flux = np.zeros(n)
         self.snr_eff = cond["snr"].copy()
+        self.centre: list[tuple[np.ndarray, np.ndarray]] = []  # (stamps, unit shapes) to place
         self.dx = np.full(n, np.nan)
         self.dy = np.full(n, np.nan)
         self.psf_norm = np.sqrt(np.einsum(
@@ -142,7 +177,7 @@ class Scene:
         return s * np.cos(a), s * np.sin(a)
 
     def add(self, idx: np.ndarray, unit: np.ndarray) -> None:
-        """The centre (or hard-negative) signal: unit shapes scaled to the stamps' SNR."""
+        """A hard negative's signal: unit shapes scaled to the stamps' SNR against the sky."""
         c = self.cond
         norm = np.sqrt(np.einsum("nij,nij->n", unit, unit, dtype=np.float64))
         f = c["snr"][idx] * c["sigma"][idx] / norm
@@ -152,6 +187,50 @@ class Scene:
             self.snr_eff[idx[corr]] = c["snr"][idx[corr]] * norm[corr] / backgrounds.filter_noise(
                 unit[corr], c["noise_corr"][idx[corr]])
         self.signal[idx] += unit * f.astype(np.float32)[:, None, None]
+
+    def add_companion(self, idx: np.ndarray, unit: np.ndarray) -> None:
+        """A positive's off-centre companion at its own SNR; the stamp's truth (flux, offset)
+        stays the centre source's."""
+        c = self.cond
+        norm = np.sqrt(np.einsum("nij,nij->n", unit, unit, dtype=np.float64))
+        f = c["companion_snr"][idx] * c["sigma"][idx] / norm
+        self.signal[idx] += unit * f.astype(np.float32)[:, None, None]
+
+    def place_centre(self, shot_noise: bool, max_snr: float) -> None:
+        """Scale the centre sources to their SNR against the noise *where they lie*.
+
+        A photometry pipeline's SNR is the flux over its error from the variance plane: the
+        sky and read noise and the Poisson noise of all the other light under the source (a
+        neighbour's wings, a bright star's halo), with saturated pixels and those their
+        charge bleeds into carrying no information (a pipeline's SAT/BLEED mask). With
+        inverse-variance weights the optimal SNR of a source of flux F and unit shape P is
+        F * sqrt(sum P**2 / var) over the other pixels, var = sigma**2 + |other light|; on an
+        empty sky this is the matched-filter SNR F sqrt(sum P**2) / sigma. So a source drawn
+        at SNR 20 is a 20-sigma source wherever it sits, not one lost in the shot noise of a
+        star it happens to lie on. Called once the field is on the stamps; capped at
+        ``max_snr`` against the sky alone (float32 pixels).
+        """
+        c = self.cond
+        for idx, unit in self.centre:
+            other = self.signal[idx].astype(np.float64)
+            sigma = c["sigma"][idx][:, None, None]
+            var = sigma**2 + (np.abs(other) if shot_noise else 0.0)
+            # Saturated and bled pixels of the other light (a pipeline's SAT/BLEED mask).
+            total = (other + c["level"][idx][:, None, None]).astype(np.float32)
+            clipped = ((saturate(total, c["saturation"][idx]) != total)
+                       & (c["background"][idx] != _DIFFERENCE)[:, None, None])
+            u = unit.astype(np.float64)
+            weight = np.where(clipped, 0.0, u * u / var).sum(axis=(1, 2))
+            norm = np.sqrt(np.einsum("nij,nij->n", u, u))
+            f = np.minimum(c["snr"][idx] / np.sqrt(np.maximum(weight, 1e-300)),
+                           max_snr * c["sigma"][idx] / norm)
+            self.flux[idx] = f
+            corr = np.flatnonzero(c["noise_corr"][idx] > 0)
+            if corr.size:
+                self.snr_eff[idx[corr]] = c["snr"][idx[corr]] * norm[corr] / backgrounds.filter_noise(
+                    unit[corr], c["noise_corr"][idx[corr]])
+            self.signal[idx] += unit * f.astype(np.float32)[:, None, None]
+        self.centre = []
 
     def addfield_population(self, stamp: np.ndarray, unit: np.ndarray, snr: np.ndarray) -> None:
         """Field sources: unit shapes at a point-source SNR (several per stamp allowed)."""
@@ -218,7 +297,10 @@ def _bright_stars(rng: np.random.Generator, scene: Scene, idx: np.ndarray, dx: n
 
 def centre_sources(rng: np.random.Generator, scene: Scene, c: SimConfig,
                     truth: dict[str, np.ndarray]) -> None:
-    """Positives at the centre: point sources, compact galaxies, saturated stars."""
+    """Positives at the centre: point sources, compact galaxies, saturated stars.
+
+    Point sources and galaxies are scaled by :meth:`Scene.place_centre` once the field is on
+    the stamp (their SNR is against the noise where they lie)."""
     cond = scene.cond
     profile = cond["profile"]
     for kind_id in (_POINT, _GALAXY):
@@ -227,13 +309,13 @@ def centre_sources(rng: np.random.Generator, scene: Scene, c: SimConfig,
             continue
         scene.dx[idx], scene.dy[idx] = _in_disc(rng, idx.size, c.max_centre_offset)
         if kind_id == _POINT:  # new light: not in a difference image's template
-            scene.add(idx, render_psf(scene.shape, scene.dx[idx], scene.dy[idx],
-                                      cond["fwhm"][idx], cond["beta"][idx]))
+            scene.centre.append((idx, render_psf(scene.shape, scene.dx[idx], scene.dy[idx],
+                                                 cond["fwhm"][idx], cond["beta"][idx])))
             continue
         gal = _galaxy_params(rng, idx.size, c, c.centre_galaxy_re_max)
         truth[store.META_HALF_LIGHT_RADIUS][idx] = gal["r_e"] * np.sqrt(gal["q"])  # circularised
         truth["sersic_n"][idx], truth["axis_ratio"][idx] = gal["n"], gal["q"]
-        scene.add(idx, _shapes(scene, idx, scene.dx[idx], scene.dy[idx], gal))
+        scene.centre.append((idx, _shapes(scene, idx, scene.dx[idx], scene.dy[idx], gal)))
     idx = np.flatnonzero(profile == _SATURATED)
     if idx.size:
         scene.dx[idx], scene.dy[idx] = _in_disc(rng, idx.size, c.max_centre_offset)
@@ -244,24 +326,27 @@ def centre_sources(rng: np.random.Generator, scene: Scene, c: SimConfig,
 
 def hard_negatives(rng: np.random.Generator, scene: Scene, c: SimConfig,
                     truth: dict[str, np.ndarray]) -> None:
-    """Off-centre sources, streaks, hot pixels, cosmic rays and subtraction residuals."""
+    """Off-centre sources, streaks, hot pixels, cosmic rays and subtraction residuals.
+
+    Off-centre sources and streaks are drawn for every stamp whose ``companion`` says so,
+    positives included (at their own SNR, :meth:`Scene.add_companion`); for negatives they
+    are the stamp's kind and its truth (offset, flux, trail)."""
     cond = scene.cond
-    kind = cond["kind"]
-    idx = np.flatnonzero(kind == _OFFCENTRE)
+    kind, companion, labels = cond["kind"], cond["companion"], cond["labels"]
+    idx = np.flatnonzero(companion == _OFFCENTRE_COMPANION)
     if idx.size:
-        scene.dx[idx], scene.dy[idx] = positions_outside(rng, idx.size, scene.shape,
-                                                          c.offcentre_min_distance)
-        scene.add(idx, render_psf(scene.shape, scene.dx[idx], scene.dy[idx], cond["fwhm"][idx],
-                                  cond["beta"][idx]))
-    idx = np.flatnonzero(kind == _STREAK)
+        dx, dy = positions_outside(rng, idx.size, scene.shape, c.offcentre_min_distance)
+        unit = render_psf(scene.shape, dx, dy, cond["fwhm"][idx], cond["beta"][idx])
+        _add_off_centre(scene, idx, unit, dx, dy, labels[idx] == 0)
+    idx = np.flatnonzero(companion == _STREAK_COMPANION)
     if idx.size:
-        scene.dx[idx], scene.dy[idx] = positions_outside(rng, idx.size, scene.shape,
-                                                          c.streak_min_offset)
-        truth["trail_length"][idx] = rng.uniform(c.streak_length_min, c.streak_length_max,
-                                                 idx.size)
-        truth["trail_angle"][idx] = rng.uniform(0.0, np.pi, idx.size)
-        scene.add(idx, render_trail(scene.shape, scene.dx[idx], scene.dy[idx], cond["fwhm"][idx],
-                                    truth["trail_length"][idx], truth["trail_angle"][idx]))
+        dx, dy = positions_outside(rng, idx.size, scene.shape, c.streak_min_offset)
+        length = rng.uniform(c.streak_length_min, c.streak_length_max, idx.size)
+        angle = rng.uniform(0.0, np.pi, idx.size)
+        neg = labels[idx] == 0
+        truth["trail_length"][idx[neg]], truth["trail_angle"][idx[neg]] = length[neg], angle[neg]
+        unit = render_trail(scene.shape, dx, dy, cond["fwhm"][idx], length, angle)
+        _add_off_centre(scene, idx, unit, dx, dy, neg)
     idx = np.flatnonzero(kind == _DIPOLE)
     if idx.size:
         # A visible dipole: a shift of at least 0.1 px, and a flux mismatch too small to
@@ -275,6 +360,17 @@ def hard_negatives(rng: np.random.Generator, scene: Scene, c: SimConfig,
         scene.dy[idx] = rng.uniform(-c.artefact_max_offset, c.artefact_max_offset, idx.size)
         scene.add(idx, _shapes(scene, idx, scene.dx[idx], scene.dy[idx]))
     _sharp_artefacts(rng, scene, c)
+
+
+def _add_off_centre(scene: Scene, idx: np.ndarray, unit: np.ndarray, dx: np.ndarray,
+                    dy: np.ndarray, negative: np.ndarray) -> None:
+    """A negative's off-centre kind (its truth) or a positive's companion."""
+    neg, pos = idx[negative], idx[~negative]
+    if neg.size:
+        scene.dx[neg], scene.dy[neg] = dx[negative], dy[negative]
+        scene.add(neg, unit[negative])
+    if pos.size:
+        scene.add_companion(pos, unit[~negative])
 
 
 def _sharp_artefacts(rng: np.random.Generator, scene: Scene, c: SimConfig) -> None:

@@ -48,12 +48,18 @@ otherwise a Gaussian.
 SNR (the meaning of the ``snr`` column)
 ---------------------------------------
 The SNR of a signal of total flux ``F`` and unit-flux shape ``P`` as rendered on the
-stamp is its matched-filter (optimal, background-limited) SNR, ``F * sqrt(sum P**2) /
-sigma`` — the expectation of :func:`matched_filter_snr` for that shape. The flux is chosen
-from the SNR drawn (log-uniform in ``[snr_min, snr_max]``). For a saturated centre star
-it is that of the unclipped star. It ignores the source's own shot noise and pixel
-correlation: the significance against the true noise of that filter on correlated-noise
-stamps is ``snr_eff``. Field sources have a *point-source* SNR (their flux times the norm
+stamp is its matched-filter (optimal) SNR, ``F * sqrt(sum P**2 / var)`` — the expectation
+of :func:`matched_filter_snr` for that shape on an empty sky, where ``var = sigma**2``. For
+the centre source ``var`` is the variance *where it lies*: ``sigma**2`` plus the Poisson
+variance of all the other light on the stamp (neighbours' wings, a bright star's halo), and
+pixels that other light saturates carry no information (weight 0) — the flux over flux
+error a photometry pipeline reports from its variance plane. So a source drawn at SNR 20 is
+a 20-sigma source wherever it sits (on an empty sky the two definitions agree). The flux is
+chosen from the SNR drawn (log-uniform in ``[snr_min, snr_max]``). For a saturated centre
+star it is that of the unclipped star against the sky. It ignores the source's own shot
+noise and pixel correlation: the significance against the true noise of that filter on
+correlated-noise stamps is ``snr_eff``. Hard negatives and companions have their SNR
+against the sky. Field sources have a *point-source* SNR (their flux times the norm
 of the stamp's centred PSF over sigma), drawn from the number counts.
 
 Kinds of stamp (``meta["kind"]``)
@@ -66,9 +72,17 @@ the centre); ``dipole`` (a difference-image residual of a star within
 ``artefact_max_offset`` px of the centre). Hard-negative fractions are fractions of the
 negatives; the rest are ``background``.
 
+What lies *off* the centre must say nothing about the label, so off-centre sources and
+streaks are not negatives' privilege: positives carry one with the same probabilities
+(``offcentre_fraction``, ``streak_fraction``) at their own SNR, drawn like the negatives'
+(``meta["companion"]``: ``none``, ``offcentre``, ``streak``, in both classes). Were they
+negative-only, "a bright source off the centre" would be a sign of the negative class and
+a network would learn to doubt every centred source with a brighter neighbour — the
+shortcut the neighbour-free simulator taught, in a milder form.
+
 Metadata columns (``/meta`` in the store; names in :mod:`stampbatch.store`)
 ---------------------------------------------------------------------------
-``snr``, ``snr_eff``, ``kind``, ``profile``, ``background``, ``psf_fwhm``, ``psf_beta``
+``snr``, ``snr_eff``, ``kind``, ``profile``, ``background``, ``companion``, ``psf_fwhm``, ``psf_beta``
 (NaN: Gaussian), ``dx``, ``dy`` (px from the centre of the signal that made the kind; NaN
 for background), ``flux``, ``sky``, ``sky_subtracted``, ``sigma``, ``read_noise``,
 ``n_coadd``, ``noise_corr``, ``trail_length``, ``trail_angle``, ``half_light_radius``,
@@ -103,6 +117,7 @@ from stampbatch.profiles import render_psf, render_trail
 from stampbatch.progress import Progress
 from stampbatch.scene import (
     BACKGROUNDS,
+    COMPANIONS,
     HARD_FRACTIONS,
     KINDS,
     PROFILES,
@@ -118,7 +133,7 @@ __all__ = ["KINDS", "PROFILES", "BACKGROUNDS", "SimConfig", "SimConfigError", "S
            "matched_filter_snr", "neighbour_free_config", "render_psf", "render_trail",
            "simulate_stamps", "write_simulated", "block_rng", "iter_blocks"]
 
-_KIND_BYTES = f"S{max(len(k) for k in KINDS + PROFILES + BACKGROUNDS)}"  # fixed width
+_KIND_BYTES = f"S{max(len(k) for k in KINDS + PROFILES + BACKGROUNDS + COMPANIONS)}"  # fixed width
 
 
 # Stamps simulated per random block. Block b draws from SeedSequence(seed, spawn_key=(b,)),
@@ -218,6 +233,8 @@ class SimConfig:
     streak_length_min: float = 8.0  # shortest streak (trail) length, px
     streak_length_max: float = 40.0  # longest streak length, px
     streak_min_offset: float = 3.0  # streak midpoints lie at least this far from the centre, px
+    positive_companions: bool = True  # positives carry off-centre sources/streaks as often as
+    # negatives do (False: the earlier negative-only hard kinds, a label shortcut; see above)
 
     def validate(self) -> None:
         """Raise SimConfigError (a ValueError) naming the first bad setting."""
@@ -319,7 +336,7 @@ NEIGHBOUR_FREE = {
     "residual_sky_max": 0.0, "field_density_min": 0.0, "field_density_max": 0.0,
     "centre_galaxy_fraction": 0.0, "centre_saturated_fraction": 0.0,
     "bright_star_fraction": 0.0, "bad_column_fraction": 0.0, "masked_fraction": 0.0,
-    "dipole_fraction": 0.0,
+    "dipole_fraction": 0.0, "positive_companions": False,
 }
 
 
@@ -376,6 +393,7 @@ def simulate_stamps(n: int, config: SimConfig | None = None,
     centre_sources(rng, scene, config, truth)
     hard_negatives(rng, scene, config, truth)
     fs = field_population(rng, scene, config)
+    scene.place_centre(config.source_shot_noise, MAX_SNR)
     stamps = observe(rng, scene, config, truth)
     n_field, nn_distance, nn_snr = nearest(fs, n)
     f32 = np.float32
@@ -383,6 +401,7 @@ def simulate_stamps(n: int, config: SimConfig | None = None,
         store.META_SNR: cond["snr"].astype(f32), store.META_KIND: np.asarray(KINDS)[cond["kind"]],
         store.META_PROFILE: np.asarray(PROFILES)[cond["profile"]],
         store.META_BACKGROUND: np.asarray(BACKGROUNDS)[cond["background"]],
+        store.META_COMPANION: np.asarray(COMPANIONS)[cond["companion"]],
         "psf_fwhm": cond["fwhm"].astype(f32), "psf_beta": cond["beta"].astype(f32),
         "dx": scene.dx.astype(f32), "dy": scene.dy.astype(f32),
         "snr_eff": scene.snr_eff.astype(f32), "flux": scene.flux.astype(f32),
@@ -491,7 +510,8 @@ def write_simulated(
             contextlib.closing(iter_blocks(n, config, seed, workers=workers)) as blocks:
         for batch in blocks:
             meta = dict(batch.meta)
-            for name in (store.META_KIND, store.META_PROFILE, store.META_BACKGROUND):
+            for name in (store.META_KIND, store.META_PROFILE, store.META_BACKGROUND,
+                         store.META_COMPANION):
                 meta[name] = meta[name].astype(_KIND_BYTES)
             if candidates:
                 meta[store.META_TRUE_LABEL] = batch.labels

@@ -652,6 +652,86 @@ def test_labels_depend_only_on_the_centre():
     assert set(np.unique(m["profile"][pos])) == {"point", "galaxy", "saturated"}
 
 
+def test_off_centre_sources_and_streaks_are_as_common_in_positives_as_in_negatives():
+    """What lies off the centre says nothing about the label: companions (an off-centre
+    source, a streak) come with the same probabilities in both classes, and a positive's
+    truth stays its centre source's."""
+    cfg = SimConfig()
+    b = simulate_stamps(20_000, cfg, np.random.default_rng(23))
+    m, pos = b.meta, b.labels == 1
+    for name, frac in (("offcentre", cfg.offcentre_fraction), ("streak", cfg.streak_fraction)):
+        for sel in (pos, ~pos):
+            assert _binomial_ok(int((m["companion"][sel] == name).sum()), int(sel.sum()), frac, z=3.0), name
+    neg = ~pos
+    assert (m["companion"][neg & (m["kind"] == "offcentre")] == "offcentre").all()
+    assert (m["companion"][neg & (m["kind"] == "streak")] == "streak").all()
+    assert (m["companion"][neg & ~np.isin(m["kind"], ["offcentre", "streak"])] == "none").all()
+    assert np.hypot(m["dx"][pos], m["dy"][pos]).max() <= cfg.max_centre_offset + 1e-6
+    assert (m["trail_length"][pos] == 0).all()
+    # the companions are there: a positive with an off-centre companion holds more light far
+    # from the centre than one without (same field statistics otherwise)
+    yy, xx = np.mgrid[-10:11, -10:11]
+    far = np.hypot(yy, xx) > 6.5
+    level = np.where(m["sky_subtracted"], 0.0, m["sky"])[:, None, None]
+    light = ((b.stamps - level) / m["sigma"][:, None, None])[:, far].sum(axis=1)
+    quiet = pos & (m["n_field"] == 0) & (m["background"] != "difference")
+    with_c, without = quiet & (m["companion"] == "offcentre"), quiet & (m["companion"] == "none")
+    assert np.median(light[with_c]) > np.median(light[without]) + 5.0
+    # the neighbour-free preset keeps the earlier simulator: companions only in negatives
+    old = simulate_stamps(4000, OLD(), np.random.default_rng(24))
+    assert (old.meta["companion"][old.labels == 1] == "none").all()
+
+
+def test_centre_snr_is_against_the_noise_where_the_source_lies():
+    """A centre source on a bright star's halo is scaled so that its optimal (inverse-variance
+    weighted) matched-filter SNR, measured on the observed stamps against the sky, read and
+    shot noise of the other light there, equals the SNR drawn (to 5 %); on an empty sky the
+    flux is the matched-filter one, snr * sigma / ||P||."""
+    from stampbatch import scene as sc
+    from stampbatch.profiles import render_psf, saturate
+
+    cfg = OLD(source_fraction=1.0, snr_min=8.0, snr_max=8.0, bright_star_fraction=1.0,
+              correlated_noise_fraction=0.0, sky_subtracted_fraction=1.0, max_centre_offset=0.0,
+              sky_gradient_max=0.0, residual_sky_max=0.0, saturation_min=0.3, saturation_max=3.0)
+    rng = np.random.default_rng(25)
+    n, shape = 3000, (21, 21)
+    cond = sc.conditions(rng, n, cfg)
+    scene = sc.Scene(n, shape, cond)
+    idx = np.arange(n)
+    zero = np.zeros(n)
+    unit = render_psf(shape, zero, zero, cond["fwhm"], cond["beta"]).astype(np.float32)
+    sc.field_population(rng, scene, cfg)  # the bright star (field density is 0 here)
+    other = scene.signal.astype(np.float64).copy()
+    scene.centre.append((idx, unit))
+    scene.place_centre(True, simulate.MAX_SNR)
+    truth = {"trail_length": np.zeros(n), "trail_angle": np.full(n, np.nan)}
+    stamps = sc.observe(rng, scene, cfg, truth).astype(np.float64)
+    sigma = cond["sigma"][:, None, None]
+    var = sigma**2 + np.abs(other)
+    # saturated and bled pixels (a pipeline's SAT/BLEED mask) carry no information
+    sat = cond["saturation"].astype(np.float32)[:, None, None]
+    total = (other + cond["level"][:, None, None]).astype(np.float32)
+    bled = (saturate(total, cond["saturation"]) != total) | (stamps >= sat)
+    usable = ~bled
+    u = unit.astype(np.float64)
+    w = np.where(usable, u / var, 0.0)
+    estimate = ((stamps - other) * w).sum(axis=(1, 2)) / np.sqrt((u * w).sum(axis=(1, 2)))
+    halo = (np.abs(other) * (u > 0.2 * u.max(axis=(1, 2), keepdims=True))).max(axis=(1, 2))
+    on_halo = halo > 3 * cond["sigma"][:, None, None].ravel() ** 2  # shot noise dominates there
+    assert on_halo.sum() > 300
+    assert abs(estimate[on_halo].mean() / 8.0 - 1.0) < 0.05
+    assert abs(estimate[on_halo].std() - 1.0) < 0.1  # the estimator is in sigma units
+    # against the sky alone the same sources would be quoted brighter than 8 sigma
+    sky_only = scene.flux * np.sqrt((u * u).sum(axis=(1, 2))) / cond["sigma"]
+    assert np.median(sky_only[on_halo]) > 1.3 * 8.0
+    # on an empty sky the flux is the matched-filter one
+    empty = sc.Scene(4, shape, {k: v[:4] for k, v in cond.items()})
+    empty.centre.append((np.arange(4), unit[:4]))
+    empty.place_centre(True, simulate.MAX_SNR)
+    norm = np.sqrt((u[:4] ** 2).sum(axis=(1, 2)))
+    np.testing.assert_allclose(empty.flux, 8.0 * cond["sigma"][:4] / norm, rtol=1e-6)
+
+
 def test_default_mixture_spans_fields_backgrounds_and_profiles():
     b = simulate_stamps(6000, SimConfig(), np.random.default_rng(22))
     m, n = b.meta, len(b)

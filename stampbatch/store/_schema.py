@@ -42,6 +42,7 @@ META_KIND = "kind"  # source, background, offcentre, hot_pixel, cosmic_ray, stre
 META_TRUE_LABEL = "true_label"  # the truth of a candidate file (no /labels)
 META_PROFILE = "profile"  # centre source: none, point, galaxy, saturated
 META_BACKGROUND = "background"  # science, sky_subtracted, difference
+META_COMPANION = "companion"  # none, offcentre, streak: off the centre, in either class
 META_N_FIELD = "n_field"  # field sources on the stamp
 META_NN_DISTANCE = "nn_distance"  # px from the centre to the nearest field source
 META_NN_SNR = "nn_snr"  # point-source SNR of that neighbour
