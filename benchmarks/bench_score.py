@@ -125,10 +125,11 @@ def run_process(cmd: list[str]) -> dict:
     return res
 
 
-def score_cmd(cand: Path, model: Path, out: Path, *extra: str) -> list[str]:
+def score_cmd(cand: Path | list[Path], model: Path, out: Path, *extra: str) -> list[str]:
     if out.exists():
         shutil.rmtree(out)
-    return [sys.executable, "-m", "stampbatch", "score", str(cand), "--model", str(model),
+    cands = [cand] if isinstance(cand, Path) else cand
+    return [sys.executable, "-m", "stampbatch", "score", *map(str, cands), "--model", str(model),
             "--out", str(out), "--quiet", *extra]
 
 
@@ -328,6 +329,11 @@ def bench_rates(run: Path, work: Path, sizes: tuple[int, ...], repeats: int) -> 
     """Inference-only vs whole process (in-process threads and a local Dask worker), each
     whole process on a never-used copy of a freshly trained run; interleaved, medians."""
     cands = {n: make_candidates(work / f"candidates_{n}.h5", n) for n in sizes}
+    big, small = max(sizes), min(sizes)
+    # The same stamps as the big file's, in big/small files scored by one call: the files of
+    # one run share the start-up (the issue's "kept warm across the files of one run").
+    batch = [make_candidates(work / f"candidates_{small}_{k}.h5", small, seed=100 + k)
+             for k in range(big // small)] if big > small else []
     samples: dict[str, list[float]] = {}
 
     def add(label: str, value: float) -> None:
@@ -341,19 +347,28 @@ def bench_rates(run: Path, work: Path, sizes: tuple[int, ...], repeats: int) -> 
                 res = run_process(score_cmd(cand, fresh, work / "rates_out", *extra))
                 add(f"whole process {n:,} stamps, {how}", n / res["wall_s"])
                 shutil.rmtree(fresh.parent)
+        if batch:
+            fresh = _copy_run(run, work / f"fresh_{r}_batch" / "vgg6")
+            res = run_process(score_cmd(batch, fresh, work / "rates_out"))
+            add(f"{len(batch)} files of {small:,} stamps in one call, in-process",
+                len(batch) * small / res["wall_s"])
+            shutil.rmtree(fresh.parent)
     out: dict = {k: {"median_stamps_per_s": float(np.median(v)), "all": v}
                  for k, v in samples.items()}
     inf = np.array(samples["inference only (in memory)"])
     for label, row in out.items():   # the load moves between rounds: ratios within a round
         row["vs_inference_only_median_of_rounds"] = float(np.median(np.array(samples[label])
                                                                     / inf))
-    big, small = max(sizes), min(sizes)
     def ratio(a: str, b: str) -> float:
         return float(np.median(np.array(samples[a]) / np.array(samples[b])))
 
     for how in ("in-process", "local Dask worker"):
         out[f"{small:,} vs {big:,} stamps ({how}), median of rounds"] = ratio(
             f"whole process {small:,} stamps, {how}", f"whole process {big:,} stamps, {how}")
+    if batch:
+        out[f"{small:,}-stamp files in one call vs one {big:,}-stamp file, in-process, median "
+            f"of rounds"] = ratio(f"{len(batch)} files of {small:,} stamps in one call, in-process",
+                                  f"whole process {big:,} stamps, in-process")
     for n in sizes:
         out[f"in-process vs Dask worker, {n:,} stamps, median of rounds"] = ratio(
             f"whole process {n:,} stamps, in-process",

@@ -1,0 +1,169 @@
+"""Where does a run lose completeness on a simulated store, and how far is it from the limit?
+
+    .venv/bin/python benchmarks/quality_breakdown.py RUN STORE.h5 [--json OUT.json]
+
+Scores the labelled simulated STORE with RUN's model and splits the positives by what the
+simulator knows about each stamp (``/meta``), at the store's own 1 %-FPR threshold:
+
+* **ideal observer**: the completeness a matched filter that knew the PSF and the noise
+  would reach against pure-noise negatives, ``Phi(snr_eff - z_0.99)`` — an upper bound (hard
+  negatives only raise the threshold, neighbours only add confusion) — and its ROC AUC
+  ``Phi(snr_eff / sqrt 2)``, per SNR bin;
+* **bright-star stamps**: stamps holding saturated pixels from a star that is *not* the
+  centre source (a halo and bleed trail across the stamp), against the rest;
+* **nearest neighbour in FWHM units** (blends: two sources closer than ~1 FWHM are not
+  resolved), and **field crowding per beam** (sources per 1.133 FWHM^2: the confusion limit
+  of a survey is about 1 source per 20-50 beams);
+* the threshold set by each kind of negative alone, to tell hard negatives from the field.
+
+Every figure is recomputed from the stamps and the model; nothing is read from a report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from scipy.stats import norm  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from stampbatch import store  # noqa: E402
+from stampbatch.evaluate import store_truth  # noqa: E402
+
+SNR_BINS = ((3, 5), (5, 7), (7, 10), (10, 20), (20, 50), (50, np.inf))
+NN_FWHM_BINS = (0.0, 1.25, 1.5, 2.0, 3.0, np.inf)
+BEAM_CAPS = (np.inf, 0.2, 0.1, 0.05)
+
+
+def probabilities(run: Path, data: Path, n: int) -> np.ndarray:
+    import keras
+
+    from stampbatch.dataset import predict_rows
+    from stampbatch.train import configure_tensorflow
+
+    configure_tensorflow()
+    model = keras.models.load_model(run / "model.keras", safe_mode=True)
+    prob, _, finite = predict_rows(model, data, np.arange(n))
+    return np.where(finite, prob, np.nan)
+
+
+def _text(a: np.ndarray) -> np.ndarray:
+    return np.asarray([v.decode() if isinstance(v, bytes) else v for v in a], dtype=str)
+
+
+def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> dict:
+    """The tables of the module docstring, as a dict."""
+    pos, neg = y == 1, y == 0
+    thr = float(np.quantile(p[neg], 0.99))
+    found = p > thr
+    snr, eff = meta["snr"], meta["snr_eff"]
+    ceiling, ideal_auc = norm.cdf(eff - norm.ppf(0.99)), norm.cdf(eff / np.sqrt(2.0))
+
+    def row(sel: np.ndarray) -> dict:
+        sel = sel & pos
+        if not sel.any():
+            return {"n": 0}
+        auc = roc_auc_score(np.r_[np.ones(sel.sum()), np.zeros(neg.sum())], np.r_[p[sel], p[neg]])
+        return {"n": int(sel.sum()), "completeness": float(found[sel].mean()), "roc_auc": float(auc),
+                "ideal_completeness": float(ceiling[sel].mean()),
+                "ideal_roc_auc": float(ideal_auc[sel].mean())}
+
+    profile = _text(meta["profile"])
+    clipped = (stamps >= meta["saturation"].astype(np.float32)[:, None, None]).any(axis=(1, 2))
+    star = clipped & (profile != "saturated")
+    nn = meta["nn_distance"] / meta["psf_fwhm"]
+    per_beam = meta["field_density"] / 100.0 * 1.133 * meta["psf_fwhm"] ** 2
+    out: dict = {"threshold_1pct_fpr": thr, "all": row(np.ones_like(pos)),
+                 "by_snr": {f"{lo}-{hi}": row((snr >= lo) & (snr < hi)) for lo, hi in SNR_BINS},
+                 "bright_star_elsewhere": row(star), "no_bright_star": row(~star),
+                 "by_nn_distance_fwhm": {f"{lo}-{hi}": row((nn >= lo) & (nn < hi))
+                                         for lo, hi in zip(NN_FWHM_BINS[:-1], NN_FWHM_BINS[1:])},
+                 "no_neighbour": row(np.isnan(nn))}
+    out["by_nn_distance_fwhm_snr_ge_10"] = {
+        f"{lo}-{hi}": row((nn >= lo) & (nn < hi) & (snr >= 10))
+        for lo, hi in zip(NN_FWHM_BINS[:-1], NN_FWHM_BINS[1:])}
+    out["crowding_per_beam"] = {}
+    for cap in BEAM_CAPS:
+        k = per_beam <= cap
+        yk, pk = y[k], p[k]
+        t = np.quantile(pk[yk == 0], 0.99)
+        bright = (yk == 1) & (snr[k] >= 10)
+        out["crowding_per_beam"][f"<= {cap:g}"] = {
+            "n": int(k.sum()), "roc_auc": float(roc_auc_score(yk, pk)),
+            "completeness": float((pk[yk == 1] > t).mean()),
+            "completeness_snr_ge_10": float((pk[bright] > t).mean())}
+    kind = _text(meta["kind"])
+    out["threshold_by_negative_kind"] = {}
+    for k in np.unique(kind[neg]):
+        t = np.quantile(p[neg & (kind == k)], 0.99)
+        out["threshold_by_negative_kind"][k] = {
+            "threshold": float(t), "passes_store_threshold": float(found[neg & (kind == k)].mean()),
+            "completeness_snr_ge_10": float((p[pos & (snr >= 10)] > t).mean())}
+    return out
+
+
+def _print(result: dict) -> None:
+    def line(name: str, r: dict) -> None:
+        if r.get("n", 0) == 0:
+            return
+        print(f"  {name:<24} n={r['n']:>6}  completeness {r['completeness']:.3f} "
+              f"(ideal {r['ideal_completeness']:.3f})  AUC {r['roc_auc']:.4f} "
+              f"(ideal {r['ideal_roc_auc']:.4f})")
+
+    print(f"threshold at 1 % FPR: {result['threshold_1pct_fpr']:.3f}")
+    line("all positives", result["all"])
+    print("by SNR:")
+    for k, r in result["by_snr"].items():
+        line(k, r)
+    print("bright (saturated) star off the centre:")
+    line("yes", result["bright_star_elsewhere"])
+    line("no", result["no_bright_star"])
+    print("nearest field source, distance / FWHM (all SNR; SNR >= 10):")
+    for k, r in result["by_nn_distance_fwhm"].items():
+        line(k, r)
+        line(f"{k}, SNR >= 10", result["by_nn_distance_fwhm_snr_ge_10"][k])
+    line("none", result["no_neighbour"])
+    print("field crowding, sources per beam:")
+    for k, r in result["crowding_per_beam"].items():
+        print(f"  {k:<8} n={r['n']:>6}  AUC {r['roc_auc']:.4f}  completeness {r['completeness']:.3f}"
+              f"  SNR >= 10: {r['completeness_snr_ge_10']:.3f}")
+    print("1 %-FPR threshold of each negative kind alone (completeness at SNR >= 10 there):")
+    for k, r in result["threshold_by_negative_kind"].items():
+        print(f"  {k:<12} {r['threshold']:.3f}  {r['completeness_snr_ge_10']:.3f}   "
+              f"(passes the store's threshold: {r['passes_store_threshold']:.3f})")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("store", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args()
+    y = store_truth(args.store)
+    meta = store.read_meta(args.store)
+    missing = [c for c in ("snr", "snr_eff", "profile", "kind", "psf_fwhm", "nn_distance",
+                           "field_density", "saturation") if c not in meta]
+    if missing:
+        print(f"{args.store}: not a simulated store (no /meta {', '.join(missing)})", file=sys.stderr)
+        return 2
+    p = probabilities(args.run, args.store, len(y))
+    ok = np.isfinite(p)
+    result = breakdown(y[ok], p[ok], {k: v[ok] for k, v in meta.items()},
+                       store.read_stamps(args.store)[ok])
+    result.update(run=str(args.run), store=str(args.store))
+    _print(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
