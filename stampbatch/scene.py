@@ -180,13 +180,18 @@ class Scene:
         """A hard negative's signal: unit shapes scaled to the stamps' SNR against the sky."""
         c = self.cond
         norm = np.sqrt(np.einsum("nij,nij->n", unit, unit, dtype=np.float64))
-        f = c["snr"][idx] * c["sigma"][idx] / norm
-        self.flux[idx] = f
+        self._put(idx, unit, c["snr"][idx] * c["sigma"][idx] / norm, norm)
+
+    def _put(self, idx: np.ndarray, unit: np.ndarray, flux: np.ndarray, norm: np.ndarray) -> None:
+        """The signal of the stamps' own kind at ``flux``: its truth, and its significance
+        against correlated noise (``snr_eff``)."""
+        c = self.cond
+        self.flux[idx] = flux
         corr = np.flatnonzero(c["noise_corr"][idx] > 0)
         if corr.size:
             self.snr_eff[idx[corr]] = c["snr"][idx[corr]] * norm[corr] / backgrounds.filter_noise(
                 unit[corr], c["noise_corr"][idx[corr]])
-        self.signal[idx] += unit * f.astype(np.float32)[:, None, None]
+        self.signal[idx] += unit * flux.astype(np.float32)[:, None, None]
 
     def add_companion(self, idx: np.ndarray, unit: np.ndarray) -> None:
         """A positive's off-centre companion at its own SNR; the stamp's truth (flux, offset)
@@ -224,12 +229,7 @@ class Scene:
             norm = np.sqrt(np.einsum("nij,nij->n", u, u))
             f = np.minimum(c["snr"][idx] / np.sqrt(np.maximum(weight, 1e-300)),
                            max_snr * c["sigma"][idx] / norm)
-            self.flux[idx] = f
-            corr = np.flatnonzero(c["noise_corr"][idx] > 0)
-            if corr.size:
-                self.snr_eff[idx[corr]] = c["snr"][idx[corr]] * norm[corr] / backgrounds.filter_noise(
-                    unit[corr], c["noise_corr"][idx[corr]])
-            self.signal[idx] += unit * f.astype(np.float32)[:, None, None]
+            self._put(idx, unit, f, norm)
         self.centre = []
 
     def addfield_population(self, stamp: np.ndarray, unit: np.ndarray, snr: np.ndarray) -> None:
