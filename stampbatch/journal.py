@@ -39,11 +39,14 @@ MANIFEST = "manifest.json"
 
 # A difference in these means the journal belongs to another input, model or backend:
 # its chunks are worthless and the run restarts from scratch.
-IDENTITY_KEYS = ("format", "source_identity", "model_sha256", "backend", "n_stamps",
-                 "stamp_shape")
+IDENTITY_KEYS = ("format", "source_identity", "model_sha256", "backend", "precision",
+                 "n_stamps", "stamp_shape")
 # A difference in these is a change of settings: refused unless --force (the user may have
 # mistyped, and the journal holds hours of work).
 SETTING_KEYS = ("chunk_rows", "occlusion", "occlusion_patch")
+# Keys added after journal format 2, with what a journal without them meant: one written
+# before --precision existed was FP32 and resumes as such.
+LATER_KEYS = {"precision": "fp32"}
 
 
 class ScoreError(StampbatchError):
@@ -103,6 +106,7 @@ class Journal:
         old = self.manifest()
         if old is None:
             return None
+        old, manifest = {**LATER_KEYS, **old}, {**LATER_KEYS, **manifest}
         for key in keys:
             if old.get(key) != manifest.get(key):
                 return f"{key} {_short(old.get(key))} (journal) vs {_short(manifest.get(key))} (now)"

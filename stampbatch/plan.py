@@ -44,6 +44,14 @@ def _log_stderr(message: str) -> None:
 # --------------------------------------------------------------------------- options
 
 
+# Numeric precisions of inference. Reduced precision is offered only where it is >= 1.3x
+# faster end to end and agrees with FP32 on the run's held-out split (issue 14); on every
+# CPU measured none was (BENCHMARKS.md: int8 1.13x inference-only and 0.5 % of decisions
+# moved; bf16 1.15x inference-only, 0.84x end to end), so FP32 is the only one, and "auto"
+# is FP32.
+PRECISIONS = ("fp32",)
+
+
 @dataclass(frozen=True)
 class ScoreOptions:
     """Everything a scoring run is asked to do besides which files and models (the CLI's flags)."""
@@ -54,6 +62,7 @@ class ScoreOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE  # stamps per task (rounded to the HDF5 chunking)
     out_dir: Path | str | None = None    # side files instead of writing into the candidates
     backend: str = "auto"
+    precision: str = "auto"              # one of PRECISIONS or auto (see PRECISIONS)
     force: bool = False                  # always start from scratch
     skip_bad: bool = False               # skip unusable files instead of stopping
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
@@ -70,6 +79,12 @@ class ScoreOptions:
                              f"{self.patch}")
         if self.chunk_size < 1:
             raise UsageError(f"chunk size must be positive, got {self.chunk_size}")
+        if self.precision == "auto":
+            object.__setattr__(self, "precision", PRECISIONS[0])
+        elif self.precision not in PRECISIONS:
+            raise UsageError(f"precision {self.precision!r} is not offered: only "
+                             f"{', '.join(PRECISIONS)} (or auto) — no reduced precision was "
+                             "faster end to end and as accurate (BENCHMARKS.md)")
 
     @property
     def occ(self) -> OcclusionMode:
@@ -210,7 +225,8 @@ def _manifest(fw: FileWork, spec: ModelSpec, options: ScoreOptions) -> dict[str,
     return {
         "format": JOURNAL_FORMAT, "model": spec.name, "model_sha256": spec.sha256,
         "model_file": spec.keras_path, "architecture": spec.architecture,
-        "backend": spec.backend, "source": str(fw.candidates.resolve()),
+        "backend": spec.backend, "precision": options.precision,
+        "source": str(fw.candidates.resolve()),
         "source_identity": fw.identity, "n_stamps": fw.n_stamps,
         "stamp_shape": list(fw.stamp_shape), "chunk_rows": fw.chunk_rows,
         "occlusion": str(options.occ), "occlusion_patch": options.patch_used,

@@ -293,6 +293,7 @@ def _provenance(manifest: dict[str, Any], n_unscorable: int) -> dict[str, Any]:
         "scored_at": manifest["started_at"], "occlusion_mode": manifest["occlusion"],
         "occlusion_patch": int(manifest["occlusion_patch"]),
         "chunk_rows": int(manifest["chunk_rows"]), "backend": manifest["backend"],
+        "precision": manifest.get("precision", "fp32"),
         "n_unscorable": int(n_unscorable), "source_file": manifest["source"],
         "source_fingerprint": manifest["source_identity"]["stamps"],
     }

@@ -469,6 +469,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("score-walltime-bad", [*SCORE, "--walltime", "1h"], "--walltime"),
     ("score-cores-zero", [*SCORE, "--cores", "0"], "--cores"),
     ("score-backend-bad", [*SCORE, "--backend", "cuda"], "--backend"),
+    ("score-precision-int8", [*SCORE, "--precision", "int8"], "--precision"),
     ("score-name-empty", [*SCORE, "--name", ""], "--name"),
     ("score-name-newline", [*SCORE, "--name", "a\nb"], "--name"),
     ("score-name-long", [*SCORE, "--name", "n" * 300], "--name"),

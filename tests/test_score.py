@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -518,6 +519,43 @@ def test_a_corrupt_journal_chunk_is_recomputed_and_a_symlink_shares_the_journal(
     assert [m for m in messages if "unreadable journal chunk" in m and "recomputing" in m]
     np.testing.assert_array_equal(store.read_scores(path, "vgg6").probability,
                                   store.read_scores(ref, "vgg6").probability)
+
+
+def test_precision_is_fp32_recorded_with_the_scores_and_a_resume_never_mixes_precisions(
+        tmp_path, runs, client, monkeypatch):
+    """Only FP32 is offered (no reduced precision qualified, BENCHMARKS.md): auto is FP32,
+    others are refused in one line; the precision goes into the scores' attributes and the
+    journal's identity, so a journal of another precision is discarded, never resumed."""
+    with pytest.raises(UsageError, match="precision 'int8' is not offered: only fp32"):
+        opts(precision="int8")
+    assert opts().precision == "fp32" and opts(precision="auto").precision == "fp32"
+    path = tmp_path / "cand.h5"
+    candidates(path, 500, seed=5)
+    _crash_at_commit(monkeypatch, [path], [runs["vgg6"]], opts(chunk_size=256, client=client))
+    journal = score.Journal(path, "vgg6")
+    manifest = json.loads((journal.dir / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32" and journal.finished_chunks()
+    manifest["precision"] = "bf16"                          # a run in another precision
+    (journal.dir / "manifest.json").write_text(json.dumps(manifest))
+    messages: list[str] = []
+    summary = score.score_files([path], [runs["vgg6"]],
+                                opts(chunk_size=256, client=client, log=messages.append))
+    assert summary.stamps_scored == 500                    # all of it again, none reused
+    assert [m for m in messages if "discarding the journal of vgg6 (precision" in m]
+    assert store.read_scores(path, "vgg6").attrs["precision"] == "fp32"
+    # a journal written before the option existed (no precision) was FP32: it resumes
+    path2 = tmp_path / "cand2.h5"
+    candidates(path2, 500, seed=5)
+    _crash_at_commit(monkeypatch, [path2], [runs["vgg6"]], opts(chunk_size=256, client=client))
+    journal = score.Journal(path2, "vgg6")
+    manifest = json.loads((journal.dir / "manifest.json").read_text())
+    del manifest["precision"]
+    (journal.dir / "manifest.json").write_text(json.dumps(manifest))
+    done = sum(hi - lo for lo, hi in journal.finished_chunks().items())
+    summary = score.score_files([path2], [runs["vgg6"]], opts(chunk_size=256, client=client))
+    assert 0 < done and summary.stamps_scored == 500 - done
+    np.testing.assert_array_equal(store.read_scores(path2, "vgg6").probability,
+                                  store.read_scores(path, "vgg6").probability)
 
 
 def test_journals_of_other_stamps_are_discarded_and_force_always_restarts(

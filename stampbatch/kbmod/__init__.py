@@ -280,6 +280,7 @@ def _provenance(source: Any, spec: Any, column: str, threshold: float, origin: s
             "crop": list(spec.stamp_shape), "threshold": float(threshold),
             "threshold_from": origin, "occlusion": str(scores.attrs.get("occlusion_mode", "none")),
             "occlusion_patch": int(scores.attrs.get("occlusion_patch", 0)),
+            "precision": str(scores.attrs.get("precision", "fp32")),
             "unscorable": int(np.isnan(scores.probability).sum()),
             "stampbatch_version": __version__,
             "scored_at": fileio.utc_now()}
