@@ -52,7 +52,8 @@ stamp is its matched-filter (optimal) SNR, ``F * sqrt(sum P**2 / var)`` — the 
 of :func:`matched_filter_snr` for that shape on an empty sky, where ``var = sigma**2``. For
 the centre source ``var`` is the variance *where it lies*: ``sigma**2`` plus the Poisson
 variance of all the other light on the stamp (neighbours' wings, a bright star's halo), and
-pixels that other light saturates carry no information (weight 0) — the flux over flux
+pixels that other light saturates or bleeds into carry no information (weight 0; a
+pipeline's SAT/BLEED mask) — the flux over flux
 error a photometry pipeline reports from its variance plane. So a source drawn at SNR 20 is
 a 20-sigma source wherever it sits (on an empty sky the two definitions agree). The flux is
 chosen from the SNR drawn (log-uniform in ``[snr_min, snr_max]``). For a saturated centre
@@ -78,12 +79,13 @@ streaks are not negatives' privilege: positives carry one with the same probabil
 (``meta["companion"]``: ``none``, ``offcentre``, ``streak``, in both classes). Were they
 negative-only, "a bright source off the centre" would be a sign of the negative class and
 a network would learn to doubt every centred source with a brighter neighbour — the
-shortcut the neighbour-free simulator taught, in a milder form.
+shortcut the neighbour-free simulator taught, in a milder form. (``positive_companions =
+false`` restores the earlier negative-only kinds; the neighbour-free preset does.)
 
 Metadata columns (``/meta`` in the store; names in :mod:`stampbatch.store`)
 ---------------------------------------------------------------------------
-``snr``, ``snr_eff``, ``kind``, ``profile``, ``background``, ``companion``, ``psf_fwhm``, ``psf_beta``
-(NaN: Gaussian), ``dx``, ``dy`` (px from the centre of the signal that made the kind; NaN
+``snr``, ``snr_eff``, ``kind``, ``profile``, ``background``, ``companion``, ``psf_fwhm``,
+``psf_beta`` (NaN: Gaussian), ``dx``, ``dy`` (px from the centre of the signal that made the kind; NaN
 for background), ``flux``, ``sky``, ``sky_subtracted``, ``sigma``, ``read_noise``,
 ``n_coadd``, ``noise_corr``, ``trail_length``, ``trail_angle``, ``half_light_radius``,
 ``sersic_n``, ``axis_ratio`` (centre galaxies; NaN otherwise), ``n_field`` (field sources
