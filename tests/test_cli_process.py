@@ -12,9 +12,18 @@ from pathlib import Path
 import pytest
 
 
+def _default_sigint() -> None:
+    # A test runner started in the background by a shell without job control (``make test
+    # &``, a CI wrapper) has SIGINT ignored, and a child inherits that: Python then installs
+    # no KeyboardInterrupt handler and Ctrl-C could not be tested. A user's terminal has the
+    # default, so the child gets it back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "stampbatch", *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _wait_for_partial(tmp_path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> list[Path]:
