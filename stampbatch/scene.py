@@ -137,7 +137,7 @@ def _companions(rng: np.random.Generator, labels: np.ndarray, kind: np.ndarray,
     ``positive_companions`` positives carry one with the same probabilities, at an SNR drawn
     like the negatives': what lies off the centre must say nothing about the label. Were
     they negative-only, "a bright source off the centre" would be a sign of the negative
-    class, and a network would learn to doubt every centred source with a brighter
+    class, and a network could learn to doubt every centred source with a brighter
     neighbour. (Drawn last, so the earlier draws, and ``positive_companions = false``
     stores, are those of the simulator before companions.)
     """

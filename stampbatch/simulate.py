@@ -78,7 +78,7 @@ streaks are not negatives' privilege: positives carry one with the same probabil
 (``offcentre_fraction``, ``streak_fraction``) at their own SNR, drawn like the negatives'
 (``meta["companion"]``: ``none``, ``offcentre``, ``streak``, in both classes). Were they
 negative-only, "a bright source off the centre" would be a sign of the negative class and
-a network would learn to doubt every centred source with a brighter neighbour — the
+a network could learn to doubt every centred source with a brighter neighbour — the
 shortcut the neighbour-free simulator taught, in a milder form. (``positive_companions =
 false`` restores the earlier negative-only kinds; the neighbour-free preset does.)
 
