@@ -3,6 +3,7 @@ small helpers every part of the store shares."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,15 +153,17 @@ def _score_groups(h5: h5py.File) -> dict[str, h5py.Group]:
     scores = h5.get(_SCORES)
     if not isinstance(scores, h5py.Group):
         return {}
-    out = {}
+    return {name: obj for name, obj in _score_members(scores) if isinstance(obj, h5py.Group)}
+
+
+def _score_members(scores: h5py.Group) -> Iterator[tuple[str, h5py.HLObject | None]]:
+    """Each member of /scores, resolved; None where it does not resolve (an external link
+    to a missing or unreadable file)."""
     for name in scores:
         try:
-            obj = scores.get(name)
+            yield name, scores.get(name)
         except (KeyError, OSError):
-            obj = None
-        if isinstance(obj, h5py.Group):
-            out[name] = obj
-    return out
+            yield name, None
 
 
 def _complete(grp: h5py.Group) -> bool:

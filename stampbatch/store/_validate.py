@@ -26,6 +26,7 @@ from stampbatch.store._schema import (
     _fail,
     _open_h5,
     _score_groups,
+    _score_members,
 )
 
 
@@ -113,11 +114,7 @@ def _check_scores(path: Path, h5: h5py.File, n: int | None) -> tuple[str, ...]:
     if not isinstance(scores, h5py.Group):
         raise _fail(path, f"/{_SCORES} is a dataset, expected a group of models (remove it, "
                           f"e.g. with h5py, and score again)")
-    for model in scores:
-        try:
-            obj = scores.get(model)
-        except (KeyError, OSError):
-            obj = None
+    for model, obj in _score_members(scores):
         if isinstance(obj, h5py.Dataset):
             raise _fail(path, f"/{_SCORES}/{model} is a dataset, expected a group")
     groups = _score_groups(h5)
