@@ -54,10 +54,6 @@ def probabilities(run: Path, data: Path, n: int) -> np.ndarray:
     return np.where(finite, prob, np.nan)
 
 
-def _text(a: np.ndarray) -> np.ndarray:
-    return np.asarray([v.decode() if isinstance(v, bytes) else v for v in a], dtype=str)
-
-
 def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> dict:
     """The tables of the module docstring, as a dict."""
     pos, neg = y == 1, y == 0
@@ -75,7 +71,7 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> d
                 "ideal_completeness": float(ceiling[sel].mean()),
                 "ideal_roc_auc": float(ideal_auc[sel].mean())}
 
-    profile = _text(meta["profile"])
+    profile = np.asarray(meta["profile"]).astype(str)
     clipped = (stamps >= meta["saturation"].astype(np.float32)[:, None, None]).any(axis=(1, 2))
     star = clipped & (profile != "saturated")
     nn = meta["nn_distance"] / meta["psf_fwhm"]
@@ -99,7 +95,7 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> d
             "n": int(k.sum()), "roc_auc": float(roc_auc_score(yk, pk)),
             "completeness": float((pk[yk == 1] > t).mean()),
             "completeness_snr_ge_10": float((pk[bright] > t).mean())}
-    kind = _text(meta["kind"])
+    kind = np.asarray(meta["kind"]).astype(str)
     out["threshold_by_negative_kind"] = {}
     for k in np.unique(kind[neg]):
         t = np.quantile(p[neg & (kind == k)], 0.99)

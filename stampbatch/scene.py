@@ -178,9 +178,15 @@ class Scene:
 
     def add(self, idx: np.ndarray, unit: np.ndarray) -> None:
         """A hard negative's signal: unit shapes scaled to the stamps' SNR against the sky."""
-        c = self.cond
+        flux, norm = self._sky_flux(idx, unit, self.cond["snr"][idx])
+        self._put(idx, unit, flux, norm)
+
+    def _sky_flux(self, idx: np.ndarray, unit: np.ndarray,
+                  snr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The flux giving ``unit`` shapes a matched-filter SNR ``snr`` against the sky, and
+        the shapes' norms."""
         norm = np.sqrt(np.einsum("nij,nij->n", unit, unit, dtype=np.float64))
-        self._put(idx, unit, c["snr"][idx] * c["sigma"][idx] / norm, norm)
+        return snr * self.cond["sigma"][idx] / norm, norm
 
     def _put(self, idx: np.ndarray, unit: np.ndarray, flux: np.ndarray, norm: np.ndarray) -> None:
         """The signal of the stamps' own kind at ``flux``: its truth, and its significance
@@ -196,10 +202,8 @@ class Scene:
     def add_companion(self, idx: np.ndarray, unit: np.ndarray) -> None:
         """A positive's off-centre companion at its own SNR; the stamp's truth (flux, offset)
         stays the centre source's."""
-        c = self.cond
-        norm = np.sqrt(np.einsum("nij,nij->n", unit, unit, dtype=np.float64))
-        f = c["companion_snr"][idx] * c["sigma"][idx] / norm
-        self.signal[idx] += unit * f.astype(np.float32)[:, None, None]
+        flux, _ = self._sky_flux(idx, unit, self.cond["companion_snr"][idx])
+        self.signal[idx] += unit * flux.astype(np.float32)[:, None, None]
 
     def place_centre(self, shot_noise: bool, max_snr: float) -> None:
         """Scale the centre sources to their SNR against the noise *where they lie*.

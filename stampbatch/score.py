@@ -53,7 +53,14 @@ from stampbatch.cluster import (
 )
 from stampbatch.errors import StampbatchError
 from stampbatch.inference import ModelSpec
-from stampbatch.journal import ChunkResult, Journal, ScoreError, disk_error, journal_root
+from stampbatch.journal import (
+    LATER_KEYS,
+    ChunkResult,
+    Journal,
+    ScoreError,
+    disk_error,
+    journal_root,
+)
 from stampbatch.plan import (
     BadFiles,
     FileWork,
@@ -293,7 +300,7 @@ def _provenance(manifest: dict[str, Any], n_unscorable: int) -> dict[str, Any]:
         "scored_at": manifest["started_at"], "occlusion_mode": manifest["occlusion"],
         "occlusion_patch": int(manifest["occlusion_patch"]),
         "chunk_rows": int(manifest["chunk_rows"]), "backend": manifest["backend"],
-        "precision": manifest.get("precision", "fp32"),
+        "precision": {**LATER_KEYS, **manifest}["precision"],
         "n_unscorable": int(n_unscorable), "source_file": manifest["source"],
         "source_fingerprint": manifest["source_identity"]["stamps"],
     }

@@ -96,6 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
                         "files (for read-only inputs)")
     p.add_argument("--backend", choices=("auto", "onnx", "tf"), default="auto",
                    help="inference backend (default auto: ONNX Runtime, the faster one here)")
+    # plan.PRECISIONS and "auto", spelled out: importing plan here would load h5py and ONNX
+    # Runtime for every command line
     p.add_argument("--precision", choices=("fp32", "auto"), default="auto",
                    help="numeric precision of inference (default auto = fp32). Only FP32 is "
                         "offered: int8 and bf16 were tried and none was 1.3x faster end to end "
