@@ -11,9 +11,9 @@ processes, interleaved ``--repeats`` times, with an (untrained: speed does not d
 weights) vgg6:
 
 * ``stampbatch score cands.h5 --out DIR`` — the HDF5 path;
-* ``stampbatch score results.parquet --out DIR`` — the KBMOD path: stage the column into a
-  work store, the same Dask scorer, stream the table plus prob_real/prob_bogus/cnn_class
-  into ``results.scored.parquet``.
+* ``stampbatch score results.parquet --out DIR`` — the KBMOD path: one pass over the table,
+  each batch read, its chunks scored by the scorer's chunk task and journaled, the batch
+  written with prob_real/prob_bogus/cnn_class into ``results.scored.parquet``.
 
 Reports wall time, rows/s, the ratio, and the peak RSS summed over each process tree
 (driver, Dask scheduler, workers). Goal: peak < 1.5 GB and the KBMOD path within 20 % of the
@@ -103,7 +103,7 @@ def cpu_flags() -> str:
 
 
 def run_kbmod(parquet: Path, model: Path, out: Path) -> dict:
-    """The KBMOD path as a whole process; its own phase times (check, stage, score, write)."""
+    """The KBMOD path as a whole process; its own phase times (check, pass, commit)."""
     import subprocess
 
     from bench_score import REPO, TreeMemory
@@ -118,7 +118,7 @@ def run_kbmod(parquet: Path, model: Path, out: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"KBMOD path failed ({proc.returncode}):\n{stderr[-3000:]}")
     res["phases_s"] = {k: float(v.replace(",", "")) for k, v in
-                       re.findall(r"(check|stage|score|write) ([\d,.]+) s", stdout)}
+                       re.findall(r"(check|pass|commit) ([\d,.]+) s", stdout)}
     return res
 
 

@@ -98,16 +98,29 @@ def score_chunk(task: ChunkTask, nthreads: int | None = None) -> dict[str, Chunk
 
     Runs on a Dask worker, or on one of ``nthreads`` threads of the driver (in-process runs).
     """
-    normalised, valid = normalize_with_mask(store.read_stamps(task.path, task.start, task.stop))
+    return score_stamps(store.read_stamps(task.path, task.start, task.stop), task.start,
+                        task.models, task.occlusion, task.patch, nthreads)
+
+
+def score_stamps(stamps: np.ndarray, start: int, models: tuple[ModelSpec, ...],
+                 occlusion: OcclusionMode, patch: int,
+                 nthreads: int | None = None) -> dict[str, ChunkResult]:
+    """Normalise and score rows ``start …`` of some input, already in memory, with every
+    model: P(source) (NaN for unscorable stamps) and the occlusion maps ``occlusion`` selects.
+
+    What a chunk task does after reading its rows; also the task of inputs that are streamed
+    rather than read by row range (KBMOD Results tables).
+    """
+    normalised, valid = normalize_with_mask(stamps)
     threads, pipelines = _task_threads(nthreads)
     h, w = normalised.shape[1:]
     results: dict[str, ChunkResult] = {}
-    for spec in task.models:
+    for spec in models:
         predict = inference.cached_predictor(spec, threads)
         p = predict(normalised)
         p[~valid] = np.nan
-        rows = np.flatnonzero(task.occlusion.select(p, valid))
-        maps = (occlusion_maps(normalised[rows], predict, task.patch, threads=pipelines)
+        rows = np.flatnonzero(occlusion.select(p, valid))
+        maps = (occlusion_maps(normalised[rows], predict, patch, threads=pipelines)
                 if len(rows) else np.empty((0, h, w), dtype=np.float32))
-        results[spec.name] = ChunkResult(p, (rows + task.start).astype(np.int64), maps)
+        results[spec.name] = ChunkResult(p, (rows + start).astype(np.int64), maps)
     return results

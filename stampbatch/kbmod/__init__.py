@@ -16,11 +16,14 @@ here): nothing else in stampbatch knows it.
 * Parquet is streamed in row batches (``ParquetFile.iter_batches``) sized to a fixed number
   of bytes, so memory stays bounded whatever the table's width. ECSV and astropy-HDF5 are
   not streamable formats; they are read whole, as KBMOD reads them.
-* Scoring reuses the Dask scorer: the chosen column is streamed into a normal candidate
-  store in a work directory beside the output (``<out>.stampbatch-work/``, with ``uuid`` in
-  ``/meta``), scored there (its journal makes a killed run resume), and the original table
-  plus the new columns is streamed into the output under a temporary name, fsynced and
-  renamed; the work directory is removed last.
+* Scoring is one pass over the table: each batch is read once (all its columns), its
+  stamps cropped and scored in chunks by the scorer's own chunk task
+  (:func:`stampbatch.tasks.score_stamps`, on threads of this process or on the Dask
+  cluster ``stampbatch score`` would use, several chunks in flight), and written with its
+  new columns into the output under a temporary name, fsynced and renamed when every row
+  is in. Each finished chunk is journaled durably beside the output
+  (:mod:`stampbatch.journal`, ``<out>.stampbatch-journal/<model>/``), so a killed run
+  resumes: journaled chunks are read back, not scored again; the journal is removed last.
 * Stamps with NaN/Inf pixels are never fed to the model (KBMOD's own filter sets NaN to 0
   first, which invents flux-free pixels the classifier never saw): ``prob_real`` and
   ``prob_bogus`` are NaN, ``cnn_class`` is False, and the rows are counted.
@@ -31,9 +34,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,27 +48,25 @@ from stampbatch.kbmod.table import (
     FORMATS,
     REQUIRED_COLUMNS,
     SHAPES_KEY,
-    UUID,
     KbmodError,
     NewColumns,
     ResultsTable,
+    ResultsWriter,
     _fail,
     check_uuids,
     crop_center,
     iter_batches,
     open_results,
+    read_stamp_batches,
     results_format,
     stamp_geometry,
-    write_results,
 )
 
 __all__ = ["FORMATS", "REQUIRED_COLUMNS", "SHAPES_KEY", "KbmodError", "KbmodSummary",
-           "ResultsTable", "check_uuids", "crop_center", "ingest_results", "iter_batches",
-           "open_results", "output_path", "resolve_threshold", "results_format",
-           "score_results", "stamp_geometry", "work_dir", "write_results"]
+           "ResultsTable", "ResultsWriter", "check_uuids", "crop_center", "ingest_results",
+           "iter_batches", "open_results", "output_path", "read_stamp_batches",
+           "resolve_threshold", "results_format", "score_results", "stamp_geometry"]
 
-WORK_SUFFIX = ".stampbatch-work"
-WORK_STORE = "stamps.h5"
 OUTPUT_INFIX = ".scored"        # results.parquet -> results.scored.parquet
 
 
@@ -203,11 +203,6 @@ def output_path(results: Path | str, out_dir: Path | str | None = None) -> Path:
     return Path(out_dir or results.parent) / f"{results.stem}{OUTPUT_INFIX}{results.suffix}"
 
 
-def work_dir(output: Path) -> Path:
-    """Where the stamps are staged and scored (removed once the output is in place)."""
-    return output.with_name(output.name + WORK_SUFFIX)
-
-
 @dataclass
 class KbmodSummary:
     """What ``score_results`` did."""
@@ -226,62 +221,172 @@ class KbmodSummary:
     stamps_scored: int          # rows computed in this run (fewer when resuming)
     wall_s: float
     scheduler: str
-    phases_s: dict[str, float] = field(default_factory=dict)   # check, stage, score, write
+    phases_s: dict[str, float] = field(default_factory=dict)   # check, pass (read, score,
+    #                                                         write), commit (fsync, rename)
 
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def _signature(table: ResultsTable, column: str, stamp_shape: tuple[int, int],
-               run: dict[str, Any]) -> str:
-    """Identity of a staged run: another input, column, model or occlusion setting starts over;
-    the same one resumes from the scorer's journal."""
+def _manifest(table: ResultsTable, column: str, spec: Any, options: Any,
+              batch_rows: int) -> dict[str, Any]:
+    """What identifies a KBMOD run's journal: another input file (path, size, mtime), column,
+    batching, model, backend, precision or occlusion setting starts over; the same resumes."""
+    from stampbatch.journal import JOURNAL_FORMAT
+
     st = table.path.stat()
-    return json.dumps({"source": str(table.path.resolve()), "size": st.st_size,
-                       "mtime_ns": st.st_mtime_ns, "column": column,
-                       "stamp_shape": list(stamp_shape), **run}, sort_keys=True)
+    return {"format": JOURNAL_FORMAT, "model": spec.name, "model_sha256": spec.sha256,
+            "model_file": spec.keras_path, "architecture": spec.architecture,
+            "backend": spec.backend, "precision": options.precision,
+            "source": str(table.path.resolve()),
+            "source_identity": {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                "column": column, "batch_rows": batch_rows},
+            "n_stamps": table.n_rows, "stamp_shape": list(spec.stamp_shape),
+            "chunk_rows": options.chunk_size, "occlusion": str(options.occ),
+            "occlusion_patch": options.patch_used, "started_at": fileio.utc_now(),
+            "stampbatch_version": __version__}
 
 
-def _stage(table: ResultsTable, work: Path, column: str, stamp_shape: tuple[int, int],
-           run: dict[str, Any], chunk_rows: int) -> Path:
-    """The work store holding the cropped stamps (reused when a killed run left it); its HDF5
-    chunks are the scorer's tasks, so they follow the scorer's chunk size."""
-    path = work / WORK_STORE
-    signature = _signature(table, column, stamp_shape, run)
-    if path.exists():
-        with contextlib.suppress(StampbatchError):
-            if store.read_attrs(path).get("kbmod_signature") == signature:
-                return path
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    _write_store(table, path, column, stamp_shape, [UUID], chunk_rows=chunk_rows,
-                 attrs={"kbmod_signature": signature})
-    return path
+@contextlib.contextmanager
+def _executor(options: Any, spec: Any, work: int) -> Iterator[tuple[Any, str, int]]:
+    """Yield (submit(stamps, first_row) -> future, where it runs, how many chunks to keep in
+    flight): the scorer's chunk work on
+    threads of this process for a local run of modest size, else on its Dask cluster (local,
+    ``--scheduler`` or ``--slurm``), exactly as :mod:`stampbatch.score` chooses."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stampbatch import cluster, inference
+    from stampbatch.tasks import score_stamps
+
+    models, occ, patch = (spec,), options.occ, options.patch
+    threads = None if options.client is not None else cluster.in_process_threads(
+        options.cluster, work)
+    if threads is not None:
+        inference.cached_predictor(spec, max(1, fileio.cores() // threads))
+        with ThreadPoolExecutor(threads, thread_name_prefix="stampbatch") as pool:
+            try:
+                yield (lambda stamps, lo: pool.submit(score_stamps, stamps, lo, models, occ,
+                                                      patch, threads),
+                       f"in-process ({threads} thread(s))", max(4, 3 * threads))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return
+    with contextlib.ExitStack() as stack:
+        client, where = options.client, "given Dask client"
+        if client is None:
+            client, where = stack.enter_context(cluster.dask_client(options.cluster,
+                                                                     options.log))
+        submitted: list[Any] = []
+        try:
+            def submit(stamps: np.ndarray, lo: int) -> Any:
+                fut = client.submit(score_stamps, stamps, lo, models, occ, patch, pure=False,
+                                    retries=1)
+                submitted.append(fut)
+                return fut
+            yield submit, where, max(4, 3 * cluster.total_threads(client))
+        finally:
+            with contextlib.suppress(Exception):
+                client.cancel([f for f in submitted if not f.done()])
 
 
-def _run_scorer(work_store: Path, model: Path | str, name: str, occlusion: str, patch: int,
-                backend: str, options: dict[str, Any]) -> Any:
-    """The one call into the Dask scorer (journaled, resumable) for the staged stamps;
-    ``options`` are further :class:`stampbatch.score.ScoreOptions` fields (cluster, client,
-    chunk size, progress)."""
-    from stampbatch import score
+def _result(fut: Any, model: str, table: ResultsTable, lo: int, hi: int) -> Any:
+    """A chunk task's result for one model, or its failure as one line."""
+    try:
+        res = fut.result()[model]
+    except StampbatchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - worker errors come in every type
+        raise KbmodError(f"{table.path}: scoring rows {lo}..{hi} failed "
+                         f"({fileio.one_line(exc)})") from exc
+    with contextlib.suppress(AttributeError):
+        fut.release()
+    return res
 
-    run = score.ScoreOptions(name=name, occlusion=occlusion, patch=patch, backend=backend,
-                             **options)
-    return score.score_files([work_store], [model], run)
+
+@dataclass
+class _Counts:
+    unscorable: int = 0
+    positives: int = 0
+    maps: int = 0
+    computed: int = 0
+
+
+def _score_stream(table: ResultsTable, column: str, spec: Any, options: Any, journal: Any,
+                  writer: ResultsWriter, scored: NewColumns, batch_rows: int) -> tuple[_Counts, str]:
+    """One pass over the table: each batch's stamps are cropped and scored in chunks of
+    ``options.chunk_size`` rows (on threads or on Dask, several chunks in flight while this
+    thread reads and writes), each chunk's result is journaled durably, and the batch is
+    written with its new columns in row order. Chunks journaled by a killed run are read
+    back instead of scored."""
+    from collections import deque
+
+    from stampbatch.progress import Progress
+
+    done = journal.finished_chunks()
+    rows = options.chunk_size
+    work = table.n_rows * (1 + (289 if options.occ.kind == "all" else 0))
+    counts = _Counts()
+    pending: deque = deque()            # (raw batch, first row, [(lo, hi, future | None)])
+    in_flight = 0
+
+    def flush_head() -> None:
+        nonlocal in_flight
+        raw, first, parts = pending.popleft()
+        probability, map_rows, maps = [], [], []
+        for lo, hi, fut in parts:
+            if fut is None:
+                res = journal.load(lo, hi)
+            else:
+                res = _result(fut, spec.name, table, lo, hi)
+                journal.record(lo, hi, res)
+                in_flight -= 1
+                counts.computed += hi - lo
+            probability.append(res.probability)
+            map_rows.append(res.occlusion_rows - first)
+            maps.append(res.occlusion_maps)
+        p = np.concatenate(probability)
+        new = scored.values(p, np.concatenate(map_rows), np.concatenate(maps))
+        writer.write(raw, new)
+        bar.update(len(p))
+        counts.unscorable += int(np.isnan(p).sum())
+        counts.positives += int(new["cnn_class"].sum())
+        counts.maps += sum(len(r) for r in map_rows)
+
+    with _executor(options, spec, work) as (submit, where, window), \
+            Progress(table.n_rows, "scoring", "rows", enabled=options.progress) as bar:
+        for first, raw, stamps in read_stamp_batches(table, column, spec.stamp_shape,
+                                                     batch_rows, with_rows=True):
+            parts = []
+            for lo in range(first, first + len(stamps), rows):
+                # chunks on the fixed grid of `rows`, cut at batch ends should a batch end
+                # off the grid (a short read); a resume matches chunks by (start, stop)
+                hi = min((lo // rows + 1) * rows, first + len(stamps))
+                if done.get(lo) == hi:
+                    parts.append((lo, hi, None))
+                else:
+                    parts.append((lo, hi, submit(stamps[lo - first:hi - first], lo)))
+                    in_flight += 1
+            pending.append((raw, first, parts))
+            # the batch before this one is written while this one is scored (and the next
+            # read): flush it once it is done, or to keep the chunks in flight bounded
+            while len(pending) > 1 and (in_flight > window or all(
+                    f is None or f.done() for _, _, f in pending[0][2])):
+                flush_head()
+        while pending:
+            flush_head()
+    return counts, where
 
 
 def _provenance(source: Any, spec: Any, column: str, threshold: float, origin: str,
-                scores: store.Scores) -> dict[str, Any]:
-    """What the output's table meta records under ``stampbatch``: which model, how."""
+                options: Any) -> dict[str, Any]:
+    """What the output's table meta records under ``stampbatch``: which model, how (the count
+    of unscorable rows is not here: it is the number of NaN in prob_real)."""
     return {"model": source.name, "model_sha256": source.sha256,
             "architecture": spec.architecture, "column": column,
             "crop": list(spec.stamp_shape), "threshold": float(threshold),
-            "threshold_from": origin, "occlusion": str(scores.attrs.get("occlusion_mode", "none")),
-            "occlusion_patch": int(scores.attrs.get("occlusion_patch", 0)),
-            "precision": str(scores.attrs.get("precision", "fp32")),
-            "unscorable": int(np.isnan(scores.probability).sum()),
+            "threshold_from": origin, "occlusion": str(options.occ),
+            "occlusion_patch": options.patch_used, "precision": options.precision,
             "stampbatch_version": __version__,
             "scored_at": fileio.utc_now()}
 
@@ -306,11 +411,16 @@ def score_results(
     ``prob_real`` (P(source)), ``prob_bogus`` (1 - prob_real), ``cnn_class``
     (prob_real >= threshold), with ``occlusion`` an image column ``occlusion_<model>``
     (NaN where a row has no map), and the model's name and sha256 under the meta key
-    ``stampbatch``. Everything is checked before anything is written.
+    ``stampbatch``. Everything is checked before anything is written. One pass over the
+    table; finished chunks are journaled beside the output, so a killed run resumes.
     """
     from stampbatch import inference
+    from stampbatch.journal import Journal
+    from stampbatch.plan import ScoreOptions
 
     t0 = time.monotonic()
+    options = ScoreOptions(name=name, occlusion=occlusion, patch=patch, backend=backend,
+                           **(scorer_options or {}))
     table = open_results(results)
     output = output_path(table.path, out_dir)
     if output.exists() and not force:
@@ -319,35 +429,35 @@ def score_results(
         raise _fail(output, f"directory {output.parent} does not exist")
     thr, origin = resolve_threshold(threshold, model)
     source = inference.resolve_model(model, name)
-    spec = inference.prepare_model(source, backend)
+    slurm = options.cluster.slurm
+    spec = inference.prepare_model(source, backend, gpu=slurm is not None and slurm.gpus > 0)
     stamp_geometry(table, column, spec.stamp_shape)
     check_uuids(table)
     lock = store.take_lock(output)
     phases = {"check": time.monotonic() - t0}
     try:
-        work = work_dir(output)
-        options = dict(scorer_options or {})
-        run_id = {"model_sha256": source.sha256, "occlusion": occlusion, "patch": patch}
+        # batches a multiple of the chunk rows: each batch is whole chunks
+        rows = options.chunk_size
+        batch_rows = max(rows, table.batch_rows() // rows * rows)
+        journal = Journal(output, source.name)
+        journal.start(_manifest(table, column, spec, options, batch_rows))
+        journal.drop_unreadable(options.log)
+        before = sum(hi - lo for lo, hi in journal.finished_chunks().items())
+        if before:
+            options.log(f"{output}: resuming: {before:,} of {table.n_rows:,} rows were scored "
+                        f"by an earlier run ({journal.dir})")
+        scored = NewColumns(thr, spec.stamp_shape,
+                            f"occlusion_{source.name}" if options.occ.kind != "none" else None)
+        info = _provenance(source, spec, column, thr, origin, options)
         t1 = time.monotonic()
-        staged = _stage(table, work, column, spec.stamp_shape, run_id,
-                        int(options.get("chunk_size", store.DEFAULT_CHUNK_ROWS)))
-        t2 = time.monotonic()
-        run = _run_scorer(staged, model, source.name, occlusion, patch, backend, options)
-        t3 = time.monotonic()
-        scores = store.read_scores(staged, source.name, with_maps=False)
-        mode = str(scores.attrs.get("occlusion_mode", "none"))
-        scored = NewColumns(scores.probability, thr, spec.stamp_shape, staged, source.name,
-                            f"occlusion_{source.name}" if mode != "none" else None)
-        info = _provenance(source, spec, column, thr, origin, scores)
-        write_results(table, output, scored, info, overwrite=force)
-        shutil.rmtree(work, ignore_errors=True)
-        phases.update(stage=t2 - t1, score=t3 - t2, write=time.monotonic() - t3)
+        with ResultsWriter(table, output, scored, info, overwrite=force) as writer:
+            counts, where = _score_stream(table, column, spec, options, journal, writer,
+                                          scored, batch_rows)
+            t2 = time.monotonic()
+        journal.remove()
+        phases.update({"pass": t2 - t1, "commit": time.monotonic() - t2})
     finally:
         lock.release()
-    p = scores.probability
     return KbmodSummary(table.path, output, source.name, source.sha256, column, table.n_rows,
-                        info["unscorable"], int((p[np.isfinite(p)] >= thr).sum()),
-                        thr, origin, len(scores.occlusion_index), run.stamps_scored,
-                        time.monotonic() - t0, run.scheduler or "(already scored)", phases)
-
-
+                        counts.unscorable, counts.positives, thr, origin, counts.maps,
+                        counts.computed, time.monotonic() - t0, where, phases)

@@ -254,32 +254,61 @@ def check_uuids(table: ResultsTable) -> None:
 
 
 
-@dataclass
-class NewColumns:
-    """The new columns, computed batch by batch from the work store's scores."""
+def read_stamp_batches(table: ResultsTable, column: str, stamp_shape: tuple[int, int],
+                       batch_rows: int, *, with_rows: bool = False
+                       ) -> Iterator[tuple[int, Any, np.ndarray]]:
+    """Yield ``(first_row, raw, stamps)``: the centre-cropped stamps of ``column`` in batches
+    of at most ``batch_rows``, and with
+    ``with_rows`` the batch's raw Arrow record (every original column, for
+    :class:`ResultsWriter`; None for ECSV/HDF5, which are held whole)."""
+    shape = table.image_shape(column)
+    if table.fmt != "parquet":
+        for lo, batch in iter_batches(table, [column], batch_rows):
+            yield lo, None, crop_center(batch[column].reshape(-1, *shape), stamp_shape)
+        return
+    import pyarrow as pa
 
-    probability: np.ndarray
+    names = list(table.columns) if with_rows else [column]
+    start = 0
+    try:
+        for batch in table.parquet.iter_batches(batch_size=batch_rows, columns=names):
+            stamps = _column_values(table, batch, column).reshape(-1, *shape)
+            yield start, batch if with_rows else None, crop_center(stamps, stamp_shape)
+            start += batch.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise _fail(table.path, f"unreadable Parquet data at row {start} "
+                                f"({' '.join(str(exc).split())[:150]})") from exc
+    if start != table.n_rows:
+        raise _fail(table.path, f"read {start:,} rows of {table.n_rows:,} (truncated?)")
+
+
+@dataclass(frozen=True)
+class NewColumns:
+    """The columns scoring adds: prob_real, prob_bogus, cnn_class (at ``threshold``) and,
+    when maps are made, the image column ``occlusion_column``."""
+
     threshold: float
     stamp_shape: tuple[int, int]
-    work_store: Path
-    model: str
-    occlusion_column: str | None
+    occlusion_column: str | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
         return NEW_COLUMNS + ((self.occlusion_column,) if self.occlusion_column else ())
 
-    def values(self, lo: int, hi: int) -> dict[str, np.ndarray]:
-        p = self.probability[lo:hi].astype(np.float32)
+    def values(self, probability: np.ndarray, map_rows: np.ndarray | None = None,
+               maps: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The new columns of a run of rows: their P(source), and the maps of the rows
+        ``map_rows`` (counted from the first of them); NaN where a row has no map."""
+        p = np.asarray(probability, dtype=np.float32)
         finite = np.isfinite(p)
         out = {"prob_real": p, "prob_bogus": (np.float32(1) - p).astype(np.float32),
                "cnn_class": np.greater_equal(p, self.threshold, where=finite,
                                              out=np.zeros(len(p), dtype=bool))}
         if self.occlusion_column:
-            maps = np.full((hi - lo, *self.stamp_shape), np.nan, dtype=np.float32)
-            rows, found = store.read_occlusion_range(self.work_store, self.model, lo, hi)
-            maps[rows - lo] = found
-            out[self.occlusion_column] = maps
+            full = np.full((len(p), *self.stamp_shape), np.nan, dtype=np.float32)
+            if map_rows is not None and len(map_rows):
+                full[map_rows] = maps
+            out[self.occlusion_column] = full
         return out
 
 
@@ -296,22 +325,77 @@ def _new_meta(meta: dict[str, Any], scored: NewColumns, info: dict[str, Any]) ->
     return out
 
 
-def write_results(table: ResultsTable, output: Path, scored: NewColumns, info: dict[str, Any], *,
-                  overwrite: bool = False) -> None:
-    """Write the table plus the new columns to ``output`` (temporary name, fsync, rename)."""
-    meta = _new_meta(table.meta, scored, info)
-    with store.atomic_path(output, overwrite=overwrite, suffix=output.suffix) as tmp:
-        if table.fmt == "parquet":
-            _write_parquet(table, tmp, scored, meta)
+class ResultsWriter:
+    """Write the table plus the new columns to ``output``, batch by batch as they are scored,
+    under a temporary name that is fsynced and renamed only when every row is in.
+
+    Parquet streams: each batch's original Arrow columns go through unchanged beside its new
+    columns. ECSV/astropy-HDF5 are written whole at the end, as KBMOD writes them.
+
+    >>> with ResultsWriter(table, out, scored, info) as w:     # doctest: +SKIP
+    ...     w.write(raw_batch, scored.values(p))
+    """
+
+    def __init__(self, table: ResultsTable, output: Path, scored: NewColumns,
+                 info: dict[str, Any], *, overwrite: bool = False) -> None:
+        self.table, self.output, self.scored = table, output, scored
+        self.meta = _new_meta(table.meta, scored, info)
+        self.overwrite = overwrite
+        self.rows = 0
+        self._parts: list[dict[str, np.ndarray]] = []
+        self._ctx: Any = None
+        self._writer: Any = None
+
+    def __enter__(self) -> ResultsWriter:
+        self._ctx = store.atomic_path(self.output, overwrite=self.overwrite,
+                                      suffix=self.output.suffix)
+        self._tmp = self._ctx.__enter__()
+        if self.table.fmt == "parquet":
+            self._writer, self._fields = _parquet_writer(self.table, self._tmp, self.scored,
+                                                         self.meta)
+        return self
+
+    def write(self, raw: Any, new: dict[str, np.ndarray]) -> None:
+        """One batch: its raw Arrow record (Parquet; None otherwise) and its new columns."""
+        n = len(new["prob_real"])
+        if self._writer is None:
+            self._parts.append(new)
         else:
-            _write_astropy(table, tmp, scored, meta)
+            import pyarrow as pa
+
+            keep, added = self._fields
+            arrays = [raw.column(f.name) for f in keep]
+            arrays += [pa.array(new[f.name]) for f in added[:3]]
+            if self.scored.occlusion_column:
+                arrays.append(pa.FixedSizeListArray.from_arrays(
+                    pa.array(new[self.scored.occlusion_column].reshape(-1)),
+                    added[3].type.list_size))
+            self._writer.write_table(pa.Table.from_arrays(arrays, schema=self._writer.schema),
+                                     row_group_size=max(1, n))
+        self.rows += n
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            if exc_type is None and self.rows != self.table.n_rows:
+                raise _fail(self.table.path, f"wrote {self.rows:,} rows of "
+                                             f"{self.table.n_rows:,} (truncated?)")
+            if exc_type is None and self._writer is None:
+                new = {k: np.concatenate([p[k] for p in self._parts]) for k in self.scored.names}
+                _write_astropy(self.table, self._tmp, new, self.meta)
+        except BaseException as err:
+            self._ctx.__exit__(type(err), err, err.__traceback__)
+            raise
+        self._ctx.__exit__(exc_type, exc, tb)
 
 
-def _write_astropy(table: ResultsTable, tmp: Path, scored: NewColumns, meta: dict[str, Any]) -> None:
+def _write_astropy(table: ResultsTable, tmp: Path, new: dict[str, np.ndarray],
+                   meta: dict[str, Any]) -> None:
     """ECSV / astropy-HDF5: the table in memory (as KBMOD holds it), written as KBMOD writes it."""
     t = table.table.copy(copy_data=False)
-    t.remove_columns([c for c in scored.names if c in t.colnames])
-    for name, values in scored.values(0, table.n_rows).items():
+    t.remove_columns([c for c in new if c in t.colnames])
+    for name, values in new.items():
         t[name] = values
     t.meta = meta
     if table.fmt == "hdf5":
@@ -353,7 +437,7 @@ def _header_yaml(table: ResultsTable, scored: NewColumns, meta: dict[str, Any]) 
         if YAML_KEY in (table.parquet.schema_arrow.metadata or {}) else ["datatype:"]
     old = _yaml_sections(old_lines)
     names = [d["name"] for d in table_meta.get_header_from_yaml(old_lines).get("datatype", [])]
-    zero = scored.values(0, 0)
+    zero = scored.values(np.empty(0, dtype=np.float32))
     new = Table({k: zero[k] for k in scored.names}, meta=meta)
     new_sections = dict(_yaml_sections(table_meta.get_yaml_from_table(new)))
     out: list[str] = []
@@ -370,9 +454,10 @@ def _header_yaml(table: ResultsTable, scored: NewColumns, meta: dict[str, Any]) 
     return "\n".join(out)
 
 
-def _write_parquet(table: ResultsTable, tmp: Path, scored: NewColumns, meta: dict[str, Any]) -> None:
-    """Stream the original columns through unchanged (Arrow arrays, no conversion) and append
-    the new ones, one bounded batch at a time."""
+def _parquet_writer(table: ResultsTable, tmp: Path, scored: NewColumns,
+                    meta: dict[str, Any]) -> tuple[Any, tuple[list[Any], list[Any]]]:
+    """A ParquetWriter for the output schema: the original fields (less any column the new
+    ones replace), the new fields, the astropy YAML header spliced; and (kept, new) fields."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -387,21 +472,10 @@ def _write_parquet(table: ResultsTable, tmp: Path, scored: NewColumns, meta: dic
     metadata = {k: v for k, v in (schema.metadata or {}).items() if k not in dropped}
     metadata[YAML_KEY] = _header_yaml(table, scored, meta).encode()
     out_schema = pa.schema(keep + new_fields, metadata=metadata)
-    rows = table.batch_rows()
-    start = 0
-    # no dictionary attempt on image columns: noisy pixels never fit one, it only costs time
+    # no dictionary attempt and no min/max statistics on image columns: noisy pixels never
+    # fit a dictionary, and nothing filters on a pixel's range; both only cost time
     scalars = [f.name for f in out_schema if not pa.types.is_fixed_size_list(f.type)
                and not pa.types.is_list(f.type)]
-    with pq.ParquetWriter(tmp, out_schema, version="2.4", use_dictionary=scalars) as writer:
-        for batch in table.parquet.iter_batches(batch_size=rows, columns=[f.name for f in keep]):
-            n = batch.num_rows
-            new = scored.values(start, start + n)
-            arrays = [batch.column(f.name) for f in keep]
-            arrays += [pa.array(new[f.name]) for f in new_fields[:3]]
-            if scored.occlusion_column:
-                arrays.append(pa.FixedSizeListArray.from_arrays(
-                    pa.array(new[scored.occlusion_column].reshape(-1)), h * w))
-            writer.write_table(pa.Table.from_arrays(arrays, schema=out_schema), row_group_size=rows)
-            start += n
-    if start != table.n_rows:
-        raise _fail(table.path, f"read {start:,} rows of {table.n_rows:,} (truncated?)")
+    writer = pq.ParquetWriter(tmp, out_schema, version="2.4", use_dictionary=scalars,
+                              write_statistics=scalars)
+    return writer, (keep, new_fields)
