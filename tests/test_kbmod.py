@@ -302,6 +302,7 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, run, client):  # noqa: F
     proc.wait()
     done = len(list(journal.glob("*/chunk-*.npz")))
     assert not out.exists() and 2 <= done < 1536 // 128
+    assert len(list(tmp_path.glob(".results.scored.parquet.*.partial.parquet"))) == 1
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "1 rows unscorable" in again.stdout
@@ -312,3 +313,5 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, run, client):  # noqa: F
     assert len(ref.occlusion_index) > 10
     assert _same(occ.reshape(-1, 21, 21)[ref.occlusion_index], ref.occlusion)
     assert not journal.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("reference")) \
+        == [src.name, out.name]                       # no partial output left by the kill

@@ -391,6 +391,14 @@ def _provenance(source: Any, spec: Any, column: str, threshold: float, origin: s
             "scored_at": fileio.utc_now()}
 
 
+def _sweep_partial(output: Path) -> None:
+    """Delete what a killed run left of the output under its temporary name (the output is
+    written during the whole pass; the journal, not the partial file, is what resumes)."""
+    for leftover in output.parent.glob(f".{output.name}.*.partial{output.suffix}"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+
+
 def score_results(
     results: Path | str,
     model: Path | str,
@@ -439,6 +447,7 @@ def score_results(
         # batches a multiple of the chunk rows: each batch is whole chunks
         rows = options.chunk_size
         batch_rows = max(rows, table.batch_rows() // rows * rows)
+        _sweep_partial(output)
         journal = Journal(output, source.name)
         journal.start(_manifest(table, column, spec, options, batch_rows))
         journal.drop_unreadable(options.log)
