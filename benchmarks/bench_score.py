@@ -1,21 +1,23 @@
 """The Dask scorer against the straightforward approach, same files, same run.
 
-    .venv/bin/python benchmarks/bench_score.py [--n 200000] [--big 2000000] [--maps 2000]
-                                               [--ref-maps 100] [--workdir DIR] [--json OUT]
+    .venv/bin/python benchmarks/bench_score.py [--only SECTION ...] [--sizes 100000 500000]
+                                               [--repeats 3] [--workdir DIR] [--json OUT]
 
-Measures, with an (untrained: speed does not depend on the weights) vgg6:
+Sections (``--only``; the first five by default), each on freshly trained runs:
 
-1. inference backends on normalised stamps: compiled tf.function vs ONNX Runtime, run as the
-   scorer's worker runs them (two concurrent pipelines on the two cores); agreement;
-2. end to end, HDF5 in -> HDF5 out, probabilities of ``--n`` stamps, each a whole process:
-   ``stampbatch score`` (ONNX Runtime and tf.function backends, 1 worker x 2 threads and
-   2 workers x 1 thread) vs the straightforward script (load the file, normalise stamp by
-   stamp, ``model.predict(batch_size=1024)``, write the probabilities);
-3. occlusion maps for all rows: batched ``occlusion_maps`` vs the notebook's per-stamp loop
-   (one predict per stamp) on ``--ref-maps`` stamps; and ``stampbatch score --occlusion all``
-   end to end;
-4. memory and scaling: peak RSS summed over the scorer's process tree (driver, scheduler,
-   workers) scoring ``--big`` stamps, and the time for half as many.
+* ``rates`` — vgg6: inference only (in memory) vs ``stampbatch score`` as a whole process on
+  ``--sizes`` stamps (first use of the run included), in-process and on a local Dask
+  worker, and the small files scored in one call; interleaved ``--repeats`` rounds;
+* ``precision`` — vgg6: every reduced-precision candidate (``benchmarks/precision.py``)
+  side by side with FP32, its agreement on the run's held-out split (the verification
+  gate, ``precision.verdict``), bf16 end to end;
+* ``resnet50`` / ``resnet50-rates`` — the same two for resnet50 (trained on
+  ``--resnet-train`` stamps for one epoch; ``--resnet-repeats`` rounds);
+* ``occlusion`` — batched ``occlusion_maps`` vs the notebook's per-stamp loop, and
+  ``stampbatch score --occlusion all`` end to end;
+* ``backends``, ``end-to-end``, ``memory`` — tf.function vs ONNX Runtime; ``stampbatch
+  score`` vs the straightforward script (load, normalise stamp by stamp,
+  ``model.predict``, write); peak RSS of the process tree scoring ``--big`` stamps.
 
 Other work on a shared machine makes every number noisy: compare ratios within one run.
 """
@@ -325,7 +327,8 @@ def inference_only(run: Path, n: int = 65536) -> float:
     return rate(inference.load_predictor(spec, 1), x, 2)
 
 
-def bench_rates(run: Path, work: Path, sizes: tuple[int, ...], repeats: int) -> dict:
+def bench_rates(run: Path, work: Path, sizes: tuple[int, ...], repeats: int,
+                n_inference: int = 65536) -> dict:
     """Inference-only vs whole process (in-process threads and a local Dask worker), each
     whole process on a never-used copy of a freshly trained run; interleaved, medians."""
     cands = {n: make_candidates(work / f"candidates_{n}.h5", n) for n in sizes}
@@ -340,15 +343,15 @@ def bench_rates(run: Path, work: Path, sizes: tuple[int, ...], repeats: int) -> 
         samples.setdefault(label, []).append(value)
 
     for r in range(repeats):
-        add("inference only (in memory)", inference_only(run))
+        add("inference only (in memory)", inference_only(run, n_inference))
         for n, cand in cands.items():
             for how, extra in (("in-process", ()), ("local Dask worker", ("--workers", "1"))):
-                fresh = _copy_run(run, work / f"fresh_{r}_{n}_{how[:2]}" / "vgg6")
+                fresh = _copy_run(run, work / f"fresh_{r}_{n}_{how[:2]}" / run.name)
                 res = run_process(score_cmd(cand, fresh, work / "rates_out", *extra))
                 add(f"whole process {n:,} stamps, {how}", n / res["wall_s"])
                 shutil.rmtree(fresh.parent)
         if batch:
-            fresh = _copy_run(run, work / f"fresh_{r}_batch" / "vgg6")
+            fresh = _copy_run(run, work / f"fresh_{r}_batch" / run.name)
             res = run_process(score_cmd(batch, fresh, work / "rates_out"))
             add(f"{len(batch)} files of {small:,} stamps in one call, in-process",
                 len(batch) * small / res["wall_s"])
@@ -406,13 +409,15 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=20_000, help="vgg6 training stamps")
     parser.add_argument("--resnet-train", type=int, default=2_000,
                         help="resnet50 training stamps (one epoch)")
+    parser.add_argument("--resnet-repeats", type=int, default=1,
+                        help="interleaved rounds of resnet50's whole-process rates")
     parser.add_argument("--speed-stamps", type=int, default=32768,
                         help="stamps per inference-only pass (resnet50: 1/16)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/stampbatch-bench-score"))
     parser.add_argument("--only", nargs="*", default=["rates", "precision", "resnet50",
-                                                      "occlusion"],
-                        choices=["rates", "precision", "resnet50", "occlusion", "backends",
-                                 "end-to-end", "memory"])
+                                                      "resnet50-rates", "occlusion"],
+                        choices=["rates", "precision", "resnet50", "resnet50-rates",
+                                 "occlusion", "backends", "end-to-end", "memory"])
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     work = args.workdir
@@ -439,6 +444,9 @@ def main() -> None:
                                                       args.repeats)),
                 ("resnet50", lambda: bench_precision(work, "resnet50", args.resnet_train, 1,
                                                      args.speed_stamps // 16, n_calib=256)),
+                ("resnet50-rates", lambda: bench_rates(
+                    fresh_run(work, "resnet50", args.resnet_train, 1)[0], work,
+                    tuple(args.sizes), args.resnet_repeats, args.speed_stamps // 2)),
                 ("occlusion", lambda: bench_occlusion(model, cand(), work, args.maps,
                                                        args.ref_maps)),
                 ("backends", lambda: bench_backends(model)),
