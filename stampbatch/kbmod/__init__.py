@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,6 +61,11 @@ from stampbatch.kbmod.table import (
     results_format,
     stamp_geometry,
 )
+
+if TYPE_CHECKING:
+    from stampbatch.inference import ModelSpec
+    from stampbatch.journal import Journal
+    from stampbatch.plan import ScoreOptions
 
 __all__ = ["FORMATS", "REQUIRED_COLUMNS", "SHAPES_KEY", "KbmodError", "KbmodSummary",
            "ResultsTable", "ResultsWriter", "check_uuids", "crop_center", "ingest_results",
@@ -229,7 +234,7 @@ class KbmodSummary:
         return self.rows / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def _manifest(table: ResultsTable, column: str, spec: Any, options: Any,
+def _manifest(table: ResultsTable, column: str, spec: ModelSpec, options: ScoreOptions,
               batch_rows: int) -> dict[str, Any]:
     """What identifies a KBMOD run's journal: another input file (path, size, mtime), column,
     batching, model, backend, precision or occlusion setting starts over; the same resumes."""
@@ -249,11 +254,11 @@ def _manifest(table: ResultsTable, column: str, spec: Any, options: Any,
 
 
 @contextlib.contextmanager
-def _executor(options: Any, spec: Any, work: int) -> Iterator[tuple[Any, str, int]]:
+def _executor(options: ScoreOptions, spec: ModelSpec, work: int) -> Iterator[tuple[Any, str, int]]:
     """Yield (submit(stamps, first_row) -> future, where it runs, how many chunks to keep in
-    flight): the scorer's chunk work on
-    threads of this process for a local run of modest size, else on its Dask cluster (local,
-    ``--scheduler`` or ``--slurm``), exactly as :mod:`stampbatch.score` chooses."""
+    flight): the scorer's chunk work on threads of this process for a local run of modest
+    size, else on its Dask cluster (local, ``--scheduler`` or ``--slurm``), chosen by
+    :func:`stampbatch.cluster.in_process_threads` as for HDF5 files."""
     from concurrent.futures import ThreadPoolExecutor
 
     from stampbatch import cluster, inference
@@ -278,12 +283,14 @@ def _executor(options: Any, spec: Any, work: int) -> Iterator[tuple[Any, str, in
             client, where = stack.enter_context(cluster.dask_client(options.cluster,
                                                                      options.log))
         submitted: list[Any] = []
+
+        def submit(stamps: np.ndarray, lo: int) -> Any:
+            fut = client.submit(score_stamps, stamps, lo, models, occ, patch, pure=False,
+                                retries=1)
+            submitted[:] = [f for f in submitted if not f.done()] + [fut]
+            return fut
+
         try:
-            def submit(stamps: np.ndarray, lo: int) -> Any:
-                fut = client.submit(score_stamps, stamps, lo, models, occ, patch, pure=False,
-                                    retries=1)
-                submitted.append(fut)
-                return fut
             yield submit, where, max(4, 3 * cluster.total_threads(client))
         finally:
             with contextlib.suppress(Exception):
@@ -312,8 +319,9 @@ class _Counts:
     computed: int = 0
 
 
-def _score_stream(table: ResultsTable, column: str, spec: Any, options: Any, journal: Any,
-                  writer: ResultsWriter, scored: NewColumns, batch_rows: int) -> tuple[_Counts, str]:
+def _score_stream(table: ResultsTable, column: str, spec: ModelSpec, options: ScoreOptions,
+                  journal: Journal, writer: ResultsWriter, scored: NewColumns,
+                  batch_rows: int) -> tuple[_Counts, str]:
     """One pass over the table: each batch's stamps are cropped and scored in chunks of
     ``options.chunk_size`` rows (on threads or on Dask, several chunks in flight while this
     thread reads and writes), each chunk's result is journaled durably, and the batch is
@@ -378,8 +386,8 @@ def _score_stream(table: ResultsTable, column: str, spec: Any, options: Any, jou
     return counts, where
 
 
-def _provenance(source: Any, spec: Any, column: str, threshold: float, origin: str,
-                options: Any) -> dict[str, Any]:
+def _provenance(source: Any, spec: ModelSpec, column: str, threshold: float, origin: str,
+                options: ScoreOptions) -> dict[str, Any]:
     """What the output's table meta records under ``stampbatch``: which model, how (the count
     of unscorable rows is not here: it is the number of NaN in prob_real)."""
     return {"model": source.name, "model_sha256": source.sha256,
