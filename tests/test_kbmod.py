@@ -176,6 +176,37 @@ def test_one_pass_on_threads_over_row_groups_equals_the_hdf5_path(tmp_path, run,
     assert Table.read(tmp_path / "results.scored.parquet").meta["wcs"] == written.meta["wcs"]
 
 
+def test_a_journaled_chunk_is_read_back_not_rescored_unless_force(tmp_path, run):
+    """What a rerun does with a killed run's journal: the chunk it holds is taken as is
+    (marked here by impossible probabilities), and --force scores everything again."""
+    from stampbatch import inference
+    from stampbatch.journal import ChunkResult, Journal
+
+    src = tmp_path / "results.parquet"
+    write_results(src, n=200, nan_rows=())
+    opts = {"chunk_size": 64, "progress": False, "log": lambda _m: None}
+    table = kbmod.open_results(src)
+    out = kbmod.output_path(src)
+    spec = inference.prepare_model(inference.resolve_model(run), "auto")
+    manifest = kbmod._manifest(table, "coadd_mean", spec, score.ScoreOptions(**opts),
+                               max(64, table.batch_rows() // 64 * 64))
+    journal = Journal(out, spec.name)
+    journal.start(manifest)
+    marked = np.full(64, 0.25, dtype=np.float32)
+    journal.record(64, 128, ChunkResult(marked, np.empty(0, np.int64),
+                                        np.empty((0, 21, 21), np.float32)))
+    summary = kbmod.score_results(src, run, scorer_options=opts)
+    p = pq.read_table(out).column("prob_real").to_numpy()
+    assert summary.stamps_scored == 136 and (p[64:128] == 0.25).all()
+    assert not (p[:64] == 0.25).any() and not journal.dir.exists()
+    journal.start(manifest)
+    journal.record(64, 128, ChunkResult(marked, np.empty(0, np.int64),
+                                        np.empty((0, 21, 21), np.float32)))
+    again = kbmod.score_results(src, run, scorer_options=opts, force=True)
+    p = pq.read_table(out).column("prob_real").to_numpy()
+    assert again.stamps_scored == 200 and not (p == 0.25).any()
+
+
 def test_ingest_kbmod_crops_keeps_meta_and_labels(tmp_path):
     src = tmp_path / "results.parquet"
     written = write_results(src, n=90, radius=14)

@@ -111,7 +111,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
     p.add_argument("--quiet", action="store_true", help="no progress line")
     kb = p.add_argument_group("KBMOD Results files (.parquet, .parq, .ecsv, .hdf5): written to "
                               "DIR/<stem>.scored<suffix> with prob_real, prob_bogus, cnn_class "
-                              "(--force replaces an existing one)")
+                              "(--force replaces an existing one and discards a killed "
+                              "run's journal)")
     kb.add_argument("--column", default="coadd_mean",
                     help="the co-add image column to score, centre-cropped to the model's input "
                          f"(default coadd_mean); {_kbmod.NAN_HELP}")

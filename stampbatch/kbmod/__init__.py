@@ -457,6 +457,8 @@ def score_results(
         batch_rows = max(rows, table.batch_rows() // rows * rows)
         _sweep_partial(output)
         journal = Journal(output, source.name)
+        if force:                       # from scratch, as for HDF5 files
+            journal.remove()
         journal.start(_manifest(table, column, spec, options, batch_rows))
         journal.drop_unreadable(options.log)
         before = sum(hi - lo for lo, hi in journal.finished_chunks().items())
