@@ -22,6 +22,7 @@ import contextlib
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import submitit
@@ -106,6 +107,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, data: Path, arch: str, run_dir: Path, config: TrainConfig) -> dict:
         from stampbatch import train
 
+        self._started = time.time()     # for checkpoint(): has this job timed out?
         route_requeue_to_host()
         state = train.run_state(run_dir)
         plural = "s" if config.epochs != 1 else ""
@@ -132,7 +134,26 @@ class TrainJob(submitit.helpers.Checkpointable):
         # that exit (seen: 1 exit in 5 stuck until the time limit killed the job, which was
         # then never requeued from the host). SIGALRM's default action ends the process
         # EXIT_GRACE_S from now whatever Python is doing; the epoch checkpoint is on disk.
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.alarm(EXIT_GRACE_S)
+        # Not when submitit will refuse the requeue (timed out more often than max_requeues
+        # allows): it then raises out of the training loop to record the job's failure, and
+        # that unwinding (keras, tf.data's generator) may take longer than the grace.
+        if self._will_requeue():
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(EXIT_GRACE_S)
         return submitit.helpers.DelayedSubmission(self, data, arch, run_dir, config)
+
+    def _will_requeue(self) -> bool:
+        """Whether submitit requeues the job after this checkpoint, decided as it does
+        (``SignalHandler.checkpoint_and_try_requeue``): a time-out uses one of the job's
+        remaining time-outs, a preemption none; none left means no requeue. True when unknown."""
+        try:
+            current = submitit.helpers.DelayedSubmission.load(
+                submitit.JobEnvironment().paths.submitted_pickle)
+            limit_s = float(current._timeout_min) * 60
+            countdown = int(current._timeout_countdown)
+        except Exception:  # noqa: BLE001 - not inside a submitit job, or an unreadable pickle
+            return True
+        ran_s = time.time() - getattr(self, "_started", time.time())
+        timed_out = ran_s >= min(0.8 * limit_s, limit_s - 600)
+        return countdown - int(timed_out) >= 0
 

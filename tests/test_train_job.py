@@ -46,3 +46,44 @@ def test_host_requeue_lines_quote_the_folder(tmp_path):
     assert out.stdout == "requeue asked: requeue 5_1\n"
     assert "stampbatch: requeued job 5_1 from the host" in out.stderr
     assert not (folder / "requeue-42").exists()
+
+
+def test_checkpoint_arms_the_exit_alarm_only_when_submitit_will_requeue(tmp_path, monkeypatch):
+    """After a checkpoint submitit requeues unless the job timed out with no time-outs left;
+    then it raises to record the failure, and the exit alarm must not cut that short (seen:
+    killed by SIGALRM before the error reached the log)."""
+    import signal
+    import time
+
+    import submitit
+
+    for name, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "78",
+                        "SLURM_JOB_NODELIST": "vm", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
+                        "SLURM_LOCALID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1",
+                        "SUBMITIT_FOLDER": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    job = train_job.TrainJob()
+    pickle = submitit.JobEnvironment().paths.submitted_pickle
+
+    def will_requeue(timeout_min: int, countdown: int, ran_s: float) -> bool:
+        delayed = submitit.helpers.DelayedSubmission(job)
+        delayed.set_timeout(timeout_min, countdown)
+        pickle.parent.mkdir(parents=True, exist_ok=True)
+        delayed.dump(pickle)
+        job._started = time.time() - ran_s
+        return job._will_requeue()
+
+    assert not will_requeue(2, 0, 60)          # timed out, none left: the job ends
+    assert will_requeue(2, 1, 60)              # timed out, one left
+    assert will_requeue(120, 0, 600)           # preempted early in a long job: requeued
+    assert not will_requeue(120, 0, 110 * 60)  # near the end of a long job: a time-out
+    previous = signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    try:
+        will_requeue(2, 0, 60)
+        job.checkpoint(tmp_path / "d.h5", "simple", tmp_path / "run", None)
+        assert signal.alarm(0) == 0            # no alarm pending
+        will_requeue(2, 1, 60)
+        job.checkpoint(tmp_path / "d.h5", "simple", tmp_path / "run", None)
+        assert 0 < signal.alarm(0) <= train_job.EXIT_GRACE_S
+    finally:
+        signal.signal(signal.SIGALRM, previous)
