@@ -56,16 +56,17 @@ def roc_auc(labels: np.ndarray, p: np.ndarray) -> float:
 def rate(predict: Predictor, x: np.ndarray, pipelines: int, repeats: int = 3) -> float:
     """Median stamps/s over ``repeats`` passes of ``x`` (see :func:`one_pass`)."""
     with ThreadPoolExecutor(pipelines) as pool:
-        one_pass(predict, x, pool)                                    # warm-up
-        times = [one_pass(predict, x, pool) for _ in range(repeats)]
+        one_pass(predict, x, pool, pipelines)                         # warm-up
+        times = [one_pass(predict, x, pool, pipelines) for _ in range(repeats)]
     return len(x) / float(np.median(times))
 
 
-def one_pass(predict: Predictor, x: np.ndarray, pool: ThreadPoolExecutor) -> float:
+def one_pass(predict: Predictor, x: np.ndarray, pool: ThreadPoolExecutor,
+             pipelines: int) -> float:
     """Seconds to predict ``x`` in blocks of at most 4096 stamps spread over the pool's
     pipelines (at least one block per pipeline: fewer stamps than 4096 per pipeline would
     otherwise leave a pipeline, and a core, idle)."""
-    block = max(1, min(4096, -(-len(x) // pool._max_workers)))
+    block = max(1, min(4096, -(-len(x) // pipelines)))
     t0 = time.perf_counter()
     list(pool.map(predict, [x[i:i + block] for i in range(0, len(x), block)]))
     return time.perf_counter() - t0
@@ -76,12 +77,12 @@ def interleaved(predictors: dict[str, tuple[Predictor, int]], x: np.ndarray,
     """Seconds per pass of every predictor, the predictors taking turns in each round."""
     pools = {k: ThreadPoolExecutor(pipes) for k, (_, pipes) in predictors.items()}
     try:
-        for k, (predict, _) in predictors.items():
-            one_pass(predict, x[:8192], pools[k])                     # warm-up
+        for k, (predict, pipes) in predictors.items():
+            one_pass(predict, x[:8192], pools[k], pipes)              # warm-up
         times: dict[str, list[float]] = {k: [] for k in predictors}
         for _ in range(rounds):
-            for k, (predict, _) in predictors.items():
-                times[k].append(one_pass(predict, x, pools[k]))
+            for k, (predict, pipes) in predictors.items():
+                times[k].append(one_pass(predict, x, pools[k], pipes))
         return times
     finally:
         for pool in pools.values():

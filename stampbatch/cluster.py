@@ -80,8 +80,8 @@ def walltime_seconds(text: str) -> int:
     return int(first) * 60 + int(second or 0)   # M or M:S
 
 
-# Work up to this many stamp evaluations (stamps x models; an occlusion map counts as 289)
-# runs on threads of the scoring process when no cluster is asked for: starting a local
+# Work up to this many stamp evaluations (stamps x models; an occlusion map counts as
+# tasks.MAP_EVALUATIONS) runs on threads of the scoring process when no cluster is asked for: starting a local
 # Dask worker process costs ~1-2 s, a few seconds of work on two cores at ~70 k stamps/s.
 # Measured on 500 k vgg6 stamps the thread path was no slower (BENCHMARKS.md), so the limit
 # only keeps very long runs on worker processes (isolated, restartable with retries).

@@ -161,6 +161,15 @@ def atomic_path(path: Path | str, *, overwrite: bool = False, suffix: str = ".h5
         raise
 
 
+def remove_partials(path: Path | str, *, suffix: str = ".h5") -> None:
+    """Delete what killed writers left under :func:`atomic_path`'s temporary names for
+    ``path`` (the destination itself is never touched)."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{path.name}.*.partial{suffix}"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+
+
 def write_atomic(path: Path | str, write: Callable[[BinaryIO], Any], *,
                  fail: Callable[[Path, str], Exception] = _file_error) -> Path:
     """Call ``write(fh)`` on a temporary file beside ``path``, then make it ``path`` durably."""

@@ -220,18 +220,26 @@ class BadFiles:
         return {p for p, _ in self.skipped}
 
 
-def _manifest(fw: FileWork, spec: ModelSpec, options: ScoreOptions) -> dict[str, Any]:
-    """What identifies a journal: the input, the model and backend, the settings."""
+def journal_manifest(spec: ModelSpec, options: ScoreOptions, *, source: Path,
+                     identity: Any, n_stamps: int, stamp_shape: tuple[int, int],
+                     chunk_rows: int) -> dict[str, Any]:
+    """What identifies a journal: the input (``source`` and its ``identity``), the model and
+    backend, the settings. The HDF5 scorer and the KBMOD pass journal alike."""
     return {
         "format": JOURNAL_FORMAT, "model": spec.name, "model_sha256": spec.sha256,
         "model_file": spec.keras_path, "architecture": spec.architecture,
         "backend": spec.backend, "precision": options.precision,
-        "source": str(fw.candidates.resolve()),
-        "source_identity": fw.identity, "n_stamps": fw.n_stamps,
-        "stamp_shape": list(fw.stamp_shape), "chunk_rows": fw.chunk_rows,
+        "source": str(source.resolve()), "source_identity": identity, "n_stamps": n_stamps,
+        "stamp_shape": list(stamp_shape), "chunk_rows": chunk_rows,
         "occlusion": str(options.occ), "occlusion_patch": options.patch_used,
         "started_at": fileio.utc_now(), "stampbatch_version": __version__,
     }
+
+
+def _manifest(fw: FileWork, spec: ModelSpec, options: ScoreOptions) -> dict[str, Any]:
+    return journal_manifest(spec, options, source=fw.candidates, identity=fw.identity,
+                            n_stamps=fw.n_stamps, stamp_shape=fw.stamp_shape,
+                            chunk_rows=fw.chunk_rows)
 
 
 def _resolve_models(models: Sequence[str | Path], name: str | None) -> list[ModelSource]:

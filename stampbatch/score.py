@@ -115,7 +115,7 @@ def _compute(files: list[FileWork], prepared: dict[str, ModelSpec], options: Sco
         return
     tasks = ((fw, task) for fw in files if remaining[id(fw)]
              for task in _chunk_tasks(fw, options))
-    work = total * len(prepared) * (1 + (289 if options.occ.kind == "all" else 0))
+    work = len(prepared) * options.occ.evaluations(total)
     threads = None if options.client is not None else in_process_threads(options.cluster, work)
     if threads is not None:
         summary.scheduler = f"in-process ({threads} thread(s))"

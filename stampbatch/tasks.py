@@ -22,6 +22,7 @@ from stampbatch.occlusion import occlusion_maps
 from stampbatch.preprocess import normalize_with_mask
 
 PLUGIN_NAME = "stampbatch-models"
+MAP_EVALUATIONS = 289   # an occlusion map: a 5x5 patch at 17 x 17 positions of 21x21
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class OcclusionMode:
 
     def __str__(self) -> str:
         return self.kind if self.kind != "above" else f"above:{self.threshold:g}"
+
+    def evaluations(self, n_stamps: int) -> int:
+        """Model evaluations to score ``n_stamps`` with one model, for sizing a run: a map
+        counts as MAP_EVALUATIONS; ``above:P`` maps are not known in advance (counted 0)."""
+        return n_stamps * (1 + (MAP_EVALUATIONS if self.kind == "all" else 0))
 
     def select(self, probability: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Boolean mask of the rows that get a map (never the unscorable ones)."""

@@ -238,19 +238,14 @@ def _manifest(table: ResultsTable, column: str, spec: ModelSpec, options: ScoreO
               batch_rows: int) -> dict[str, Any]:
     """What identifies a KBMOD run's journal: another input file (path, size, mtime), column,
     batching, model, backend, precision or occlusion setting starts over; the same resumes."""
-    from stampbatch.journal import JOURNAL_FORMAT
+    from stampbatch.plan import journal_manifest
 
     st = table.path.stat()
-    return {"format": JOURNAL_FORMAT, "model": spec.name, "model_sha256": spec.sha256,
-            "model_file": spec.keras_path, "architecture": spec.architecture,
-            "backend": spec.backend, "precision": options.precision,
-            "source": str(table.path.resolve()),
-            "source_identity": {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                "column": column, "batch_rows": batch_rows},
-            "n_stamps": table.n_rows, "stamp_shape": list(spec.stamp_shape),
-            "chunk_rows": options.chunk_size, "occlusion": str(options.occ),
-            "occlusion_patch": options.patch_used, "started_at": fileio.utc_now(),
-            "stampbatch_version": __version__}
+    return journal_manifest(spec, options, source=table.path,
+                            identity={"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                      "column": column, "batch_rows": batch_rows},
+                            n_stamps=table.n_rows, stamp_shape=spec.stamp_shape,
+                            chunk_rows=options.chunk_size)
 
 
 @contextlib.contextmanager
@@ -333,7 +328,7 @@ def _score_stream(table: ResultsTable, column: str, spec: ModelSpec, options: Sc
 
     done = journal.finished_chunks()
     rows = options.chunk_size
-    work = table.n_rows * (1 + (289 if options.occ.kind == "all" else 0))
+    work = options.occ.evaluations(table.n_rows)
     counts = _Counts()
     pending: deque = deque()            # (raw batch, first row, [(lo, hi, future | None)])
     in_flight = 0
@@ -399,14 +394,6 @@ def _provenance(source: Any, spec: ModelSpec, column: str, threshold: float, ori
             "scored_at": fileio.utc_now()}
 
 
-def _sweep_partial(output: Path) -> None:
-    """Delete what a killed run left of the output under its temporary name (the output is
-    written during the whole pass; the journal, not the partial file, is what resumes)."""
-    for leftover in output.parent.glob(f".{output.name}.*.partial{output.suffix}"):
-        with contextlib.suppress(OSError):
-            leftover.unlink()
-
-
 def score_results(
     results: Path | str,
     model: Path | str,
@@ -455,7 +442,9 @@ def score_results(
         # batches a multiple of the chunk rows: each batch is whole chunks
         rows = options.chunk_size
         batch_rows = max(rows, table.batch_rows() // rows * rows)
-        _sweep_partial(output)
+        # what a killed run left of the output (written during the whole pass; the
+        # journal, not the partial file, is what resumes)
+        fileio.remove_partials(output, suffix=output.suffix)
         journal = Journal(output, source.name)
         if force:                       # from scratch, as for HDF5 files
             journal.remove()

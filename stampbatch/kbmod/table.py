@@ -174,21 +174,28 @@ def _column_values(table: ResultsTable, batch: Any, name: str) -> np.ndarray:
     return values
 
 
+def _parquet_batches(table: ResultsTable, columns: Sequence[str],
+                     batch_rows: int) -> Iterator[tuple[int, Any]]:
+    """``(first_row, Arrow record batch)`` of a Parquet table; a read failure as one line."""
+    import pyarrow as pa
+
+    start = 0
+    try:
+        for batch in table.parquet.iter_batches(batch_size=batch_rows, columns=list(columns)):
+            yield start, batch
+            start += batch.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise _fail(table.path, f"unreadable Parquet data at row {start} "
+                                f"({' '.join(str(exc).split())[:150]})") from exc
+
+
 def iter_batches(table: ResultsTable, columns: Sequence[str],
                  batch_rows: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Yield ``(first_row, {column: values})`` over the table, ``batch_rows`` rows at a time."""
     rows = batch_rows or table.batch_rows()
     if table.fmt == "parquet":
-        import pyarrow as pa
-
-        start = 0
-        try:
-            for batch in table.parquet.iter_batches(batch_size=rows, columns=list(columns)):
-                yield start, {c: _column_values(table, batch, c) for c in columns}
-                start += batch.num_rows
-        except (OSError, pa.ArrowException) as exc:
-            raise _fail(table.path, f"unreadable Parquet data at row {start} "
-                                    f"({' '.join(str(exc).split())[:150]})") from exc
+        for start, batch in _parquet_batches(table, columns, rows):
+            yield start, {c: _column_values(table, batch, c) for c in columns}
         return
     for lo in range(0, table.n_rows, rows):
         part = table.table[lo:lo + rows]
@@ -258,28 +265,21 @@ def read_stamp_batches(table: ResultsTable, column: str, stamp_shape: tuple[int,
                        batch_rows: int, *, with_rows: bool = False
                        ) -> Iterator[tuple[int, Any, np.ndarray]]:
     """Yield ``(first_row, raw, stamps)``: the centre-cropped stamps of ``column`` in batches
-    of at most ``batch_rows``, and with
-    ``with_rows`` the batch's raw Arrow record (every original column, for
+    of at most ``batch_rows``, and with ``with_rows`` the batch's raw Arrow record (every original column, for
     :class:`ResultsWriter`; None for ECSV/HDF5, which are held whole)."""
     shape = table.image_shape(column)
     if table.fmt != "parquet":
         for lo, batch in iter_batches(table, [column], batch_rows):
             yield lo, None, crop_center(batch[column].reshape(-1, *shape), stamp_shape)
         return
-    import pyarrow as pa
-
     names = list(table.columns) if with_rows else [column]
-    start = 0
-    try:
-        for batch in table.parquet.iter_batches(batch_size=batch_rows, columns=names):
-            stamps = _column_values(table, batch, column).reshape(-1, *shape)
-            yield start, batch if with_rows else None, crop_center(stamps, stamp_shape)
-            start += batch.num_rows
-    except (OSError, pa.ArrowException) as exc:
-        raise _fail(table.path, f"unreadable Parquet data at row {start} "
-                                f"({' '.join(str(exc).split())[:150]})") from exc
-    if start != table.n_rows:
-        raise _fail(table.path, f"read {start:,} rows of {table.n_rows:,} (truncated?)")
+    read = 0
+    for start, batch in _parquet_batches(table, names, batch_rows):
+        stamps = _column_values(table, batch, column).reshape(-1, *shape)
+        yield start, batch if with_rows else None, crop_center(stamps, stamp_shape)
+        read = start + batch.num_rows
+    if read != table.n_rows:
+        raise _fail(table.path, f"read {read:,} rows of {table.n_rows:,} (truncated?)")
 
 
 @dataclass(frozen=True)

@@ -144,11 +144,9 @@ def committed_models(target: Path | str) -> list[str]:
 
 def sweep_partial(target: Path | str) -> None:
     """Delete scores files that a killed writer left under temporary names."""
+    fileio.remove_partials(os.path.realpath(target))      # a copy-and-swap
     folder = scores_dir(target)
-    real = Path(os.path.realpath(target))
-    leftovers = [*real.parent.glob(f".{real.name}.*.partial.h5"),   # a copy-and-swap
-                 *(folder.glob(".*.partial.h5") if folder.is_dir() else ())]
-    for p in leftovers:
+    for p in folder.glob(".*.partial.h5") if folder.is_dir() else ():
         with contextlib.suppress(OSError):
             p.unlink()
 
