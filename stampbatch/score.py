@@ -36,6 +36,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from stampbatch.cluster import (
     total_threads,
 )
 from stampbatch.errors import StampbatchError
-from stampbatch.inference import ModelSpec
+from stampbatch.inference import ORT_BATCH_CPU, ModelSpec
 from stampbatch.journal import (
     LATER_KEYS,
     ChunkResult,
@@ -177,11 +178,43 @@ class _Results:
         return task.stop - task.start
 
 
+PART_ROWS = ORT_BATCH_CPU   # tail parts are whole ONNX Runtime calls, so a part's scores are
+                           # the bytes its chunk's would have been
+
+
+def _parts(task: ChunkTask, pieces: int) -> list[ChunkTask]:
+    """``task`` cut into up to ``pieces`` row ranges on the PART_ROWS grid (one if small)."""
+    size = -(-(task.stop - task.start) // max(1, pieces))
+    size = max(PART_ROWS, -(-size // PART_ROWS) * PART_ROWS)
+    return [replace(task, start=lo, stop=min(lo + size, task.stop))
+            for lo in range(task.start, task.stop, size)]
+
+
+class _Joined:
+    """The finished parts of one chunk task, as the one future :meth:`_Results.take` reads."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+
+    def result(self) -> dict[str, ChunkResult]:
+        pieces = [fut.result() for fut in self.parts]      # the first failure raises
+        return {name: ChunkResult(np.concatenate([p[name].probability for p in pieces]),
+                                  np.concatenate([p[name].occlusion_rows for p in pieces]),
+                                  np.concatenate([p[name].occlusion_maps for p in pieces]))
+                for name in pieces[0]}
+
+
 def _run_threads(threads: int, tasks: Iterator[tuple[FileWork, ChunkTask]], total: int,
                  remaining: dict[int, int], prepared: dict[str, ModelSpec],
                  options: ScoreOptions, bad: BadFiles, summary: ScoreSummary) -> None:
     """Chunk tasks on threads of this process (no Dask start-up): the same tasks, the same
-    window, the same per-call threads as one local worker, so the same results."""
+    window, the same per-call threads as one local worker, so the same results.
+
+    The last chunks of the run are cut into parts that the threads share, so that every
+    core works until the end instead of one finishing the last chunk alone (on two cores a
+    100 k-stamp file lost ~0.1 s, 3 %, that way). A chunk is journaled when all its parts
+    are in, as one result, identical to the uncut chunk's.
+    """
     from stampbatch import inference
     from stampbatch.progress import Progress
 
@@ -190,23 +223,38 @@ def _run_threads(threads: int, tasks: Iterator[tuple[FileWork, ChunkTask]], tota
         inference.cached_predictor(spec, per_call)
     results = _Results(remaining, bad, summary)
     pool = ThreadPool(threads)
-    owner: dict[Any, tuple[FileWork, ChunkTask]] = {}
+    owner: dict[Any, tuple[FileWork, ChunkTask, _Joined]] = {}
+    waiting: dict[int, int] = {}          # id of a chunk's _Joined -> its parts not yet done
+    to_submit = total
 
     def submit_more() -> None:
+        nonlocal to_submit
         while len(owner) < max(4, 3 * threads):
             item = next(tasks, None)
             if item is None:
                 return
-            if results.wanted(item[0]):
-                owner[pool.submit(score_chunk, item[1], threads)] = item
+            fw, task = item
+            if not results.wanted(fw):
+                continue
+            rows = task.stop - task.start
+            to_submit -= rows
+            tail = threads > 1 and to_submit < threads * rows   # among the run's last chunks
+            joined = _Joined([])
+            for part in _parts(task, 2 * threads) if tail else [task]:
+                fut = pool.submit(score_chunk, part, threads)
+                joined.parts.append(fut)
+                owner[fut] = (fw, task, joined)
+            waiting[id(joined)] = len(joined.parts)
 
     with Progress(total, "scoring", "stamps", enabled=options.progress) as bar:
         try:
             submit_more()
             while owner:
-                fut = pool.next_done()
-                fw, task = owner.pop(fut)
-                bar.update(results.take(fw, task, fut))
+                fw, task, joined = owner.pop(pool.next_done())
+                waiting[id(joined)] -= 1
+                if waiting[id(joined)] == 0:
+                    del waiting[id(joined)]
+                    bar.update(results.take(fw, task, joined))
                 submit_more()
         finally:
             pool.close()

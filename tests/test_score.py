@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from conftest import REPO, gaussian_stamps
 
-from stampbatch import cluster, inference, preprocess, score, store
+from stampbatch import cluster, inference, preprocess, score, store, tasks
 from stampbatch.errors import StampbatchError, UsageError
 from stampbatch.occlusion import occlusion_maps
+from stampbatch.tasks import ChunkTask, OcclusionMode
 
 pytestmark = pytest.mark.slow
 
@@ -187,19 +188,26 @@ def test_each_worker_loads_each_model_once(tmp_path, runs, client):
 
 
 def test_in_process_threads_match_dask_workers_bit_for_bit(tmp_path, runs, keras_models,
-                                                            client):
+                                                            client, monkeypatch):
     """Small runs score on threads of the driver: the same probabilities and maps, bit for
-    bit, as on a Dask worker of the same shape (1 x 2 threads here); two models, maps."""
+    bit, as on a Dask worker of the same shape (1 x 2 threads here); two models, maps; the
+    run's last chunks cut into parts that the threads share."""
     stamps = candidates(tmp_path / "a.h5", 3000, seed=31, chunk_rows=256)
     store.create_store(tmp_path / "b.h5", stamps, chunk_rows=256)
     cut = f"{np.quantile(expected_p(keras_models['vgg6'], stamps), 0.97):.6f}"
     models = [runs["vgg6"], runs["simple"]]
+    ranges = []
+    monkeypatch.setattr(score, "score_chunk", lambda task, n=None: ranges.append(
+        (task.start, task.stop)) or tasks.score_chunk(task, n))
     ours = score.score_files([tmp_path / "a.h5"], models,
-                             opts(occlusion=f"above:{cut}",
+                             opts(occlusion=f"above:{cut}", chunk_size=256,
                                   cluster=cluster.ClusterOptions(threads_per_worker=2)))
+    monkeypatch.undo()
     theirs = score.score_files([tmp_path / "b.h5"], models,
-                               opts(occlusion=f"above:{cut}", client=client))
+                               opts(occlusion=f"above:{cut}", chunk_size=256, client=client))
     assert ours.scheduler == "in-process (2 thread(s))" and theirs.scheduler == "given Dask client"
+    assert sorted(ranges)[-4:] == [(2560, 2688), (2688, 2816), (2816, 2944), (2944, 3000)]
+    assert sorted(ranges)[:2] == [(0, 256), (256, 512)]
     for name in ("vgg6", "simple"):
         a, b = store.read_scores(tmp_path / "a.h5", name), store.read_scores(tmp_path / "b.h5", name)
         np.testing.assert_array_equal(a.probability, b.probability)
@@ -838,3 +846,18 @@ def test_scoring_on_slurm_workers(tmp_path, runs, keras_models, slurm_cluster):
                                "-o", "ReqTRES%80"], capture_output=True, text=True).stdout
         time.sleep(1)
     assert "gres/gpu=1" in tres
+
+
+def test_tail_parts_cover_a_chunk_on_whole_onnx_calls():
+    """The last chunks of an in-process run are cut for the threads to share: the parts are
+    contiguous, cover the chunk exactly, and start on the ONNX Runtime call grid."""
+    task = ChunkTask("x.h5", 4096, 8192, (), OcclusionMode(), 5)
+    parts = score._parts(task, 4)
+    assert [(p.start, p.stop) for p in parts] == [(4096, 5120), (5120, 6144), (6144, 7168),
+                                                 (7168, 8192)]
+    short = score._parts(ChunkTask("x.h5", 98304, 100000, (), OcclusionMode(), 5), 4)
+    assert [(p.start, p.stop) for p in short] == [(98304, 98816), (98816, 99328),
+                                                  (99328, 99840), (99840, 100000)]
+    assert all((p.start - task.start) % score.PART_ROWS == 0 for p in parts + short)
+    assert [(p.start, p.stop) for p in score._parts(ChunkTask("x.h5", 0, 100, (), OcclusionMode(),
+                                                              5), 4)] == [(0, 100)]
