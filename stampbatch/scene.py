@@ -109,6 +109,8 @@ def conditions(rng: np.random.Generator, n: int, c: SimConfig) -> dict[str, np.n
     density = (log_uniform(rng, c.field_density_min, c.field_density_max, n)
                if c.field_density_max > 0 else np.zeros(n))
     fwhm = rng.uniform(c.fwhm_min, c.fwhm_max, n)
+    if c.field_density_fwhm > 0:    # fewer sources reach field_snr_min through a wider PSF
+        density = density * (fwhm / c.field_density_fwhm) ** -c.field_count_slope
     cond = {
         "labels": labels, "kind": kind, "background": background, "profile": profile,
         "fwhm": fwhm, "n_coadd": n_coadd, "sky": sky, "read_noise": read_noise, "level": level,

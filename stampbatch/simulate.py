@@ -45,6 +45,17 @@ PSF: per stamp a FWHM in ``[fwhm_min, fwhm_max]`` px and, with probability
 ``moffat_fraction``, a Moffat profile (``beta`` in ``[moffat_beta_min, moffat_beta_max]``),
 otherwise a Gaussian.
 
+Field density and the PSF: the sky's sources are counted above a point-source SNR, and a
+source's background-limited SNR falls as its light spreads over more noisy pixels
+(``flux / (sigma * FWHM)`` up to a constant). So the density of sources above
+``field_snr_min`` is not a property of the sky alone: drawn log-uniformly in
+``[field_density_min, field_density_max]`` at the reference FWHM ``field_density_fwhm``, a
+stamp of FWHM ``f`` sees ``(f / field_density_fwhm) ** -field_count_slope`` times that many
+(``N(>S) ∝ S^-slope`` at the flux limit that SNR means there). Drawing the density
+independently of the PSF, as earlier releases did, put ~3 sources above SNR 2 in every beam
+of the widest PSFs of the most crowded fields, a sky no survey searches. ``field_density``
+in ``/meta`` is the stamp's own density.
+
 SNR (the meaning of the ``snr`` column)
 ---------------------------------------
 The SNR of a signal of total flux ``F`` and unit-flux shape ``P`` as rendered on the
@@ -201,6 +212,8 @@ class SimConfig:
     flux_mismatch_max: float = 0.05  # template flux-scaling error of difference images (+-)
     field_density_min: float = 0.02  # field sources per 100 px^2, sparsest (0 and 0: no field)
     field_density_max: float = 3.0  # most crowded; log-uniform per stamp in between
+    field_density_fwhm: float = 4.0  # the FWHM (px) at which those densities hold; a stamp of
+    # FWHM f sees (f / this)^-field_count_slope times as many above field_snr_min (0: same at all)
     field_snr_min: float = 2.0  # faintest field source, point-source SNR
     field_snr_max: float = 1000.0  # brightest (unsaturated) field source
     field_count_slope: float = 0.6  # N(>S) ∝ S^-slope
@@ -276,7 +289,8 @@ class SimConfig:
         for name in ("sky_gradient_max", "residual_sky_max", "misregistration_max",
                      "flux_mismatch_max", "field_min_distance", "field_min_distance_fwhm",
                      "spike_strength", "max_centre_offset", "offcentre_min_distance",
-                     "artefact_max_offset", "streak_min_offset", "field_density_min"):
+                     "artefact_max_offset", "streak_min_offset", "field_density_min",
+                     "field_density_fwhm"):
             if getattr(self, name) < 0:
                 raise SimConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("full_well", "spike_length", "field_count_slope"):

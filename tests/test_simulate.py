@@ -554,7 +554,7 @@ def _field_config(**changes) -> SimConfig:
     """Point-source fields only (cheap), fixed PSF so the exclusion radius is fixed."""
     base = dict(field_galaxy_fraction=0.0, bright_star_fraction=0.0, centre_galaxy_fraction=0.0,
                 centre_saturated_fraction=0.0, fwhm_min=2.0, fwhm_max=2.0,
-                field_density_min=1.0, field_density_max=1.0)
+                field_density_min=1.0, field_density_max=1.0, field_density_fwhm=2.0)
     return dataclasses.replace(SimConfig(), **{**base, **changes})
 
 
@@ -594,18 +594,42 @@ def test_nearest_neighbour_distances_follow_the_poisson_law(crowded):
 
 
 def test_exclusion_radius_grows_with_the_psf_and_density_varies_per_stamp():
-    cfg = _field_config(fwhm_min=2.0, fwhm_max=6.0, field_density_min=0.1, field_density_max=3.0)
+    cfg = _field_config(fwhm_min=2.0, fwhm_max=6.0, field_density_min=0.1, field_density_max=3.0,
+                        field_density_fwhm=4.0)
     b = simulate_stamps(4000, cfg, np.random.default_rng(4))
     m = b.meta
     r_min = np.maximum(3.0, m["psf_fwhm"])
     has = np.isfinite(m["nn_distance"])
     assert (m["nn_distance"][has] >= r_min[has] - 1e-4).all()
     rho = m["field_density"].astype(np.float64)
-    assert rho.min() >= 0.1 - 1e-6 and rho.max() <= 3.0 + 1e-6
+    # the density drawn for the sky at the reference FWHM, seen through the stamp's PSF
+    sky = rho * (m["psf_fwhm"].astype(np.float64) / 4.0) ** 0.6
+    assert sky.min() >= 0.1 * (1 - 1e-5) and sky.max() <= 3.0 * (1 + 1e-5)
     # log-uniform: the median is the geometric mean of the range
-    assert abs(np.median(rho) / math.sqrt(0.3) - 1.0) < 0.1
+    assert abs(np.median(sky) / math.sqrt(0.3) - 1.0) < 0.1
     lam = rho / 100.0 * (441 - math.pi * r_min**2)
     assert abs(m["n_field"].sum() - lam.sum()) < 3 * math.sqrt(lam.sum())
+
+
+def test_fewer_field_sources_reach_the_snr_floor_through_a_wider_psf():
+    """One sky (1 source per 100 px^2 above SNR 2 at FWHM 4 px) seen with a 2 px and a 6 px
+    PSF: the counts above the floor scale as FWHM^-slope (a source's background-limited SNR
+    falls as 1/FWHM), Poisson within 3 sigma over 20,000 stamps each."""
+    counts = {}
+    for f in (2.0, 6.0):
+        cfg = _field_config(fwhm_min=f, fwhm_max=f, field_density_fwhm=4.0,
+                            field_min_distance=6.0, field_count_slope=0.6)
+        m = simulate_stamps(20_000, cfg, np.random.default_rng(int(f))).meta
+        lam = (f / 4.0) ** -0.6 / 100.0 * (441 - math.pi * 6.0**2)
+        np.testing.assert_allclose(m["field_density"], (f / 4.0) ** -0.6, rtol=1e-6)
+        counts[f] = m["n_field"].astype(np.int64)
+        assert abs(counts[f].sum() - 20_000 * lam) < 3 * math.sqrt(20_000 * lam), f
+    assert counts[2.0].mean() / counts[6.0].mean() == pytest.approx(3.0 ** 0.6, rel=0.05)
+    # the reference at 0: the density is the sky's at every FWHM, as in earlier releases
+    flat = simulate_stamps(2000, _field_config(fwhm_min=6.0, fwhm_max=6.0,
+                                               field_density_fwhm=0.0),
+                           np.random.default_rng(1)).meta
+    np.testing.assert_allclose(flat["field_density"], 1.0)
 
 
 @pytest.mark.parametrize("slope", [0.6, 1.0])
