@@ -14,7 +14,9 @@ simulator knows about each stamp (``/meta``), at the store's own 1 %-FPR thresho
 * **nearest neighbour in FWHM units** (blends: two sources closer than ~1 FWHM are not
   resolved), and **field crowding per beam** (sources per 1.133 FWHM^2: the confusion limit
   of a survey is about 1 source per 20-50 beams);
-* the threshold set by each kind of negative alone, to tell hard negatives from the field.
+* the threshold set by each kind of negative alone, to tell hard negatives from the field;
+* the groups issue 13's bar names (a field source within 6 px; a galaxy at the centre), so
+  the bar can be read against the ideal observer's bound for the same stamps.
 
 Every figure is recomputed from the stamps and the model; nothing is read from a report.
 """
@@ -81,7 +83,10 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> d
                  "bright_star_elsewhere": row(star), "no_bright_star": row(~star),
                  "by_nn_distance_fwhm": {f"{lo}-{hi}": row((nn >= lo) & (nn < hi))
                                          for lo, hi in zip(NN_FWHM_BINS[:-1], NN_FWHM_BINS[1:])},
-                 "no_neighbour": row(np.isnan(nn))}
+                 "no_neighbour": row(np.isnan(nn)),
+                 # the groups issue 13's bar names, beside the ideal observer's bound
+                 "neighbour_within_6px": row(meta["nn_distance"] < 6.0),
+                 "centre_galaxy": row(profile == "galaxy")}
     out["by_nn_distance_fwhm_snr_ge_10"] = {
         f"{lo}-{hi}": row((nn >= lo) & (nn < hi) & (snr >= 10))
         for lo, hi in zip(NN_FWHM_BINS[:-1], NN_FWHM_BINS[1:])}
@@ -126,6 +131,9 @@ def _print(result: dict) -> None:
         line(k, r)
         line(f"{k}, SNR >= 10", result["by_nn_distance_fwhm_snr_ge_10"][k])
     line("none", result["no_neighbour"])
+    print("the groups of the issue's bar:")
+    line("neighbour within 6 px", result["neighbour_within_6px"])
+    line("galaxy at the centre", result["centre_galaxy"])
     print("field crowding, sources per beam:")
     for k, r in result["crowding_per_beam"].items():
         print(f"  {k:<8} n={r['n']:>6}  AUC {r['roc_auc']:.4f}  completeness {r['completeness']:.3f}"
