@@ -7,7 +7,10 @@ i - (H-1)/2)`` from the stamp centre: ``dx`` runs along columns, ``dy`` along ro
 
 * PSF: Gaussian (integrated over pixels exactly, with erf) or Moffat
   ``(1 + r^2/alpha^2)^-beta`` (2x2-point Gauss-Legendre per pixel, better than 0.4 % of
-  the peak at FWHM 2 px).
+  the peak at FWHM 2 px); either optionally elliptical (ellipticity ``e = (a-b)/(a+b)`` of
+  its isophotes, major axis at ``pa``; the FWHM is the geometric mean of the axes' FWHMs, so
+  area and peak stay those of the round profile; 2x2 Gauss-Legendre per pixel), as every
+  real PSF is a little (guiding, wind shake, optics: ``e`` ~ 0.02-0.1 on the ground).
 * Trail: a PSF dragged along a segment (streaks of objects off the trajectory).
 * Sérsic galaxy: ``I(r) = I_e exp(-b_n ((r/r_e)^(1/n) - 1))`` on elliptical radii
   ``r^2 = x'^2 + (y'/q)^2`` (``x'`` along the major axis at position angle ``pa``; ``r_e``
@@ -77,13 +80,62 @@ def _moffat_pixels(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, fwhm:
     return acc
 
 
+def _axes(ellip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Major and minor axis scale of an elliptical profile of ellipticity (a-b)/(a+b),
+    relative to the round one of the same area (their product is 1)."""
+    ratio = np.sqrt((1.0 + ellip) / (1.0 - ellip))
+    return ratio, 1.0 / ratio
+
+
+def _elliptical_pixels(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray,
+                       fwhm: np.ndarray, beta: np.ndarray, ellip: np.ndarray,
+                       pa: np.ndarray) -> np.ndarray:
+    """Pixel-integrated (2x2 Gauss-Legendre) unit-flux elliptical Gaussians (beta NaN) or
+    Moffats: the round profile's scale stretched by ``_axes(ellip)`` along and across ``pa``."""
+    moffat = beta > 1.0  # NaN compares False: Gaussian
+    if moffat.any() and not moffat.all():
+        out = np.empty((len(dx), *shape), dtype=np.float32)
+        for sel in (moffat, ~moffat):
+            out[sel] = _elliptical_pixels(shape, dx[sel], dy[sel], fwhm[sel], beta[sel],
+                                          ellip[sel], pa[sel])
+        return out
+    h, w = shape
+    is_moffat = bool(moffat.all())
+    if is_moffat:      # Moffat alpha, norm (beta-1)/(pi alpha_a alpha_b)
+        scale = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+        norm = (beta - 1.0) / np.pi / scale**2
+    else:              # Gaussian sigma, norm 1/(2 pi sigma_a sigma_b)
+        scale = fwhm / FWHM_PER_SIGMA
+        norm = 0.5 / np.pi / scale**2
+    major, minor = _axes(ellip)
+
+    def col(a: np.ndarray) -> np.ndarray:
+        return np.asarray(a, dtype=np.float32)[:, None, None]
+
+    c, s, inv_a, inv_b = col(np.cos(pa)), col(np.sin(pa)), col(1.0 / (scale * major)), \
+        col(1.0 / (scale * minor))
+    acc = np.zeros((len(dx), h, w), dtype=np.float32)
+    for oy in _GL2:
+        y = (pixel_offsets(h)[None, :, None] + oy - dy[:, None, None]).astype(np.float32)
+        for ox in _GL2:
+            x = (pixel_offsets(w)[None, None, :] + ox - dx[:, None, None]).astype(np.float32)
+            u = (x * c + y * s) * inv_a
+            v = (y * c - x * s) * inv_b
+            q = u * u + v * v
+            acc += np.exp(-col(beta) * np.log1p(q)) if is_moffat else np.exp(np.float32(-0.5) * q)
+    acc *= col(0.25 * norm)
+    return acc
+
+
 def render_psf(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, fwhm: np.ndarray,
-               beta: np.ndarray | None = None) -> np.ndarray:
+               beta: np.ndarray | None = None, ellip: np.ndarray | None = None,
+               pa: np.ndarray | None = None) -> np.ndarray:
     """Unit-flux PSFs centred at (dx, dy) px from the stamp centre, float32 (n, H, W).
 
-    ``beta`` > 1 gives a Moffat profile, NaN (or ``beta=None``) a Gaussian; all of
-    ``dx, dy, fwhm, beta`` are length-n arrays (one PSF per stamp). Flux falling off the
-    stamp is lost, so the sum is below 1 for wide or off-centre PSFs.
+    ``beta`` > 1 gives a Moffat profile, NaN (or ``beta=None``) a Gaussian; ``ellip``
+    (``(a-b)/(a+b)``, 0 or None: round) and ``pa`` (radians from +x) make it elliptical. All
+    are length-n arrays (one PSF per stamp). Flux falling off the stamp is lost, so the sum
+    is below 1 for wide or off-centre PSFs.
     """
     dx = np.atleast_1d(np.asarray(dx, dtype=np.float64))
     dy = np.atleast_1d(np.asarray(dy, dtype=np.float64))
@@ -92,6 +144,17 @@ def render_psf(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, fwhm: np.
         beta = np.full(dx.shape, np.nan)
     beta = np.broadcast_to(np.asarray(beta, dtype=np.float64), dx.shape)
     shape = (int(shape[0]), int(shape[1]))
+    if ellip is not None and np.any(np.asarray(ellip) > 0):
+        ellip = np.broadcast_to(np.asarray(ellip, dtype=np.float64), dx.shape)
+        pa = np.broadcast_to(np.asarray(0.0 if pa is None else pa, dtype=np.float64), dx.shape)
+        out = np.empty((len(dx), *shape), dtype=np.float32)
+        tilted = ellip > 0
+        out[tilted] = _elliptical_pixels(shape, dx[tilted], dy[tilted], fwhm[tilted],
+                                         beta[tilted], ellip[tilted], pa[tilted])
+        if (~tilted).any():
+            out[~tilted] = render_psf(shape, dx[~tilted], dy[~tilted], fwhm[~tilted],
+                                      beta[~tilted])
+        return out
     out = np.empty((len(dx), *shape), dtype=np.float32)
     moffat = beta > 1.0  # NaN compares False: Gaussian
     if moffat.all():
@@ -138,9 +201,44 @@ def sersic_b(n: np.ndarray | float) -> np.ndarray:
 
 
 def _psf_transform(size: tuple[int, int], step: float, fwhm: np.ndarray,
-                   beta: np.ndarray) -> np.ndarray:
+                   beta: np.ndarray, ellip: np.ndarray | None = None,
+                   pa: np.ndarray | None = None) -> np.ndarray:
     """The PSFs' discrete Fourier transforms on the sub-pixel grid (unit sum): Gaussian in
-    closed form, Moffat sampled (centred on sample (0, 0)) and transformed."""
+    closed form, Moffat sampled (centred on sample (0, 0)) and transformed; elliptical
+    where ``ellip`` > 0 (as in :func:`render_psf`)."""
+    if ellip is None or not np.any(np.asarray(ellip) > 0):
+        return _round_psf_transform(size, step, fwhm, beta)
+    ellip = np.asarray(ellip, dtype=np.float64)
+    pa = np.zeros_like(fwhm) if pa is None else np.asarray(pa, dtype=np.float64)
+    major, minor = _axes(ellip)
+    c = np.cos(pa).astype(np.float32)[:, None, None]
+    s = np.sin(pa).astype(np.float32)[:, None, None]
+    ky = np.fft.fftfreq(size[0], step)[None, :, None].astype(np.float32)
+    kx = np.fft.rfftfreq(size[1], step)[None, None, :].astype(np.float32)
+    sig2 = ((fwhm / FWHM_PER_SIGMA) ** 2)
+    ka, kb = kx * c + ky * s, ky * c - kx * s         # along and across the major axis
+    k2 = ka * ka * (sig2 * major**2).astype(np.float32)[:, None, None] \
+        + kb * kb * (sig2 * minor**2).astype(np.float32)[:, None, None]
+    out = np.exp(np.float32(-2.0 * np.pi**2) * k2).astype(np.complex64)
+    moffat = np.flatnonzero(beta > 1.0)  # NaN compares False: Gaussian
+    if moffat.size:
+        gy = (np.fft.fftfreq(size[0], 1.0 / size[0]) * step)[None, :, None].astype(np.float32)
+        gx = (np.fft.fftfreq(size[1], 1.0 / size[1]) * step)[None, None, :].astype(np.float32)
+        cm, sm = c[moffat], s[moffat]
+        ga, gb = gx * cm + gy * sm, gy * cm - gx * sm
+        b = beta[moffat]
+        alpha2 = (fwhm[moffat] / (2.0 * np.sqrt(2.0 ** (1.0 / b) - 1.0))) ** 2
+        r2 = ga * ga / (alpha2 * major[moffat] ** 2).astype(np.float32)[:, None, None] \
+            + gb * gb / (alpha2 * minor[moffat] ** 2).astype(np.float32)[:, None, None]
+        img = np.power(1.0 + r2, (-b).astype(np.float32)[:, None, None])
+        img /= img.sum(axis=(1, 2), keepdims=True)
+        out[moffat] = np.fft.rfft2(img)
+    return out
+
+
+def _round_psf_transform(size: tuple[int, int], step: float, fwhm: np.ndarray,
+                         beta: np.ndarray) -> np.ndarray:
+    """:func:`_psf_transform` of round PSFs (the arithmetic of earlier releases, bit for bit)."""
     ky = np.fft.fftfreq(size[0], step)[:, None]
     kx = np.fft.rfftfreq(size[1], step)[None, :]
     sig2 = ((fwhm / FWHM_PER_SIGMA) ** 2).astype(np.float32)[:, None, None]
@@ -162,28 +260,31 @@ def _psf_transform(size: tuple[int, int], step: float, fwhm: np.ndarray,
 
 def render_sersic(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, r_e: np.ndarray,
                   n: np.ndarray, q: np.ndarray, pa: np.ndarray, fwhm: np.ndarray,
-                  beta: np.ndarray | None = None) -> np.ndarray:
+                  beta: np.ndarray | None = None, psf_ellip: np.ndarray | None = None,
+                  psf_pa: np.ndarray | None = None) -> np.ndarray:
     """Unit-flux Sérsic galaxies convolved with each stamp's PSF, float32 (m, H, W).
 
     ``r_e`` (px) is the half-light semi-major axis, ``n`` the Sérsic index (1 exponential,
     4 de Vaucouleurs), ``q`` the axis ratio b/a, ``pa`` the major axis's angle from +x
-    (radians); ``fwhm``/``beta`` the PSF as in :func:`render_psf`. Done in batches of
-    ``SERSIC_BATCH`` galaxies (vectorised within a batch).
+    (radians); ``fwhm``/``beta``/``psf_ellip``/``psf_pa`` the PSF as in :func:`render_psf`.
+    Done in batches of ``SERSIC_BATCH`` galaxies (vectorised within a batch).
     """
     args = [np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in (dx, dy, r_e, n, q, pa, fwhm)]
     m = len(args[0])
     args = [np.broadcast_to(a, (m,)) for a in args]
-    beta = np.full(m, np.nan) if beta is None else np.broadcast_to(
-        np.asarray(beta, dtype=np.float64), (m,))
+    beta, psf_ellip, psf_pa = (np.full(m, fill) if a is None else np.broadcast_to(
+        np.asarray(a, dtype=np.float64), (m,))
+        for a, fill in ((beta, np.nan), (psf_ellip, 0.0), (psf_pa, 0.0)))
     h, w = int(shape[0]), int(shape[1])
     out = np.empty((m, h, w), dtype=np.float32)
     for lo in range(0, m, SERSIC_BATCH):
         sl = slice(lo, lo + SERSIC_BATCH)
-        out[sl] = _sersic_batch((h, w), *(a[sl] for a in args), beta[sl])
+        out[sl] = _sersic_batch((h, w), *(a[sl] for a in args), beta[sl], psf_ellip[sl],
+                                psf_pa[sl])
     return out
 
 
-def _sersic_batch(shape, dx, dy, r_e, n, q, pa, fwhm, beta) -> np.ndarray:
+def _sersic_batch(shape, dx, dy, r_e, n, q, pa, fwhm, beta, psf_ellip, psf_pa) -> np.ndarray:
     from scipy.special import gammaln
 
     h, w = shape
@@ -208,7 +309,8 @@ def _sersic_batch(shape, dx, dy, r_e, n, q, pa, fwhm, beta) -> np.ndarray:
     log_total = (np.log(2.0 * np.pi * q * n) + 2.0 * np.log(r_e) + b - 2.0 * n * np.log(b)
                  + gammaln(2.0 * n))
     img *= (step * step * np.exp(-log_total)).astype(np.float32)[:, None, None]
-    conv = np.fft.irfft2(np.fft.rfft2(img) * _psf_transform(size, step, fwhm, beta), s=size)
+    conv = np.fft.irfft2(np.fft.rfft2(img) * _psf_transform(size, step, fwhm, beta, psf_ellip,
+                                                            psf_pa), s=size)
     binned = conv.reshape(len(dx), h + 2 * pad, os_, w + 2 * pad, os_).sum(axis=(2, 4))
     return binned[:, pad:pad + h, pad:pad + w]
 

@@ -128,6 +128,11 @@ def conditions(rng: np.random.Generator, n: int, c: SimConfig) -> dict[str, np.n
         "mismatch": rng.uniform(-c.flux_mismatch_max, c.flux_mismatch_max, n),
     }
     cond["companion"], cond["companion_snr"] = _companions(rng, labels, kind, c)
+    if c.psf_ellipticity_max > 0:     # drawn last: a round-PSF config keeps its draws
+        cond["psf_e"] = rng.uniform(0.0, c.psf_ellipticity_max, n)
+        cond["psf_pa"] = rng.uniform(0.0, np.pi, n)
+    else:
+        cond["psf_e"], cond["psf_pa"] = np.zeros(n), np.zeros(n)
     return cond
 
 
@@ -172,7 +177,8 @@ class Scene:
         self.dy = np.full(n, np.nan)
         self.psf_norm = np.sqrt(np.einsum(
             "nij,nij->n", *(2 * [render_psf(shape, np.zeros(n), np.zeros(n), cond["fwhm"],
-                                            cond["beta"])]), dtype=np.float64))
+                                            cond["beta"], cond["psf_e"], cond["psf_pa"])]),
+            dtype=np.float64))
 
     def residual_shift(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s, a = self.cond["shift"][idx], self.cond["shift_angle"][idx]
@@ -258,12 +264,14 @@ def _shapes(scene: Scene, stamp: np.ndarray, dx: np.ndarray, dy: np.ndarray,
     images what their subtraction leaves (the misregistered, mis-scaled template)."""
     c = scene.cond
     fwhm, beta = c["fwhm"][stamp], c["beta"][stamp]
+    psf_e, psf_pa = c["psf_e"][stamp], c["psf_pa"][stamp]
 
     def render(x: np.ndarray, y: np.ndarray, sel: np.ndarray) -> np.ndarray:
         if galaxy is None:
-            return render_psf(scene.shape, x, y, fwhm[sel], beta[sel])
+            return render_psf(scene.shape, x, y, fwhm[sel], beta[sel], psf_e[sel], psf_pa[sel])
         return render_sersic(scene.shape, x, y, galaxy["r_e"][sel], galaxy["n"][sel],
-                             galaxy["q"][sel], galaxy["pa"][sel], fwhm[sel], beta[sel])
+                             galaxy["q"][sel], galaxy["pa"][sel], fwhm[sel], beta[sel],
+                             psf_e[sel], psf_pa[sel])
 
     out = np.empty((len(stamp), *scene.shape), dtype=np.float32)
     diff = c["background"][stamp] == _DIFFERENCE
@@ -288,8 +296,9 @@ def _bright_stars(rng: np.random.Generator, scene: Scene, idx: np.ndarray, dx: n
     """
     cond = scene.cond
     unit = _shapes(scene, idx, dx, dy)
-    peak_unit = render_psf(scene.shape, dx, dy, cond["fwhm"][idx], cond["beta"][idx]).max(
-        axis=(1, 2)).astype(np.float64)
+    peak_unit = render_psf(scene.shape, dx, dy, cond["fwhm"][idx], cond["beta"][idx],
+                           cond["psf_e"][idx], cond["psf_pa"][idx]).max(axis=(1, 2)).astype(
+        np.float64)
     headroom = cond["saturation"][idx] - cond["level"][idx]
     flux = log_uniform(rng, c.saturation_min, c.saturation_max, idx.size) * headroom / peak_unit
     spiky = np.flatnonzero(rng.random(idx.size) < c.spike_fraction)
@@ -316,7 +325,8 @@ def centre_sources(rng: np.random.Generator, scene: Scene, c: SimConfig,
         scene.dx[idx], scene.dy[idx] = _in_disc(rng, idx.size, c.max_centre_offset)
         if kind_id == _POINT:  # new light: not in a difference image's template
             scene.centre.append((idx, render_psf(scene.shape, scene.dx[idx], scene.dy[idx],
-                                                 cond["fwhm"][idx], cond["beta"][idx])))
+                                                 cond["fwhm"][idx], cond["beta"][idx],
+                                                 cond["psf_e"][idx], cond["psf_pa"][idx])))
             continue
         gal = _galaxy_params(rng, idx.size, c, c.centre_galaxy_re_max)
         truth[store.META_HALF_LIGHT_RADIUS][idx] = gal["r_e"] * np.sqrt(gal["q"])  # circularised
@@ -342,7 +352,8 @@ def hard_negatives(rng: np.random.Generator, scene: Scene, c: SimConfig,
     idx = np.flatnonzero(companion == _OFFCENTRE_COMPANION)
     if idx.size:
         dx, dy = positions_outside(rng, idx.size, scene.shape, c.offcentre_min_distance)
-        unit = render_psf(scene.shape, dx, dy, cond["fwhm"][idx], cond["beta"][idx])
+        unit = render_psf(scene.shape, dx, dy, cond["fwhm"][idx], cond["beta"][idx],
+                          cond["psf_e"][idx], cond["psf_pa"][idx])
         _add_off_centre(scene, idx, unit, dx, dy, labels[idx] == 0)
     idx = np.flatnonzero(companion == _STREAK_COMPANION)
     if idx.size:

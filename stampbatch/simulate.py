@@ -43,7 +43,11 @@ of the stamps also hold a saturated star somewhere outside the centring disc.
 
 PSF: per stamp a FWHM in ``[fwhm_min, fwhm_max]`` px and, with probability
 ``moffat_fraction``, a Moffat profile (``beta`` in ``[moffat_beta_min, moffat_beta_max]``),
-otherwise a Gaussian.
+otherwise a Gaussian; elliptical with ``(a-b)/(a+b)`` uniform in ``[0,
+psf_ellipticity_max]`` at a random position angle (``psf_e``, ``psf_pa`` in ``/meta``; the
+FWHM is the geometric mean of the axes'), as no real PSF is round. Every source on the
+stamp — centre, companion, field star, galaxy (convolved with it), bright star — has the
+stamp's PSF; trails are drawn with the round PSF of the same FWHM.
 
 Field density and the PSF: the sky's sources are counted above a point-source SNR, and a
 source's background-limited SNR falls as its light spreads over more noisy pixels
@@ -193,6 +197,8 @@ class SimConfig:
     moffat_fraction: float = 0.5  # fraction of stamps with a Moffat PSF (rest Gaussian)
     moffat_beta_min: float = 2.5  # Moffat beta range (must exceed 1 for finite flux)
     moffat_beta_max: float = 5.0  # 4.765 is the Kolmogorov-turbulence value
+    psf_ellipticity_max: float = 0.1  # PSF ellipticity (a-b)/(a+b), uniform 0..max per stamp
+    # (position angle uniform): guiding, wind shake and optics; 0.02-0.1 is typical (0: round)
     max_centre_offset: float = 0.5  # largest offset of a positive from the centre, px
     sky_subtracted_fraction: float = 0.6  # stamps with the sky level removed
     difference_fraction: float = 0.5  # of the sky-subtracted stamps: difference images
@@ -281,6 +287,9 @@ class SimConfig:
             raise SimConfigError(f"snr_max must be at most {MAX_SNR:g}, got {self.snr_max:g}")
         if not (isinstance(self.n_coadd_min, int) and isinstance(self.n_coadd_max, int)):
             raise SimConfigError("n_coadd_min and n_coadd_max must be integers")
+        if not 0.0 <= self.psf_ellipticity_max <= 0.5:
+            raise SimConfigError(f"psf_ellipticity_max must lie in [0, 0.5] ((a-b)/(a+b); 0.5 is "
+                                 f"an axis ratio of 3), got {self.psf_ellipticity_max}")
         if self.noise_corr_max > 1.0:
             raise SimConfigError(f"noise_corr_max must be at most 1, got {self.noise_corr_max}")
         self._check_field_and_sizes(shape)
@@ -352,7 +361,7 @@ NEIGHBOUR_FREE = {
     "residual_sky_max": 0.0, "field_density_min": 0.0, "field_density_max": 0.0,
     "centre_galaxy_fraction": 0.0, "centre_saturated_fraction": 0.0,
     "bright_star_fraction": 0.0, "bad_column_fraction": 0.0, "masked_fraction": 0.0,
-    "dipole_fraction": 0.0, "positive_companions": False,
+    "dipole_fraction": 0.0, "positive_companions": False, "psf_ellipticity_max": 0.0,
 }
 
 
@@ -419,6 +428,7 @@ def simulate_stamps(n: int, config: SimConfig | None = None,
         store.META_BACKGROUND: np.asarray(BACKGROUNDS)[cond["background"]],
         store.META_COMPANION: np.asarray(COMPANIONS)[cond["companion"]],
         "psf_fwhm": cond["fwhm"].astype(f32), "psf_beta": cond["beta"].astype(f32),
+        "psf_e": cond["psf_e"].astype(f32), "psf_pa": cond["psf_pa"].astype(f32),
         "dx": scene.dx.astype(f32), "dy": scene.dy.astype(f32),
         "snr_eff": scene.snr_eff.astype(f32), "flux": scene.flux.astype(f32),
         "sky": cond["sky"].astype(f32), "sky_subtracted": cond["background"] != BACKGROUNDS.index("science"),

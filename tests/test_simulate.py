@@ -203,7 +203,8 @@ def _shapes(b: simulate.SimulatedBatch, sel: np.ndarray) -> np.ndarray:
     out = np.zeros((int(sel.sum()), 21, 21), np.float32)
     psf = np.isin(kinds, ("source", "offcentre"))
     out[psf] = simulate.render_psf((21, 21), m["dx"][sel][psf], m["dy"][sel][psf],
-                                   m["psf_fwhm"][sel][psf], m["psf_beta"][sel][psf])
+                                   m["psf_fwhm"][sel][psf], m["psf_beta"][sel][psf],
+                                   m["psf_e"][sel][psf], m["psf_pa"][sel][psf])
     st = kinds == "streak"
     out[st] = simulate.render_trail((21, 21), m["dx"][sel][st], m["dy"][sel][st],
                                     m["psf_fwhm"][sel][st], m["trail_length"][sel][st],
@@ -380,6 +381,66 @@ def test_streaks_are_trailed_and_not_centred(batch):
     var_y, var_x = (t * yy**2).sum(), (t * xx**2).sum()
     sigma2 = (3.0 / 2.3548) ** 2 + 1 / 12
     assert abs(var_y - (20.0**2 / 12 + sigma2)) < 0.05 and abs(var_x - sigma2) < 0.05
+
+
+def _moments(img: np.ndarray) -> tuple[float, float, float, float]:
+    """Unweighted flux, ellipticity (a-b)/(a+b), position angle and sqrt(lambda1 lambda2) of
+    the second moments (the pixel's 1/12 px^2 taken out)."""
+    h, w = img.shape
+    yy, xx = np.mgrid[:h, :w] - np.array([(h - 1) / 2, (w - 1) / 2])[:, None, None]
+    f = img.astype(np.float64)
+    flux = f.sum()
+    mx, my = (f * xx).sum() / flux, (f * yy).sum() / flux
+    qxx = (f * (xx - mx) ** 2).sum() / flux - 1 / 12
+    qyy = (f * (yy - my) ** 2).sum() / flux - 1 / 12
+    qxy = (f * (xx - mx) * (yy - my)).sum() / flux
+    half, diff = (qxx + qyy) / 2, math.hypot((qxx - qyy) / 2, qxy)
+    a, b = math.sqrt(half + diff), math.sqrt(half - diff)
+    return flux, (a - b) / (a + b), 0.5 * math.atan2(2 * qxy, qxx - qyy), a * b
+
+
+@pytest.mark.parametrize("beta", [np.nan, 4.0])
+@pytest.mark.parametrize(("ellip", "pa"), [(0.05, 0.3), (0.15, 2.0), (0.3, -0.7)])
+def test_elliptical_psf_has_the_asked_ellipticity_angle_and_area(beta, ellip, pa):
+    """Second moments of an elliptical PSF: (a-b)/(a+b) and the major axis's angle as asked,
+    unit flux, and the same area (sqrt of the moments' determinant) as the round PSF of
+    that FWHM — the FWHM is the axes' geometric mean."""
+    shape = (151, 151)
+    one = np.array
+    img = simulate.render_psf(shape, one([0.3]), one([-0.2]), one([4.0]), one([beta]),
+                              one([ellip]), one([pa]))[0]
+    flux, e, angle, area = _moments(img)
+    round_flux, _, _, round_area = _moments(
+        simulate.render_psf(shape, one([0.3]), one([-0.2]), one([4.0]), one([beta]))[0])
+    assert flux == pytest.approx(round_flux, abs=2e-4)
+    assert e == pytest.approx(ellip, rel=0.02)
+    assert math.remainder(angle - pa, math.pi) == pytest.approx(0.0, abs=0.01)
+    assert area == pytest.approx(round_area, rel=0.01)
+    # nearly round: the same pixels as the exact round renderer (2x2 Gauss-Legendre there)
+    tiny = simulate.render_psf((21, 21), one([0.0]), one([0.0]), one([2.5]), one([beta]),
+                               one([1e-9]), one([pa]))[0]
+    exact = simulate.render_psf((21, 21), one([0.0]), one([0.0]), one([2.5]), one([beta]))[0]
+    assert np.abs(tiny - exact).max() < 2e-3 * exact.max()
+
+
+def test_galaxies_and_every_source_of_a_stamp_share_its_elliptical_psf():
+    """A round galaxy convolved with an elliptical PSF comes out elongated along the PSF's
+    axis with its flux kept; the simulator records psf_e in [0, max] uniformly and every
+    stamp of a round-PSF config (the neighbour-free one) has psf_e = 0."""
+    from stampbatch.profiles import render_sersic
+
+    g = render_sersic((61, 61), [0.0], [0.0], [1.0], [1.0], [1.0], [0.0], [3.0], [np.nan],
+                      [0.2], [1.1])[0]
+    flux, e, angle, _ = _moments(g)
+    assert flux == pytest.approx(1.0, abs=2e-3)
+    assert 0.05 < e < 0.2 and math.remainder(angle - 1.1, math.pi) == pytest.approx(0, abs=0.02)
+    m = simulate_stamps(4000, SimConfig(psf_ellipticity_max=0.2), np.random.default_rng(3)).meta
+    assert m["psf_e"].min() >= 0 and m["psf_e"].max() <= 0.2
+    assert abs(np.median(m["psf_e"]) - 0.1) < 0.01
+    assert (simulate_stamps(200, simulate.neighbour_free_config(),
+                            np.random.default_rng(3)).meta["psf_e"] == 0).all()
+    with pytest.raises(simulate.SimConfigError, match="psf_ellipticity_max"):
+        SimConfig(psf_ellipticity_max=0.6).validate()
 
 
 @pytest.mark.parametrize("beta", [np.nan, 2.5, 4.0])
@@ -899,7 +960,8 @@ def test_sources_in_difference_images_are_new_light_with_their_full_snr():
     b = simulate_stamps(3000, cfg, np.random.default_rng(14))
     m = b.meta
     assert (m["background"] == "difference").all() and (m["profile"] == "point").all()
-    shapes = simulate.render_psf((21, 21), m["dx"], m["dy"], m["psf_fwhm"], m["psf_beta"])
+    shapes = simulate.render_psf((21, 21), m["dx"], m["dy"], m["psf_fwhm"], m["psf_beta"],
+                                 m["psf_e"], m["psf_pa"])
     z = simulate.matched_filter_snr(b.stamps, shapes, m["sigma"])
     d = z - m["snr"]
     assert abs(d.mean()) < 4.0 / math.sqrt(len(d)) and abs(d.std() - 1.0) < 0.08
