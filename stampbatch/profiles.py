@@ -114,6 +114,7 @@ def _elliptical_pixels(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray,
 
     c, s, inv_a, inv_b = col(np.cos(pa)), col(np.sin(pa)), col(1.0 / (scale * major)), \
         col(1.0 / (scale * minor))
+    neg_beta = -col(beta)
     acc = np.zeros((len(dx), h, w), dtype=np.float32)
     for oy in _GL2:
         y = (pixel_offsets(h)[None, :, None] + oy - dy[:, None, None]).astype(np.float32)
@@ -122,7 +123,7 @@ def _elliptical_pixels(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray,
             u = (x * c + y * s) * inv_a
             v = (y * c - x * s) * inv_b
             q = u * u + v * v
-            acc += np.exp(-col(beta) * np.log1p(q)) if is_moffat else np.exp(np.float32(-0.5) * q)
+            acc += np.exp(neg_beta * np.log1p(q)) if is_moffat else np.exp(np.float32(-0.5) * q)
     acc *= col(0.25 * norm)
     return acc
 

@@ -191,13 +191,21 @@ def _parts(task: ChunkTask, pieces: int) -> list[ChunkTask]:
 
 
 class _Joined:
-    """The finished parts of one chunk task, as the one future :meth:`_Results.take` reads."""
+    """The parts of one chunk task, as the one future :meth:`_Results.take` reads once the
+    last of them is in (``pending`` counts those still out)."""
 
-    def __init__(self, parts: list[Any]) -> None:
-        self.parts = parts
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self.pending = 0
+
+    def add(self, fut: Any) -> None:
+        self.parts.append(fut)
+        self.pending += 1
 
     def result(self) -> dict[str, ChunkResult]:
         pieces = [fut.result() for fut in self.parts]      # the first failure raises
+        if len(pieces) == 1:                               # an uncut chunk: no copy
+            return pieces[0]
         return {name: ChunkResult(np.concatenate([p[name].probability for p in pieces]),
                                   np.concatenate([p[name].occlusion_rows for p in pieces]),
                                   np.concatenate([p[name].occlusion_maps for p in pieces]))
@@ -224,7 +232,6 @@ def _run_threads(threads: int, tasks: Iterator[tuple[FileWork, ChunkTask]], tota
     results = _Results(remaining, bad, summary)
     pool = ThreadPool(threads)
     owner: dict[Any, tuple[FileWork, ChunkTask, _Joined]] = {}
-    waiting: dict[int, int] = {}          # id of a chunk's _Joined -> its parts not yet done
     to_submit = total
 
     def submit_more() -> None:
@@ -239,21 +246,19 @@ def _run_threads(threads: int, tasks: Iterator[tuple[FileWork, ChunkTask]], tota
             rows = task.stop - task.start
             to_submit -= rows
             tail = threads > 1 and to_submit < threads * rows   # among the run's last chunks
-            joined = _Joined([])
+            joined = _Joined()
             for part in _parts(task, 2 * threads) if tail else [task]:
                 fut = pool.submit(score_chunk, part, threads)
-                joined.parts.append(fut)
+                joined.add(fut)
                 owner[fut] = (fw, task, joined)
-            waiting[id(joined)] = len(joined.parts)
 
     with Progress(total, "scoring", "stamps", enabled=options.progress) as bar:
         try:
             submit_more()
             while owner:
                 fw, task, joined = owner.pop(pool.next_done())
-                waiting[id(joined)] -= 1
-                if waiting[id(joined)] == 0:
-                    del waiting[id(joined)]
+                joined.pending -= 1
+                if not joined.pending:
                     bar.update(results.take(fw, task, joined))
                 submit_more()
         finally:
