@@ -14,6 +14,9 @@ $(INSTALLED): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,slurm]'
+	@# An editable install leaves the package uncompiled; where bytecode is never written
+	@# (PYTHONDONTWRITEBYTECODE, read-only checkouts) every command would recompile it.
+	$(PY) -m compileall -q stampbatch
 	@touch $@
 
 # A real single-node Slurm (root + apt needed). Outside CI a failure only warns: the tests
