@@ -33,17 +33,22 @@ if TYPE_CHECKING:
 KINDS = ("source", "background", "offcentre", "hot_pixel", "cosmic_ray", "streak", "dipole")
 PROFILES = ("none", "point", "galaxy", "saturated")
 BACKGROUNDS = ("science", "sky_subtracted", "difference")
-# What lies off the centre beside the field: an isolated source beyond the centring disc or a
-# streak of another moving object. Drawn with the same probabilities in both classes (see
-# :func:`conditions`), so neither is evidence about the label.
-COMPANIONS = ("none", "offcentre", "streak")
+# What lies beside the centre source besides the field: an isolated source beyond the
+# centring disc, a streak of another moving object, a hot pixel or a cosmic-ray hit near the
+# centre. Drawn with the same probabilities in both classes (see :func:`_companions`), so
+# none is evidence about the label.
+COMPANIONS = ("none", "offcentre", "streak", "hot_pixel", "cosmic_ray")
 # SimConfig fields giving each hard negative's share of the negatives, in KINDS order.
 HARD_FRACTIONS = ("offcentre_fraction", "hot_pixel_fraction", "cosmic_ray_fraction",
                   "streak_fraction", "dipole_fraction")
 _SOURCE, _BACKGROUND, _OFFCENTRE, _HOT, _COSMIC, _STREAK, _DIPOLE = range(len(KINDS))
 _NONE, _POINT, _GALAXY, _SATURATED = range(len(PROFILES))
 _SCIENCE, _SKYSUB, _DIFFERENCE = range(len(BACKGROUNDS))
-_NO_COMPANION, _OFFCENTRE_COMPANION, _STREAK_COMPANION = range(len(COMPANIONS))
+_NO_COMPANION, _OFFCENTRE_COMPANION, _STREAK_COMPANION, _HOT_COMPANION, _COSMIC_COMPANION = \
+    range(len(COMPANIONS))
+# A negative's hard kind -> the companion it is (the same thing beside a positive's source).
+_KIND_COMPANION = {_OFFCENTRE: _OFFCENTRE_COMPANION, _STREAK: _STREAK_COMPANION,
+                   _HOT: _HOT_COMPANION, _COSMIC: _COSMIC_COMPANION}
 
 
 def log_uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
@@ -138,25 +143,32 @@ def conditions(rng: np.random.Generator, n: int, c: SimConfig) -> dict[str, np.n
 
 def _companions(rng: np.random.Generator, labels: np.ndarray, kind: np.ndarray,
                 c: SimConfig) -> tuple[np.ndarray, np.ndarray]:
-    """What lies off the centre besides the field, per stamp, and a positive's companion SNR.
+    """What lies beside the centre besides the field, per stamp, and a positive's companion
+    SNR.
 
-    A negative's companion is its own kind (an off-centre source or a streak). With
+    A negative's companion is its own hard kind (an off-centre source, a streak, a hot pixel
+    or a cosmic-ray hit near the centre; dipoles exist only without a source). With
     ``positive_companions`` positives carry one with the same probabilities, at an SNR drawn
-    like the negatives': what lies off the centre must say nothing about the label. Were
-    they negative-only, "a bright source off the centre" would be a sign of the negative
-    class, and a network could learn to doubt every centred source with a brighter
-    neighbour. (Drawn last, so the earlier draws, and ``positive_companions = false``
-    stores, are those of the simulator before companions.)
+    like the negatives': what lies beside the centre source must say nothing about the
+    label. Were they negative-only, "a bright source off the centre" or "a sharp pixel near
+    the centre" would be a sign of the negative class, and a network could learn to doubt
+    every centred source with a brighter neighbour, or with a cosmic ray or hot pixel beside
+    it — which single exposures hold at their own rate whatever sits at the centre.
+    (Drawn last, so the earlier draws, and ``positive_companions = false`` stores, are those
+    of the simulator before companions.)
     """
     n = len(labels)
-    companion = np.where(kind == _OFFCENTRE, _OFFCENTRE_COMPANION,
-                         np.where(kind == _STREAK, _STREAK_COMPANION, _NO_COMPANION)).astype(np.int8)
+    companion = np.full(n, _NO_COMPANION, dtype=np.int8)
+    for k, comp in _KIND_COMPANION.items():
+        companion[kind == k] = comp
     snr = np.zeros(n)
     if c.positive_companions:
         u = rng.random(n)
-        drawn = np.where(u < c.offcentre_fraction, _OFFCENTRE_COMPANION,
-                         np.where(u < c.offcentre_fraction + c.streak_fraction,
-                                  _STREAK_COMPANION, _NO_COMPANION))
+        edges = np.cumsum([c.offcentre_fraction, c.streak_fraction, c.hot_pixel_fraction,
+                           c.cosmic_ray_fraction])
+        drawn = np.array([_OFFCENTRE_COMPANION, _STREAK_COMPANION, _HOT_COMPANION,
+                          _COSMIC_COMPANION, _NO_COMPANION], dtype=np.int8)[
+            np.searchsorted(edges, u, side="right")]
         pos = labels == 1
         companion[pos] = drawn[pos]
         snr = np.where(pos, log_uniform(rng, c.snr_min, c.snr_max, n), 0.0)
@@ -344,9 +356,10 @@ def hard_negatives(rng: np.random.Generator, scene: Scene, c: SimConfig,
                     truth: dict[str, np.ndarray]) -> None:
     """Off-centre sources, streaks, hot pixels, cosmic rays and subtraction residuals.
 
-    Off-centre sources and streaks are drawn for every stamp whose ``companion`` says so,
-    positives included (at their own SNR, :meth:`Scene.add_companion`); for negatives they
-    are the stamp's kind and its truth (offset, flux, trail)."""
+    Off-centre sources, streaks, hot pixels and cosmic rays are drawn for every stamp whose
+    ``companion`` says so, positives included (at their own SNR,
+    :meth:`Scene.add_companion`); for negatives they are the stamp's kind and its truth
+    (offset, flux, trail)."""
     cond = scene.cond
     kind, companion, labels = cond["kind"], cond["companion"], cond["labels"]
     idx = np.flatnonzero(companion == _OFFCENTRE_COMPANION)
@@ -381,7 +394,7 @@ def hard_negatives(rng: np.random.Generator, scene: Scene, c: SimConfig,
 
 def _add_off_centre(scene: Scene, idx: np.ndarray, unit: np.ndarray, dx: np.ndarray,
                     dy: np.ndarray, negative: np.ndarray) -> None:
-    """A negative's off-centre kind (its truth) or a positive's companion."""
+    """A negative's hard kind (its truth: where it lies) or a positive's companion."""
     neg, pos = idx[negative], idx[~negative]
     if neg.size:
         scene.dx[neg], scene.dy[neg] = dx[negative], dy[negative]
@@ -394,14 +407,14 @@ def _sharp_artefacts(rng: np.random.Generator, scene: Scene, c: SimConfig) -> No
     """Hot pixels and cosmic rays: 1-3 sharp pixels, no PSF. Track k of stamp i: pixel
     (row0 + k*sy, col0 + k*sx) for k < length, clipped to the stamp."""
     h, w = scene.shape
-    kind = scene.cond["kind"]
-    idx = np.flatnonzero((kind == _HOT) | (kind == _COSMIC))
+    companion = scene.cond["companion"]
+    idx = np.flatnonzero((companion == _HOT_COMPANION) | (companion == _COSMIC_COMPANION))
     if not idx.size:
         return
     m = idx.size
     row0 = _pixels_near_centre(rng, m, h, c.artefact_max_offset)
     col0 = _pixels_near_centre(rng, m, w, c.artefact_max_offset)
-    cosmic = kind[idx] == _COSMIC
+    cosmic = companion[idx] == _COSMIC_COMPANION
     steps = np.array([(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)])
     sy, sx = steps[rng.integers(0, 8, m)].T
     length = np.where(cosmic, rng.integers(1, 4, m), 1)
@@ -414,9 +427,8 @@ def _sharp_artefacts(rng: np.random.Generator, scene: Scene, c: SimConfig) -> No
     unit = np.zeros((m, h, w), dtype=np.float32)
     which = np.broadcast_to(np.arange(m)[:, None], on.shape)[on]
     unit[which, rows[on], cols[on]] = (amp / amp.sum(axis=1, keepdims=True))[on]
-    scene.add(idx, unit)
-    scene.dx[idx] = pixel_offsets(w)[col0]
-    scene.dy[idx] = pixel_offsets(h)[row0]
+    negative = scene.cond["labels"][idx] == 0
+    _add_off_centre(scene, idx, unit, pixel_offsets(w)[col0], pixel_offsets(h)[row0], negative)
 
 
 def field_population(rng: np.random.Generator, scene: Scene, c: SimConfig) -> FieldSources:

@@ -88,14 +88,20 @@ the centre); ``dipole`` (a difference-image residual of a star within
 ``artefact_max_offset`` px of the centre). Hard-negative fractions are fractions of the
 negatives; the rest are ``background``.
 
-What lies *off* the centre must say nothing about the label, so off-centre sources and
-streaks are not negatives' privilege: positives carry one with the same probabilities
-(``offcentre_fraction``, ``streak_fraction``) at their own SNR, drawn like the negatives'
-(``meta["companion"]``: ``none``, ``offcentre``, ``streak``, in both classes). Were they
-negative-only, "a bright source off the centre" would be a sign of the negative class and
-a network could learn to doubt every centred source with a brighter neighbour — the
-shortcut the neighbour-free simulator taught, in a milder form. (``positive_companions =
-false`` restores the earlier negative-only kinds; the neighbour-free preset does.)
+What lies *beside* the centre source must say nothing about the label, so off-centre
+sources, streaks, hot pixels and cosmic-ray hits are not negatives' privilege: positives
+carry one with the same probabilities (``offcentre_fraction``, ``streak_fraction``,
+``hot_pixel_fraction``, ``cosmic_ray_fraction``), placed as the negatives' are (sharp
+artefacts within ``artefact_max_offset`` px per axis of the centre, on or beside the
+source) at their own SNR, drawn like the negatives' (``meta["companion"]``: ``none``,
+``offcentre``, ``streak``, ``hot_pixel``, ``cosmic_ray``, in both classes). Were they
+negative-only, "a bright source off the centre" or "a sharp pixel near the centre" would be
+a sign of the negative class, and a network could learn to doubt every centred source with
+a brighter neighbour, or with a cosmic ray or hot pixel beside it — which a single exposure
+holds at its own rate whatever sits at the centre (measured: a vgg6 trained with
+negative-only artefacts lost 0.04–0.08 of its completeness on positives given one,
+BENCHMARKS.md). (``positive_companions = false`` restores the earlier negative-only kinds;
+the neighbour-free preset does.)
 
 Metadata columns (``/meta`` in the store; names in :mod:`stampbatch.store`)
 ---------------------------------------------------------------------------
@@ -254,8 +260,9 @@ class SimConfig:
     streak_length_min: float = 8.0  # shortest streak (trail) length, px
     streak_length_max: float = 40.0  # longest streak length, px
     streak_min_offset: float = 3.0  # streak midpoints lie at least this far from the centre, px
-    positive_companions: bool = True  # positives carry off-centre sources/streaks as often as
-    # negatives do (False: the earlier negative-only hard kinds, a label shortcut; see above)
+    positive_companions: bool = True  # positives carry off-centre sources, streaks, hot pixels
+    # and cosmic rays as often as negatives do (False: the earlier negative-only hard kinds,
+    # a label shortcut; see above)
 
     def validate(self) -> None:
         """Raise SimConfigError (a ValueError) naming the first bad setting."""

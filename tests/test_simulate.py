@@ -737,20 +737,22 @@ def test_labels_depend_only_on_the_centre():
     assert set(np.unique(m["profile"][pos])) == {"point", "galaxy", "saturated"}
 
 
-def test_off_centre_sources_and_streaks_are_as_common_in_positives_as_in_negatives():
-    """What lies off the centre says nothing about the label: companions (an off-centre
-    source, a streak) come with the same probabilities in both classes, and a positive's
-    truth stays its centre source's."""
+def test_companions_and_sharp_artefacts_are_as_common_in_positives_as_in_negatives():
+    """What lies beside the centre says nothing about the label: companions (an off-centre
+    source, a streak, a hot pixel or cosmic ray near the centre) come with the same
+    probabilities in both classes, and a positive's truth stays its centre source's."""
     cfg = SimConfig()
     b = simulate_stamps(20_000, cfg, np.random.default_rng(23))
     m, pos = b.meta, b.labels == 1
-    for name, frac in (("offcentre", cfg.offcentre_fraction), ("streak", cfg.streak_fraction)):
+    kinds = ("offcentre", "streak", "hot_pixel", "cosmic_ray")
+    for name in kinds:
+        frac = getattr(cfg, f"{name}_fraction")
         for sel in (pos, ~pos):
             assert _binomial_ok(int((m["companion"][sel] == name).sum()), int(sel.sum()), frac, z=3.0), name
     neg = ~pos
-    assert (m["companion"][neg & (m["kind"] == "offcentre")] == "offcentre").all()
-    assert (m["companion"][neg & (m["kind"] == "streak")] == "streak").all()
-    assert (m["companion"][neg & ~np.isin(m["kind"], ["offcentre", "streak"])] == "none").all()
+    for name in kinds:
+        assert (m["companion"][neg & (m["kind"] == name)] == name).all()
+    assert (m["companion"][neg & ~np.isin(m["kind"], kinds)] == "none").all()
     assert np.hypot(m["dx"][pos], m["dy"][pos]).max() <= cfg.max_centre_offset + 1e-6
     assert (m["trail_length"][pos] == 0).all()
     # the companions are there: a positive with an off-centre companion holds more light far
@@ -762,6 +764,20 @@ def test_off_centre_sources_and_streaks_are_as_common_in_positives_as_in_negativ
     quiet = pos & (m["n_field"] == 0) & (m["background"] != "difference")
     with_c, without = quiet & (m["companion"] == "offcentre"), quiet & (m["companion"] == "none")
     assert np.median(light[with_c]) > np.median(light[without]) + 5.0
+    # ... and the sharp ones: a positive with a hot pixel or cosmic ray beside its source
+    # holds a pixel within 3 px of the centre that stands far above its 3x3 neighbours' median
+    # (a PSF never does: FWHM >= 2 px), as the negatives of those kinds do
+    near = b.stamps[:, 7:14, 7:14]
+    pad = np.pad(near, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    ring = np.stack([pad[:, 1 + dy:8 + dy, 1 + dx:8 + dx] for dy in (-1, 0, 1)
+                     for dx in (-1, 0, 1) if dy or dx])
+    spike = ((near - np.median(ring, axis=0)) / m["sigma"][:, None, None]).max(axis=(1, 2))
+    quiet = pos & (m["n_field"] == 0) & (m["snr"] < 10)
+    for name in ("hot_pixel", "cosmic_ray"):
+        with_a = quiet & (m["companion"] == name)
+        assert with_a.sum() > 50
+        assert np.median(spike[with_a]) > np.median(spike[quiet & (m["companion"] == "none")]) + 3.0
+    assert np.median(spike[neg & (m["kind"] == "hot_pixel")]) > 5.0
     # the neighbour-free preset keeps the earlier simulator: companions only in negatives
     old = simulate_stamps(4000, OLD(), np.random.default_rng(24))
     assert (old.meta["companion"][old.labels == 1] == "none").all()
