@@ -95,11 +95,14 @@ def conditions(rng: np.random.Generator, n: int, c: SimConfig) -> dict[str, np.n
     labels = (rng.random(n) < c.source_fraction).astype(np.int8)
     edges = np.cumsum([getattr(c, name) for name in HARD_FRACTIONS])
     neg = np.array([_OFFCENTRE, _HOT, _COSMIC, _STREAK, _DIPOLE, _BACKGROUND], dtype=np.int8)
-    kind = neg[np.searchsorted(edges, rng.random(n), side="right")]
-    kind[labels == 1] = _SOURCE
+    drawn = neg[np.searchsorted(edges, rng.random(n), side="right")]
+    kind = np.where(labels == 1, _SOURCE, drawn).astype(np.int8)
     sub = rng.random(n) < c.sky_subtracted_fraction
     diff = sub & (rng.random(n) < c.difference_fraction)
-    diff |= kind == _DIPOLE  # subtraction residuals exist only in difference images
+    # Subtraction residuals exist only in difference images, so dipole negatives add to them;
+    # positives whose draw would have been a dipole are difference images too, so that the
+    # kind of image says nothing about the label (without companions: the earlier simulator).
+    diff |= (drawn if c.positive_companions else kind) == _DIPOLE
     sub |= diff
     background = np.where(diff, _DIFFERENCE, np.where(sub, _SKYSUB, _SCIENCE)).astype(np.int8)
     u = rng.random(n)

@@ -761,6 +761,11 @@ def test_companions_and_sharp_artefacts_are_as_common_in_positives_as_in_negativ
                 got = int((m["companion"][sel] == name).sum())
                 assert _binomial_ok(got, int(sel.sum()), expected, z=3.5) if expected else got == 0, \
                     (image, name, got, int(sel.sum()), expected)
+    # ... and the kind of image says nothing about the label either
+    for image in ("science", "sky_subtracted", "difference"):
+        share = float(np.mean(m["background"][~pos] == image))
+        assert _binomial_ok(int((m["background"][pos] == image).sum()), int(pos.sum()), share,
+                            z=3.5), image
     neg = ~pos
     for name in kinds:
         assert (m["companion"][neg & (m["kind"] == name)] == name).all()
