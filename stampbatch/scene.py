@@ -35,22 +35,20 @@ PROFILES = ("none", "point", "galaxy", "saturated")
 BACKGROUNDS = ("science", "sky_subtracted", "difference")
 # What lies beside the centre source besides the field: an isolated source beyond the
 # centring disc, a streak of another moving object, a hot pixel or a cosmic-ray hit near the
-# centre, a star's subtraction residual near the centre (difference images). Drawn with the
-# same probabilities in both classes for each kind of image (see :func:`_companions`), so
+# centre. Drawn with the same probabilities in both classes (see :func:`_companions`), so
 # none is evidence about the label.
-COMPANIONS = ("none", "offcentre", "streak", "hot_pixel", "cosmic_ray", "dipole")
+COMPANIONS = ("none", "offcentre", "streak", "hot_pixel", "cosmic_ray")
 # SimConfig fields giving each hard negative's share of the negatives, in KINDS order.
 HARD_FRACTIONS = ("offcentre_fraction", "hot_pixel_fraction", "cosmic_ray_fraction",
                   "streak_fraction", "dipole_fraction")
 _SOURCE, _BACKGROUND, _OFFCENTRE, _HOT, _COSMIC, _STREAK, _DIPOLE = range(len(KINDS))
 _NONE, _POINT, _GALAXY, _SATURATED = range(len(PROFILES))
 _SCIENCE, _SKYSUB, _DIFFERENCE = range(len(BACKGROUNDS))
-(_NO_COMPANION, _OFFCENTRE_COMPANION, _STREAK_COMPANION, _HOT_COMPANION, _COSMIC_COMPANION,
- _DIPOLE_COMPANION) = range(len(COMPANIONS))
+_NO_COMPANION, _OFFCENTRE_COMPANION, _STREAK_COMPANION, _HOT_COMPANION, _COSMIC_COMPANION = \
+    range(len(COMPANIONS))
 # A negative's hard kind -> the companion it is (the same thing beside a positive's source).
 _KIND_COMPANION = {_OFFCENTRE: _OFFCENTRE_COMPANION, _STREAK: _STREAK_COMPANION,
-                   _HOT: _HOT_COMPANION, _COSMIC: _COSMIC_COMPANION,
-                   _DIPOLE: _DIPOLE_COMPANION}
+                   _HOT: _HOT_COMPANION, _COSMIC: _COSMIC_COMPANION}
 
 
 def log_uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
@@ -137,7 +135,7 @@ def conditions(rng: np.random.Generator, n: int, c: SimConfig) -> dict[str, np.n
         "shift_angle": rng.uniform(0.0, 2.0 * np.pi, n),
         "mismatch": rng.uniform(-c.flux_mismatch_max, c.flux_mismatch_max, n),
     }
-    cond["companion"], cond["companion_snr"] = _companions(rng, labels, kind, background, c)
+    cond["companion"], cond["companion_snr"] = _companions(rng, labels, kind, c)
     if c.psf_ellipticity_max > 0:     # drawn last: a round-PSF config keeps its draws
         cond["psf_e"] = rng.uniform(0.0, c.psf_ellipticity_max, n)
         cond["psf_pa"] = rng.uniform(0.0, np.pi, n)
@@ -147,24 +145,20 @@ def conditions(rng: np.random.Generator, n: int, c: SimConfig) -> dict[str, np.n
 
 
 def _companions(rng: np.random.Generator, labels: np.ndarray, kind: np.ndarray,
-                background: np.ndarray, c: SimConfig) -> tuple[np.ndarray, np.ndarray]:
+                c: SimConfig) -> tuple[np.ndarray, np.ndarray]:
     """What lies beside the centre besides the field, per stamp, and a positive's companion
     SNR.
 
     A negative's companion is its own hard kind (an off-centre source, a streak, a hot pixel
-    or a cosmic-ray hit near the centre, a star's subtraction residual near the centre). With
-    ``positive_companions`` positives carry one with the probabilities the negatives *of the
-    same kind of image* have, at an SNR drawn like the negatives': what lies beside the
-    centre source must say nothing about the label. Were they negative-only, "a bright
-    source off the centre", "a sharp pixel near the centre" or "a dipole near the centre"
-    would be a sign of the negative class, and a network could learn to doubt every centred
-    source with a brighter neighbour, a cosmic ray or hot pixel beside it (which a single
-    exposure holds at its own rate whatever sits at the centre), or a badly subtracted star
-    next to it. Dipoles exist only in difference images, where they make a share
-    ``f_d / (f_d + (1 - f_d) p_d)`` of the negatives (``f_d`` = ``dipole_fraction``, ``p_d``
-    the share of difference images otherwise), every other kind ``f_k p_d / (f_d + (1 - f_d)
-    p_d)``; elsewhere kind k makes ``f_k / (1 - f_d)``. (Drawn last, so the earlier draws, and
-    ``positive_companions = false`` stores, are those of the simulator before companions.)
+    or a cosmic-ray hit near the centre; dipoles exist only without a source). With
+    ``positive_companions`` positives carry one with the same probabilities, at an SNR drawn
+    like the negatives': what lies beside the centre source must say nothing about the
+    label. Were they negative-only, "a bright source off the centre" or "a sharp pixel near
+    the centre" would be a sign of the negative class, and a network could learn to doubt
+    every centred source with a brighter neighbour, or with a cosmic ray or hot pixel beside
+    it — which single exposures hold at their own rate whatever sits at the centre.
+    (Drawn last, so the earlier draws, and ``positive_companions = false`` stores, are those
+    of the simulator before companions.)
     """
     n = len(labels)
     companion = np.full(n, _NO_COMPANION, dtype=np.int8)
@@ -173,20 +167,11 @@ def _companions(rng: np.random.Generator, labels: np.ndarray, kind: np.ndarray,
     snr = np.zeros(n)
     if c.positive_companions:
         u = rng.random(n)
-        others = np.array([c.offcentre_fraction, c.streak_fraction, c.hot_pixel_fraction,
+        edges = np.cumsum([c.offcentre_fraction, c.streak_fraction, c.hot_pixel_fraction,
                            c.cosmic_ray_fraction])
-        f_d = c.dipole_fraction
-        p_d = c.sky_subtracted_fraction * c.difference_fraction
-        diff_share = f_d + (1.0 - f_d) * p_d       # of the negatives: difference images
-        elsewhere = np.append(others / (1.0 - f_d) if f_d < 1 else 0 * others, 0.0)
-        in_diff = (np.append(others * p_d, f_d) / diff_share if diff_share > 0
-                   else np.zeros(5))
-        choices = np.array([_OFFCENTRE_COMPANION, _STREAK_COMPANION, _HOT_COMPANION,
-                            _COSMIC_COMPANION, _DIPOLE_COMPANION, _NO_COMPANION], dtype=np.int8)
-        is_diff = background == _DIFFERENCE
-        drawn = np.where(is_diff,
-                         choices[np.searchsorted(np.cumsum(in_diff), u, side="right")],
-                         choices[np.searchsorted(np.cumsum(elsewhere), u, side="right")])
+        drawn = np.array([_OFFCENTRE_COMPANION, _STREAK_COMPANION, _HOT_COMPANION,
+                          _COSMIC_COMPANION, _NO_COMPANION], dtype=np.int8)[
+            np.searchsorted(edges, u, side="right")]
         pos = labels == 1
         companion[pos] = drawn[pos]
         snr = np.where(pos, log_uniform(rng, c.snr_min, c.snr_max, n), 0.0)
@@ -379,7 +364,7 @@ def hard_negatives(rng: np.random.Generator, scene: Scene, c: SimConfig,
     :meth:`Scene.add_companion`); for negatives they are the stamp's kind and its truth
     (offset, flux, trail)."""
     cond = scene.cond
-    companion, labels = cond["companion"], cond["labels"]
+    kind, companion, labels = cond["kind"], cond["companion"], cond["labels"]
     idx = np.flatnonzero(companion == _OFFCENTRE_COMPANION)
     if idx.size:
         dx, dy = positions_outside(rng, idx.size, scene.shape, c.offcentre_min_distance)
@@ -395,7 +380,7 @@ def hard_negatives(rng: np.random.Generator, scene: Scene, c: SimConfig,
         truth["trail_length"][idx[neg]], truth["trail_angle"][idx[neg]] = length[neg], angle[neg]
         unit = render_trail(scene.shape, dx, dy, cond["fwhm"][idx], length, angle)
         _add_off_centre(scene, idx, unit, dx, dy, neg)
-    idx = np.flatnonzero(companion == _DIPOLE_COMPANION)
+    idx = np.flatnonzero(kind == _DIPOLE)
     if idx.size:
         # A visible dipole: a shift of at least 0.1 px, and a flux mismatch too small to
         # leave what looks like a faint source at the centre (at most a quarter of the
@@ -404,9 +389,9 @@ def hard_negatives(rng: np.random.Generator, scene: Scene, c: SimConfig,
         psf_sigma = cond["fwhm"][idx] / 2.3548
         cond["mismatch"][idx] = np.clip(cond["mismatch"][idx], -0.25 * cond["shift"][idx] / psf_sigma,
                                         0.25 * cond["shift"][idx] / psf_sigma)
-        dx = rng.uniform(-c.artefact_max_offset, c.artefact_max_offset, idx.size)
-        dy = rng.uniform(-c.artefact_max_offset, c.artefact_max_offset, idx.size)
-        _add_off_centre(scene, idx, _shapes(scene, idx, dx, dy), dx, dy, labels[idx] == 0)
+        scene.dx[idx] = rng.uniform(-c.artefact_max_offset, c.artefact_max_offset, idx.size)
+        scene.dy[idx] = rng.uniform(-c.artefact_max_offset, c.artefact_max_offset, idx.size)
+        scene.add(idx, _shapes(scene, idx, scene.dx[idx], scene.dy[idx]))
     _sharp_artefacts(rng, scene, c)
 
 

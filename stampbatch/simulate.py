@@ -89,23 +89,26 @@ the centre); ``dipole`` (a difference-image residual of a star within
 negatives; the rest are ``background``.
 
 What lies *beside* the centre source must say nothing about the label, so off-centre
-sources, streaks, hot pixels, cosmic-ray hits and subtraction dipoles are not negatives'
-privilege: positives carry one with the probabilities the negatives of the same kind of
-image have (``offcentre_fraction``, ``streak_fraction``, ``hot_pixel_fraction``,
-``cosmic_ray_fraction``, ``dipole_fraction``; dipoles only in difference images, where they
-are a larger share of the negatives), placed as the negatives' are (sharp artefacts and a
-star's subtraction residual within ``artefact_max_offset`` px per axis of the centre, on or
-beside the source) at their own SNR, drawn like the negatives' (``meta["companion"]``:
-``none``, ``offcentre``, ``streak``, ``hot_pixel``, ``cosmic_ray``, ``dipole``, in both
-classes). Were they negative-only, "a bright source off the centre", "a sharp pixel near the
-centre" or "a dipole near the centre" would be a sign of the negative class, and a network
-could learn to doubt every centred source with a brighter neighbour, a cosmic ray or hot
-pixel beside it — which a single exposure holds at its own rate whatever sits at the centre
-— or a badly subtracted star next to it (measured: a vgg6 trained with negative-only
-artefacts lost 0.04–0.08 of its completeness on positives given a hot pixel or cosmic ray,
-and half of it on difference-image positives given a dipole; BENCHMARKS.md).
-(``positive_companions = false`` restores the earlier negative-only kinds; the
-neighbour-free preset does.)
+sources, streaks, hot pixels and cosmic-ray hits are not negatives' privilege: positives
+carry one with the same probabilities (``offcentre_fraction``, ``streak_fraction``,
+``hot_pixel_fraction``, ``cosmic_ray_fraction``), placed as the negatives' are (sharp
+artefacts within ``artefact_max_offset`` px per axis of the centre, on or beside the
+source) at their own SNR, drawn like the negatives' (``meta["companion"]``: ``none``,
+``offcentre``, ``streak``, ``hot_pixel``, ``cosmic_ray``, in both classes). Were they
+negative-only, "a bright source off the centre" or "a sharp pixel near the centre" would be
+a sign of the negative class, and a network could learn to doubt every centred source with
+a brighter neighbour, or with a cosmic ray or hot pixel beside it — which a single exposure
+holds at its own rate whatever sits at the centre (measured: a vgg6 trained with
+negative-only artefacts lost 0.04–0.08 of its completeness on positives given one,
+BENCHMARKS.md). The kind of image says nothing about the label either: positives are
+difference images as often as negatives, dipoles included. One kind stays the negatives':
+a star's subtraction dipole within ``artefact_max_offset`` of the centre. Given to
+difference-image positives as often as those negatives have one (27 % of them), it was
+measured not to be a shortcut but a hard case — a vgg6 trained with it found 0.43 instead of
+0.39 of such positives — and it cost 0.003–0.005 AUC on ordinary difference images (two
+seeds; BENCHMARKS.md); a star that close to a real source is a blend the field itself does
+not draw (``field_min_distance``). (``positive_companions = false`` restores the earlier
+negative-only kinds and image mix; the neighbour-free preset does.)
 
 Metadata columns (``/meta`` in the store; names in :mod:`stampbatch.store`)
 ---------------------------------------------------------------------------
@@ -264,9 +267,9 @@ class SimConfig:
     streak_length_min: float = 8.0  # shortest streak (trail) length, px
     streak_length_max: float = 40.0  # longest streak length, px
     streak_min_offset: float = 3.0  # streak midpoints lie at least this far from the centre, px
-    positive_companions: bool = True  # positives carry off-centre sources, streaks, hot pixels,
-    # cosmic rays and dipoles as often as negatives of their kind of image do (False: the
-    # earlier negative-only hard kinds, a label shortcut; see above)
+    positive_companions: bool = True  # positives carry off-centre sources, streaks, hot pixels
+    # and cosmic rays as often as negatives do (False: the earlier negative-only hard kinds,
+    # a label shortcut; see above)
 
     def validate(self) -> None:
         """Raise SimConfigError (a ValueError) naming the first bad setting."""
