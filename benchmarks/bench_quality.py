@@ -14,7 +14,7 @@ default TrainConfig but ``--epochs``, temperature scaling folded into the model)
 Both are evaluated with ``stampbatch.evaluate.evaluate_run`` on stores they never saw:
 
 * ``test_shifted`` (``benchmarks/sim_shifted.toml``): denser fields, wider and mostly
-  Moffat PSFs, more and larger galaxies, a steeper number count, more bright stars;
+  Moffat PSFs, more and larger galaxies, a steeper number count, a shallower full well;
 * ``test_neighbour_free``: the old defaults (is anything lost where the old model was good?);
 * ``test_default``: fresh stamps from the new defaults.
 

@@ -88,10 +88,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 def from_mapping(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
     """Build dataclass ``cls`` from a mapping, checking every key and type.
 
-    Calls the dataclass's ``validate()`` method, if it has one, after construction.
+    Calls the dataclass's ``validate()`` method, if it has one, after construction. An
+    option the class lists in ``RETIRED_OPTIONS`` (name -> what replaced it) is refused with
+    that reason, not as a typo.
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
+    retired = getattr(cls, "RETIRED_OPTIONS", {})
+    for key in sorted(set(data) & set(retired)):
+        raise UsageError(f"{source}: option '{key}' was removed: {retired[key]}")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UsageError(f"{source}: unknown option(s) {unknown}; valid options are {sorted(fields)}")

@@ -65,6 +65,32 @@ def draw_field(rng: np.random.Generator, density: np.ndarray, r_min: np.ndarray,
     return FieldSources(stamp=stamp, dx=dx, dy=dy, snr=snr)
 
 
+def draw_margin(rng: np.random.Generator, density: np.ndarray, shape: tuple[int, int],
+                margin: float, snr_min: float, snr_max: float, slope: float,
+                bright_from: float) -> FieldSources:
+    """The field's sources *beyond* the stamp's edge, within ``margin`` px of it, that are
+    bright enough (point-source SNR >= ``bright_from``) for their wings, halos and spikes to
+    reach into the stamp: the same Poisson process and number count as :func:`draw_field`'s
+    (counted from ``snr_min``), restricted to that frame and that flux range. A real cut-out
+    is a window on the sky, and a saturated star just outside it still lights its edge."""
+    h, w = shape
+    lo = max(bright_from, snr_min)
+    if margin <= 0 or lo >= snr_max or not np.any(density):
+        empty = np.zeros(0)
+        return FieldSources(stamp=np.zeros(0, dtype=np.int64), dx=empty, dy=empty, snr=empty)
+    tail = (snr_max / snr_min) ** (-slope)
+    share = ((lo / snr_min) ** (-slope) - tail) / (1.0 - tail)  # of the count above snr_min
+    big_h, big_w = h + 2.0 * margin, w + 2.0 * margin
+    counts = rng.poisson(np.asarray(density) / 100.0 * big_h * big_w * share)
+    stamp = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    dx = rng.uniform(-big_w / 2.0, big_w / 2.0, stamp.size)
+    dy = rng.uniform(-big_h / 2.0, big_h / 2.0, stamp.size)
+    out = (np.abs(dx) >= w / 2.0) | (np.abs(dy) >= h / 2.0)
+    stamp, dx, dy = stamp[out], dx[out], dy[out]
+    snr = power_law_snr(rng, stamp.size, lo, snr_max, slope)
+    return FieldSources(stamp=stamp, dx=dx, dy=dy, snr=snr)
+
+
 def nearest(field: FieldSources, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per stamp: number of field sources, distance of the nearest to the centre and its
     SNR (NaN where the stamp has none)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from stampbatch import backgrounds, store
-from stampbatch.field import FieldSources, draw_field
+from stampbatch.field import FieldSources, draw_field, draw_margin
 from stampbatch.profiles import (
     pixel_offsets,
     render_psf,
@@ -135,7 +135,7 @@ def conditions(rng: np.random.Generator, n: int, c: SimConfig) -> dict[str, np.n
         "shift_angle": rng.uniform(0.0, 2.0 * np.pi, n),
         "mismatch": rng.uniform(-c.flux_mismatch_max, c.flux_mismatch_max, n),
     }
-    cond["companion"], cond["companion_snr"] = _companions(rng, labels, kind, c)
+    cond["companion"], cond["companion_snr"] = _companions(rng, labels, drawn, c)
     if c.psf_ellipticity_max > 0:     # drawn last: a round-PSF config keeps its draws
         cond["psf_e"] = rng.uniform(0.0, c.psf_ellipticity_max, n)
         cond["psf_pa"] = rng.uniform(0.0, np.pi, n)
@@ -144,37 +144,30 @@ def conditions(rng: np.random.Generator, n: int, c: SimConfig) -> dict[str, np.n
     return cond
 
 
-def _companions(rng: np.random.Generator, labels: np.ndarray, kind: np.ndarray,
+def _companions(rng: np.random.Generator, labels: np.ndarray, drawn: np.ndarray,
                 c: SimConfig) -> tuple[np.ndarray, np.ndarray]:
     """What lies beside the centre besides the field, per stamp, and a positive's companion
     SNR.
 
-    A negative's companion is its own hard kind (an off-centre source, a streak, a hot pixel
-    or a cosmic-ray hit near the centre; dipoles exist only without a source). With
-    ``positive_companions`` positives carry one with the same probabilities, at an SNR drawn
-    like the negatives': what lies beside the centre source must say nothing about the
-    label. Were they negative-only, "a bright source off the centre" or "a sharp pixel near
-    the centre" would be a sign of the negative class, and a network could learn to doubt
-    every centred source with a brighter neighbour, or with a cosmic ray or hot pixel beside
-    it — which single exposures hold at their own rate whatever sits at the centre.
-    (Drawn last, so the earlier draws, and ``positive_companions = false`` stores, are those
-    of the simulator before companions.)
+    ``drawn`` is every stamp's hard-kind draw (:func:`conditions`): a negative's companion is
+    its own hard kind (an off-centre source, a streak, a hot pixel or a cosmic-ray hit near
+    the centre; dipoles exist only without a source), and with ``positive_companions`` a
+    positive carries the same thing beside its source — the one table of hard-kind
+    probabilities serves both classes — at an SNR drawn like the negatives'. What lies
+    beside the centre source must say nothing about the label: were these negative-only, "a
+    bright source off the centre" or "a sharp pixel near the centre" would be a sign of the
+    negative class, and a network could learn to doubt every centred source with a brighter
+    neighbour, or with a cosmic ray or hot pixel beside it — which single exposures hold at
+    their own rate whatever sits at the centre.
     """
     n = len(labels)
     companion = np.full(n, _NO_COMPANION, dtype=np.int8)
+    carries = (labels == 0) | bool(c.positive_companions)
     for k, comp in _KIND_COMPANION.items():
-        companion[kind == k] = comp
+        companion[carries & (drawn == k)] = comp
     snr = np.zeros(n)
     if c.positive_companions:
-        u = rng.random(n)
-        edges = np.cumsum([c.offcentre_fraction, c.streak_fraction, c.hot_pixel_fraction,
-                           c.cosmic_ray_fraction])
-        drawn = np.array([_OFFCENTRE_COMPANION, _STREAK_COMPANION, _HOT_COMPANION,
-                          _COSMIC_COMPANION, _NO_COMPANION], dtype=np.int8)[
-            np.searchsorted(edges, u, side="right")]
-        pos = labels == 1
-        companion[pos] = drawn[pos]
-        snr = np.where(pos, log_uniform(rng, c.snr_min, c.snr_max, n), 0.0)
+        snr = np.where(labels == 1, log_uniform(rng, c.snr_min, c.snr_max, n), 0.0)
     return companion, snr
 
 
@@ -190,10 +183,10 @@ class Scene:
         self.centre: list[tuple[np.ndarray, np.ndarray]] = []  # (stamps, unit shapes) to place
         self.dx = np.full(n, np.nan)
         self.dy = np.full(n, np.nan)
-        self.psf_norm = np.sqrt(np.einsum(
-            "nij,nij->n", *(2 * [render_psf(shape, np.zeros(n), np.zeros(n), cond["fwhm"],
-                                            cond["beta"], cond["psf_e"], cond["psf_pa"])]),
-            dtype=np.float64))
+        centred = render_psf(shape, np.zeros(n), np.zeros(n), cond["fwhm"], cond["beta"],
+                             cond["psf_e"], cond["psf_pa"])
+        self.psf_norm = np.sqrt(np.einsum("nij,nij->n", centred, centred, dtype=np.float64))
+        self.psf_peak = centred.max(axis=(1, 2)).astype(np.float64)  # of a unit-flux star
 
     def residual_shift(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s, a = self.cond["shift"][idx], self.cond["shift_angle"][idx]
@@ -302,9 +295,10 @@ def _shapes(scene: Scene, stamp: np.ndarray, dx: np.ndarray, dy: np.ndarray,
     return out
 
 
-def _bright_stars(rng: np.random.Generator, scene: Scene, idx: np.ndarray, dx: np.ndarray,
-                  dy: np.ndarray, c: SimConfig) -> np.ndarray:
-    """Saturating stars at (dx, dy) on stamps ``idx``; returns their point-source SNR.
+def _saturated_centre_stars(rng: np.random.Generator, scene: Scene, idx: np.ndarray,
+                            dx: np.ndarray, dy: np.ndarray, c: SimConfig) -> np.ndarray:
+    """Saturated stars at (dx, dy) on stamps ``idx`` (positives' centre sources); returns
+    their point-source SNR.
 
     The flux puts the unclipped peak at ``saturation_min``-``saturation_max`` times the
     headroom between the background level and the full well.
@@ -350,7 +344,7 @@ def centre_sources(rng: np.random.Generator, scene: Scene, c: SimConfig,
     idx = np.flatnonzero(profile == _SATURATED)
     if idx.size:
         scene.dx[idx], scene.dy[idx] = _in_disc(rng, idx.size, c.max_centre_offset)
-        snr = _bright_stars(rng, scene, idx, scene.dx[idx], scene.dy[idx], c)
+        snr = _saturated_centre_stars(rng, scene, idx, scene.dx[idx], scene.dy[idx], c)
         cond["snr"][idx] = scene.snr_eff[idx] = snr
         scene.flux[idx] = snr * cond["sigma"][idx] / scene.psf_norm[idx]
 
@@ -435,26 +429,55 @@ def _sharp_artefacts(rng: np.random.Generator, scene: Scene, c: SimConfig) -> No
 
 
 def field_population(rng: np.random.Generator, scene: Scene, c: SimConfig) -> FieldSources:
-    """The field population and bright stars of every stamp; returns the whole catalogue."""
+    """The field population of every stamp; returns the catalogue of those on the stamp.
+
+    One number count from the faintest source counted to the brightest: the stars whose
+    unclipped peak passes the full-well headroom are its bright end, saturated and bled by
+    :func:`observe`, so their rate follows the field's density and the count's slope as on
+    the sky (a sparse field rarely holds one, a crowded one often), and the stars between
+    the faint field and saturation are there too. Sources beyond the edge, within
+    ``field_margin`` px and at SNR >= ``field_margin_snr_min``, add their wings, halos and
+    spikes (:func:`stampbatch.field.draw_margin`). Whether bright stars show
+    diffraction-like spikes is the telescope's optics, drawn per stamp (``spike_fraction``);
+    a saturating point star on such a stamp has them (in difference images the template
+    removes them).
+    """
     cond, n = scene.cond, len(scene.flux)
     fs = draw_field(rng, cond["density"], cond["field_r_min"], scene.shape, c.field_snr_min,
                     c.field_snr_max, c.field_count_slope)
     galaxy = rng.random(len(fs)) < c.field_galaxy_fraction
+    spiky = rng.random(n) < c.spike_fraction
+    _render_field(rng, scene, fs, galaxy, spiky, c)
+    beyond = draw_margin(rng, cond["density"], scene.shape, c.field_margin, c.field_snr_min,
+                         c.field_snr_max, c.field_count_slope, c.field_margin_snr_min)
+    if len(beyond):
+        _render_field(rng, scene, beyond, rng.random(len(beyond)) < c.field_galaxy_fraction,
+                      spiky, c)
+    return fs
+
+
+def _render_field(rng: np.random.Generator, scene: Scene, fs: FieldSources,
+                  galaxy: np.ndarray, spiky: np.ndarray, c: SimConfig) -> None:
+    """Put a catalogue of field sources (point sources, or galaxies where ``galaxy``) on the
+    stamps, with spikes on the saturating point stars of ``spiky`` stamps."""
+    cond = scene.cond
     for sel in (np.flatnonzero(~galaxy), np.flatnonzero(galaxy)):
         if not sel.size:
             continue
         params = (_galaxy_params(rng, sel.size, c, c.galaxy_re_max)
                   if galaxy[sel[0]] else None)
-        unit = _shapes(scene, fs.stamp[sel], fs.dx[sel], fs.dy[sel], params)
-        scene.addfield_population(fs.stamp[sel], unit, fs.snr[sel])
-    bright = np.flatnonzero(rng.random(n) < c.bright_star_fraction)
-    if bright.size:
-        bdx, bdy = positions_outside(rng, bright.size, scene.shape, cond["field_r_min"][bright])
-        bsnr = _bright_stars(rng, scene, bright, bdx, bdy, c)
-        fs = FieldSources(stamp=np.concatenate([fs.stamp, bright]),
-                          dx=np.concatenate([fs.dx, bdx]), dy=np.concatenate([fs.dy, bdy]),
-                          snr=np.concatenate([fs.snr, bsnr]))
-    return fs
+        stamp = fs.stamp[sel]
+        unit = _shapes(scene, stamp, fs.dx[sel], fs.dy[sel], params)
+        if params is None:
+            flux = fs.snr[sel] * cond["sigma"][stamp] / scene.psf_norm[stamp]
+            headroom = cond["saturation"][stamp] - cond["level"][stamp]
+            spikes = np.flatnonzero(spiky[stamp] & (cond["background"][stamp] != _DIFFERENCE)
+                                    & (flux * scene.psf_peak[stamp] >= headroom))
+            if spikes.size:
+                unit[spikes] += c.spike_strength * render_spikes(
+                    scene.shape, fs.dx[sel[spikes]], fs.dy[sel[spikes]],
+                    cond["fwhm"][stamp[spikes]], np.full(spikes.size, c.spike_length))
+        scene.addfield_population(stamp, unit, fs.snr[sel])
 
 
 def observe(rng: np.random.Generator, scene: Scene, c: SimConfig,

@@ -38,8 +38,11 @@ outside difference images, half-light radius ``galaxy_re_min``-``centre_galaxy_r
 px); or a saturated star (``centre_saturated_fraction``), clipped at the co-add's full well
 ``n * full_well`` (less the sky where it was subtracted) with a bleed trail along its
 column and, for ``spike_fraction`` of them, diffraction-like spikes. Field sources are
-point sources or, for ``field_galaxy_fraction``, Sérsic galaxies; ``bright_star_fraction``
-of the stamps also hold a saturated star somewhere outside the centring disc.
+point sources or, for ``field_galaxy_fraction``, Sérsic galaxies, from one number count up
+to ``field_snr_max``: its bright end, the stars whose peak passes the full well, are the
+saturated stars of the field (clipped and bled like the centre's; with spikes on the
+``spike_fraction`` of stamps whose optics make them), so that their rate follows the field's
+density as on the sky rather than a fixed share of the stamps.
 
 PSF: per stamp a FWHM in ``[fwhm_min, fwhm_max]`` px and, with probability
 ``moffat_fraction``, a Moffat profile (``beta`` in ``[moffat_beta_min, moffat_beta_max]``),
@@ -137,6 +140,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -174,7 +178,7 @@ SIM_BLOCK_ROWS = 16384
 _FRACTIONS = ("source_fraction", "moffat_fraction", "sky_subtracted_fraction",
               "difference_fraction", "correlated_noise_fraction", "field_galaxy_fraction",
               "galaxy_devaucouleurs_fraction", "centre_galaxy_fraction",
-              "centre_saturated_fraction", "bright_star_fraction", "spike_fraction",
+              "centre_saturated_fraction", "spike_fraction",
               "bad_column_fraction", "masked_fraction", "masked_nan_fraction",
               *HARD_FRACTIONS)
 _HARD = HARD_FRACTIONS
@@ -200,6 +204,11 @@ class SimConfig:
     galaxy half-light radii 0.5-4 px are faint galaxies at 0.26-1"/px; a
     full well of 1e5 e- per exposure is typical of thick CCDs.
     """
+
+    RETIRED_OPTIONS: ClassVar[dict[str, str]] = {
+        "bright_star_fraction": "saturated field stars are the bright end of the field's "
+                                "number counts (field_density_*, field_count_slope, "
+                                "field_snr_max, full_well); delete the line"}
 
     stamp_shape: tuple[int, int] = (21, 21)  # stamp height, width in px
     source_fraction: float = 0.5  # fraction of stamps with a centred source (label 1)
@@ -234,8 +243,12 @@ class SimConfig:
     field_density_fwhm: float = 4.0  # the FWHM (px) at which those densities hold; a stamp of
     # FWHM f sees (f / this)^-field_count_slope times as many above field_snr_min (0: same at all)
     field_snr_min: float = 2.0  # faintest field source, point-source SNR
-    field_snr_max: float = 1000.0  # brightest (unsaturated) field source
+    field_snr_max: float = 1.0e6  # brightest field source: the count runs on through
+    # saturation (~4e3-3e5 here, by sky, exposures and PSF) to stars that bleed whole columns
     field_count_slope: float = 0.6  # N(>S) ∝ S^-slope
+    field_margin: float = 10.0  # sources beyond the stamp's edge, within this many px, ...
+    field_margin_snr_min: float = 50.0  # ... and at least this bright, light its edge (their
+    # wings, halos, spikes); fainter ones barely reach in (0 margin: a stamp-sized sky)
     field_min_distance: float = 3.0  # field sources lie at least this far from the centre, px
     field_min_distance_fwhm: float = 1.0  # ... and at least this many FWHM
     field_galaxy_fraction: float = 0.3  # fraction of field sources that are galaxies
@@ -246,11 +259,10 @@ class SimConfig:
     centre_galaxy_fraction: float = 0.25  # of positives outside difference images
     centre_galaxy_re_max: float = 2.0  # centre galaxies are compact: r_e up to this, px
     centre_saturated_fraction: float = 0.03  # of positives outside difference images
-    bright_star_fraction: float = 0.05  # stamps with a saturated star in the field
     full_well: float = 1.0e5  # e- per exposure; the co-add saturates at n_coadd times this
     saturation_min: float = 1.2  # unclipped peak / full-well headroom of saturated stars
     saturation_max: float = 30.0  # (log-uniform)
-    spike_fraction: float = 0.5  # of saturated stars: with diffraction-like spikes
+    spike_fraction: float = 0.5  # stamps whose saturated stars show diffraction-like spikes
     spike_strength: float = 0.03  # fraction of the star's flux in its spikes
     spike_length: float = 5.0  # e-folding length of a spike, px
     bad_column_fraction: float = 0.02  # stamps with a dead or hot column
@@ -297,8 +309,10 @@ class SimConfig:
                                     ("field_snr", 0.0, True), ("galaxy_re", 0.0, True),
                                     ("saturation", 1.0, True)):
             self._check_range(stem, floor, strict=strict)
-        if self.snr_max > MAX_SNR:  # brighter overflows float32 electrons
-            raise SimConfigError(f"snr_max must be at most {MAX_SNR:g}, got {self.snr_max:g}")
+        for name in ("snr_max", "field_snr_max"):  # brighter overflows float32 electrons
+            if getattr(self, name) > MAX_SNR:
+                raise SimConfigError(f"{name} must be at most {MAX_SNR:g}, "
+                                     f"got {getattr(self, name):g}")
         if not (isinstance(self.n_coadd_min, int) and isinstance(self.n_coadd_max, int)):
             raise SimConfigError("n_coadd_min and n_coadd_max must be integers")
         if not 0.0 <= self.psf_ellipticity_max <= 0.5:
@@ -313,7 +327,7 @@ class SimConfig:
                      "flux_mismatch_max", "field_min_distance", "field_min_distance_fwhm",
                      "spike_strength", "max_centre_offset", "offcentre_min_distance",
                      "artefact_max_offset", "streak_min_offset", "field_density_min",
-                     "field_density_fwhm"):
+                     "field_density_fwhm", "field_margin", "field_margin_snr_min"):
             if getattr(self, name) < 0:
                 raise SimConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("full_well", "spike_length", "field_count_slope"):
@@ -343,7 +357,7 @@ class SimConfig:
                  self.hot_pixel_fraction + self.cosmic_ray_fraction + self.dipole_fraction > 0),
                 ("streak_min_offset", self.streak_min_offset, self.streak_fraction > 0),
                 ("field_min_distance (or field_min_distance_fwhm * fwhm_max)", field_r,
-                 self.field_density_max > 0 or self.bright_star_fraction > 0)):
+                 self.field_density_max > 0)):
             if used and value >= half:
                 raise SimConfigError(f"{name} = {value} px does not fit a "
                                      f"{shape[0]}x{shape[1]} stamp (must be < {half:g})")
@@ -374,7 +388,7 @@ NEIGHBOUR_FREE = {
     "sky_subtracted_fraction": 0.5, "difference_fraction": 0.0, "sky_gradient_max": 0.0,
     "residual_sky_max": 0.0, "field_density_min": 0.0, "field_density_max": 0.0,
     "centre_galaxy_fraction": 0.0, "centre_saturated_fraction": 0.0,
-    "bright_star_fraction": 0.0, "bad_column_fraction": 0.0, "masked_fraction": 0.0,
+    "bad_column_fraction": 0.0, "masked_fraction": 0.0,
     "dipole_fraction": 0.0, "positive_companions": False, "psf_ellipticity_max": 0.0,
 }
 

@@ -613,7 +613,7 @@ def test_cli_errors(tmp_path, capsys):
 
 def _field_config(**changes) -> SimConfig:
     """Point-source fields only (cheap), fixed PSF so the exclusion radius is fixed."""
-    base = dict(field_galaxy_fraction=0.0, bright_star_fraction=0.0, centre_galaxy_fraction=0.0,
+    base = dict(field_galaxy_fraction=0.0, field_margin=0.0, centre_galaxy_fraction=0.0,
                 centre_saturated_fraction=0.0, fwhm_min=2.0, fwhm_max=2.0,
                 field_density_min=1.0, field_density_max=1.0, field_density_fwhm=2.0)
     return dataclasses.replace(SimConfig(), **{**base, **changes})
@@ -796,9 +796,12 @@ def test_centre_snr_is_against_the_noise_where_the_source_lies():
     from stampbatch import scene as sc
     from stampbatch.profiles import render_psf, saturate
 
-    cfg = OLD(source_fraction=1.0, snr_min=8.0, snr_max=8.0, bright_star_fraction=1.0,
+    # About one bright field star per stamp, from well below to well above saturation.
+    cfg = OLD(source_fraction=1.0, snr_min=8.0, snr_max=8.0, field_density_min=0.25,
+              field_density_max=0.25, field_snr_min=3e3, field_snr_max=3e4, field_count_slope=0.2,
+              field_galaxy_fraction=0.0, field_margin=0.0,
               correlated_noise_fraction=0.0, sky_subtracted_fraction=1.0, max_centre_offset=0.0,
-              sky_gradient_max=0.0, residual_sky_max=0.0, saturation_min=0.3, saturation_max=3.0)
+              sky_gradient_max=0.0, residual_sky_max=0.0)
     rng = np.random.default_rng(25)
     n, shape = 3000, (21, 21)
     cond = sc.conditions(rng, n, cfg)
@@ -806,7 +809,7 @@ def test_centre_snr_is_against_the_noise_where_the_source_lies():
     idx = np.arange(n)
     zero = np.zeros(n)
     unit = render_psf(shape, zero, zero, cond["fwhm"], cond["beta"]).astype(np.float32)
-    sc.field_population(rng, scene, cfg)  # the bright star (field density is 0 here)
+    sc.field_population(rng, scene, cfg)  # the bright stars
     other = scene.signal.astype(np.float64).copy()
     scene.centre.append((idx, unit))
     scene.place_centre(True, simulate.MAX_SNR)
