@@ -713,6 +713,94 @@ def test_number_count_slope_is_recovered(slope):
     np.testing.assert_allclose(n_above, expected, rtol=0.05)
 
 
+def _bright_field_scene(n: int, seed: int, **changes):
+    """Science stamps with fixed sky, exposures and a round Gaussian PSF (so the SNR at
+    which a star saturates is one number), field only: (config, scene, catalogue)."""
+    from stampbatch import scene as sc
+
+    cfg = _field_config(**{**dict(source_fraction=0.0, sky_subtracted_fraction=0.0,
+                                  sky_min=500.0, sky_max=500.0, read_noise_min=5.0,
+                                  read_noise_max=5.0, n_coadd_min=10, n_coadd_max=10,
+                                  moffat_fraction=0.0, psf_ellipticity_max=0.0,
+                                  bad_column_fraction=0.0, masked_fraction=0.0,
+                                  offcentre_fraction=0.0, hot_pixel_fraction=0.0,
+                                  cosmic_ray_fraction=0.0, streak_fraction=0.0,
+                                  dipole_fraction=0.0, sky_gradient_max=0.0), **changes})
+    rng = np.random.default_rng(seed)
+    scene = sc.Scene(n, cfg.stamp_shape, sc.conditions(rng, n, cfg))
+    return cfg, scene, sc.field_population(rng, scene, cfg), rng
+
+
+def test_saturated_field_stars_are_the_bright_end_of_the_number_count():
+    """No separate share of "bright stars": the field's own count, run on past saturation,
+    gives the saturated stars at the rate it implies, and those stamps are clipped flat at
+    the full well (with bleeds), the others never."""
+    from stampbatch import scene as sc
+
+    n = 20_000
+    cfg, scene, fs, rng = _bright_field_scene(n, 41)
+    cond = scene.cond
+    headroom = cond["saturation"][0] - cond["level"][0]
+    s_sat = headroom * scene.psf_norm[0] / (scene.psf_peak[0] * cond["sigma"][0])
+    assert 5e3 < s_sat < 1e5  # a star this bright saturates (the count goes on to 1e6)
+    tail = (cfg.field_snr_max / cfg.field_snr_min) ** -cfg.field_count_slope
+    share = ((s_sat / cfg.field_snr_min) ** -cfg.field_count_slope - tail) / (1 - tail)
+    expected = share * len(fs)
+    n_bright = int((fs.snr >= s_sat).sum())
+    assert abs(n_bright - expected) < 3 * math.sqrt(expected), (n_bright, expected)
+    truth = {"trail_length": np.zeros(n), "trail_angle": np.full(n, np.nan)}
+    stamps = sc.observe(rng, scene, cfg, truth)
+    peak = (scene.signal.max(axis=(1, 2)) + cond["level"]) / cond["saturation"]
+    flat = (stamps == cond["saturation"].astype(np.float32)[:, None, None]).sum(axis=(1, 2))
+    over, under = peak >= 1.02, peak < 0.95
+    assert over.sum() > 100 and (flat[over] >= 1).all() and (flat[under] == 0).all()
+    assert np.median(flat[peak >= 3.0]) >= 3  # far past the well: a core and a bleed
+
+
+def test_bright_sources_beyond_the_edge_light_the_stamp():
+    """The field goes on past the stamp's edge: sources within ``field_margin`` px of it and
+    at SNR >= ``field_margin_snr_min`` are drawn from the same Poisson process and count,
+    and their light reaches in, most at the edge."""
+    from stampbatch.field import draw_margin
+
+    n, density, margin, bright = 20_000, 1.0, 10.0, 50.0
+    rng = np.random.default_rng(43)
+    m = draw_margin(rng, np.full(n, density), (21, 21), margin, 2.0, 1e6, 0.6, bright)
+    tail = (1e6 / 2.0) ** -0.6
+    share = ((bright / 2.0) ** -0.6 - tail) / (1 - tail)
+    lam = density / 100.0 * ((21 + 2 * margin) ** 2 - 21**2) * share
+    assert abs(len(m) - n * lam) < 3 * math.sqrt(n * lam), (len(m), n * lam)
+    ax, ay = np.abs(m.dx), np.abs(m.dy)
+    assert ((ax >= 10.5) | (ay >= 10.5)).all() and (ax <= 10.5 + margin).all()
+    assert (ay <= 10.5 + margin).all() and m.snr.min() >= bright
+    alpha = len(m) / np.log(m.snr / bright).sum()  # the count's slope, from its bright end
+    assert abs(alpha - 0.6) < 3 * alpha / math.sqrt(len(m)) + 0.01, alpha
+    # The same stamps with and without the margin: the on-stamp field is drawn first, so
+    # the difference is the margin's light alone.
+    _, with_margin, fs1, _ = _bright_field_scene(2000, 44, field_margin=margin)
+    _, without, fs0, _ = _bright_field_scene(2000, 44, field_margin=0.0)
+    np.testing.assert_array_equal(fs1.snr, fs0.snr)
+    extra = (with_margin.signal - without.signal) / with_margin.cond["sigma"][:, None, None]
+    assert extra.min() > -1e-3
+    edge = np.ones((21, 21), bool)
+    edge[2:-2, 2:-2] = False
+    core = np.zeros((21, 21), bool)
+    core[8:13, 8:13] = True
+    assert extra[:, edge].mean() > 3 * extra[:, core].mean() > 0
+    assert (extra[:, edge].max(axis=1) > 1.0).mean() > 0.1  # > 1 sigma on a tenth of them
+
+
+def test_a_retired_option_is_refused_with_its_reason(tmp_path, capsys):
+    cfg = tmp_path / "old.toml"
+    cfg.write_text("bright_star_fraction = 0.05\n")
+    out = tmp_path / "s.h5"
+    assert main(["simulate", str(out), "--n", "10", "--config", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "old.toml" in err[0]
+    assert "option 'bright_star_fraction' was removed: saturated field stars" in err[0]
+    assert not out.exists()
+
+
 def test_labels_depend_only_on_the_centre():
     """Field, background and defects are drawn alike for both classes (KS tests)."""
     from scipy.stats import ks_2samp
