@@ -336,6 +336,9 @@ class SimConfig:
         for name in ("full_well", "spike_length", "field_count_slope"):
             if getattr(self, name) <= 0:
                 raise SimConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.field_margin > MAX_STAMP_SIDE:  # its area is drawn for every stamp
+            raise SimConfigError(f"field_margin must be at most {MAX_STAMP_SIDE} px, got "
+                                 f"{self.field_margin:g}")
         if not (isinstance(self.mask_max_size, int) and self.mask_max_size >= 1):
             raise SimConfigError(f"mask_max_size must be an integer >= 1, got {self.mask_max_size}")
         if self.field_density_max > 0 and self.field_density_min <= 0:

@@ -71,6 +71,9 @@ def test_default_config_is_valid_and_round_trips_through_toml_and_json():
     ({"stamp_shape": (11, 11)}, "offcentre_min_distance = 6.0 px does not fit a 11x11 stamp"),
     ({"snr_max": float("nan")}, "snr_max must be finite"),
     ({"max_centre_offset": 7.0}, "offcentre_min_distance (6.0) must exceed max_centre_offset"),
+    ({"field_margin": -1.0}, "field_margin must be >= 0"),
+    ({"field_margin": 1e6}, "field_margin must be at most 1024 px"),
+    ({"field_snr_max": 1e7}, "field_snr_max must be at most 1e+06"),
 ])
 def test_bad_settings_are_refused_with_the_setting_named(changes, words):
     cfg = dataclasses.replace(SimConfig(), **changes)
