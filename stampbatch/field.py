@@ -50,15 +50,22 @@ def expected_count(density: np.ndarray, r_min: np.ndarray, shape: tuple[int, int
     return density / 100.0 * (shape[0] * shape[1] - math.pi * np.asarray(r_min) ** 2)
 
 
+def _scatter(rng: np.random.Generator, per_px: np.ndarray, height: float,
+             width: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Poisson process of ``per_px`` sources per px^2 (per stamp) over a height x width
+    rectangle centred on each stamp: (stamp index, dx, dy) of every source."""
+    counts = rng.poisson(per_px * height * width)
+    stamp = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    dx = rng.uniform(-width / 2.0, width / 2.0, stamp.size)
+    dy = rng.uniform(-height / 2.0, height / 2.0, stamp.size)
+    return stamp, dx, dy
+
+
 def draw_field(rng: np.random.Generator, density: np.ndarray, r_min: np.ndarray,
                shape: tuple[int, int], snr_min: float, snr_max: float,
                slope: float) -> FieldSources:
     """Field sources of every stamp (vectorised: one Poisson draw per stamp, no loop)."""
-    h, w = shape
-    counts = rng.poisson(np.asarray(density) / 100.0 * h * w)
-    stamp = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    dx = rng.uniform(-w / 2.0, w / 2.0, stamp.size)
-    dy = rng.uniform(-h / 2.0, h / 2.0, stamp.size)
+    stamp, dx, dy = _scatter(rng, np.asarray(density) / 100.0, shape[0], shape[1])
     keep = np.hypot(dx, dy) >= np.asarray(r_min)[stamp]
     stamp, dx, dy = stamp[keep], dx[keep], dy[keep]
     snr = power_law_snr(rng, stamp.size, snr_min, snr_max, slope)
@@ -80,11 +87,8 @@ def draw_margin(rng: np.random.Generator, density: np.ndarray, shape: tuple[int,
         return FieldSources(stamp=np.zeros(0, dtype=np.int64), dx=empty, dy=empty, snr=empty)
     tail = (snr_max / snr_min) ** (-slope)
     share = ((lo / snr_min) ** (-slope) - tail) / (1.0 - tail)  # of the count above snr_min
-    big_h, big_w = h + 2.0 * margin, w + 2.0 * margin
-    counts = rng.poisson(np.asarray(density) / 100.0 * big_h * big_w * share)
-    stamp = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    dx = rng.uniform(-big_w / 2.0, big_w / 2.0, stamp.size)
-    dy = rng.uniform(-big_h / 2.0, big_h / 2.0, stamp.size)
+    stamp, dx, dy = _scatter(rng, np.asarray(density) / 100.0 * share, h + 2.0 * margin,
+                             w + 2.0 * margin)
     out = (np.abs(dx) >= w / 2.0) | (np.abs(dy) >= h / 2.0)
     stamp, dx, dy = stamp[out], dx[out], dy[out]
     snr = power_law_snr(rng, stamp.size, lo, snr_max, slope)
