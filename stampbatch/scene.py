@@ -252,10 +252,14 @@ class Scene:
             self._put(idx, unit, f, norm)
         self.centre = []
 
-    def addfield_population(self, stamp: np.ndarray, unit: np.ndarray, snr: np.ndarray) -> None:
-        """Field sources: unit shapes at a point-source SNR (several per stamp allowed)."""
-        f = snr * self.cond["sigma"][stamp] / self.psf_norm[stamp]
-        np.add.at(self.signal, stamp, unit * f.astype(np.float32)[:, None, None])
+    def field_flux(self, stamp: np.ndarray, snr: np.ndarray) -> np.ndarray:
+        """The total flux of field sources drawn at a point-source SNR on the given stamps:
+        that of the stamp's centred PSF reaching ``snr`` against the sky."""
+        return snr * self.cond["sigma"][stamp] / self.psf_norm[stamp]
+
+    def addfield_population(self, stamp: np.ndarray, unit: np.ndarray, flux: np.ndarray) -> None:
+        """Field sources: unit shapes at their total flux (several per stamp allowed)."""
+        np.add.at(self.signal, stamp, unit * flux.astype(np.float32)[:, None, None])
 
 
 def _galaxy_params(rng: np.random.Generator, k: int, c: SimConfig,
@@ -468,8 +472,8 @@ def _render_field(rng: np.random.Generator, scene: Scene, fs: FieldSources,
                   if galaxy[sel[0]] else None)
         stamp = fs.stamp[sel]
         unit = _shapes(scene, stamp, fs.dx[sel], fs.dy[sel], params)
+        flux = scene.field_flux(stamp, fs.snr[sel])
         if params is None:
-            flux = fs.snr[sel] * cond["sigma"][stamp] / scene.psf_norm[stamp]
             headroom = cond["saturation"][stamp] - cond["level"][stamp]
             spikes = np.flatnonzero(spiky[stamp] & (cond["background"][stamp] != _DIFFERENCE)
                                     & (flux * scene.psf_peak[stamp] >= headroom))
@@ -477,7 +481,7 @@ def _render_field(rng: np.random.Generator, scene: Scene, fs: FieldSources,
                 unit[spikes] += c.spike_strength * render_spikes(
                     scene.shape, fs.dx[sel[spikes]], fs.dy[sel[spikes]],
                     cond["fwhm"][stamp[spikes]], np.full(spikes.size, c.spike_length))
-        scene.addfield_population(stamp, unit, fs.snr[sel])
+        scene.addfield_population(stamp, unit, flux)
 
 
 def observe(rng: np.random.Generator, scene: Scene, c: SimConfig,
