@@ -15,6 +15,9 @@ simulator knows about each stamp (``/meta``), at the store's own 1 %-FPR thresho
   resolved), and **field crowding per beam** (sources per 1.133 FWHM^2: the confusion limit
   of a survey is about 1 source per 20-50 beams);
 * the threshold set by each kind of negative alone, to tell hard negatives from the field;
+* **where the ROC AUC is lost**: each positive's share of ``1 - AUC`` (the fraction of the
+  negatives scoring at or above it, over the number of positives), summed by SNR bin and by
+  the number of field sources on the stamp, beside AUC and completeness per field count;
 * the groups issue 13's bar names (a field source within 6 px; a galaxy at the centre), so
   the bar can be read against the ideal observer's bound for the same stamps.
 
@@ -42,6 +45,7 @@ from stampbatch.evaluate import store_truth  # noqa: E402
 SNR_BINS = ((3, 5), (5, 7), (7, 10), (10, 20), (20, 50), (50, np.inf))
 NN_FWHM_BINS = (0.0, 1.25, 1.5, 2.0, 3.0, np.inf)
 BEAM_CAPS = (np.inf, 0.2, 0.1, 0.05)
+N_FIELD_BINS = (0, 1, 2, 4, 8, 13, 20, np.inf)
 
 
 def probabilities(run: Path, data: Path, n: int) -> np.ndarray:
@@ -100,6 +104,7 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> d
             "n": int(k.sum()), "roc_auc": float(roc_auc_score(yk, pk)),
             "completeness": float((pk[yk == 1] > t).mean()),
             "completeness_snr_ge_10": float((pk[bright] > t).mean())}
+    out.update(_auc_deficit(y, p, snr, meta["n_field"], thr))
     kind = np.asarray(meta["kind"]).astype(str)
     out["threshold_by_negative_kind"] = {}
     for k in np.unique(kind[neg]):
@@ -107,6 +112,37 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> d
         out["threshold_by_negative_kind"][k] = {
             "threshold": float(t), "passes_store_threshold": float(found[neg & (kind == k)].mean()),
             "completeness_snr_ge_10": float((p[pos & (snr >= 10)] > t).mean())}
+    return out
+
+
+def _auc_deficit(y: np.ndarray, p: np.ndarray, snr: np.ndarray, n_field: np.ndarray,
+                 thr: float) -> dict:
+    """Each positive's share of 1 - AUC, summed by SNR and by field count; AUC and
+    completeness (at the store's threshold ``thr``) per field count."""
+    pos = np.flatnonzero(y == 1)
+    neg_sorted = np.sort(p[y == 0])
+    # fraction of the negatives at or above each positive (ties count whole: a bound)
+    above = 1.0 - np.searchsorted(neg_sorted, p[pos], side="left") / len(neg_sorted)
+    share = above / len(pos)
+    out: dict = {"auc_deficit": float(share.sum()), "auc_deficit_by_snr": {},
+                 "auc_deficit_by_n_field": {}, "by_n_field": {}}
+    for lo, hi in SNR_BINS:
+        k = (snr[pos] >= lo) & (snr[pos] < hi)
+        out["auc_deficit_by_snr"][f"{lo}-{hi}"] = {"positives": float(k.mean()),
+                                                   "deficit": float(share[k].sum())}
+    for lo, hi in zip(N_FIELD_BINS[:-1], N_FIELD_BINS[1:]):
+        k = (n_field[pos] >= lo) & (n_field[pos] < hi)
+        out["auc_deficit_by_n_field"][f"{lo}-{hi}"] = {"positives": float(k.mean()),
+                                                       "deficit": float(share[k].sum())}
+        s = (n_field >= lo) & (n_field < hi)
+        if len(np.unique(y[s])) < 2:
+            continue
+        bright = s & (y == 1) & (snr >= 20)
+        out["by_n_field"][f"{lo}-{hi}"] = {
+            "n": int(s.sum()), "roc_auc": float(roc_auc_score(y[s], p[s])),
+            "completeness": float((p[s & (y == 1)] > thr).mean()),
+            "completeness_snr_ge_20": float((p[bright] > thr).mean()) if bright.any() else None,
+            "fpr": float((p[s & (y == 0)] > thr).mean())}
     return out
 
 
@@ -138,6 +174,17 @@ def _print(result: dict) -> None:
     for k, r in result["crowding_per_beam"].items():
         print(f"  {k:<8} n={r['n']:>6}  AUC {r['roc_auc']:.4f}  completeness {r['completeness']:.3f}"
               f"  SNR >= 10: {r['completeness_snr_ge_10']:.3f}")
+    print(f"where the ROC AUC is lost (1 - AUC = {result['auc_deficit']:.4f}), by SNR and by field "
+          f"sources on the stamp:")
+    for table, label in (("auc_deficit_by_snr", "SNR"), ("auc_deficit_by_n_field", "n_field")):
+        for k, r in result[table].items():
+            print(f"  {label:<8} {k:<8} {r['positives']:.3f} of the positives, "
+                  f"{r['deficit']:.4f} of 1 - AUC ({r['deficit'] / result['auc_deficit']:.0%})")
+    print("by field sources on the stamp (completeness at the store's threshold):")
+    for k, r in result["by_n_field"].items():
+        bright = "-" if r["completeness_snr_ge_20"] is None else f"{r['completeness_snr_ge_20']:.3f}"
+        print(f"  {k:<8} n={r['n']:>6}  AUC {r['roc_auc']:.4f}  completeness {r['completeness']:.3f}"
+              f"  SNR >= 20: {bright}  FPR {r['fpr']:.4f}")
     print("1 %-FPR threshold of each negative kind alone (completeness at SNR >= 10 there):")
     for k, r in result["threshold_by_negative_kind"].items():
         print(f"  {k:<12} {r['threshold']:.3f}  {r['completeness_snr_ge_10']:.3f}   "
