@@ -291,7 +291,8 @@ class StampStream:
                     self.dropped_first_pass = bad
                     if bad >= len(order):
                         raise TrainError(f"{self.stores.paths[0]}: every training stamp has "
-                                         f"NaN or Inf pixels")
+                                         f"masked pixels (NaN, Inf or |x| >= 1e30) in its "
+                                         f"central 3x3 or over a quarter of it")
                 epoch += 1
         except Exception as exc:
             self.error = exc

@@ -16,13 +16,19 @@ Degenerate stamps, decided here once:
 * constant stamps (all pixels equal, all-zero included) have nothing above the floor; the
   reference divides 0 by 0. They become a flat stamp (every pixel 1/(H*W)): featureless,
   unit sum, a valid model input that no network should call a source.
-* stamps with NaN or Inf pixels, or with sentinel-like pixels (``|x| >= SENTINEL_ABS``,
-  1e30: the -3.4e38 "no data" fill of many pipelines, float32 max), cannot be normalised
-  honestly. :func:`normalize` refuses them (ValueError with the count);
-  :func:`normalize_with_mask` returns them flat and marks them invalid so the caller can
-  score the rest and flag these. Every pixel of a valid stamp is below 1e30 in magnitude, so
-  the clipped range (< 2e30) and the stamp sum (< 441 * 2e30) stay far inside float32: the
-  float32 arithmetic of the reference cannot overflow.
+* **masked pixels** — NaN or Inf, or sentinel-like (``|x| >= SENTINEL_ABS``, 1e30: the
+  -3.4e38 "no data" fill of many pipelines, float32 max) — carry no information. Real
+  stamps hold them routinely (bad columns, cosmic-ray and saturation masks, the edge of a
+  CCD), so a stamp is not thrown away for a few of them: they are filled with the median
+  of the stamp's other pixels (the sky where they lie, to first order; zero in the noise
+  units vgg6 sees, so they add no signal), as long as at most ``MAX_MASKED_FRACTION`` of
+  the stamp is masked and **none of the central 3x3 pixels** is — those hold the peak of
+  the source the label is about, and no fill can stand in for them. Stamps past either
+  limit cannot be classified honestly: :func:`normalize` refuses them (ValueError with the
+  count); :func:`normalize_with_mask` returns them flat and marks them invalid so the
+  caller can score the rest and flag these. Every pixel of a valid stamp is below 1e30 in
+  magnitude after the fill, so the clipped range (< 2e30) and the stamp sum (< 441 * 2e30)
+  stay far inside float32: the float32 arithmetic of the reference cannot overflow.
 """
 
 from __future__ import annotations
@@ -31,8 +37,13 @@ import numpy as np
 
 SIGMA_G_COEFF = 0.7413
 CLIP_SIGMAS = 2.0
-# Pixels this large (in magnitude) are fill values, not flux: the stamp is unusable.
+# Pixels this large (in magnitude) are fill values, not flux: masked, like NaN.
 SENTINEL_ABS = 1e30
+# A stamp with more of its pixels masked than this is not classified (a quarter: a stamp
+# whose last 5 of 21 columns fall off the CCD is still one).
+MAX_MASKED_FRACTION = 0.25
+# Half-width of the central block that must be unmasked (1: the central 3x3 pixels).
+CENTRE_HALF_WIDTH = 1
 
 
 def _percentiles_sorted(part: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
@@ -54,11 +65,31 @@ def _percentiles_sorted(part: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
     return out
 
 
+def _fill_masked(rows: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fill the masked pixels of flattened stamps (M, H*W) with each stamp's median of the
+    unmasked ones, in place; return (rows, bool (M,) usable: few enough masked pixels and
+    none in the central block)."""
+    with np.errstate(invalid="ignore"):
+        masked = ~(np.abs(rows) < np.float32(SENTINEL_ABS))
+    r0, c0 = (h - 1) // 2, (w - 1) // 2
+    k = CENTRE_HALF_WIDTH
+    centre = (np.arange(r0 - k, r0 + k + 1)[:, None] * w + np.arange(c0 - k, c0 + k + 1)).ravel()
+    usable = (masked.sum(axis=1) <= MAX_MASKED_FRACTION * h * w) & ~masked[:, centre].any(axis=1)
+    if usable.any():
+        part = rows[usable]
+        hole = masked[usable]
+        fill = np.nanmedian(np.where(hole, np.float32(np.nan), part), axis=1).astype(np.float32)
+        np.copyto(part, np.broadcast_to(fill[:, None], part.shape), where=hole)
+        rows[usable] = part
+    return rows, usable
+
+
 def normalize_with_mask(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Normalise stamps; return (float32 (N, H, W) array, bool (N,) mask of usable stamps).
 
-    Rows with a NaN, Inf or sentinel-like (``|x| >= SENTINEL_ABS``) pixel come back flat
-    (1/(H*W)) and False in the mask.
+    Masked pixels (NaN, Inf or sentinel-like, ``|x| >= SENTINEL_ABS``) are filled with the
+    median of the stamp's other pixels; rows with more than ``MAX_MASKED_FRACTION`` of them,
+    or with one in the central 3x3, come back flat (1/(H*W)) and False in the mask.
     """
     arr = np.asarray(stamps)
     if arr.ndim != 3:
@@ -73,6 +104,13 @@ def normalize_with_mask(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     part = np.sort(flat, axis=1)
     limit = np.float32(SENTINEL_ABS)
     valid = (part[:, 0] > -limit) & (part[:, -1] < limit)
+    if not valid.all():   # rare: fill the masked pixels of the rows that allow it
+        masked = np.flatnonzero(~valid)
+        filled, usable = _fill_masked(flat[masked], h, w)
+        rows = masked[usable]
+        flat[rows] = filled[usable]
+        part[rows] = np.sort(filled[usable], axis=1)
+        valid[rows] = True
     with np.errstate(invalid="ignore", over="ignore"):
         pct = _percentiles_sorted(part, (25.0, 50.0, 75.0))
     del part
@@ -94,15 +132,21 @@ def normalize_with_mask(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def normalize(stamps: np.ndarray) -> np.ndarray:
     """Normalise an (N, H, W) array of stamps as the reference does; float32 out, same shape.
 
-    Raises ValueError when any stamp holds NaN, Inf or sentinel-like pixels (use
-    :func:`normalize_with_mask` to normalise the rest and flag those).
+    Masked pixels are filled as :func:`normalize_with_mask` does; raises ValueError when a
+    stamp cannot be classified (masked pixels in its central 3x3 or over
+    ``MAX_MASKED_FRACTION`` of it; use :func:`normalize_with_mask` to normalise the rest and
+    flag those).
     """
     out, valid = normalize_with_mask(stamps)
     if not valid.all():
         bad = np.flatnonzero(~valid)
-        raise ValueError(f"{len(bad)} stamp(s) have NaN or Inf pixels (first at row {bad[0]}); "
-                         f"fill values |x| >= {SENTINEL_ABS:g} count as Inf")
+        raise ValueError(f"{len(bad)} stamp(s) {UNUSABLE} (first at row {bad[0]})")
     return out
+
+
+# What makes a stamp unusable, in one phrase for every message that reports such stamps.
+UNUSABLE = (f"have masked pixels (NaN, Inf or |x| >= {SENTINEL_ABS:g}) in the central 3x3 "
+            f"or over {MAX_MASKED_FRACTION:.0%} of the stamp")
 
 
 def normalize_reference(stamp: np.ndarray) -> np.ndarray:

@@ -270,7 +270,7 @@ class SimConfig:
     spike_length: float = 5.0  # e-folding length of a spike, px
     bad_column_fraction: float = 0.02  # stamps with a dead or hot column
     masked_fraction: float = 0.02  # stamps with a block of masked pixels
-    masked_nan_fraction: float = 0.0  # of those: NaN instead of 0 (training skips NaN stamps)
+    masked_nan_fraction: float = 0.0  # of those: NaN instead of 0 (filled with the median when read)
     mask_max_size: int = 3  # masked blocks are 1..this px a side
     offcentre_fraction: float = 0.15  # fraction of negatives with an off-centre source
     hot_pixel_fraction: float = 0.1  # fraction of negatives with a single hot pixel

@@ -58,6 +58,7 @@ from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
 from stampbatch.errors import UsageError
 from stampbatch.export import export_for_scoring
 from stampbatch.models import build_model, check_architecture
+from stampbatch.preprocess import UNUSABLE
 from stampbatch.rundir import (  # noqa: F401  (public run-directory names re-exported)
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -459,9 +460,8 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
             # (tensorflow/tensorflow#22632, #21277).
             gc.collect()
         if train_stream.dropped_first_pass:
-            print(f"warning: {data}: {train_stream.dropped_first_pass} training stamps have "
-                  f"NaN or Inf pixels or sentinel values (|x| >= 1e30); they carry weight 0 (no effect on training)",
-                  file=sys.stderr)
+            print(f"warning: {data}: {train_stream.dropped_first_pass} training stamps "
+                  f"{UNUSABLE}; they carry weight 0 (no effect on training)", file=sys.stderr)
     if state.get("best_file"):
         model.load_weights(ckpt_dir / state["best_file"])
     calibration = _calibrate(model, store_path, split["val"])

@@ -32,12 +32,13 @@ def gaussian_stamps(n: int, *, seed: int = 0, shape: tuple[int, int] = (21, 21),
 
 def write_labelled_store(path: Path, n: int = 300, *, seed: int = 1, nan_rows=()) -> Path:
     """A labelled store: half bright centred sources, ``snr`` and ``kind`` metadata
-    (negatives cycle through background, offcentre, hot_pixel), optional NaN rows."""
+    (negatives cycle through background, offcentre, hot_pixel), optional unusable rows
+    (``nan_rows``: a NaN at the centre, where no fill can stand in for the pixel)."""
     from stampbatch import store
 
     labels = (np.arange(n) % 2).astype(np.int8)
     stamps = gaussian_stamps(n, seed=seed, sources=labels == 1)
-    stamps[list(nan_rows), 3, 4] = np.nan
+    stamps[list(nan_rows), stamps.shape[1] // 2, stamps.shape[2] // 2] = np.nan
     rng = np.random.default_rng(seed)
     snr = np.where(labels == 1, rng.uniform(3.0, 100.0, n), 0.0)
     kinds = np.array(["background", "offcentre", "hot_pixel"])

@@ -50,8 +50,9 @@ def write_results(path: Path, n: int = 240, *, seed: int = 3, radius: int = 12,
     t["uuid"] = uuids if uuids is not None else [f"{v:032x}" for v in rng.integers(0, 2**62, n)]
     coadd = gaussian_stamps(n, seed=seed, shape=(width, width), amplitude=5.0,
                             sources=rng.random(n) < 0.4)
-    coadd[list(nan_rows), radius, radius - 7] = np.nan    # inside the central 21x21
-    coadd[9, 0, 1] = np.nan                               # cropped away: row 9 is scored
+    coadd[list(nan_rows), radius, radius] = np.nan        # the centre: unscorable
+    coadd[11, radius, radius - 7] = np.nan                # inside the crop, off the centre:
+    coadd[9, 0, 1] = np.nan                               # filled; cropped away: both scored
     t["coadd_mean"] = coadd
     t["coadd_median"] = coadd * np.float32(0.9)
     for night in NIGHTS:
@@ -136,6 +137,7 @@ def test_score_round_trip_every_format(tmp_path, run, client, suffix):  # noqa: 
     p = np.asarray(after["prob_real"])
     assert p.dtype == np.float32 and _same(p, ref.probability)
     assert np.flatnonzero(np.isnan(p)).tolist() == [5, 17] and summary.unscorable == 2
+    assert np.isfinite(p[[9, 11]]).all()
     assert _same(after["prob_bogus"], np.float32(1) - ref.probability)
     assert _same(after["cnn_class"], np.nan_to_num(ref.probability, nan=-1) >= 0.5)
     assert summary.positives == int(np.asarray(after["cnn_class"]).sum()) > 20

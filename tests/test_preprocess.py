@@ -71,17 +71,57 @@ def test_constant_stamps_become_flat_not_nan(value):
     np.testing.assert_allclose(out, 1.0 / 441)
 
 
-def test_non_finite_stamps_are_refused_or_flagged():
+def _filled(stamp: np.ndarray) -> np.ndarray:
+    """The stamp with its masked pixels replaced by the median of the others."""
+    out = stamp.copy()
+    masked = ~(np.abs(out) < 1e30)
+    out[masked] = np.median(out[~masked])
+    return out
+
+
+def test_masked_pixels_off_the_centre_are_filled_with_the_stamps_median():
     stamps = np.random.default_rng(8).normal(size=(4, 21, 21)).astype(np.float32)
-    stamps[1, 3, 3] = np.nan
-    stamps[3, 0, 0] = np.inf
-    with pytest.raises(ValueError, match="2 stamp\\(s\\) have NaN or Inf pixels \\(first at row 1\\)"):
+    stamps[1, 3, 3] = np.nan            # a masked pixel
+    stamps[2, :, 0] = np.inf            # a bad column at the edge
+    stamps[3, 4:7, 14:17] = np.nan      # a masked block
+    out, valid = preprocess.normalize_with_mask(stamps)
+    assert valid.all() and np.isfinite(out).all()
+    ref = np.stack([preprocess.normalize_reference(_filled(s)) for s in stamps])
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-9)
+    np.testing.assert_array_equal(preprocess.normalize(stamps), out)
+    # the fill is the sky: at the median, i.e. above the clip floor, in every filled pixel
+    assert np.all(out[1, 3, 3] == np.median(out[1]))
+
+
+@pytest.mark.parametrize("where", ["centre", "centre_corner", "too_many"])
+def test_stamps_masked_at_the_centre_or_over_a_quarter_are_refused_or_flagged(where):
+    stamps = np.random.default_rng(8).normal(size=(3, 21, 21)).astype(np.float32)
+    if where == "centre":
+        stamps[1, 10, 10] = np.nan
+    elif where == "centre_corner":
+        stamps[1, 11, 9] = -np.inf      # still inside the central 3x3
+    else:
+        stamps[1, :, :6] = np.nan       # 126 of 441 pixels: over a quarter, centre intact
+    stamps[1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"1 stamp\(s\) have masked pixels \(NaN, Inf or "
+                                         r"\|x\| >= 1e\+30\) in the central 3x3 or over 25% "
+                                         r"of the stamp \(first at row 1\)"):
         preprocess.normalize(stamps)
     out, valid = preprocess.normalize_with_mask(stamps)
-    assert valid.tolist() == [True, False, True, False]
+    assert valid.tolist() == [True, False, True]
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out[1], 1.0 / 441)
     np.testing.assert_array_equal(out[0], preprocess.normalize(stamps[[0]])[0])
+
+
+def test_a_quarter_masked_with_the_centre_intact_is_still_classified():
+    stamps = np.random.default_rng(12).normal(size=(2, 21, 21)).astype(np.float32)
+    stamps[0, :, 16:] = np.nan                       # 105 pixels: 24 %, a CCD edge
+    stamps[1].ravel()[:110] = np.nan                 # exactly 110 = 0.25 * 441 (rounded down)
+    out, valid = preprocess.normalize_with_mask(stamps)
+    assert valid.tolist() == [True, True]
+    stamps[1].ravel()[110] = np.nan                  # one more: past the limit
+    assert preprocess.normalize_with_mask(stamps)[1].tolist() == [True, False]
 
 
 def test_integer_input_and_empty_batch():
@@ -98,21 +138,22 @@ def test_wrong_rank_is_refused():
 
 
 @pytest.mark.parametrize("value", [-3.4e38, 3.4e38, -3e38, 1e30, -1e30, np.finfo(np.float32).max])
-def test_sentinel_pixels_make_a_stamp_unusable_like_nan(value):
+def test_sentinel_pixels_are_masked_like_nan(value):
     """A -3.4e38 fill pixel used to normalise to an all-zero stamp scored as valid, and +-3e38
-    overflowed float32 to NaN stamps that the model then turned into NaN probabilities."""
+    overflowed float32 to NaN stamps that the model then turned into NaN probabilities. Now a
+    sentinel is a masked pixel: filled off the centre, unusable in a stamp made of them."""
     stamps = np.random.default_rng(9).normal(size=(5, 21, 21)).astype(np.float32)
     stamps[2, 4, 4] = value
     stamps[4] = value
-    with pytest.raises(ValueError, match="2 stamp\\(s\\) have NaN or Inf pixels .* count as Inf"):
+    with pytest.raises(ValueError, match="1 stamp\\(s\\) have masked pixels .*first at row 4"):
         preprocess.normalize(stamps)
     with np.errstate(all="raise"):
         out, valid = preprocess.normalize_with_mask(stamps)
-    assert valid.tolist() == [True, True, False, True, False]
+    assert valid.tolist() == [True, True, True, True, False]
     assert np.isfinite(out).all()
     np.testing.assert_array_equal(out[~valid], np.float32(1 / 441))
-    ref = np.stack([preprocess.normalize_reference(s) for s in stamps[valid]])
-    np.testing.assert_array_equal(out[valid], ref)
+    ref = np.stack([preprocess.normalize_reference(_filled(s)) for s in stamps[valid]])
+    np.testing.assert_allclose(out[valid], ref, rtol=2e-6, atol=1e-9)
 
 
 def test_huge_but_ordinary_pixels_do_not_overflow():
@@ -129,13 +170,15 @@ def test_huge_but_ordinary_pixels_do_not_overflow():
 def test_training_stream_drops_sentinel_stamps(tmp_path):
     """Three +-3e38 stamps in a training store made training 'diverge'; now they are counted
     and carry weight 0 like NaN stamps (dataset.StampStream normalises with the mask), so every
-    batch is finite and they have no effect on training."""
+    batch is finite and they have no effect on training. Sentinels at the centre and a stamp
+    made of them: unusable; a sentinel in a corner is a masked pixel, filled and trained on."""
     from stampbatch import store
     from stampbatch.dataset import StampStream
 
     labels = (np.arange(120) % 2).astype(np.int8)
     stamps = np.random.default_rng(11).normal(size=(120, 21, 21)).astype(np.float32)
-    stamps[5, 0, 0], stamps[6, 1, 1], stamps[7] = 3e38, -3e38, -3.4e38
+    stamps[5, 10, 10], stamps[6, 9, 11], stamps[7] = 3e38, -3e38, -3.4e38
+    stamps[8, 0, 0] = 3e38
     path = tmp_path / "sentinel.h5"
     store.create_store(path, stamps, labels, chunk_rows=32)
     stream = StampStream(path, np.arange(120), 16, (21, 21), seed=0, read_rows=40,

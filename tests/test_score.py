@@ -266,13 +266,16 @@ def test_tf_and_onnx_backends_agree(tmp_path, runs, client):
     np.testing.assert_allclose(t.occlusion, o.occlusion, rtol=0, atol=1e-5)
 
 
-def test_nan_stamps_are_flagged_and_the_rest_scored(tmp_path, runs, keras_models, client):
+def test_masked_stamps_are_filled_or_flagged_and_the_rest_scored(tmp_path, runs, keras_models,
+                                                                   client):
     path = tmp_path / "cand.h5"
     rng = np.random.default_rng(4)
     stamps = gaussian_stamps(200, seed=4, sources=rng.random(200) < 0.5, amplitude=5.0)
-    bad = np.array([3, 77, 150])
-    stamps[3, 4, 4] = np.nan
-    stamps[77, 10, 10] = np.inf
+    bad = np.array([77, 120, 150])
+    stamps[3, 4, 4] = np.nan            # off the centre: filled with the stamp's median, scored
+    stamps[40, :, 0] = -3.4e38          # a masked edge column: filled, scored
+    stamps[77, 10, 10] = np.inf         # the centre: no fill stands in for it
+    stamps[120, :, :6] = np.nan         # over a quarter of the stamp
     stamps[150] = np.nan
     store.create_store(path, stamps, chunk_rows=64)
     summary = score.score_files([path], [runs["vgg6"]], opts(occlusion="all", client=client))
@@ -282,6 +285,12 @@ def test_nan_stamps_are_flagged_and_the_rest_scored(tmp_path, runs, keras_models
     np.testing.assert_array_equal(s.occlusion_index, good)
     np.testing.assert_allclose(s.probability[good],
                                expected_p(keras_models["vgg6"], stamps[good]), atol=1e-5)
+    filled = stamps[[3, 40]].copy()
+    for f in filled:
+        f[~(np.abs(f) < 1e30)] = np.median(f[np.abs(f) < 1e30])
+    np.testing.assert_allclose(s.probability[[3, 40]], expected_p(keras_models["vgg6"], filled),
+                               atol=1e-5)
+    assert np.isfinite(s.occlusion[np.searchsorted(good, [3, 40])]).all()
     assert s.attrs["n_unscorable"] == 3 and summary.unscorable == 3
 
 

@@ -431,7 +431,7 @@ def test_nonfinite_stamps_are_skipped_and_counted(tmp_path, capfd):
     assert metrics["n_test_unscorable"] == n_bad_test
     assert sum(map(sum, metrics["confusion_matrix"])) == 60 - n_bad_test
     if n_bad_train:
-        assert f"{n_bad_train} training stamps have NaN or Inf" in capfd.readouterr().err
+        assert f"{n_bad_train} training stamps have masked pixels" in capfd.readouterr().err
 
 
 # --------------------------------------------------------------------------- bad input

@@ -66,7 +66,7 @@ def run_score(args: argparse.Namespace, scorer_options: dict) -> int:
         print(f"  cnn_class True for {s.positives:,} rows (prob_real >= {s.threshold:.4g}, "
               f"{s.threshold_from}), {s.maps:,} occlusion maps")
         if s.unscorable:
-            print(f"  {s.unscorable:,} rows unscorable (NaN/Inf pixels in {s.column}): "
-                  "prob_real NaN, cnn_class False")
+            print(f"  {s.unscorable:,} rows unscorable (masked pixels in {s.column} at the "
+                  "centre or over a quarter of the stamp): prob_real NaN, cnn_class False")
         print(f"  results: {s.output}")
     return 0

@@ -228,8 +228,9 @@ def format_summary(summary) -> str:  # noqa: ANN001 - score.ScoreSummary
             lines.append(f"  {m.name} ({m.backend}, sha256 {m.sha256[:12]}): {m.stamps:,} stamps, "
                          f"{m.above_half:,} with P(source) >= 0.5, {m.maps:,} occlusion maps")
     if summary.unscorable:
-        lines.append(f"  {summary.unscorable:,} stamps unscorable (NaN, Inf or |pixel| >= 1e30): "
-                     "probability NaN, no map")
+        lines.append(f"  {summary.unscorable:,} stamps unscorable (masked pixels — NaN, Inf or "
+                     "|pixel| >= 1e30 — at the centre or over a quarter of the stamp; fewer "
+                     "are filled with the stamp's median): probability NaN, no map")
     for target in summary.targets:
         lines.append(f"  results: {target}")
     for target, model in summary.up_to_date:
