@@ -65,21 +65,27 @@ def _percentiles_sorted(part: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
     return out
 
 
-def _fill_masked(rows: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+def _fill_masked(rows: np.ndarray, sorted_rows: np.ndarray, h: int,
+                 w: int) -> tuple[np.ndarray, np.ndarray]:
     """Fill the masked pixels of flattened stamps (M, H*W) with each stamp's median of the
     unmasked ones, in place; return (rows, bool (M,) usable: few enough masked pixels and
-    none in the central block)."""
+    none in the central block). ``sorted_rows`` are the same rows sorted (NaN last), where
+    the unmasked values form one run: the median is read there, no second pass."""
+    limit = np.float32(SENTINEL_ABS)
     with np.errstate(invalid="ignore"):
-        masked = ~(np.abs(rows) < np.float32(SENTINEL_ABS))
+        masked = ~(np.abs(rows) < limit)
+        low = (sorted_rows <= -limit).sum(axis=1)
+    good = rows.shape[1] - masked.sum(axis=1)
     r0, c0 = (h - 1) // 2, (w - 1) // 2
     k = CENTRE_HALF_WIDTH
     centre = (np.arange(r0 - k, r0 + k + 1)[:, None] * w + np.arange(c0 - k, c0 + k + 1)).ravel()
-    usable = (masked.sum(axis=1) <= MAX_MASKED_FRACTION * h * w) & ~masked[:, centre].any(axis=1)
+    usable = ((rows.shape[1] - good) <= MAX_MASKED_FRACTION * h * w) & ~masked[:, centre].any(axis=1)
     if usable.any():
-        part = rows[usable]
-        hole = masked[usable]
-        fill = np.nanmedian(np.where(hole, np.float32(np.nan), part), axis=1).astype(np.float32)
-        np.copyto(part, np.broadcast_to(fill[:, None], part.shape), where=hole)
+        lo, n_good = low[usable], good[usable]
+        mid = np.stack([lo + (n_good - 1) // 2, lo + n_good // 2], axis=1)
+        fill = np.take_along_axis(sorted_rows[usable], mid, axis=1).astype(np.float64).mean(axis=1)
+        part, hole = rows[usable], masked[usable]
+        np.copyto(part, np.broadcast_to(fill.astype(np.float32)[:, None], part.shape), where=hole)
         rows[usable] = part
     return rows, usable
 
@@ -106,7 +112,7 @@ def normalize_with_mask(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     valid = (part[:, 0] > -limit) & (part[:, -1] < limit)
     if not valid.all():   # rare: fill the masked pixels of the rows that allow it
         masked = np.flatnonzero(~valid)
-        filled, usable = _fill_masked(flat[masked], h, w)
+        filled, usable = _fill_masked(flat[masked], part[masked], h, w)
         rows = masked[usable]
         flat[rows] = filled[usable]
         part[rows] = np.sort(filled[usable], axis=1)

@@ -80,10 +80,13 @@ def _filled(stamp: np.ndarray) -> np.ndarray:
 
 
 def test_masked_pixels_off_the_centre_are_filled_with_the_stamps_median():
-    stamps = np.random.default_rng(8).normal(size=(4, 21, 21)).astype(np.float32)
+    stamps = np.random.default_rng(8).normal(size=(6, 21, 21)).astype(np.float32)
     stamps[1, 3, 3] = np.nan            # a masked pixel
     stamps[2, :, 0] = np.inf            # a bad column at the edge
     stamps[3, 4:7, 14:17] = np.nan      # a masked block
+    # every kind of mask at once, low and high, an even and an odd number of good pixels
+    stamps[4, 0, :5] = [np.nan, np.inf, -np.inf, 3e38, -3.4e38]
+    stamps[5, 0, :4] = [np.nan, -np.inf, -np.inf, 1e30]
     out, valid = preprocess.normalize_with_mask(stamps)
     assert valid.all() and np.isfinite(out).all()
     ref = np.stack([preprocess.normalize_reference(_filled(s)) for s in stamps])
