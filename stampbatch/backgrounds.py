@@ -11,6 +11,7 @@
   ``d``, a faint positive or negative copy for a flux mismatch ``eps``.
 * Detector defects: a bad column (dead: zero; hot: a high constant) and masked pixels
   (a small block set to zero, or to NaN where a store carries masks as NaN).
+* The detector's edge: a stamp cut within half a stamp of it has no data beyond (NaN).
 """
 
 from __future__ import annotations
@@ -113,4 +114,30 @@ def mask_pixels(rng: np.random.Generator, stamps: np.ndarray, rows: np.ndarray,
     np.copyto(sub, np.broadcast_to(fill[:, None, None], sub.shape), where=block)
     stamps[rows] = sub
     count[rows] = block.sum(axis=(1, 2))
+    return count
+
+
+def detector_edge(rng: np.random.Generator, stamps: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Cut each stamp of ``rows`` at a detector edge: on a random side, the outer 1 to
+    ``side // 2`` columns (or rows) hold no data (NaN) — a stamp centred on the detector,
+    up to half a stamp from its edge (at ``side // 2`` the centre pixel is the last on the
+    chip). Returns the number of pixels cut per stamp."""
+    n, h, w = stamps.shape
+    count = np.zeros(n, dtype=np.int16)
+    if not rows.size:
+        return count
+    side = rng.integers(0, 4, rows.size)           # 0: left, 1: right, 2: bottom, 3: top
+    vertical = side < 2
+    depth = np.where(vertical, rng.integers(1, w // 2 + 1, rows.size),
+                     rng.integers(1, h // 2 + 1, rows.size))
+    yy = np.arange(h)[None, :, None]
+    xx = np.arange(w)[None, None, :]
+    d = depth[:, None, None]
+    s = side[:, None, None]
+    cut = (((s == 0) & (xx < d)) | ((s == 1) & (xx >= w - d))
+           | ((s == 2) & (yy < d)) | ((s == 3) & (yy >= h - d)))
+    sub = stamps[rows]
+    sub[cut] = np.nan
+    stamps[rows] = sub
+    count[rows] = cut.sum(axis=(1, 2))
     return count

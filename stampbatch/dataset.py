@@ -292,7 +292,7 @@ class StampStream:
                     if bad >= len(order):
                         raise TrainError(f"{self.stores.paths[0]}: every training stamp has "
                                          f"masked pixels (NaN, Inf or |x| >= 1e30) in its "
-                                         f"central 3x3 or over a quarter of it")
+                                         f"central 3x3 or over half of it")
                 epoch += 1
         except Exception as exc:
             self.error = exc

@@ -21,8 +21,8 @@ Degenerate stamps, decided here once:
   stamps hold them routinely (bad columns, cosmic-ray and saturation masks, the edge of a
   CCD), so a stamp is not thrown away for a few of them: they are filled with the median
   of the stamp's other pixels (the sky where they lie, to first order; zero in the noise
-  units vgg6 sees, so they add no signal), as long as at most ``MAX_MASKED_FRACTION`` of
-  the stamp is masked and **none of the central 3x3 pixels** is — those hold the peak of
+  units vgg6 sees, so they add no signal), as long as at most ``MAX_MASKED_FRACTION`` (half)
+  of the stamp is masked and **none of the central 3x3 pixels** is — those hold the peak of
   the source the label is about, and no fill can stand in for them. Stamps past either
   limit cannot be classified honestly: :func:`normalize` refuses them (ValueError with the
   count); :func:`normalize_with_mask` returns them flat and marks them invalid so the
@@ -39,9 +39,10 @@ SIGMA_G_COEFF = 0.7413
 CLIP_SIGMAS = 2.0
 # Pixels this large (in magnitude) are fill values, not flux: masked, like NaN.
 SENTINEL_ABS = 1e30
-# A stamp with more of its pixels masked than this is not classified (a quarter: a stamp
-# whose last 5 of 21 columns fall off the CCD is still one).
-MAX_MASKED_FRACTION = 0.25
+# A stamp with more of its pixels masked than this is not classified: half of them are left
+# to read its sky and noise from, and a stamp cut at a CCD's edge keeps its centre (up to
+# 9 of 21 columns off the chip, 43 %) — the simulator cuts training stamps the same way.
+MAX_MASKED_FRACTION = 0.5
 # Half-width of the central block that must be unmasked (1: the central 3x3 pixels).
 CENTRE_HALF_WIDTH = 1
 

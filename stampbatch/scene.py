@@ -510,4 +510,7 @@ def observe(rng: np.random.Generator, scene: Scene, c: SimConfig,
     truth["n_masked"] = backgrounds.mask_pixels(
         rng, stamps, np.flatnonzero(rng.random(n) < c.masked_fraction), c.mask_max_size,
         rng.random(n) < c.masked_nan_fraction)
+    if c.detector_edge_fraction > 0:   # drawn last: a config without edges keeps its draws
+        truth["n_masked"] += backgrounds.detector_edge(
+            rng, stamps, np.flatnonzero(rng.random(n) < c.detector_edge_fraction))
     return stamps

@@ -122,7 +122,9 @@ for background), ``flux``, ``sky``, ``sky_subtracted``, ``sigma``, ``read_noise`
 ``sersic_n``, ``axis_ratio`` (centre galaxies; NaN otherwise), ``n_field`` (field sources
 on the stamp, bright stars included), ``nn_distance`` and ``nn_snr`` (the field source
 nearest the centre; NaN without one), ``field_density`` (per 100 px^2),
-``saturation`` (the clip level in stamp units), ``bad_column`` (-1: none), ``n_masked``.
+``saturation`` (the clip level in stamp units), ``bad_column`` (-1: none), ``n_masked``
+(pixels with no data: a masked block, zero or NaN, and the NaN beyond a detector's edge for
+the ``detector_edge_fraction`` of stamps cut within half a stamp of one).
 Candidate files (no ``/labels``) also hold ``true_label``.
 
 :func:`neighbour_free_config` gives the simulator of earlier releases (no field, no
@@ -180,6 +182,7 @@ _FRACTIONS = ("source_fraction", "moffat_fraction", "sky_subtracted_fraction",
               "galaxy_devaucouleurs_fraction", "centre_galaxy_fraction",
               "centre_saturated_fraction", "spike_fraction",
               "bad_column_fraction", "masked_fraction", "masked_nan_fraction",
+              "detector_edge_fraction",
               *HARD_FRACTIONS)
 _HARD = HARD_FRACTIONS
 
@@ -270,8 +273,12 @@ class SimConfig:
     spike_length: float = 5.0  # e-folding length of a spike, px
     bad_column_fraction: float = 0.02  # stamps with a dead or hot column
     masked_fraction: float = 0.02  # stamps with a block of masked pixels
-    masked_nan_fraction: float = 0.0  # of those: NaN instead of 0 (filled with the median when read)
+    masked_nan_fraction: float = 0.5  # of those: NaN instead of 0, as many pipelines store
+    # masks (the median of the stamp fills them when read, see stampbatch.preprocess)
     mask_max_size: int = 3  # masked blocks are 1..this px a side
+    detector_edge_fraction: float = 0.015  # stamps cut at a detector's edge: no data (NaN)
+    # beyond it, 1..half a stamp deep (DECam's 2048x4096 CCDs, 21 px stamps: 2*10/2048 +
+    # 2*10/4096 = 1.5 % of stamp centres lie that close to an edge)
     offcentre_fraction: float = 0.15  # fraction of negatives with an off-centre source
     hot_pixel_fraction: float = 0.1  # fraction of negatives with a single hot pixel
     cosmic_ray_fraction: float = 0.1  # fraction of negatives with a 1-3 px cosmic-ray track
@@ -394,7 +401,7 @@ NEIGHBOUR_FREE = {
     "sky_subtracted_fraction": 0.5, "difference_fraction": 0.0, "sky_gradient_max": 0.0,
     "residual_sky_max": 0.0, "field_density_min": 0.0, "field_density_max": 0.0,
     "centre_galaxy_fraction": 0.0, "centre_saturated_fraction": 0.0,
-    "bad_column_fraction": 0.0, "masked_fraction": 0.0,
+    "bad_column_fraction": 0.0, "masked_fraction": 0.0, "detector_edge_fraction": 0.0,
     "dipole_fraction": 0.0, "positive_companions": False, "psf_ellipticity_max": 0.0,
 }
 

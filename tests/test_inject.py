@@ -19,7 +19,7 @@ def real(tmp_path_factory):
     a candidate file with a per-stamp image type, as `ingest --meta` would write them."""
     path = tmp_path_factory.mktemp("inject") / "random_trajectories.h5"
     cfg = dataclasses.replace(SimConfig(), source_fraction=0.0, bad_column_fraction=0.0,
-                              masked_fraction=0.0)
+                              masked_fraction=0.0, detector_edge_fraction=0.0)
     b = simulate_stamps(3000, cfg, np.random.default_rng(40))
     types = np.array(["science", "difference", "coadd"])[np.arange(3000) % 3]
     store.create_store(path, b.stamps, None, {"image_type": types}, chunk_rows=512)

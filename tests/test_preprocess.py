@@ -97,17 +97,18 @@ def test_masked_pixels_off_the_centre_are_filled_with_the_stamps_median():
 
 
 @pytest.mark.parametrize("where", ["centre", "centre_corner", "too_many"])
-def test_stamps_masked_at_the_centre_or_over_a_quarter_are_refused_or_flagged(where):
+def test_stamps_masked_at_the_centre_or_over_half_are_refused_or_flagged(where):
     stamps = np.random.default_rng(8).normal(size=(3, 21, 21)).astype(np.float32)
     if where == "centre":
         stamps[1, 10, 10] = np.nan
     elif where == "centre_corner":
         stamps[1, 11, 9] = -np.inf      # still inside the central 3x3
     else:
-        stamps[1, :, :6] = np.nan       # 126 of 441 pixels: over a quarter, centre intact
+        stamps[1, :, :9] = np.nan
+        stamps[1, :8, 9:] = np.nan      # 189 + 96 of 441 pixels: over half, centre intact
     stamps[1, 0, 0] = np.nan
     with pytest.raises(ValueError, match=r"1 stamp\(s\) have masked pixels \(NaN, Inf or "
-                                         r"\|x\| >= 1e\+30\) in the central 3x3 or over 25% "
+                                         r"\|x\| >= 1e\+30\) in the central 3x3 or over 50% "
                                          r"of the stamp \(first at row 1\)"):
         preprocess.normalize(stamps)
     out, valid = preprocess.normalize_with_mask(stamps)
@@ -117,13 +118,16 @@ def test_stamps_masked_at_the_centre_or_over_a_quarter_are_refused_or_flagged(wh
     np.testing.assert_array_equal(out[0], preprocess.normalize(stamps[[0]])[0])
 
 
-def test_a_quarter_masked_with_the_centre_intact_is_still_classified():
+def test_half_masked_with_the_centre_intact_is_still_classified():
     stamps = np.random.default_rng(12).normal(size=(2, 21, 21)).astype(np.float32)
-    stamps[0, :, 16:] = np.nan                       # 105 pixels: 24 %, a CCD edge
-    stamps[1].ravel()[:110] = np.nan                 # exactly 110 = 0.25 * 441 (rounded down)
+    stamps[0, :, :9] = np.nan                        # 9 columns off a CCD's edge: 43 %
+    outside = np.ones((21, 21), dtype=bool)
+    outside[9:12, 9:12] = False
+    pixels = np.flatnonzero(outside.ravel())         # the centre's 3x3 kept
+    stamps[1].ravel()[pixels[:220]] = np.nan         # exactly 220 = 0.5 * 441 (rounded down)
     out, valid = preprocess.normalize_with_mask(stamps)
     assert valid.tolist() == [True, True]
-    stamps[1].ravel()[110] = np.nan                  # one more: past the limit
+    stamps[1].ravel()[pixels[220]] = np.nan          # one more: past the limit
     assert preprocess.normalize_with_mask(stamps)[1].tolist() == [True, False]
 
 

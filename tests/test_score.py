@@ -275,7 +275,8 @@ def test_masked_stamps_are_filled_or_flagged_and_the_rest_scored(tmp_path, runs,
     stamps[3, 4, 4] = np.nan            # off the centre: filled with the stamp's median, scored
     stamps[40, :, 0] = -3.4e38          # a masked edge column: filled, scored
     stamps[77, 10, 10] = np.inf         # the centre: no fill stands in for it
-    stamps[120, :, :6] = np.nan         # over a quarter of the stamp
+    stamps[120, :9] = np.nan            # over half the stamp (285 pixels), centre intact
+    stamps[120, 9:, :8] = np.nan
     stamps[150] = np.nan
     store.create_store(path, stamps, chunk_rows=64)
     summary = score.score_files([path], [runs["vgg6"]], opts(occlusion="all", client=client))

@@ -832,7 +832,7 @@ def test_companions_and_sharp_artefacts_are_as_common_in_positives_as_in_negativ
     """What lies beside the centre says nothing about the label: companions (an off-centre
     source, a streak, a hot pixel or cosmic ray near the centre) come with the same
     probabilities in both classes, and a positive's truth stays its centre source's."""
-    cfg = SimConfig()
+    cfg = SimConfig(masked_fraction=0.0, detector_edge_fraction=0.0)  # pixels, not defects
     b = simulate_stamps(20_000, cfg, np.random.default_rng(23))
     m, pos = b.meta, b.labels == 1
     kinds = ("offcentre", "streak", "hot_pixel", "cosmic_ray")
@@ -946,7 +946,9 @@ def test_default_mixture_spans_fields_backgrounds_and_profiles():
     assert (m["half_light_radius"][gal] <= cfg.centre_galaxy_re_max + 1e-5).all()
     assert np.isnan(m["half_light_radius"][~gal]).all()
     assert set(np.unique(m["sersic_n"][gal])) == {1.0, 4.0}
-    assert np.isfinite(b.stamps).all()  # masked_nan_fraction = 0 by default
+    # no data (NaN) only where a mask or a detector's edge says so
+    nan_pixels = np.isnan(b.stamps).sum(axis=(1, 2))
+    assert (nan_pixels <= m["n_masked"]).all() and (nan_pixels > 0).any()
     assert _binomial_ok(int((m["bad_column"] >= 0).sum()), n, cfg.bad_column_fraction)
 
 
@@ -1046,6 +1048,34 @@ def test_bad_columns_and_masked_pixels():
     assert 0.35 < nan_rows.mean() < 0.65
     assert (np.isnan(b.stamps).sum(axis=(1, 2))[nan_rows] == m["n_masked"][nan_rows]).all()
     assert ((m["n_masked"] >= 1) & (m["n_masked"] <= 4)).all()
+
+
+def test_stamps_cut_at_a_detector_edge_have_no_data_beyond_it():
+    """A stamp centred within half a stamp of a CCD's edge: one side's outer 1..10 columns (or
+    rows) are NaN, the centre pixel is always on the chip, and the rate is the configured one."""
+    b = simulate_stamps(2000, OLD(detector_edge_fraction=0.5), np.random.default_rng(31))
+    m = b.meta
+    nan = np.isnan(b.stamps)
+    cut = nan.any(axis=(1, 2))
+    assert _binomial_ok(int(cut.sum()), 2000, 0.5)
+    assert (nan.sum(axis=(1, 2)) == m["n_masked"]).all()
+    assert not nan[:, 10, 10].any()
+    cols, rows = nan.all(axis=1), nan.all(axis=2)      # (N, W): columns wholly NaN; rows
+    depth = np.maximum(cols.sum(axis=1), rows.sum(axis=1))
+    assert ((depth >= 1) & (depth <= 10))[cut].all()
+    # the NaN region is exactly the outer `depth` columns or rows of one side
+    left = cols[:, :10].sum(axis=1) == depth
+    right = cols[:, 11:].sum(axis=1) == depth
+    bottom = rows[:, :10].sum(axis=1) == depth
+    top = rows[:, 11:].sum(axis=1) == depth
+    side = np.stack([left, right, bottom, top], axis=1) & cut[:, None]
+    assert (side.sum(axis=1)[cut] >= 1).all()
+    assert (nan.sum(axis=(1, 2))[cut] == 21 * depth[cut]).all()
+    for k in range(4):                                  # every side, about equally often
+        assert 0.15 < side[cut, k].mean() < 0.35
+    assert set(np.unique(depth[cut])) == set(range(1, 11))
+    # stamps of either class are cut alike: the edge says nothing about the label
+    assert abs(cut[b.labels == 1].mean() - cut[b.labels == 0].mean()) < 0.07
 
 
 def test_neighbour_free_preset_is_the_old_simulator():

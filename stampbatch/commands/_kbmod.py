@@ -67,6 +67,6 @@ def run_score(args: argparse.Namespace, scorer_options: dict) -> int:
               f"{s.threshold_from}), {s.maps:,} occlusion maps")
         if s.unscorable:
             print(f"  {s.unscorable:,} rows unscorable (masked pixels in {s.column} at the "
-                  "centre or over a quarter of the stamp): prob_real NaN, cnn_class False")
+                  "centre or over half the stamp): prob_real NaN, cnn_class False")
         print(f"  results: {s.output}")
     return 0

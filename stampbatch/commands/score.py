@@ -229,7 +229,7 @@ def format_summary(summary) -> str:  # noqa: ANN001 - score.ScoreSummary
                          f"{m.above_half:,} with P(source) >= 0.5, {m.maps:,} occlusion maps")
     if summary.unscorable:
         lines.append(f"  {summary.unscorable:,} stamps unscorable (masked pixels — NaN, Inf or "
-                     "|pixel| >= 1e30 — at the centre or over a quarter of the stamp; fewer "
+                     "|pixel| >= 1e30 — at the centre or over half the stamp; fewer "
                      "are filled with the stamp's median): probability NaN, no map")
     for target in summary.targets:
         lines.append(f"  results: {target}")
