@@ -170,10 +170,17 @@ def _local_state(job_id: str) -> str:
     return "RUNNING"
 
 
+# A traceback line that only points at code (Python 3.11+): carets and tildes.
+_MARKERS = re.compile(r"[\^~]+")
+
+
 def _error_line(log: Path, *, killed: bool = False) -> str | None:
     """The error line of a failed job from its log.
 
-    A job that raised: the exception line of the last Python traceback. A job Slurm killed
+    A job that raised: the exception line of the last Python traceback (the first line
+    after its header that is neither indented nor a column of ``^``/``~`` markers: Python
+    3.11 sometimes prints a frame's markers unindented, e.g. under ``contextlib.__exit__``
+    when a signal lands in it). A job Slurm killed
     (``killed``: cancelled, time limit, out of memory): Slurm's own ``slurmstepd: error``
     line first — the process may go on logging for a few seconds after it. Failing both,
     the last line that mentions an error.
@@ -192,7 +199,7 @@ def _error_line(log: Path, *, killed: bool = False) -> str | None:
                   default=None)
     if last_tb is not None:
         for ln in lines[last_tb + 1:]:
-            if ln.strip() and not ln[0].isspace():
+            if ln.strip() and not ln[0].isspace() and not _MARKERS.fullmatch(ln.strip()):
                 return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*:)", "", ln.strip())
     if slurm:
         return slurm[-1]

@@ -94,6 +94,29 @@ def test_error_line_of_a_job_log(tmp_path):
     assert job_status._error_line(tmp_path / "missing.err") is None
 
 
+def test_error_line_skips_unindented_traceback_markers(tmp_path):
+    """What a job log held when SIGUSR2 (a time limit) landed inside contextlib's __exit__:
+    Python 3.11 printed that frame's carets at column 0, and the status said '^^^^^^'."""
+    log = tmp_path / "580_0_log.err"
+    log.write_text(
+        "Traceback (most recent call last):\n"
+        '  File "/x/fileio.py", line 177, in write_atomic\n'
+        "    with atomic_path(path, overwrite=True, suffix=path.suffix, fail=fail) as tmp, \\\n"
+        '  File "/usr/lib/python3.11/contextlib.py", line 144, in __exit__\n'
+        "    next(self.gen)\n"
+        "^^^^^^^^^^^^^^^^^^\n"
+        '  File "/x/fileio.py", line 105, in fsync_file\n'
+        "    os.fsync(fh.fileno())\n"
+        "  ~~~~~~~~^^^^^^^^^^^^^\n"
+        '  File "/x/submitit/core/job_environment.py", line 227, in checkpoint_and_try_requeue\n'
+        "    raise utils.UncompletedJobError(message)\n"
+        "submitit.core.utils.UncompletedJobError: Job not requeued because: timed-out too many "
+        "times.\n"
+        "srun: error: vm: task 0: Exited with exit code 1\n")
+    assert job_status._error_line(log) == ("UncompletedJobError: Job not requeued because: "
+                                           "timed-out too many times.")
+
+
 def test_status_and_collect_without_runs(tmp_path, capsys):
     (tmp_path / "runs").mkdir()
     assert cli.main(["status", str(tmp_path / "runs")]) == 2
