@@ -248,7 +248,8 @@ def bench_occlusion(model_path: Path, cand: Path, work: Path, n_maps: int, n_ref
 
     from stampbatch import inference, occlusion, preprocess, store
 
-    stamps = preprocess.normalize(store.read_stamps(cand, 0, n_maps))
+    stamps, usable = preprocess.normalize_with_mask(store.read_stamps(cand, 0, n_maps))
+    stamps = stamps[usable]   # a few simulated stamps are masked at the centre: unscorable
     spec = inference.prepare_model(inference.resolve_model(model_path), "onnx")
     predict = inference.load_predictor(spec, 1)
     occlusion.occlusion_maps(stamps[:32], predict, threads=2)                 # warm-up

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from stampbatch import store  # noqa: E402
 from stampbatch.models import build_model  # noqa: E402
-from stampbatch.preprocess import normalize  # noqa: E402
+from stampbatch.preprocess import normalize_with_mask  # noqa: E402
 from stampbatch.train import (  # noqa: E402
     StampStream,
     TrainConfig,
@@ -123,7 +123,8 @@ def main() -> None:
 
         t0 = time.perf_counter()
         raw, lab = store.read_rows(path, rows)
-        x = normalize(raw)[..., None]
+        x, usable = normalize_with_mask(raw)   # stamps masked at the centre: left out
+        x, lab = x[usable][..., None], lab[usable]
         y = np.eye(2, dtype=np.float32)[lab.astype(np.int64)]
         w = weights[lab.astype(np.int64)]
         t_load = time.perf_counter() - t0

@@ -35,10 +35,15 @@ def compare(run: Path, candidates: Path, target: Path, n: int, dry_run: bool) ->
     spec = inference.prepare_model(inference.resolve_model(run), "onnx")
     session = inference._ort_session(str(spec.onnx_path), 4, gpu=False)
     name = session.get_inputs()[0].name
-    x = preprocess.normalize(store.read_stamps(candidates, 0, n))[..., None]
-    cpu = inference._batched(lambda b: session.run(None, {name: b})[0], x, 4096, "cpu check")
+    x, usable = preprocess.normalize_with_mask(store.read_stamps(candidates, 0, n))
+    cpu = inference._batched(lambda b: session.run(None, {name: b})[0], x[..., None], 4096,
+                             "cpu check")
     gpu = store.read_scores(target, "vgg6").probability[:n]
-    diff = float(np.nanmax(np.abs(cpu - gpu)))
+    if not np.array_equal(np.isnan(gpu), ~usable):
+        print("FAIL: the scored file's unscorable stamps are not the ones the CPU check finds")
+        return 1
+    cpu, gpu = cpu[usable], gpu[usable]   # stamps masked at the centre have no probability
+    diff = float(np.max(np.abs(cpu - gpu)))
     agree = float(np.mean((cpu >= 0.5) == (gpu >= 0.5)))
     ok = diff <= MAX_DIFF and agree >= MIN_AGREEMENT
     print(f"GPU vs CPU probabilities on {n:,} stamps: max |diff| {diff:.2e}, decisions at 0.5 "
