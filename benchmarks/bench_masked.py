@@ -4,7 +4,7 @@
 
 Real stamps hold masked pixels (NaN, Inf, |x| >= 1e30): bad columns, cosmic-ray and
 saturation masks, the edge of a CCD. ``stampbatch.preprocess`` fills them with the median of
-the stamp's other pixels unless the central 3x3 is masked or over a quarter of the stamp is.
+the stamp's other pixels unless the central 3x3 is masked or over half of the stamp is.
 For each masking pattern (all off the central 3x3) the stamps of STORE are scored with RUN's
 model three ways, side by side: clean (the yardstick), masked and filled by stampbatch, and
 masked with NaN set to 0 (what KBMOD's own filter does before calling the model). Reported:

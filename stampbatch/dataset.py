@@ -34,7 +34,7 @@ import numpy as np
 
 from stampbatch import store
 from stampbatch.errors import StampbatchError
-from stampbatch.preprocess import normalize_with_mask
+from stampbatch.preprocess import UNUSABLE, normalize_with_mask
 
 if TYPE_CHECKING:
     from stampbatch.train import TrainConfig
@@ -291,8 +291,7 @@ class StampStream:
                     self.dropped_first_pass = bad
                     if bad >= len(order):
                         raise TrainError(f"{self.stores.paths[0]}: every training stamp has "
-                                         f"masked pixels (NaN, Inf or |x| >= 1e30) in its "
-                                         f"central 3x3 or over half of it")
+                                         f"{UNUSABLE}")
                 epoch += 1
         except Exception as exc:
             self.error = exc

@@ -147,12 +147,12 @@ def normalize(stamps: np.ndarray) -> np.ndarray:
     out, valid = normalize_with_mask(stamps)
     if not valid.all():
         bad = np.flatnonzero(~valid)
-        raise ValueError(f"{len(bad)} stamp(s) {UNUSABLE} (first at row {bad[0]})")
+        raise ValueError(f"{len(bad)} stamp(s) have {UNUSABLE} (first at row {bad[0]})")
     return out
 
 
 # What makes a stamp unusable, in one phrase for every message that reports such stamps.
-UNUSABLE = (f"have masked pixels (NaN, Inf or |x| >= {SENTINEL_ABS:g}) in the central 3x3 "
+UNUSABLE = (f"masked pixels (NaN, Inf or |x| >= {SENTINEL_ABS:g}) in the central 3x3 "
             f"or over {MAX_MASKED_FRACTION:.0%} of the stamp")
 
 

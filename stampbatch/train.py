@@ -461,7 +461,7 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
             gc.collect()
         if train_stream.dropped_first_pass:
             print(f"warning: {data}: {train_stream.dropped_first_pass} training stamps "
-                  f"{UNUSABLE}; they carry weight 0 (no effect on training)", file=sys.stderr)
+                  f"have {UNUSABLE}; they carry weight 0 (no effect on training)", file=sys.stderr)
     if state.get("best_file"):
         model.load_weights(ckpt_dir / state["best_file"])
     calibration = _calibrate(model, store_path, split["val"])

@@ -47,6 +47,7 @@ def run_ingest(args: argparse.Namespace) -> int:
 def run_score(args: argparse.Namespace, scorer_options: dict) -> int:
     """Score each KBMOD Results file given; one summary block per file."""
     from stampbatch import kbmod
+    from stampbatch.preprocess import UNUSABLE
 
     if len(args.model) != 1:
         raise UsageError("a KBMOD Results file is scored by one --model at a time "
@@ -66,7 +67,7 @@ def run_score(args: argparse.Namespace, scorer_options: dict) -> int:
         print(f"  cnn_class True for {s.positives:,} rows (prob_real >= {s.threshold:.4g}, "
               f"{s.threshold_from}), {s.maps:,} occlusion maps")
         if s.unscorable:
-            print(f"  {s.unscorable:,} rows unscorable (masked pixels in {s.column} at the "
-                  "centre or over half the stamp): prob_real NaN, cnn_class False")
+            print(f"  {s.unscorable:,} rows unscorable ({UNUSABLE}, in {s.column}): "
+                  "prob_real NaN, cnn_class False")
         print(f"  results: {s.output}")
     return 0

@@ -172,6 +172,7 @@ def run_fetch(args: argparse.Namespace) -> int:
 def describe_store(path: Path) -> str:
     """A human summary of one store (used by ``inspect``)."""
     from stampbatch import store
+    from stampbatch.preprocess import UNUSABLE
 
     info = store.open_store(path, check_labels_values=True)
     lines = [f"{path}"]
@@ -224,8 +225,7 @@ def describe_store(path: Path) -> str:
         lines.append(
             f"  scores/{model}: {int(finite.sum()):,} scored, {int((p[finite] >= 0.5).sum()):,} "
             f"with P(source) >= 0.5, {len(s.occlusion_index):,} occlusion maps"
-            + (f", {int((~finite).sum()):,} unscorable (masked at the centre or over half)"
-               if (~finite).any() else "")
+            + (f", {int((~finite).sum()):,} unscorable ({UNUSABLE})" if (~finite).any() else "")
             + f"; arch {attrs.get('architecture', '?')}, model sha256 "
               f"{str(attrs.get('model_sha256', '?'))[:12]}, scored {attrs.get('scored_at', '?')}"
         )

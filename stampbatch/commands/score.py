@@ -213,6 +213,8 @@ def run_score(args: argparse.Namespace) -> int:
 
 def format_summary(summary) -> str:  # noqa: ANN001 - score.ScoreSummary
     """The end-of-run report: stamps, per-model counts, unscorable rows, time, rate."""
+    from stampbatch.preprocess import UNUSABLE
+
     lines = []
     if summary.stamps_scored:
         lines.append(f"scored {summary.stamps_scored:,} stamps from {len(summary.files)} file(s) "
@@ -228,9 +230,8 @@ def format_summary(summary) -> str:  # noqa: ANN001 - score.ScoreSummary
             lines.append(f"  {m.name} ({m.backend}, sha256 {m.sha256[:12]}): {m.stamps:,} stamps, "
                          f"{m.above_half:,} with P(source) >= 0.5, {m.maps:,} occlusion maps")
     if summary.unscorable:
-        lines.append(f"  {summary.unscorable:,} stamps unscorable (masked pixels — NaN, Inf or "
-                     "|pixel| >= 1e30 — at the centre or over half the stamp; fewer "
-                     "are filled with the stamp's median): probability NaN, no map")
+        lines.append(f"  {summary.unscorable:,} stamps unscorable ({UNUSABLE}; fewer are "
+                     "filled with the stamp's median): probability NaN, no map")
     for target in summary.targets:
         lines.append(f"  results: {target}")
     for target, model in summary.up_to_date:
