@@ -19,7 +19,15 @@ simulator knows about each stamp (``/meta``), at the store's own 1 %-FPR thresho
   negatives scoring at or above it, over the number of positives), summed by SNR bin and by
   the number of field sources on the stamp, beside AUC and completeness per field count;
 * the groups issue 13's bar names (a field source within 6 px; a galaxy at the centre), so
-  the bar can be read against the ideal observer's bound for the same stamps.
+  the bar can be read against the ideal observer's bound for the same stamps, and the
+  centre's profile (point, galaxy) by SNR outside difference images: is a galaxy harder
+  than a star of the same SNR on the same kind of image?
+* **what sets the 1 %-FPR threshold**: the false positives there by kind of negative,
+  streaks whose trail crosses the centre (within FWHM/2 of it) against those that do not,
+  and the completeness if streaks and dipoles were all rejected;
+* **stamps with a saturated field star**: completeness by the number of clipped pixels;
+* with ``--d4``, the ROC AUC of the mean probability over the stamp's eight flips and
+  quarter-turns (test-time augmentation: does a symmetric average buy anything?).
 
 Every figure is recomputed from the stamps and the model; nothing is read from a report.
 """
@@ -46,6 +54,7 @@ SNR_BINS = ((3, 5), (5, 7), (7, 10), (10, 20), (20, 50), (50, np.inf))
 NN_FWHM_BINS = (0.0, 1.25, 1.5, 2.0, 3.0, np.inf)
 BEAM_CAPS = (np.inf, 0.2, 0.1, 0.05)
 N_FIELD_BINS = (0, 1, 2, 4, 8, 13, 20, np.inf)
+CLIPPED_BINS = ((1, 10), (10, 50), (50, 10**6))
 
 
 def probabilities(run: Path, data: Path, n: int) -> np.ndarray:
@@ -58,6 +67,64 @@ def probabilities(run: Path, data: Path, n: int) -> np.ndarray:
     model = keras.models.load_model(run / "model.keras", safe_mode=True)
     prob, _, finite = predict_rows(model, data, np.arange(n))
     return np.where(finite, prob, np.nan)
+
+
+def d4_mean_probabilities(run: Path, data: Path, rows: np.ndarray) -> np.ndarray:
+    """P(source) averaged over the stamp's eight flips and quarter-turns, for ``rows`` (a
+    boolean mask of the stamps that are scored)."""
+    import keras
+
+    from stampbatch.preprocess import normalize_with_mask
+    from stampbatch.train import configure_tensorflow
+
+    configure_tensorflow()
+    model = keras.models.load_model(run / "model.keras", safe_mode=True)
+    x, _ = normalize_with_mask(store.read_stamps(data)[rows])
+    total = np.zeros(len(x))
+    for k in range(8):
+        t = np.rot90(x, k % 4, axes=(1, 2))
+        t = t[:, :, ::-1] if k >= 4 else t
+        total += model.predict(np.ascontiguousarray(t)[..., None], batch_size=1024, verbose=0)[:, 1]
+    return total / 8.0
+
+
+def streak_crosses_centre(dx: np.ndarray, dy: np.ndarray, angle: np.ndarray, length: np.ndarray,
+                          fwhm: np.ndarray) -> np.ndarray:
+    """Whether a trail (midpoint ``dx, dy`` px from the centre, ``length`` px at ``angle``
+    radians, as :func:`stampbatch.profiles.render_trail` draws it) passes within FWHM/2 of
+    the stamp's centre, i.e. puts its light where a centred source would be."""
+    c, s = np.cos(angle), np.sin(angle)
+    along, across = -(dx * c + dy * s), dx * s - dy * c
+    return (np.abs(along) <= 0.5 * length) & (np.abs(across) < 0.5 * fwhm)
+
+
+def false_positives(y: np.ndarray, p: np.ndarray, meta: dict, thr: float) -> dict:
+    """What passes the threshold ``thr`` among the negatives: counts by kind, streaks that
+    cross the centre against those that do not, and the completeness at the threshold
+    giving the same FPR when streaks and dipoles are all rejected."""
+    neg, pos = y == 0, y == 1
+    kind = np.asarray(meta["kind"]).astype(str)
+    passed = neg & (p > thr)
+    out: dict = {"n_negatives": int(neg.sum()), "false_positives": int(passed.sum()),
+                 "by_kind": {k: {"negatives": int((neg & (kind == k)).sum()),
+                                 "false_positives": int((passed & (kind == k)).sum())}
+                             for k in np.unique(kind[neg])}}
+    streak = neg & (kind == "streak")
+    if streak.any():
+        cross = streak & streak_crosses_centre(meta["dx"], meta["dy"], meta["trail_angle"],
+                                               meta["trail_length"], meta["psf_fwhm"])
+        out["streaks"] = {
+            "crossing_centre": int(cross.sum()),
+            "crossing_pass": float((p[cross] > thr).mean()) if cross.any() else None,
+            "crossing_median_p": float(np.median(p[cross])) if cross.any() else None,
+            "other_pass": float((p[streak & ~cross] > thr).mean()) if (streak & ~cross).any() else None}
+    rest = neg & ~np.isin(kind, ("streak", "dipole"))
+    if rest.any() and pos.any():
+        # the same number of false positives, all from the other kinds
+        t = np.quantile(p[rest], max(0.0, 1.0 - passed.sum() / rest.sum()))
+        out["without_streaks_and_dipoles"] = {"threshold": float(t),
+                                              "completeness": float((p[pos] > t).mean())}
+    return out
 
 
 def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> dict:
@@ -104,6 +171,15 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> d
             "n": int(k.sum()), "roc_auc": float(roc_auc_score(yk, pk)),
             "completeness": float((pk[yk == 1] > t).mean()),
             "completeness_snr_ge_10": float((pk[bright] > t).mean())}
+    # outside difference images, where galaxies never sit at the centre and fields are subtracted
+    undiffed = np.asarray(meta["background"]).astype(str) != "difference"
+    out["by_profile_snr"] = {pr: {f"{lo}-{hi}": row(undiffed & (profile == pr) & (snr >= lo) & (snr < hi))
+                                  for lo, hi in SNR_BINS} for pr in ("point", "galaxy")}
+    # clipped pixels of a field star (a saturated centre star is its own profile)
+    n_clipped = (stamps >= meta["saturation"].astype(np.float32)[:, None, None]).sum(axis=(1, 2))
+    out["by_clipped_pixels"] = {f"{lo}-{hi}": row(star & (n_clipped >= lo) & (n_clipped < hi))
+                                for lo, hi in CLIPPED_BINS}
+    out["false_positives"] = false_positives(y, p, meta, thr)
     out.update(_auc_deficit(y, p, snr, meta["n_field"], thr))
     kind = np.asarray(meta["kind"]).astype(str)
     out["threshold_by_negative_kind"] = {}
@@ -162,6 +238,12 @@ def _print(result: dict) -> None:
     print("bright (saturated) star off the centre:")
     line("yes", result["bright_star_elsewhere"])
     line("no", result["no_bright_star"])
+    for n_clip, r in result["by_clipped_pixels"].items():
+        line(f"  {n_clip} clipped px", r)
+    print("the centre's profile by SNR (science and sky-subtracted stamps):")
+    for pr, rows in result["by_profile_snr"].items():
+        for k, r in rows.items():
+            line(f"{pr} {k}", r)
     print("nearest field source, distance / FWHM (all SNR; SNR >= 10):")
     for k, r in result["by_nn_distance_fwhm"].items():
         line(k, r)
@@ -189,6 +271,22 @@ def _print(result: dict) -> None:
     for k, r in result["threshold_by_negative_kind"].items():
         print(f"  {k:<12} {r['threshold']:.3f}  {r['completeness_snr_ge_10']:.3f}   "
               f"(passes the store's threshold: {r['passes_store_threshold']:.3f})")
+    fp = result["false_positives"]
+    print(f"false positives at the store's threshold: {fp['false_positives']} of "
+          f"{fp['n_negatives']} negatives; " + ", ".join(
+              f"{k} {r['false_positives']}/{r['negatives']}" for k, r in fp["by_kind"].items()))
+    if fp.get("streaks", {}).get("crossing_centre"):
+        st = fp["streaks"]
+        print(f"  streaks crossing the centre: {st['crossing_centre']}, {st['crossing_pass']:.3f} pass "
+              f"(median P {st['crossing_median_p']:.3f}); other streaks: {st['other_pass']:.4f} pass")
+    if "without_streaks_and_dipoles" in fp:
+        w = fp["without_streaks_and_dipoles"]
+        print(f"  were streaks and dipoles all rejected: threshold {w['threshold']:.3f}, "
+              f"completeness {w['completeness']:.3f}")
+    if "d4_mean" in result:
+        d = result["d4_mean"]
+        print(f"mean over the 8 flips/quarter-turns: AUC {d['roc_auc']:.4f} -> {d['roc_auc_d4_mean']:.4f}, "
+              f"completeness {d['completeness']:.3f} -> {d['completeness_d4_mean']:.3f}")
 
 
 def main() -> int:
@@ -197,19 +295,30 @@ def main() -> int:
     parser.add_argument("run", type=Path)
     parser.add_argument("store", type=Path)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--d4", action="store_true",
+                        help="also score the eight flips/quarter-turns of each stamp (8x the work)")
     args = parser.parse_args()
     y = store_truth(args.store)
     meta = store.read_meta(args.store)
     missing = [c for c in ("snr", "snr_eff", "profile", "kind", "psf_fwhm", "nn_distance",
-                           "field_density", "saturation") if c not in meta]
+                           "field_density", "saturation", "n_field", "background", "dx", "dy", "trail_angle",
+                           "trail_length") if c not in meta]
     if missing:
         print(f"{args.store}: not a simulated store (no /meta {', '.join(missing)})", file=sys.stderr)
         return 2
     p = probabilities(args.run, args.store, len(y))
     ok = np.isfinite(p)
+    d4 = d4_mean_probabilities(args.run, args.store, ok) if args.d4 else None
     result = breakdown(y[ok], p[ok], {k: v[ok] for k, v in meta.items()},
                        store.read_stamps(args.store)[ok])
     result.update(run=str(args.run), store=str(args.store))
+    if d4 is not None:
+        yk, pk = y[ok], p[ok]
+        result["d4_mean"] = {"roc_auc": float(roc_auc_score(yk, pk)),
+                             "roc_auc_d4_mean": float(roc_auc_score(yk, d4)),
+                             "completeness": float((pk[yk == 1] > np.quantile(pk[yk == 0], 0.99)).mean()),
+                             "completeness_d4_mean": float(
+                                 (d4[yk == 1] > np.quantile(d4[yk == 0], 0.99)).mean())}
     _print(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -8,7 +8,9 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from quality_breakdown import _auc_deficit  # noqa: E402
+from quality_breakdown import _auc_deficit, false_positives, streak_crosses_centre  # noqa: E402
+
+from stampbatch.profiles import render_trail  # noqa: E402
 
 
 def test_the_auc_deficit_shares_add_up_to_one_minus_the_roc_auc():
@@ -36,3 +38,47 @@ def test_the_auc_deficit_shares_add_up_to_one_minus_the_roc_auc():
         s = (n_field >= int(lo)) & (n_field < int(hi))
         assert rows[f"{lo}-{hi}"]["roc_auc"] == roc_auc_score(y[s], p[s])
         assert rows[f"{lo}-{hi}"]["completeness"] == np.mean(p[s & (y == 1)] > thr)
+
+
+def test_a_streak_crosses_the_centre_where_its_light_reaches_the_centre_pixel():
+    rng = np.random.default_rng(5)
+    n = 3000
+    dx, dy = rng.uniform(-9, 9, n), rng.uniform(-9, 9, n)
+    angle, length = rng.uniform(0, np.pi, n), rng.uniform(8, 40, n)
+    fwhm = rng.uniform(2, 7, n)
+    cross = streak_crosses_centre(dx, dy, angle, length, fwhm)
+    assert 0.05 < cross.mean() < 0.5
+    trail = render_trail((21, 21), dx, dy, fwhm, length, angle)
+    # the centre pixel's share of the trail's peak brightness: at least about half the
+    # across-profile (FWHM/2 off the line), less a softened end, where it crosses; where
+    # it does not, the centre lies beyond the line's half maximum or past its end
+    centre = trail[:, 10, 10] / trail.reshape(n, -1).max(axis=1)
+    assert np.quantile(centre[cross], 0.05) > 0.3
+    assert np.quantile(centre[~cross], 0.95) < 0.6
+    assert np.median(centre[cross]) > 3 * np.median(centre[~cross])
+
+
+def test_false_positives_are_counted_by_kind_and_streaks_by_geometry():
+    kinds = np.array(["background"] * 90 + ["streak"] * 6 + ["dipole"] * 4 + ["source"] * 10)
+    y = (kinds == "source").astype(int)
+    p = np.zeros(len(y))
+    p[:90] = np.linspace(0.0, 0.5, 90)
+    p[90:93] = 0.95          # three streaks crossing the centre pass
+    p[93:96] = 0.1           # three elsewhere do not
+    p[96:100] = [0.9, 0.92, 0.2, 0.3]
+    p[100:] = np.linspace(0.6, 0.99, 10)
+    meta = {"kind": kinds.astype("S"), "dx": np.zeros(len(y)), "dy": np.zeros(len(y)),
+            "trail_angle": np.zeros(len(y)), "trail_length": np.full(len(y), 10.0),
+            "psf_fwhm": np.full(len(y), 4.0)}
+    meta["dy"][93:96] = 5.0  # parallel to the line, 5 px off it: beyond FWHM/2
+    out = false_positives(y, p, meta, thr=0.85)
+    assert out["false_positives"] == 5 and out["n_negatives"] == 100
+    assert out["by_kind"]["streak"] == {"negatives": 6, "false_positives": 3}
+    assert out["by_kind"]["dipole"] == {"negatives": 4, "false_positives": 2}
+    assert out["by_kind"]["background"] == {"negatives": 90, "false_positives": 0}
+    st = out["streaks"]
+    assert st["crossing_centre"] == 3 and st["crossing_pass"] == 1.0 and st["other_pass"] == 0.0
+    # five false positives from the backgrounds alone: a threshold inside their top five
+    w = out["without_streaks_and_dipoles"]
+    assert np.sum(p[:90] > w["threshold"]) in (4, 5)
+    assert w["completeness"] == np.mean(p[100:] > w["threshold"])
