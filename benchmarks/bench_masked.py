@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_masked.py RUN STORE.h5 [--seed 0]
 
 Real stamps hold masked pixels (NaN, Inf, |x| >= 1e30): bad columns, cosmic-ray and
-saturation masks, the edge of a CCD. ``stampbatch.preprocess`` fills them with the median of
-the stamp's other pixels unless the central 3x3 is masked or over half of the stamp is.
+saturation masks, the edge of a CCD. ``stampbatch.preprocess`` fills them with sky (the
+quartiles of the stamp's other pixels in a checkerboard, which keeps its median and noise
+level) unless the central 3x3 is masked or over half of the stamp is.
 For each masking pattern (all off the central 3x3) the stamps of STORE are scored with RUN's
 model three ways, side by side: clean (the yardstick), masked and filled by stampbatch, and
 masked with NaN set to 0 (what KBMOD's own filter does before calling the model). Reported:
@@ -40,6 +41,9 @@ def patterns(x: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     a = x.copy()
     a[:, :, w - 5:] = np.nan
     out["the last 5 columns NaN (a CCD edge, 24 %)"] = a
+    a = x.copy()
+    a[:, :, :9] = np.nan
+    out["the first 9 columns NaN (a CCD edge, 43 %)"] = a
     a = x.copy()
     r = rng.integers(0, h - 2, n)
     c = rng.choice(np.r_[0:w // 2 - 4, w // 2 + 3:w - 2], n)

@@ -175,8 +175,9 @@ def probe_stamps(stamp_shape: tuple[int, int], n: int = 64) -> np.ndarray:
     yy, xx = np.mgrid[:h, :w]
     psf = np.exp(-((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) / 4.5).astype(np.float32)
     raw[: n // 2] += 10.0 * psf                                 # half with a centred source
-    raw[-1] = 0.0                                               # a flat (constant) stamp
-    return normalize(raw)[..., None]
+    out = normalize(raw)
+    out[-1] = 1.0 / (h * w)  # the flat stamp normalisation gives the unusable ones
+    return out[..., None]
 
 
 def source_probability(out: np.ndarray, where: str) -> np.ndarray:

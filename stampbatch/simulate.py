@@ -274,7 +274,7 @@ class SimConfig:
     bad_column_fraction: float = 0.02  # stamps with a dead or hot column
     masked_fraction: float = 0.02  # stamps with a block of masked pixels
     masked_nan_fraction: float = 0.5  # of those: NaN instead of 0, as many pipelines store
-    # masks (the median of the stamp fills them when read, see stampbatch.preprocess)
+    # masks (the stamp's sky fills them when read, see stampbatch.preprocess)
     mask_max_size: int = 3  # masked blocks are 1..this px a side
     detector_edge_fraction: float = 0.015  # stamps cut at a detector's edge: no data (NaN)
     # beyond it, 1..half a stamp deep (DECam's 2048x4096 CCDs, 21 px stamps: 2*10/2048 +

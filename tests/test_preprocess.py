@@ -1,5 +1,7 @@
 """The vectorised normalisation against the per-stamp reference, and degenerate stamps."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -64,22 +66,75 @@ def test_non_square_pixel_count_uses_interpolated_percentiles():
 
 
 @pytest.mark.parametrize("value", [0.0, 7.5, -3.0])
-def test_constant_stamps_become_flat_not_nan(value):
+def test_constant_stamps_have_no_noise_to_measure_and_are_flagged_flat(value):
+    """An all-zero co-add (a trajectory with no data) is not an empty sky: vgg6 gave it
+    P = 0.51. It comes back flat and unusable, and normalize refuses it in one line."""
     stamps = np.full((3, 21, 21), value, dtype=np.float32)
-    out = preprocess.normalize(stamps)
-    assert np.all(np.isfinite(out))
-    np.testing.assert_allclose(out, 1.0 / 441)
+    out, valid = preprocess.normalize_with_mask(stamps)
+    assert not valid.any()
+    np.testing.assert_array_equal(out, np.float32(1.0 / 441))
+    with pytest.raises(ValueError, match=r"^3 stamp\(s\) have .*no noise to measure.*first at row 0\)$"):
+        preprocess.normalize(stamps)
+
+
+def test_stamps_whose_middle_half_is_one_value_are_unusable_the_rest_normalised():
+    rng = np.random.default_rng(11)
+    stamps = rng.normal(100.0, 5.0, size=(6, 21, 21)).astype(np.float32)
+    stamps[0, :, :17] = 0.0       # 81 % zero-filled (no data)
+    stamps[1, :, 4:] = 3.0e4      # 81 % a saturated plateau
+    stamps[2, :, :] = 3.0e4       # all of it
+    stamps[3, :, 9:] = 3.0e4      # 57 % saturated: the quartiles still straddle the sky
+    stamps[4, :, :12] = 0.0       # 57 % zero-filled: likewise
+    out, valid = preprocess.normalize_with_mask(stamps)
+    assert valid.tolist() == [False, False, False, True, True, True]
+    np.testing.assert_array_equal(out[:3], np.float32(1.0 / 441))
+    ref = np.stack([notebook_normalize(s) for s in stamps[3:]])
+    np.testing.assert_allclose(out[3:], ref, rtol=2e-6, atol=1e-9)
+    # exactly the rule: p25 == p75
+    p25, p75 = np.percentile(stamps.reshape(6, -1), [25, 75], axis=1)
+    assert ((p75 > p25) == valid).all()
 
 
 def _filled(stamp: np.ndarray) -> np.ndarray:
-    """The stamp with its masked pixels replaced by the median of the others."""
-    out = stamp.copy()
+    """The stamp with its masked pixels replaced by sky: the others' lower and upper
+    quartiles on the even and odd squares of a checkerboard."""
+    out = stamp.astype(np.float64)
     masked = ~(np.abs(out) < 1e30)
-    out[masked] = np.median(out[~masked])
-    return out
+    q25, q75 = np.percentile(out[~masked], [25, 75])
+    rows, cols = np.indices(out.shape)
+    out[masked] = np.where((rows + cols) % 2 == 0, q25, q75)[masked]
+    return out.astype(np.float32)
 
 
-def test_masked_pixels_off_the_centre_are_filled_with_the_stamps_median():
+@pytest.mark.parametrize("columns", [2, 5, 9])
+def test_a_masked_ccd_edge_leaves_the_stamps_noise_level_unbiased(columns):
+    """A flat median fill shrank sigma_G to 0.88 / 0.66 / 0.23 of the truth with 2 / 5 / 9
+    columns masked; the quartile fill keeps every stamp's median and sigma_G those of its
+    measured pixels, and so the noise the network sees that of an unmasked stamp."""
+    rng = np.random.default_rng(21)
+    stamps = rng.normal(50.0, 3.0, size=(300, 21, 21)).astype(np.float32)
+    stamps[:, :, :columns] = np.nan
+    out, valid = preprocess.normalize_with_mask(stamps)
+    assert valid.all()
+    clean, _ = preprocess.normalize_with_mask(rng.normal(50.0, 3.0, size=(300, 21, 21)).astype(np.float32))
+
+    def sigma_g(x):
+        q25, q75 = np.percentile(x.reshape(len(x), -1), [25, 75], axis=1)
+        return 0.7413 * (q75 - q25)
+
+    filled = np.stack([_filled(s) for s in stamps])
+    measured = stamps[:, :, columns:].reshape(len(stamps), -1)
+    step = np.diff(np.sort(measured, axis=1), axis=1).max(axis=1)  # one order statistic, at most
+    assert np.all(np.abs(sigma_g(filled) - sigma_g(measured)) <= 0.7413 * 2 * step)
+    assert np.all(np.abs(np.median(filled.reshape(len(filled), -1), axis=1)
+                         - np.median(measured, axis=1)) <= step)
+
+    # in normalised units (what the network sees): the same noise as an unmasked stamp
+    ratio = sigma_g(out).mean() / sigma_g(clean).mean()
+    assert 0.95 < ratio < 1.05, ratio
+
+
+def test_masked_pixels_off_the_centre_are_filled_with_the_stamps_sky():
     stamps = np.random.default_rng(8).normal(size=(6, 21, 21)).astype(np.float32)
     stamps[1, 3, 3] = np.nan            # a masked pixel
     stamps[2, :, 0] = np.inf            # a bad column at the edge
@@ -92,8 +147,12 @@ def test_masked_pixels_off_the_centre_are_filled_with_the_stamps_median():
     ref = np.stack([preprocess.normalize_reference(_filled(s)) for s in stamps])
     np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-9)
     np.testing.assert_array_equal(preprocess.normalize(stamps), out)
-    # the fill is the sky: at the median, i.e. above the clip floor, in every filled pixel
-    assert np.all(out[1, 3, 3] == np.median(out[1]))
+    # the fill is the sky: a bad column (21 pixels) alternates between the others' quartiles,
+    # in the normalised stamp the network sees
+    q25, q75 = np.percentile(out[2][:, 1:], [25, 75])
+    column = out[2][:, 0]
+    np.testing.assert_allclose(column[0::2], q25, rtol=1e-5)
+    np.testing.assert_allclose(column[1::2], q75, rtol=1e-5)
 
 
 @pytest.mark.parametrize("where", ["centre", "centre_corner", "too_many"])
@@ -107,9 +166,9 @@ def test_stamps_masked_at_the_centre_or_over_half_are_refused_or_flagged(where):
         stamps[1, :, :9] = np.nan
         stamps[1, :8, 9:] = np.nan      # 189 + 96 of 441 pixels: over half, centre intact
     stamps[1, 0, 0] = np.nan
-    with pytest.raises(ValueError, match=r"1 stamp\(s\) have masked pixels \(NaN, Inf or "
-                                         r"\|x\| >= 1e\+30\) in the central 3x3 or over 50% "
-                                         r"of the stamp \(first at row 1\)"):
+    assert preprocess.UNUSABLE.startswith("masked pixels (NaN, Inf or |x| >= 1e+30) in the central 3x3 "
+                                          "or over 50% of the stamp")
+    with pytest.raises(ValueError, match=re.escape(f"1 stamp(s) have {preprocess.UNUSABLE} (first at row 1)")):
         preprocess.normalize(stamps)
     out, valid = preprocess.normalize_with_mask(stamps)
     assert valid.tolist() == [True, False, True]

@@ -230,8 +230,8 @@ def format_summary(summary) -> str:  # noqa: ANN001 - score.ScoreSummary
             lines.append(f"  {m.name} ({m.backend}, sha256 {m.sha256[:12]}): {m.stamps:,} stamps, "
                          f"{m.above_half:,} with P(source) >= 0.5, {m.maps:,} occlusion maps")
     if summary.unscorable:
-        lines.append(f"  {summary.unscorable:,} stamps unscorable ({UNUSABLE}; fewer are "
-                     "filled with the stamp's median): probability NaN, no map")
+        lines.append(f"  {summary.unscorable:,} stamps unscorable ({UNUSABLE}): probability "
+                     "NaN, no map; masked pixels elsewhere are filled with the stamp's sky")
     for target in summary.targets:
         lines.append(f"  results: {target}")
     for target, model in summary.up_to_date:
