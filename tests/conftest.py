@@ -10,6 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# submitit configures logging when first imported (logging.config.dictConfig), which shuts
+# down every handler that exists by then. If TensorFlow came first, absl's handler is among
+# them, and it closes its stream when that is not the current sys.stderr: under pytest, the
+# capture stream of an earlier test, so a later test that first imports submitit (any
+# `launch`) ended the whole run ("lost sys.stderr") in orders that imported keras first
+# (tests/test_models.py before tests/test_bad_input.py). Import it before any test can.
+import submitit  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
