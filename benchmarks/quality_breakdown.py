@@ -69,9 +69,9 @@ def probabilities(run: Path, data: Path, n: int) -> np.ndarray:
     return np.where(finite, prob, np.nan)
 
 
-def d4_mean_probabilities(run: Path, data: Path, rows: np.ndarray) -> np.ndarray:
-    """P(source) averaged over the stamp's eight flips and quarter-turns, for ``rows`` (a
-    boolean mask of the stamps that are scored)."""
+def d4_mean_probabilities(run: Path, raw: np.ndarray) -> np.ndarray:
+    """P(source) of the stamps ``raw`` (N, H, W), averaged over each one's eight flips and
+    quarter-turns."""
     import keras
 
     from stampbatch.preprocess import normalize_with_mask
@@ -79,7 +79,7 @@ def d4_mean_probabilities(run: Path, data: Path, rows: np.ndarray) -> np.ndarray
 
     configure_tensorflow()
     model = keras.models.load_model(run / "model.keras", safe_mode=True)
-    x, _ = normalize_with_mask(store.read_stamps(data)[rows])
+    x, _ = normalize_with_mask(raw)
     total = np.zeros(len(x))
     for k in range(8):
         t = np.rot90(x, k % 4, axes=(1, 2))
@@ -145,8 +145,9 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> d
                 "ideal_roc_auc": float(ideal_auc[sel].mean())}
 
     profile = np.asarray(meta["profile"]).astype(str)
-    clipped = (stamps >= meta["saturation"].astype(np.float32)[:, None, None]).any(axis=(1, 2))
-    star = clipped & (profile != "saturated")
+    # clipped pixels of a field star (a saturated centre star is its own profile)
+    n_clipped = (stamps >= meta["saturation"].astype(np.float32)[:, None, None]).sum(axis=(1, 2))
+    star = (n_clipped > 0) & (profile != "saturated")
     nn = meta["nn_distance"] / meta["psf_fwhm"]
     per_beam = meta["field_density"] / 100.0 * 1.133 * meta["psf_fwhm"] ** 2
     out: dict = {"threshold_1pct_fpr": thr, "all": row(np.ones_like(pos)),
@@ -175,8 +176,6 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> d
     undiffed = np.asarray(meta["background"]).astype(str) != "difference"
     out["by_profile_snr"] = {pr: {f"{lo}-{hi}": row(undiffed & (profile == pr) & (snr >= lo) & (snr < hi))
                                   for lo, hi in SNR_BINS} for pr in ("point", "galaxy")}
-    # clipped pixels of a field star (a saturated centre star is its own profile)
-    n_clipped = (stamps >= meta["saturation"].astype(np.float32)[:, None, None]).sum(axis=(1, 2))
     out["by_clipped_pixels"] = {f"{lo}-{hi}": row(star & (n_clipped >= lo) & (n_clipped < hi))
                                 for lo, hi in CLIPPED_BINS}
     out["false_positives"] = false_positives(y, p, meta, thr)
@@ -308,9 +307,9 @@ def main() -> int:
         return 2
     p = probabilities(args.run, args.store, len(y))
     ok = np.isfinite(p)
-    d4 = d4_mean_probabilities(args.run, args.store, ok) if args.d4 else None
-    result = breakdown(y[ok], p[ok], {k: v[ok] for k, v in meta.items()},
-                       store.read_stamps(args.store)[ok])
+    stamps = store.read_stamps(args.store)[ok]
+    d4 = d4_mean_probabilities(args.run, stamps) if args.d4 else None
+    result = breakdown(y[ok], p[ok], {k: v[ok] for k, v in meta.items()}, stamps)
     result.update(run=str(args.run), store=str(args.store))
     if d4 is not None:
         yk, pk = y[ok], p[ok]

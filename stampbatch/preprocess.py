@@ -54,9 +54,19 @@ MAX_MASKED_FRACTION = 0.5
 CENTRE_HALF_WIDTH = 1
 
 
-def _percentiles_sorted(part: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
+def _percentiles_sorted(part: np.ndarray, qs: tuple[float, ...], start: np.ndarray | None = None,
+                        count: np.ndarray | None = None) -> np.ndarray:
     """Percentiles of each row of a row-sorted 2-D array, linear interpolation (numpy's
-    default), float64."""
+    default), float64 (rows, len(qs)). With ``start`` and ``count`` (int (rows,)), of each
+    row's run ``part[i, start[i]:start[i] + count[i]]`` instead of the whole row (the unmasked
+    values of a stamp, which sort into one run)."""
+    if start is not None and count is not None:
+        pos = start[:, None] + (count[:, None] - 1) * (np.asarray(qs, np.float64) / 100.0)[None, :]
+        below = np.floor(pos).astype(np.intp)
+        a = np.take_along_axis(part, below, axis=1).astype(np.float64)
+        above = np.minimum(below + 1, (start + count - 1)[:, None])
+        b = np.take_along_axis(part, above, axis=1).astype(np.float64)
+        return a + (b - a) * (pos - below)
     n = part.shape[1]
     positions = np.array([(n - 1) * q / 100.0 for q in qs])
     lo = np.floor(positions).astype(np.intp)
@@ -98,14 +108,7 @@ def _fill_masked(rows: np.ndarray, sorted_rows: np.ndarray, h: int,
     centre = (np.arange(r0 - k, r0 + k + 1)[:, None] * w + np.arange(c0 - k, c0 + k + 1)).ravel()
     usable = ((rows.shape[1] - good) <= MAX_MASKED_FRACTION * h * w) & ~masked[:, centre].any(axis=1)
     if usable.any():
-        run = sorted_rows[usable]
-        lo, n_good = low[usable][:, None], good[usable][:, None]
-        # quartiles of the unmasked run, linear interpolation as np.percentile
-        pos = lo + (n_good - 1) * np.array([0.25, 0.5, 0.75])[None, :]
-        below = np.floor(pos).astype(np.intp)
-        a = np.take_along_axis(run, below, axis=1).astype(np.float64)
-        b = np.take_along_axis(run, np.minimum(below + 1, lo + n_good - 1), axis=1).astype(np.float64)
-        q25, _, q75 = (a + (b - a) * (pos - below)).T
+        q25, q75 = _percentiles_sorted(sorted_rows[usable], (25.0, 75.0), low[usable], good[usable]).T
         pixel = np.arange(rows.shape[1])
         checker = (pixel // w + pixel % w) % 2 == 0
         fill = np.where(checker[None, :], q25[:, None], q75[:, None])
@@ -119,9 +122,9 @@ def normalize_with_mask(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Normalise stamps; return (float32 (N, H, W) array, bool (N,) mask of usable stamps).
 
     Masked pixels (NaN, Inf or sentinel-like, ``|x| >= SENTINEL_ABS``) are filled with sky
-    (the quartiles of the stamp's other pixels in a checkerboard); rows with more than ``MAX_MASKED_FRACTION`` of them,
-    with one in the central 3x3, or with no noise to measure (p25 == p75 after the fill)
-    come back flat (1/(H*W)) and False in the mask.
+    (the quartiles of the stamp's other pixels in a checkerboard); rows with more than
+    ``MAX_MASKED_FRACTION`` of them, with one in the central 3x3, or with no noise to
+    measure (p25 == p75 after the fill) come back flat (1/(H*W)) and False in the mask.
     """
     arr = np.asarray(stamps)
     if arr.ndim != 3:
