@@ -84,20 +84,26 @@ def test_vgg6_input_of_a_faint_source_ignores_a_bright_star(built):
 
 
 def test_vgg6_loads_without_stampbatch_in_safe_mode(tmp_path, built):
-    # Clients (KBMOD's filter) load model.keras with their own code: no stampbatch import.
+    # Clients (KBMOD's filter) load model.keras with their own code, no stampbatch import: they
+    # normalise each co-add stamp the reference way and pass (N, 21, 21), no channel axis.
     import subprocess
     import sys
 
-    x = _normalised_batch(4)
+    from stampbatch import preprocess
+
+    rng = np.random.default_rng(3)
+    sky = rng.normal(1000.0, 12.0, size=(4, 21, 21)).astype(np.float32)  # unsubtracted co-adds
+    sky[1, 8:13, 8:13] += 400.0                                           # a source at the centre
+    client = np.stack([preprocess.normalize_reference(s) for s in sky])   # (4, 21, 21)
     built["vgg6"].save(tmp_path / "vgg6.keras")
-    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "x.npy", client)
     code = ("import sys, numpy as np, keras\n"
             f"m = keras.models.load_model({str(tmp_path / 'vgg6.keras')!r}, safe_mode=True)\n"
             f"np.save({str(tmp_path / 'p.npy')!r}, m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0))\n"
             "assert 'stampbatch' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
-    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), built["vgg6"].predict(x, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    ours = built["vgg6"].predict(preprocess.normalize(sky)[..., None], verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), ours, rtol=1e-5, atol=1e-6)
 
 
 def test_simple_bn_really_has_batch_normalization(built):

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from stampbatch.errors import UsageError
 
-NAN_HELP = ("rows whose stamp has NaN/Inf pixels are not scored (KBMOD's own filter sets NaN to "
-            "0, inventing pixels the classifier never saw): prob_real and prob_bogus are NaN, "
-            "cnn_class is False, and the summary counts them")
+NAN_HELP = ("masked pixels (NaN/Inf/fill) are filled with the stamp's sky; rows that cannot be "
+            "classified honestly (a masked pixel in the central 3x3, over half masked, or no "
+            "noise to measure) are not scored: prob_real and prob_bogus are NaN, cnn_class is "
+            "False, and the summary counts them")
 
 
 def is_results_table(path: str | Path) -> bool:

@@ -24,9 +24,12 @@ here): nothing else in stampbatch knows it.
   is in. Each finished chunk is journaled durably beside the output
   (:mod:`stampbatch.journal`, ``<out>.stampbatch-journal/<model>/``), so a killed run
   resumes: journaled chunks are read back, not scored again; the journal is removed last.
-* Stamps with NaN/Inf pixels are never fed to the model (KBMOD's own filter sets NaN to 0
-  first, which invents flux-free pixels the classifier never saw): ``prob_real`` and
-  ``prob_bogus`` are NaN, ``cnn_class`` is False, and the rows are counted.
+* Masked pixels (NaN, Inf, fill values) are filled with the stamp's sky by
+  :func:`stampbatch.preprocess.normalize_with_mask`, as every scoring path does (KBMOD's own
+  filter sets NaN to 0 first, flux-free pixels far below an unsubtracted sky). Stamps it
+  cannot classify honestly (a masked pixel in the central 3x3, over half masked, no noise
+  to measure) are never fed to the model: ``prob_real`` and ``prob_bogus`` are NaN,
+  ``cnn_class`` is False, and the rows are counted.
 """
 
 from __future__ import annotations
