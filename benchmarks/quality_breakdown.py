@@ -26,6 +26,11 @@ simulator knows about each stamp (``/meta``), at the store's own 1 %-FPR thresho
   streaks whose trail crosses the centre (within FWHM/2 of it) against those that do not,
   and the completeness if streaks and dipoles were all rejected;
 * **stamps with a saturated field star**: completeness by the number of clipped pixels;
+* **faint sources against empty sky of the same kind**: SNR 3-5 positives against the
+  ``background`` negatives (nothing placed at or near the centre) that share their group —
+  field sources on the stamp, and on stamps without field sources the kind of image, white
+  or correlated noise, and the positive's companion — beside the ideal observer's AUC for
+  those positives: is the faint end lost to the field, to the noise, or to neither?
 * with ``--d4``, the ROC AUC of the mean probability over the stamp's eight flips and
   quarter-turns (test-time augmentation: does a symmetric average buy anything?).
 
@@ -179,6 +184,7 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> d
     out["by_clipped_pixels"] = {f"{lo}-{hi}": row(star & (n_clipped >= lo) & (n_clipped < hi))
                                 for lo, hi in CLIPPED_BINS}
     out["false_positives"] = false_positives(y, p, meta, thr)
+    out["faint_against_empty"] = faint_against_empty(y, p, meta)
     out.update(_auc_deficit(y, p, snr, meta["n_field"], thr))
     kind = np.asarray(meta["kind"]).astype(str)
     out["threshold_by_negative_kind"] = {}
@@ -187,6 +193,45 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> d
         out["threshold_by_negative_kind"][k] = {
             "threshold": float(t), "passes_store_threshold": float(found[neg & (kind == k)].mean()),
             "completeness_snr_ge_10": float((p[pos & (snr >= 10)] > t).mean())}
+    return out
+
+
+def faint_against_empty(y: np.ndarray, p: np.ndarray, meta: dict, lo: float = 3.0,
+                        hi: float = 5.0) -> dict:
+    """ROC AUC of the positives of SNR ``lo``-``hi`` against the empty negatives (kind
+    ``background``) of the same group, and the ideal observer's AUC Phi(snr_eff / sqrt 2)
+    for those positives. Groups: field sources on the stamp; on stamps without field
+    sources, the kind of image, white or correlated noise, and the positive's companion
+    (empty negatives carry none, so those rows compare with every empty field-free one)."""
+    kind = np.asarray(meta["kind"]).astype(str)
+    snr, n_field = meta["snr"], meta["n_field"]
+    faint = (y == 1) & (snr >= lo) & (snr < hi)
+    empty = (y == 0) & (kind == "background")
+    ideal = norm.cdf(meta["snr_eff"] / np.sqrt(2.0))
+
+    def row(pos: np.ndarray, neg: np.ndarray) -> dict:
+        pos, neg = faint & pos, empty & neg
+        if not pos.any() or not neg.any():
+            return {"positives": int(pos.sum()), "negatives": int(neg.sum())}
+        auc = roc_auc_score(np.r_[np.ones(pos.sum()), np.zeros(neg.sum())], np.r_[p[pos], p[neg]])
+        return {"positives": int(pos.sum()), "negatives": int(neg.sum()), "roc_auc": float(auc),
+                "ideal_roc_auc": float(ideal[pos].mean())}
+
+    sparse = n_field == 0
+    every = np.ones_like(sparse)
+    correlated = meta["noise_corr"] > 0
+    background = np.asarray(meta["background"]).astype(str)
+    companion = np.asarray(meta["companion"]).astype(str)
+    out: dict = {"snr": [lo, hi], "all": row(every, every), "by_n_field": {}}
+    for a, b in zip(N_FIELD_BINS[:-1], N_FIELD_BINS[1:]):
+        s = (n_field >= a) & (n_field < b)
+        out["by_n_field"][f"{a}-{b}"] = row(s, s)
+    out["no_field_by_background"] = {k: row(sparse & (background == k), sparse & (background == k))
+                                     for k in np.unique(background[faint])}
+    out["no_field_by_noise"] = {k: row(sparse & c, sparse & c)
+                                for k, c in (("white", ~correlated), ("correlated", correlated))}
+    out["no_field_by_companion"] = {k: row(sparse & (companion == k), sparse)
+                                    for k in np.unique(companion[faint])}
     return out
 
 
@@ -282,6 +327,21 @@ def _print(result: dict) -> None:
         w = fp["without_streaks_and_dipoles"]
         print(f"  were streaks and dipoles all rejected: threshold {w['threshold']:.3f}, "
               f"completeness {w['completeness']:.3f}")
+    fa = result["faint_against_empty"]
+    print(f"SNR {fa['snr'][0]:g}-{fa['snr'][1]:g} sources against empty negatives of the same group "
+          f"(AUC; the ideal observer's in brackets):")
+
+    def faint(name: str, r: dict) -> None:
+        if "roc_auc" in r:
+            print(f"  {name:<28} {r['positives']:>5} / {r['negatives']:>5}  AUC {r['roc_auc']:.4f} "
+                  f"({r['ideal_roc_auc']:.4f})")
+
+    faint("all", fa["all"])
+    for table, label in (("by_n_field", "field sources"), ("no_field_by_background", "no field, image"),
+                         ("no_field_by_noise", "no field, noise"),
+                         ("no_field_by_companion", "no field, companion")):
+        for k, r in fa[table].items():
+            faint(f"{label} {k}", r)
     if "d4_mean" in result:
         d = result["d4_mean"]
         print(f"mean over the 8 flips/quarter-turns: AUC {d['roc_auc']:.4f} -> {d['roc_auc_d4_mean']:.4f}, "
@@ -301,7 +361,7 @@ def main() -> int:
     meta = store.read_meta(args.store)
     missing = [c for c in ("snr", "snr_eff", "profile", "kind", "psf_fwhm", "nn_distance",
                            "field_density", "saturation", "n_field", "background", "dx", "dy", "trail_angle",
-                           "trail_length") if c not in meta]
+                           "trail_length", "noise_corr", "companion") if c not in meta]
     if missing:
         print(f"{args.store}: not a simulated store (no /meta {', '.join(missing)})", file=sys.stderr)
         return 2

@@ -4,11 +4,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from quality_breakdown import _auc_deficit, false_positives, streak_crosses_centre  # noqa: E402
+from quality_breakdown import (  # noqa: E402
+    _auc_deficit,
+    faint_against_empty,
+    false_positives,
+    streak_crosses_centre,
+)
 
 from stampbatch.profiles import render_trail  # noqa: E402
 
@@ -82,3 +88,41 @@ def test_false_positives_are_counted_by_kind_and_streaks_by_geometry():
     w = out["without_streaks_and_dipoles"]
     assert np.sum(p[:90] > w["threshold"]) in (4, 5)
     assert w["completeness"] == np.mean(p[100:] > w["threshold"])
+
+
+def test_faint_sources_are_compared_with_empty_stamps_of_their_own_group():
+    rng = np.random.default_rng(11)
+    n = 6000
+    y = (rng.random(n) < 0.5).astype(int)
+    kinds = np.array(["background", "streak", "dipole"])
+    kind = np.where(y == 1, "source", kinds[rng.choice(3, n, p=[0.7, 0.15, 0.15])])
+    snr = np.where(y == 1, rng.uniform(3, 20, n), 0.0)
+    n_field = rng.integers(0, 25, n)
+    correlated = rng.random(n) < 0.3
+    meta = {"kind": kind, "snr": snr, "snr_eff": np.where(correlated, 0.6, 1.0) * snr,
+            "n_field": n_field, "noise_corr": np.where(correlated, 0.5, 0.0),
+            "background": rng.choice(np.array(["science", "difference"]), n),
+            "companion": np.where(y == 1, rng.choice(np.array(["none", "streak"]), n), "none")}
+    # faint sources lost in crowding and in correlated noise; streaks score like sources
+    p = 1 / (1 + np.exp(-(y * (snr / 3 - 0.15 * n_field - 1.5 * correlated)
+                          + 2.0 * (kind == "streak") + rng.normal(0, 1, n))))
+    out = faint_against_empty(y, p, meta)
+    faint = (y == 1) & (snr >= 3) & (snr < 5)
+    empty = (y == 0) & (kind == "background")
+
+    def auc(pos, neg):
+        return roc_auc_score(np.r_[np.ones(pos.sum()), np.zeros(neg.sum())], np.r_[p[pos], p[neg]])
+
+    assert out["all"]["roc_auc"] == auc(faint, empty)          # streaks and dipoles left out
+    assert out["all"]["negatives"] == int(empty.sum())
+    s = (n_field >= 8) & (n_field < 13)
+    assert out["by_n_field"]["8-13"]["roc_auc"] == auc(faint & s, empty & s)
+    assert out["by_n_field"]["0-1"]["roc_auc"] > out["by_n_field"]["20-inf"]["roc_auc"]
+    white = out["no_field_by_noise"]["white"]
+    corr = out["no_field_by_noise"]["correlated"]
+    assert white["roc_auc"] > corr["roc_auc"] and white["ideal_roc_auc"] > corr["ideal_roc_auc"]
+    sparse = n_field == 0
+    sel = faint & sparse & (meta["companion"] == "streak")
+    assert out["no_field_by_companion"]["streak"]["roc_auc"] == auc(sel, empty & sparse)
+    assert np.isclose(out["no_field_by_companion"]["streak"]["ideal_roc_auc"],
+                      np.mean(norm.cdf(meta["snr_eff"][sel] / np.sqrt(2))))
