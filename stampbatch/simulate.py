@@ -200,9 +200,12 @@ class SimConfig:
     """Settings of the stamp simulator; every field has a default and is checked by validate().
 
     Where the defaults come from: FWHM 2-6 px spans ZTF (1"/px, 2" seeing) to DECam
-    (0.263"/px) in poor seeing; field densities 0.02-3 sources per 100 px^2 span ~1e4/deg^2
-    at high latitude (ZTF depth) to ~1e7/deg^2 in the Galactic bulge (DECam pixels), i.e.
-    ~0.1 to ~13 sources per 21x21 stamp, log-uniform; ``N(>S) ∝ S^-0.6`` (d log N / dm =
+    (0.263"/px) in poor seeing; field densities 0.02-3 sources per 100 px^2, i.e. ~0.1 to
+    ~13 sources per 21x21 stamp, log-uniform, are 2.6e3-3.9e5/deg^2 in ZTF's 1" pixels and
+    3.7e4-5.6e6/deg^2 in DECam's: from below the ~1e4/deg^2 of high latitude at ZTF's depth
+    to half the ~1e7/deg^2 of the Galactic bulge at DECam's (training on densities up to 6,
+    1.1e7/deg^2 in DECam pixels, changed nothing measurable: BENCHMARKS.md, ninth session);
+    ``N(>S) ∝ S^-0.6`` (d log N / dm =
     0.24) is the faint star counts' slope away from the plane (Euclidean would be 1.5);
     galaxy half-light radii 0.5-4 px are faint galaxies at 0.26-1"/px; a
     full well of 1e5 e- per exposure is typical of thick CCDs. Run on through saturation
