@@ -62,28 +62,28 @@ N_FIELD_BINS = (0, 1, 2, 4, 8, 13, 20, np.inf)
 CLIPPED_BINS = ((1, 10), (10, 50), (50, 10**6))
 
 
-def probabilities(run: Path, data: Path, n: int) -> np.ndarray:
+def load_model(run: Path):
+    """RUN's saved model (loaded once, for the plain and the --d4 scoring)."""
     import keras
 
-    from stampbatch.dataset import predict_rows
     from stampbatch.train import configure_tensorflow
 
     configure_tensorflow()
-    model = keras.models.load_model(run / "model.keras", safe_mode=True)
+    return keras.models.load_model(run / "model.keras", safe_mode=True)
+
+
+def probabilities(model, data: Path, n: int) -> np.ndarray:
+    from stampbatch.dataset import predict_rows
+
     prob, _, finite = predict_rows(model, data, np.arange(n))
     return np.where(finite, prob, np.nan)
 
 
-def d4_mean_probabilities(run: Path, raw: np.ndarray) -> np.ndarray:
+def d4_mean_probabilities(model, raw: np.ndarray) -> np.ndarray:
     """P(source) of the stamps ``raw`` (N, H, W), averaged over each one's eight flips and
     quarter-turns."""
-    import keras
-
     from stampbatch.preprocess import normalize_with_mask
-    from stampbatch.train import configure_tensorflow
 
-    configure_tensorflow()
-    model = keras.models.load_model(run / "model.keras", safe_mode=True)
     x, _ = normalize_with_mask(raw)
     total = np.zeros(len(x))
     for k in range(8):
@@ -365,10 +365,11 @@ def main() -> int:
     if missing:
         print(f"{args.store}: not a simulated store (no /meta {', '.join(missing)})", file=sys.stderr)
         return 2
-    p = probabilities(args.run, args.store, len(y))
+    model = load_model(args.run)
+    p = probabilities(model, args.store, len(y))
     ok = np.isfinite(p)
     stamps = store.read_stamps(args.store)[ok]
-    d4 = d4_mean_probabilities(args.run, stamps) if args.d4 else None
+    d4 = d4_mean_probabilities(model, stamps) if args.d4 else None
     result = breakdown(y[ok], p[ok], {k: v[ok] for k, v in meta.items()}, stamps)
     result.update(run=str(args.run), store=str(args.store))
     if d4 is not None:
