@@ -31,6 +31,8 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from quality_breakdown import load_model, probabilities, subset_auc  # noqa: E402
+from scipy.signal import fftconvolve  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from stampbatch import store  # noqa: E402
@@ -66,9 +68,17 @@ def _fit(templates: np.ndarray, used: np.ndarray, data: np.ndarray) -> tuple[np.
 
 
 def _psfs(shape, dx, dy, m: dict, rows: np.ndarray) -> np.ndarray:
-    beta = m["psf_beta"][rows]
-    return render_psf(shape, dx, dy, m["psf_fwhm"][rows], np.where(np.isfinite(beta), beta, np.nan),
-                      m["psf_e"][rows], m["psf_pa"][rows]).reshape(len(rows), -1).astype(np.float64)
+    """Each stamp's PSF (Gaussian where ``psf_beta`` is NaN) at (dx, dy), flattened, float64."""
+    return render_psf(shape, dx, dy, m["psf_fwhm"][rows], m["psf_beta"][rows], m["psf_e"][rows],
+                      m["psf_pa"][rows]).reshape(len(rows), -1).astype(np.float64)
+
+
+def _parabola_offset(centre: np.ndarray, minus: np.ndarray, plus: np.ndarray) -> np.ndarray:
+    """Sub-pixel offset of the vertex of the parabola through three samples, within +-0.5
+    (0 where the samples do not make a maximum)."""
+    den = minus - 2 * centre + plus
+    ok = np.isfinite(den) & (den < 0)
+    return np.clip(np.where(ok, 0.5 * (minus - plus) / np.where(ok, den, -1.0), 0.0), -0.5, 0.5)
 
 
 def observer_statistics(stamps: np.ndarray, meta: dict) -> dict[str, np.ndarray]:
@@ -91,11 +101,10 @@ def observer_statistics(stamps: np.ndarray, meta: dict) -> dict[str, np.ndarray]
     r_px = np.hypot(xx - (w - 1) / 2, yy - (h - 1) / 2).ravel()
     fwhm = meta["psf_fwhm"].astype(np.float64)
     outside = r_px[None] > np.maximum(CENTRE_RADIUS_FWHM * fwhm, CENTRE_RADIUS_MIN)[:, None]
-    templates, used = base, used
+    templates = base
     residual = x - np.einsum("nk,nkp->np", amp, templates)
     norm_c = np.sqrt((centre**2).sum(axis=1))
     active = np.ones(n, dtype=bool)
-    from scipy.signal import fftconvolve
     kernel = centre.reshape(n, h, w)[:, ::-1, ::-1]
     for _ in range(MAX_SOURCES):
         # significance of a PSF at every pixel: the matched filter of the residual
@@ -107,16 +116,11 @@ def observer_statistics(stamps: np.ndarray, meta: dict) -> dict[str, np.ndarray]
             break
         py, px = np.divmod(peak, w)
         s2 = signif.reshape(n, h, w)
-
-        def refine(centre_v, minus, plus):                     # parabola through three samples
-            den = minus - 2 * centre_v + plus
-            ok = np.isfinite(den) & (den < 0)
-            return np.clip(np.where(ok, 0.5 * (minus - plus) / np.where(ok, den, -1.0), 0.0),
-                           -0.5, 0.5)
-
         c = s2[rows, py, px]
-        ox = refine(c, s2[rows, py, np.clip(px - 1, 0, w - 1)], s2[rows, py, np.clip(px + 1, 0, w - 1)])
-        oy = refine(c, s2[rows, np.clip(py - 1, 0, h - 1), px], s2[rows, np.clip(py + 1, 0, h - 1), px])
+        ox = _parabola_offset(c, s2[rows, py, np.clip(px - 1, 0, w - 1)],
+                              s2[rows, py, np.clip(px + 1, 0, w - 1)])
+        oy = _parabola_offset(c, s2[rows, np.clip(py - 1, 0, h - 1), px],
+                              s2[rows, np.clip(py + 1, 0, h - 1), px])
         dx, dy = px + ox - (w - 1) / 2, py + oy - (h - 1) / 2
         new = _psfs((h, w), dx, dy, meta, rows) * active[:, None]
         templates = np.concatenate([templates, new[:, None]], axis=1)
@@ -142,8 +146,7 @@ def tables(y: np.ndarray, scores: dict[str, np.ndarray], meta: dict) -> dict:
             g = (meta["n_field"] >= a) & (meta["n_field"] < b) & ok
             pos, neg = faint & g, empty & g
             if pos.any() and neg.any():
-                row["faint_by_n_field"][f"{a}-{b}"] = float(roc_auc_score(
-                    np.r_[np.ones(pos.sum()), np.zeros(neg.sum())], np.r_[s[pos], s[neg]]))
+                row["faint_by_n_field"][f"{a}-{b}"] = subset_auc(s, pos, neg)
         out[name] = row
     return out
 
@@ -175,10 +178,7 @@ def main() -> int:
     scores = {k: np.concatenate(v) for k, v in scores.items()}
     found = scores.pop("sources_found")
     if args.run is not None:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from quality_breakdown import load_model, probabilities
-
-        scores["network"] = probabilities(load_model(args.run), args.store, len(store_truth(args.store)))[:n]
+        scores["network"] = probabilities(load_model(args.run), args.store, n)
     result = tables(y, scores, meta)
     result["sources_found_median_by_n_field"] = {
         f"{a}-{b}": float(np.median(found[(meta["n_field"] >= a) & (meta["n_field"] < b)]))

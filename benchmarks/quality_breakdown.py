@@ -62,6 +62,13 @@ N_FIELD_BINS = (0, 1, 2, 4, 8, 13, 20, np.inf)
 CLIPPED_BINS = ((1, 10), (10, 50), (50, 10**6))
 
 
+def subset_auc(score: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
+    """ROC AUC of the stamps selected by ``pos`` (as positives) against those selected by
+    ``neg`` (boolean masks over the same stamps)."""
+    return float(roc_auc_score(np.r_[np.ones(pos.sum()), np.zeros(neg.sum())],
+                               np.r_[score[pos], score[neg]]))
+
+
 def load_model(run: Path):
     """RUN's saved model (loaded once, for the plain and the --d4 scoring)."""
     import keras
@@ -144,8 +151,8 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: dict, stamps: np.ndarray) -> d
         sel = sel & pos
         if not sel.any():
             return {"n": 0}
-        auc = roc_auc_score(np.r_[np.ones(sel.sum()), np.zeros(neg.sum())], np.r_[p[sel], p[neg]])
-        return {"n": int(sel.sum()), "completeness": float(found[sel].mean()), "roc_auc": float(auc),
+        return {"n": int(sel.sum()), "completeness": float(found[sel].mean()),
+                "roc_auc": subset_auc(p, sel, neg),
                 "ideal_completeness": float(ceiling[sel].mean()),
                 "ideal_roc_auc": float(ideal_auc[sel].mean())}
 
@@ -213,8 +220,8 @@ def faint_against_empty(y: np.ndarray, p: np.ndarray, meta: dict, lo: float = 3.
         pos, neg = faint & pos, empty & neg
         if not pos.any() or not neg.any():
             return {"positives": int(pos.sum()), "negatives": int(neg.sum())}
-        auc = roc_auc_score(np.r_[np.ones(pos.sum()), np.zeros(neg.sum())], np.r_[p[pos], p[neg]])
-        return {"positives": int(pos.sum()), "negatives": int(neg.sum()), "roc_auc": float(auc),
+        return {"positives": int(pos.sum()), "negatives": int(neg.sum()),
+                "roc_auc": subset_auc(p, pos, neg),
                 "ideal_roc_auc": float(ideal[pos].mean())}
 
     sparse = n_field == 0
