@@ -84,3 +84,20 @@ def test_a_list_of_stores_in_toml_names_a_missing_one(tmp_path, data, capsys):
 
 def test_config_from_mapping_still_accepts_a_normal_seed():
     assert from_mapping(TrainConfig, {"seed": 7}).seed == 7
+
+
+def test_help_states_the_defaults_that_training_uses(capsys):
+    """Every default `train --help` names is TrainConfig's (the CLI keeps TF and the training
+    module out of its start-up, so the text is written by hand and checked here)."""
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    config = TrainConfig()
+    for phrase in (f"maximum epochs (default {config.epochs})",
+                   f"stamps per batch (default {config.batch_size})",
+                   f"(default {config.learning_rate:g};",
+                   f"{config.optimizer} (default)",
+                   f"(default {config.seed})",
+                   f"stopping (default {config.patience};"):
+        assert phrase in text, phrase
+    assert config.lr_schedule == "cosine" and "by a cosine" in text

@@ -49,9 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training settings (keys of TrainConfig; a run's config.toml works)")
     p.add_argument("--epochs", type=positive_int, help="maximum epochs (default 20)")
     p.add_argument("--batch-size", type=positive_int, help="stamps per batch (default 256)")
-    p.add_argument("--learning-rate", type=positive_float, help="learning rate (default 0.01)")
+    p.add_argument("--learning-rate", type=positive_float,
+                   help="initial learning rate, decayed to zero over the run by a cosine "
+                        "(default 0.003; 'lr_schedule' in --config)")
     p.add_argument("--optimizer", choices=("sgd", "adam"),
-                   help="sgd (momentum 0.9, default) or adam")
+                   help="adam (default) or sgd (momentum 0.9, the notebook's)")
     p.add_argument("--seed", type=seed, help="seed of the split, weights and shuffling: an "
                                                "integer from 0 to 2**32-1 (default 0)")
     p.add_argument("--patience", type=non_negative_int,
