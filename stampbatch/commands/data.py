@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
     p.add_argument("--noise", type=path_arg, metavar="B.npy", help="stamps without a source (label 0)")
     p.add_argument("--candidates", type=path_arg, metavar="C.npy", help="unlabelled candidate stamps")
     p.add_argument("--key", default=None,
-                   help="array name inside an .npz (default: its only array); the .npz's other "
+                   help="array name inside an .npz (default: its only 2-D or 3-D array); the .npz's other "
                         "1-D keys with one value per stamp become /meta columns")
     p.add_argument("--meta", type=path_arg, metavar="TABLE.csv",
                    help="per-stamp metadata: a CSV with a header and one row per stamp in store "
@@ -93,7 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
     p.add_argument("dest", type=path_arg)
     p.add_argument("--sha256", required=True, metavar="HEX", help="expected sha256 (64 hex digits)")
     p.add_argument("--retries", type=non_negative_int, default=5,
-                   help="failed attempts in a row (no new bytes) before giving up (default 5)")
+                   help="retries after a failed attempt (no new bytes) before giving up: at most "
+                        "N + 1 failed attempts in a row (default 5)")
     p.add_argument("--timeout", type=positive_float, default=30.0,
                    help="seconds without data before retrying (default 30)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")

@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=Path, metavar="RUN", help="a finished run directory")
     p.add_argument("--data", type=Path, required=True, metavar="LABELLED.h5")
     p.add_argument("--by", nargs="+", metavar="COLUMN", default=None,
-                   help="/meta columns to group by (default: every column with few values, and "
-                        "binned nn_distance, snr, half_light_radius)")
+                   help="/meta columns to group by (default: every text or true/false column with "
+                        "at most 30 values, and binned nn_distance, snr, half_light_radius; "
+                        "a numeric column is grouped only when named here)")
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="write evaluation.json only")
     p.set_defaults(func=run_evaluate)

@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="follow the jobs with a live status line until all end, then print a "
                         "summary and write the report")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the sbatch script that would be submitted; submit nothing")
+                   help="list the jobs and print the sbatch script Slurm would be given (whatever "
+                        "the executor); submit nothing")
     p.add_argument("--poll", type=positive_float, default=5.0, metavar="SECONDS",
                    help="with --wait: seconds between status checks (default 5)")
     p.set_defaults(func=run_launch)

@@ -121,13 +121,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
                          "stored threshold at 1%% false positives")
     where = p.add_argument_group("where to run (default: threads of this process for up to "
                                  "4 M stamp evaluations, else a local Dask cluster; --workers "
-                                 "always starts one)")
+                                 "or --dashboard always starts one)")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="join a running Dask scheduler (e.g. tcp://host:8786)")
     where.add_argument("--workers", type=positive_int, metavar="N",
                        help="worker processes (local) or Slurm jobs (--slurm without --gpus)")
     where.add_argument("--threads-per-worker", type=positive_int, metavar="N",
-                       help="threads per local worker process (default: all cores, up to 4)")
+                       help="threads per local worker process (default: all cores, up to 4; "
+                            "with --workers N, the cores shared among the N)")
     where.add_argument("--slurm", action="store_true",
                        help="start Dask workers as Slurm jobs (dask-jobqueue)")
     where.add_argument("--gpus", type=non_negative_int, default=0, metavar="N",
