@@ -283,11 +283,20 @@ def test_interrupted_run_resumes_from_checkpoint(data, tmp_path):
 
 # A trainer in its own process, as a Slurm job or `stampbatch train` runs it; argv: store,
 # run directory, epochs, learning rate, and "E:B" to SIGKILL itself after batch B of epoch E
-# (0-based) or "-". vgg6: it has dropout, whose random state must be restored too.
+# (0-based) or "-". vgg6 with a dropout layer before its head (registered here as a user
+# registers an architecture; stampbatch's own vgg6 has none): the dropout masks' random
+# state must be restored too.
 TRAINER = r"""
 import os, signal, sys
 import keras
+from stampbatch import models
 from stampbatch.train import TrainConfig, train_run
+def vgg6_dropout(shape, n_classes):
+    base = models.vgg6(shape, n_classes)
+    x = keras.layers.Dropout(0.5, name="drop")(base.get_layer("fc_1").output)
+    out = keras.layers.Dense(n_classes, activation="softmax", name="fc_out_dropout")(x)
+    return keras.Model(base.input, out, name="vgg6_dropout")
+models.ARCHITECTURES["vgg6_dropout"] = vgg6_dropout
 store, out, epochs, rate, kill_at = sys.argv[1:6]
 kill = tuple(int(x) for x in kill_at.split(":")) if kill_at != "-" else None
 class Kill(keras.callbacks.Callback):
@@ -297,7 +306,7 @@ class Kill(keras.callbacks.Callback):
         if (self.epoch, batch) == kill:
             os.kill(os.getpid(), signal.SIGKILL)
 config = TrainConfig(epochs=int(epochs), batch_size=32, patience=0, learning_rate=float(rate))
-train_run(store, "vgg6", out, config, progress=False, callbacks=[Kill()])
+train_run(store, "vgg6_dropout", out, config, progress=False, callbacks=[Kill()])
 """
 EXACT_N = 320  # 224 training stamps: 7 full batches of 32 per epoch, no partial batch
 
