@@ -64,6 +64,24 @@ def test_read_rows_in_any_order_with_repeats(tmp_path):
         store.read_rows(path, np.array([100]))
 
 
+@pytest.mark.parametrize("compression", [None, "lzf"])
+def test_read_rows_scattered_over_many_chunks(tmp_path, compression):
+    """A training window: rows scattered over the store, dense in some chunks and two per
+    chunk at its ends in others (read by an HDF5 selection, not the covering slice),
+    repeated, in any order; equal to the rows in memory."""
+    path = tmp_path / "s.h5"
+    _, stamps, labels, _ = make_store(path, n=6000, chunk_rows=256, compression=compression)
+    rng = np.random.default_rng(3)
+    dense = rng.choice(np.arange(0, 1200), 1000, replace=False)
+    ends = (np.arange(8, 23)[:, None] * 256 + [1, 250]).ravel()  # span 250 > 64 x 2 rows
+    rows = rng.permutation(np.r_[dense, ends, dense[:50], ends[:3], [5999, 0]])
+    got, lab = store.read_rows(path, rows)
+    np.testing.assert_array_equal(got, stamps[rows])
+    np.testing.assert_array_equal(lab, labels[rows])
+    spread = rng.choice(6000, 300, replace=False)  # sparser than 1 in 4 overall: by blocks
+    np.testing.assert_array_equal(store.read_rows(path, spread)[0], stamps[spread])
+
+
 def test_streaming_writer_appends_batches(tmp_path):
     path = tmp_path / "w.h5"
     rng = np.random.default_rng(1)

@@ -49,16 +49,38 @@ def read_rows(path: Path | str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return stamps[inverse], (labels[inverse] if labels is not None else None)
 
 
+# Rows per block of a scattered read (the store's own chunk rows when it has them).
+READ_BLOCK = 4096
+# Within a block, selected rows spread over more than this many times their number are read
+# one by one (an HDF5 point selection) instead of as the slice that covers them.
+SPARSE_SPAN = 64
+
+
 def _read_sorted(ds: h5py.Dataset, sorted_rows: np.ndarray) -> np.ndarray:
-    """Read sorted (possibly repeated) rows; contiguous runs become slices, which is far faster."""
+    """Read sorted (possibly repeated) rows, block by block.
+
+    HDF5's own fancy selection takes time that grows with the square of the number of rows
+    (h5py 3.14 / HDF5 1.14: 1,024 scattered rows 0.05 s, 16,384 rows 9 s), so a training
+    window of 65,536 rows scattered over a 750,000-stamp store took minutes. Here each block
+    of the dataset's chunk rows that holds selected rows is read as the one slice that covers
+    them and indexed in memory; only rows sparser than one in ``SPARSE_SPAN`` within a block
+    are read by a (small) HDF5 selection. Time and memory grow linearly with the rows asked.
+    """
     if len(sorted_rows) == 0:
         return np.empty((0, *ds.shape[1:]), dtype=ds.dtype)
     lo, hi = int(sorted_rows[0]), int(sorted_rows[-1]) + 1
-    # Dense enough: read the covering block once and index in memory.
-    if hi - lo <= 4 * len(sorted_rows):
+    if hi - lo <= 4 * len(sorted_rows):  # dense: the covering slice at once
         return ds[lo:hi][sorted_rows - lo]
     uniq, inv = np.unique(sorted_rows, return_inverse=True)
-    return ds[uniq][inv]
+    block = ds.chunks[0] if ds.chunks else READ_BLOCK
+    cuts = np.flatnonzero(np.diff(uniq // block)) + 1
+    out = np.empty((len(uniq), *ds.shape[1:]), dtype=ds.dtype)
+    for start, stop in zip(np.r_[0, cuts], np.r_[cuts, len(uniq)], strict=True):
+        rows = uniq[start:stop]
+        first, last = int(rows[0]), int(rows[-1]) + 1
+        out[start:stop] = (ds[first:last][rows - first] if last - first <= SPARSE_SPAN * len(rows)
+                           else ds[rows])
+    return out[inv]
 
 
 def read_labels(path: Path | str) -> np.ndarray:
