@@ -432,6 +432,10 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
         model = build_model(arch, info.stamp_shape)
         compile_model(model, config, math.ceil(len(split["train"]) / config.batch_size))
     start_epoch = int(state["epoch"])
+    # The run's wall time is this call's plus the training time of the calls it resumes
+    # (their epochs are in train_time_s; this call's epochs are added there too, so they are
+    # taken from the clock, not counted a second time).
+    t_run_start = t_start - float(state.get("train_time_s", 0.0))
     if config.patience and int(state.get("wait", 0)) >= config.patience:
         state["stopped_early"] = True
     train_labels = labels[split["train"]]
@@ -468,8 +472,8 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
     with _atomic(out_dir / MODEL_FILE) as tmp:
         model.save(tmp)
     fileio.write_json_atomic(out_dir / HISTORY_FILE, state["history"])
-    return _evaluate(model, store_path, arch, out_dir, config, info, split, data, state, t_start,
-                     calibration)
+    return _evaluate(model, store_path, arch, out_dir, config, info, split, data, state,
+                     t_run_start, calibration)
 
 
 def _open_stores(paths: Path | str | Sequence[Path | str],

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,16 @@ def test_run_directory_contents(vgg6_run, data):
                               "best_val_loss": metrics["best_val_loss"],
                               "best_val_accuracy": metrics["best_val_accuracy"],
                               "architecture": "vgg6"}
+
+
+def test_wall_time_is_the_clock_of_the_run(data, tmp_path):
+    """wall_time_s counts each epoch once: at least the epochs' own time, at most the clock
+    around the call (it once added this call's epochs twice)."""
+    t0 = time.monotonic()
+    metrics = train_run(data, "simple", tmp_path / "r", tiny(epochs=3), progress=False)
+    elapsed = time.monotonic() - t0
+    epochs = json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["train_time_s"]
+    assert 0 < epochs <= metrics["wall_time_s"] <= elapsed
 
 
 @pytest.mark.slow
