@@ -348,3 +348,36 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, run, client):  # noqa: F
     assert not journal.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("reference")) \
         == [src.name, out.name]                       # no partial output left by the kill
+
+
+def _mask_cells(path: Path, written: Table, cells: dict[int, tuple[int, int]]) -> None:
+    """Rewrite an ECSV/astropy-HDF5 table with its coadd_mean masked at ``{row: (y, x)}``, as
+    astropy writes masked cells (ECSV ``null``, an HDF5 ``.mask`` column); the stored value
+    under each mask is 0.0 in ECSV."""
+    from astropy.table import MaskedColumn
+
+    data = np.asarray(written["coadd_mean"])
+    mask = np.zeros(data.shape, dtype=bool)
+    for row, (y, x) in cells.items():
+        mask[row, y, x] = True
+    written["coadd_mean"] = MaskedColumn(data, mask=mask)
+    kwargs = {"path": "__astropy_table__", "serialize_meta": True} if path.suffix == ".hdf5" else {}
+    written.write(path, overwrite=True, **kwargs)
+
+
+@pytest.mark.parametrize("suffix", [".ecsv", ".hdf5"])
+def test_masked_cells_are_nan_not_zero_in_ingest_and_score(tmp_path, run, suffix):
+    """A masked centre pixel gives NaN (not a score of a 0.0 pixel); a masked pixel off the
+    centre is filled with the sky like a NaN; ingest --kbmod stores NaN."""
+    src = tmp_path / f"results{suffix}"
+    written = write_results(src, n=40, nan_rows=())
+    _mask_cells(src, written, {3: (12, 12), 8: (12, 6)})
+    out = tmp_path / "cands.h5"
+    assert cli.main(["ingest", str(out), "--kbmod", str(src)]) == 0
+    stamps = store.read_stamps(out)
+    assert np.isnan(stamps[3, 10, 10]) and np.isnan(stamps[8, 10, 4])
+    assert np.isnan(stamps).sum() == 3            # and write_results' own NaN in row 11
+    summary = kbmod.score_results(src, run, scorer_options={"progress": False,
+                                                              "log": lambda _m: None})
+    p = np.asarray(Table.read(summary.output)["prob_real"])
+    assert np.flatnonzero(np.isnan(p)).tolist() == [3] and summary.unscorable == 1

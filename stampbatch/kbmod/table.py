@@ -157,8 +157,7 @@ def open_results(path: Path | str) -> ResultsTable:
 def _column_values(table: ResultsTable, batch: Any, name: str) -> np.ndarray:
     """One column of a batch as numpy: (n,) scalars, (n, k) flattened cells; strings as str."""
     if table.fmt != "parquet":
-        values = np.asarray(batch[name])
-        return np.char.decode(values, "utf-8") if values.dtype.kind == "S" else values
+        return _astropy_values(batch[name])
     import pyarrow as pa
 
     col = batch.column(name)
@@ -172,6 +171,24 @@ def _column_values(table: ResultsTable, batch: Any, name: str) -> np.ndarray:
     if values.dtype.kind == "O":
         values = values.astype(str)
     return values
+
+
+def _astropy_values(col: Any) -> np.ndarray:
+    """An astropy column as numpy, masked cells (ECSV ``null``, astropy-HDF5 ``.mask``) as
+    NaN in numbers and "" in strings (their stored value is a placeholder, often 0, never
+    data: a masked pixel read as 0 would be scored as sky)."""
+    values = np.asarray(col)
+    if values.dtype.kind == "S":
+        values = np.char.decode(values, "utf-8")
+    mask = getattr(col, "mask", None)
+    if mask is None or not np.any(mask):
+        return values
+    mask = np.asarray(mask, dtype=bool)
+    if values.dtype.kind in "US":
+        return np.where(mask, "", values)
+    if values.dtype.kind in "iub":
+        values = values.astype(np.float64)
+    return np.where(mask, np.nan, values)
 
 
 def _parquet_batches(table: ResultsTable, columns: Sequence[str],
