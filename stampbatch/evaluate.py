@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,11 @@ def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
     model_path = run_dir / "model.keras"
     if not model_path.is_file():
         raise EvaluateError(f"{run_dir}: no model.keras (not a finished run)")
+    from stampbatch.inference import check_run_model
+
+    if not check_run_model(run_dir):  # thresholds of another model would be applied silently
+        print(f"warning: {run_dir / 'metrics.json'}: records no sha256 of its model (a run from "
+              "before they were recorded): its thresholds are used unchecked", file=sys.stderr)
     thresholds = run_thresholds(run_dir)
     y_all = store_truth(data)
     if len(np.unique(y_all)) < 2:

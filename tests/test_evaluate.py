@@ -143,3 +143,38 @@ def test_evaluate_by_a_column_of_an_ingested_table(run, tmp_path, capsys):
     for name in IMAGE_TYPES:
         sel = types == name
         assert groups[name]["roc_auc"] == pytest.approx(roc_auc_score(y[sel], p[sel]), abs=1e-9)
+
+
+def test_a_replaced_model_is_refused_where_the_run_describes_it(run, tmp_path, capsys):
+    """metrics.json records the sha256 of the model.keras it describes. A run whose
+    model.keras was swapped for another architecture's model is refused by score, by
+    --threshold fpr:F and by evaluate (one line naming the run's file); a run from before the
+    hash (none recorded) still evaluates, with a warning."""
+    import shutil
+
+    from stampbatch import fileio, kbmod, models
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["model_sha256"] == fileio.sha256_file(run / "model.keras")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(run, swapped)
+    models.build_model("vgg6").save(swapped / "model.keras")
+    data = real_format_store(tmp_path / "r.h5", n=80)
+    cands = tmp_path / "c.h5"
+    store.create_store(cands, gaussian_stamps(20, seed=1), None)
+    for argv in (["score", str(cands), "--model", str(swapped)],
+                 ["score", str(cands), "--model", str(swapped / "model.keras")],
+                 ["evaluate", str(swapped), "--data", str(data)]):
+        assert cli.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1, err
+        assert f"{swapped / 'model.keras'}: is not the model {swapped / 'metrics.json'}" in err
+    with pytest.raises(Exception, match="is not the model"):
+        kbmod.resolve_threshold("fpr:0.01", swapped)
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    del metrics["model_sha256"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    assert cli.main(["evaluate", str(old), "--data", str(data), "--no-figures"]) == 0
+    err = capsys.readouterr().err
+    assert "records no sha256 of its model" in err and "used unchecked" in err

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -195,6 +196,11 @@ def resolve_threshold(text: str, model: Path | str) -> tuple[float, str]:
     if not match:
         raise KbmodError(f"{metrics_file}: no threshold stored for FPR {target:g} (has "
                          f"{sorted(table) or 'none'}); use --threshold P")
+    from stampbatch.inference import check_run_model
+
+    if not check_run_model(metrics_file.parent, model=run / "model.keras" if run.is_dir() else run):
+        print(f"warning: {metrics_file}: records no sha256 of its model (a run from before "
+              f"they were recorded): --threshold {text} is used unchecked", file=sys.stderr)
     return match[0], f"{metrics_file.name}: FPR {target:g}"
 
 
@@ -433,8 +439,8 @@ def score_results(
         raise _fail(output, "already exists (pass --force to replace it)")
     if not output.parent.is_dir():
         raise _fail(output, f"directory {output.parent} does not exist")
+    source = inference.resolve_model(model, name)   # checks the run describes its model
     thr, origin = resolve_threshold(threshold, model)
-    source = inference.resolve_model(model, name)
     slurm = options.cluster.slurm
     spec = inference.prepare_model(source, backend, gpu=slurm is not None and slurm.gpus > 0)
     stamp_geometry(table, column, spec.stamp_shape)
