@@ -161,6 +161,14 @@ def _models_and_configs(d: Path) -> None:
     (d / "notes.bin").write_bytes(b"\x00\x01")
 
 
+def _sweep2(d: Path) -> None:
+    """Inputs of the second newcomer sweep (issue 29)."""
+    rng = np.random.default_rng(29)
+    store.create_store(d / "all_nan.h5", np.full((30, 21, 21), np.nan, np.float32))
+    store.create_store(d / "all_sources.h5", rng.normal(size=(8, 21, 21)).astype(np.float32),
+                       None, {"true_label": np.ones(8, np.int8)})
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad input")  # a space in every path
@@ -170,6 +178,7 @@ def ws(tmp_path_factory):
     _arrays(inp)
     _stores(inp)
     _models_and_configs(inp)
+    _sweep2(inp)
     mounted = False
     if os.geteuid() == 0:  # root ignores mode bits: a read-only tmpfs is read-only for root too
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ro)],
@@ -255,6 +264,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("sim-out-unicode-missing-dir", ["simulate", "{out}/dossier é/s.h5", "--n", "10"], "dossier é"),
     ("sim-out-link", ["simulate", "{in}/link.h5", "--n", "10"], "link.h5"),
     ("sim-out-broken-link", ["simulate", "{in}/broken.h5", "--n", "10"], "broken.h5"),
+    ("sim-bg-all-nan", [*SIM, "--backgrounds", "{in}/all_nan.h5"], "all_nan.h5"),
+    ("sim-bg-all-sources", [*SIM, "--backgrounds", "{in}/all_sources.h5"], "true_label"),
+    ("sim-bg-is-output", ["simulate", "{in}/labelled.h5", "--backgrounds", "{in}/labelled.h5",
+                          "--overwrite"], "is the --backgrounds store itself"),
+    ("sim-bg-link-is-output", ["simulate", "{in}/link.h5", "--backgrounds", "{in}/labelled.h5",
+                               "--overwrite"], "link.h5"),
     # ---- ingest
     ("ing-nothing", [*ING], "--sources"),
     ("ing-sources-only", [*ING, "--sources", "{in}/sources.npy"], "--noise"),
