@@ -6,7 +6,12 @@ import argparse
 from pathlib import Path
 
 from stampbatch.commands import _kbmod
-from stampbatch.commands._types import non_negative_int, path_arg, positive_int
+from stampbatch.commands._types import (
+    non_negative_int,
+    path_arg,
+    positive_float,
+    positive_int,
+)
 from stampbatch.errors import UsageError
 
 
@@ -138,6 +143,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
     where.add_argument("--walltime", type=_walltime, default="01:00:00", metavar="TIME",
                        help="Slurm time limit per worker job, as Slurm reads it: 30 is 30 "
                             "minutes, also MM:SS, HH:MM:SS, D-HH[:MM[:SS]] (default 01:00:00)")
+    where.add_argument("--start-timeout", type=positive_float, default=120.0, metavar="S",
+                       help="seconds to wait for the --scheduler to answer or the first Slurm "
+                            "worker to start, before giving up with the cause in one line and "
+                            "nothing left behind (default 120)")
     where.add_argument("--dashboard", metavar="ADDRESS",
                        help="serve the Dask dashboard of a local cluster here (e.g. :8787; "
                             "default: no dashboard)")
@@ -192,10 +201,12 @@ def run_score(args: argparse.Namespace) -> int:
         slurm = score.SlurmOptions(
             workers=args.workers or 1, gpus=args.gpus, cores=args.cores, memory=args.memory,
             partition=args.partition, account=args.account, walltime=args.walltime,
-            log_directory=str(args.slurm_log_dir) if args.slurm_log_dir else None)
+            log_directory=str(args.slurm_log_dir) if args.slurm_log_dir else None,
+            start_timeout=args.start_timeout)
     where = score.ClusterOptions(
         scheduler=args.scheduler, slurm=slurm, n_workers=None if args.slurm else args.workers,
-        threads_per_worker=args.threads_per_worker, dashboard=args.dashboard)
+        threads_per_worker=args.threads_per_worker, dashboard=args.dashboard,
+        start_timeout=args.start_timeout)
     tables = [c for c in args.candidates if _kbmod.is_results_table(c)]
     if tables:
         if len(tables) != len(args.candidates):

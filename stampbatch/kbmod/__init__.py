@@ -467,10 +467,15 @@ def score_results(
                             f"occlusion_{source.name}" if options.occ.kind != "none" else None)
         info = _provenance(source, spec, column, thr, origin, options)
         t1 = time.monotonic()
-        with ResultsWriter(table, output, scored, info, overwrite=force) as writer:
-            counts, where = _score_stream(table, column, spec, options, journal, writer,
-                                          scored, batch_rows)
-            t2 = time.monotonic()
+        try:
+            with ResultsWriter(table, output, scored, info, overwrite=force) as writer:
+                counts, where = _score_stream(table, column, spec, options, journal, writer,
+                                              scored, batch_rows)
+                t2 = time.monotonic()
+        except BaseException:
+            if not journal.finished_chunks():   # nothing to resume (no cluster, bad rows)
+                journal.remove()
+            raise
         journal.remove()
         phases.update({"pass": t2 - t1, "commit": time.monotonic() - t2})
     finally:
