@@ -50,12 +50,14 @@ from stampbatch import __version__, fileio, store
 from stampbatch.errors import StampbatchError, UsageError
 from stampbatch.kbmod.table import (
     FORMATS,
+    NEW_COLUMNS,
     REQUIRED_COLUMNS,
     SHAPES_KEY,
     KbmodError,
     NewColumns,
     ResultsTable,
     ResultsWriter,
+    TableDataError,
     _fail,
     check_uuids,
     crop_center,
@@ -437,6 +439,11 @@ def score_results(
     output = output_path(table.path, out_dir)
     if output.exists() and not force:
         raise _fail(output, "already exists (pass --force to replace it)")
+    had = [c for c in (*NEW_COLUMNS, f"occlusion_{name or Path(model).stem}") if c in table.columns]
+    if had and not force:
+        raise _fail(table.path, f"already has column(s) {', '.join(had)} (scored before?); "
+                                "pass --force to replace them in the output")
+    check_uuids(table)                               # the table's own checks before the model
     if not output.parent.is_dir():
         raise _fail(output, f"directory {output.parent} does not exist")
     source = inference.resolve_model(model, name)   # checks the run describes its model
@@ -444,7 +451,6 @@ def score_results(
     slurm = options.cluster.slurm
     spec = inference.prepare_model(source, backend, gpu=slurm is not None and slurm.gpus > 0)
     stamp_geometry(table, column, spec.stamp_shape)
-    check_uuids(table)
     lock = store.take_lock(output)
     phases = {"check": time.monotonic() - t0}
     try:
@@ -472,8 +478,10 @@ def score_results(
                 counts, where = _score_stream(table, column, spec, options, journal, writer,
                                               scored, batch_rows)
                 t2 = time.monotonic()
-        except BaseException:
-            if not journal.finished_chunks():   # nothing to resume (no cluster, bad rows)
+        except BaseException as exc:
+            # nothing to resume (no cluster), or bad rows: a fixed table is another file
+            # (size, mtime) whose journal would be discarded anyway
+            if isinstance(exc, TableDataError) or not journal.finished_chunks():
                 journal.remove()
             raise
         journal.remove()
