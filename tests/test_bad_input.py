@@ -220,6 +220,17 @@ def _sweep2(d: Path) -> None:
     (d / "kb_empty.parquet").write_bytes(b"")
     (d / "kb_text.ecsv").write_text("not a table\n")
     (d / "kb.fits").write_bytes(b"SIMPLE  =")
+    import json
+
+    from stampbatch import fileio
+    for name, sha in (("fakerun", fileio.sha256_file(d / "fake.keras")), ("swappedrun", SHA),
+                      ("nometrics", None)):
+        (d / name).mkdir()
+        shutil.copy(d / "fake.keras", d / name / "model.keras")
+        if sha is not None:
+            (d / name / "metrics.json").write_text(json.dumps({
+                "architecture": "simple", "model_sha256": sha,
+                "thresholds": {"0.01": {"threshold": 0.9}}}))
 
 
 @pytest.fixture(scope="module")
@@ -633,6 +644,22 @@ ROWS: list[tuple[str, list[str], str]] = [
                            "{in}/fake.keras"], "separate runs"),
     ("score-kb-truncated", ["score", "{in}/kb_truncated.parquet", "--model", "{in}/fake.keras"],
      "kb_truncated.parquet"),
+    # ---- evaluate (everything here fails before the model is loaded)
+    ("eval-run-missing", ["evaluate", "{in}/gone", "--data", "{in}/labelled.h5"], "gone"),
+    ("eval-run-empty", ["evaluate", "{in}/emptyrun", "--data", "{in}/labelled.h5"], "emptyrun"),
+    ("eval-no-metrics", ["evaluate", "{in}/nometrics", "--data", "{in}/labelled.h5"],
+     "metrics.json"),
+    ("eval-model-replaced", ["evaluate", "{in}/swappedrun", "--data", "{in}/labelled.h5"],
+     "is not the model"),
+    ("eval-data-missing", ["evaluate", "{in}/fakerun", "--data", "{in}/gone.h5"], "gone.h5"),
+    ("eval-data-unlabelled", ["evaluate", "{in}/fakerun", "--data", "{in}/cands.h5"], "cands.h5"),
+    ("eval-data-one-class", ["evaluate", "{in}/fakerun", "--data", "{in}/all_sources.h5"],
+     "both classes"),
+    ("eval-data-text", ["evaluate", "{in}/fakerun", "--data", "{in}/notes.h5"], "notes.h5"),
+    ("eval-by-unknown", ["evaluate", "{in}/fakerun", "--data", "{in}/labelled.h5", "--by",
+                         "colour"], "colour"),
+    ("score-model-replaced", ["score", "{in}/cands.h5", "--model", "{in}/swappedrun"],
+     "is not the model"),
     # ---- launch, status, collect (everything here fails before Slurm is asked)
     ("launch-spec-missing", ["launch", "{in}/gone.toml"], "gone.toml"),
     ("launch-spec-bad-toml", ["launch", "{in}/bad.toml"], "bad.toml"),
