@@ -104,3 +104,39 @@ def test_start_timeout_is_checked(capsys):
             cli.main(["score", "x.h5", "--model", "m.keras", "--start-timeout", bad])
         assert exc.value.code == 2
         assert "argument --start-timeout" in capsys.readouterr().err
+
+
+def test_sigterm_while_waiting_for_slurm_leaves_nothing_behind(tmp_path, model):
+    """SIGTERM (scancel, timeout) while sbatch hangs: exit 143 in one line, no journal, no
+    lock, no sbatch left running (it ended with an AssertionError and a journal before).
+    Up to ~90 s on 2 loaded cores: the scorer imports TensorFlow and exports the model to
+    ONNX before it asks Slurm."""
+    import signal
+
+    cands = tmp_path / "cands.h5"
+    store.create_store(cands, gaussian_stamps(64, seed=4))
+    bin_dir = _fake(tmp_path, HANGING_SBATCH)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen([sys.executable, "-m", "stampbatch", "score", str(cands), "--model",
+                             str(model), "--slurm", "--quiet"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not subprocess.run(["pgrep", "-f", f"{bin_dir}/sbatch"],
+                                 capture_output=True).stdout:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:      # the old scorer hung here: do not leave it running
+            proc.kill()
+            proc.wait()
+            subprocess.run(["pkill", "-KILL", "-f", f"{bin_dir}/sbatch"], check=False)
+    assert proc.returncode == 143, err
+    lines = [x for x in err.splitlines() if not x.startswith("waiting for Slurm")]
+    assert lines == ["stampbatch score: terminated (SIGTERM)"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cands.h5"]
+    assert not subprocess.run(["pgrep", "-f", f"{bin_dir}/sbatch"], capture_output=True).stdout
