@@ -134,7 +134,10 @@ def test_sigterm_while_waiting_for_slurm_leaves_nothing_behind(tmp_path, model):
         if proc.poll() is None:      # the old scorer hung here: do not leave it running
             proc.kill()
             proc.wait()
-            subprocess.run(["pkill", "-KILL", "-f", f"{bin_dir}/sbatch"], check=False)
+            found = subprocess.run(["pgrep", "-f", f"{bin_dir}/sbatch"], capture_output=True,
+                                   text=True).stdout.split()
+            for pid in found:            # this test's own fake sbatch, by its id
+                os.kill(int(pid), signal.SIGKILL)
     assert proc.returncode == 143, err
     lines = [x for x in err.splitlines() if not x.startswith("waiting for Slurm")]
     assert lines == ["stampbatch score: terminated (SIGTERM)"], err
