@@ -564,6 +564,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("score-start-timeout-zero", [*SCORE, "--start-timeout", "0"], "--start-timeout"),
     ("score-start-timeout-inf", [*SCORE, "--start-timeout", "inf"], "--start-timeout"),
     ("score-start-timeout-text", [*SCORE, "--start-timeout", "2m"], "--start-timeout"),
+    ("score-start-timeout-local", [*SCORE, "--start-timeout", "30"], "--start-timeout"),
     ("score-backend-bad", [*SCORE, "--backend", "cuda"], "--backend"),
     ("score-precision-int8", [*SCORE, "--precision", "int8"], "--precision"),
     ("score-name-empty", [*SCORE, "--name", ""], "--name"),

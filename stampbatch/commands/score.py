@@ -143,7 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
     where.add_argument("--walltime", type=_walltime, metavar="TIME",
                        help="Slurm time limit per worker job, as Slurm reads it: 30 is 30 "
                             "minutes, also MM:SS, HH:MM:SS, D-HH[:MM[:SS]] (default 01:00:00)")
-    where.add_argument("--start-timeout", type=positive_float, default=120.0, metavar="S",
+    where.add_argument("--start-timeout", type=positive_float, metavar="S",
                        help="seconds to wait for the --scheduler to answer or the first Slurm "
                             "worker to start, before giving up with the cause in one line and "
                             "nothing left behind (default 120)")
@@ -205,6 +205,9 @@ def _refuse_ignored_options(args: argparse.Namespace) -> None:
     if local_only and (args.slurm or args.scheduler):
         raise UsageError(f"{', '.join(local_only)} apply to a local cluster, not to "
                          f"{'--slurm' if args.slurm else '--scheduler'} (they would be ignored)")
+    if args.start_timeout and not (args.slurm or args.scheduler):
+        raise UsageError("--start-timeout limits the wait for --slurm workers or a --scheduler; "
+                         "a local run starts its own (it would be ignored)")
     if args.scheduler and args.workers:
         raise UsageError("--workers starts local workers or Slurm jobs; a --scheduler brings "
                          "its own (it would be ignored)")
@@ -218,6 +221,7 @@ def _refuse_ignored_options(args: argparse.Namespace) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     from stampbatch import score
+    from stampbatch.cluster import START_TIMEOUT
 
     _check_list_files(args.candidates)
     _refuse_ignored_options(args)
@@ -228,11 +232,11 @@ def run_score(args: argparse.Namespace) -> int:
             memory=args.memory or "4GB", partition=args.partition, account=args.account,
             walltime=args.walltime or "01:00:00",
             log_directory=str(args.slurm_log_dir) if args.slurm_log_dir else None,
-            start_timeout=args.start_timeout)
+            start_timeout=args.start_timeout or START_TIMEOUT)
     where = score.ClusterOptions(
         scheduler=args.scheduler, slurm=slurm, n_workers=None if args.slurm else args.workers,
         threads_per_worker=args.threads_per_worker, dashboard=args.dashboard,
-        start_timeout=args.start_timeout)
+        start_timeout=args.start_timeout or START_TIMEOUT)
     tables = [c for c in args.candidates if _kbmod.is_results_table(c)]
     if tables:
         if len(tables) != len(args.candidates):
