@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from stampbatch import fileio
 from stampbatch.errors import UsageError
 from stampbatch.journal import ScoreError
 
+START_TIMEOUT = 120.0   # seconds a scheduler or the first Slurm worker may take to answer
 _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?$")
 
 
@@ -38,7 +40,7 @@ class SlurmOptions:
     walltime: str = "01:00:00"
     log_directory: str | None = None
     interface: str | None = None
-    start_timeout: float = 600.0     # seconds to wait for the first worker
+    start_timeout: float = 120.0     # seconds to wait for the first worker (--start-timeout)
     job_extra: tuple[str, ...] = ()
 
     @property
@@ -56,10 +58,16 @@ class ClusterOptions:
     threads_per_worker: int | None = None
     dashboard: str | None = None         # e.g. ":8787"; None: no dashboard
     in_process: bool | None = None       # threads of this process, no Dask; None: auto
+    start_timeout: float = START_TIMEOUT  # seconds to reach --scheduler (Slurm: its own)
 
     def __post_init__(self) -> None:
         if self.scheduler is not None and self.slurm is not None:
             raise UsageError("--scheduler and --slurm exclude each other")
+
+
+class ClusterStartError(ScoreError):
+    """The Dask cluster never came up (no scheduler, sbatch refused, no worker in time):
+    nothing was computed, so the caller removes what it prepared for the run."""
 
 
 def walltime_seconds(text: str) -> int:
@@ -149,7 +157,7 @@ def dask_client(options: ClusterOptions,
                 log: Callable[[str], None]) -> Iterator[tuple[Any, str]]:
     """Yield (distributed Client, a description of where it runs); close it afterwards."""
     if options.scheduler is not None:
-        with _joined(options.scheduler) as pair:
+        with _joined(options.scheduler, options.start_timeout) as pair:
             yield pair
     elif options.slurm is not None:
         with _on_slurm(options.slurm, log) as pair:
@@ -160,14 +168,14 @@ def dask_client(options: ClusterOptions,
 
 
 @contextlib.contextmanager
-def _joined(address: str) -> Iterator[tuple[Any, str]]:
+def _joined(address: str, timeout: float) -> Iterator[tuple[Any, str]]:
     from distributed import Client
 
     try:
-        client = Client(address, timeout="30s")
-    except (OSError, TimeoutError) as exc:
-        raise ScoreError(f"cannot reach the Dask scheduler at {address} "
-                         f"({fileio.one_line(exc)})") from exc
+        client = Client(address, timeout=f"{timeout:g}s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ClusterStartError(f"cannot reach the Dask scheduler at {address} within "
+                                f"{timeout:g} s ({fileio.one_line(exc)})") from exc
     try:
         yield client, f"Dask scheduler {address}"
     finally:
@@ -210,29 +218,127 @@ def _on_slurm(slurm: SlurmOptions, log: Callable[[str], None]) -> Iterator[tuple
     limit_s = walltime_seconds(slurm.walltime)
     if limit_s > 900:   # retire before Slurm kills the job; adapt() submits a new one
         worker_args = ["--lifetime", f"{limit_s - 300}s", "--lifetime-stagger", "60s"]
-    cluster = SLURMCluster(
-        queue=slurm.partition, account=slurm.account, cores=slurm.cores, processes=1,
-        memory=slurm.memory, walltime=_hms(limit_s), job_extra_directives=extra,
-        job_script_prologue=env, python=sys.executable, interface=slurm.interface,
-        log_directory=slurm.log_directory, job_name="stampbatch-score",
-        silence_logs="error", worker_extra_args=worker_args,
-    )
+    failures: list[str] = []
+    catch = _SubmitFailures(failures)
+    logging.getLogger("tornado.application").addFilter(catch)
+    cluster = None
     client = None
+    started = False
     try:
+        cluster = SLURMCluster(
+            queue=slurm.partition, account=slurm.account, cores=slurm.cores, processes=1,
+            memory=slurm.memory, walltime=_hms(limit_s), job_extra_directives=extra,
+            job_script_prologue=env, python=sys.executable, interface=slurm.interface,
+            log_directory=slurm.log_directory, job_name="stampbatch-score",
+            silence_logs="error", worker_extra_args=worker_args,
+            # no dashboard (a second run would find 8787 taken and warn about it)
+            scheduler_options={"dashboard": False, "dashboard_address": ":0"},
+        )
         cluster.adapt(minimum_jobs=slurm.jobs, maximum_jobs=slurm.jobs)
         client = Client(cluster)
         log(f"waiting for Slurm workers ({slurm.jobs} job(s) of {slurm.cores} cores"
-            + (", 1 GPU each" if slurm.gpus else "") + ")")
-        try:
-            client.wait_for_workers(1, timeout=slurm.start_timeout)
-        except TimeoutError as exc:
-            raise ScoreError(f"no Slurm worker started within {slurm.start_timeout:.0f} s "
-                             f"(partition {slurm.partition or 'default'}); check squeue") from exc
+            + (", 1 GPU each" if slurm.gpus else "") + f"; at most {slurm.start_timeout:g} s)")
+        _wait_for_a_worker(client, slurm, failures)
+        started = True
         yield client, f"Slurm ({slurm.jobs} job(s) x {slurm.cores} cores)"
     finally:
-        if client is not None:
-            client.close()
-        cluster.close()
+        try:
+            if client is not None:
+                client.close()
+            if cluster is not None:
+                _close_slurm_cluster(cluster, hung=not started)
+        finally:
+            logging.getLogger("tornado.application").removeFilter(catch)
+
+
+class _SubmitFailures(logging.Filter):
+    """Keep dask-jobqueue's failed ``sbatch`` calls (logged by tornado as a traceback from a
+    background task) off the console, and their stderr for the one-line error."""
+
+    def __init__(self, found: list[str]) -> None:
+        super().__init__()
+        self.found = found
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        text = str(exc or "")
+        if not (isinstance(exc, RuntimeError) and "Command:" in text):
+            return True
+        stderr = text.split("stderr:", 1)[-1] if "stderr:" in text else text
+        self.found.append(" ".join(stderr.split()) or "sbatch failed with no message")
+        return False
+
+
+def _wait_for_a_worker(client: Any, slurm: SlurmOptions, failures: list[str]) -> None:
+    """Until the first worker connects: a failed ``sbatch`` ends the wait at once with its own
+    error; no worker within ``start_timeout`` ends it with the cause as far as known."""
+    import time
+
+    deadline = time.monotonic() + slurm.start_timeout
+    while True:
+        if failures:
+            raise ClusterStartError(f"Slurm refused the worker job: {failures[0][:300]}")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ClusterStartError(
+                f"no Slurm worker started within {slurm.start_timeout:g} s (partition "
+                f"{slurm.partition or 'default'}): the job is pending or sbatch has not "
+                "returned (is the Slurm controller answering? try squeue); "
+                "--start-timeout sets the limit")
+        try:
+            client.wait_for_workers(1, timeout=min(1.0, left))
+            return
+        except TimeoutError:
+            continue
+
+
+def _close_slurm_cluster(cluster: Any, *, hung: bool) -> None:
+    """Cancel the jobs and stop the scheduler. After a start that failed (``hung``), first
+    end our own ``sbatch`` children still waiting for a controller that does not answer
+    (closing would wait for them), and mark the jobs whose sbatch never returned or failed:
+    distributed's close asserts that every job it created has started or failed."""
+    from distributed.core import Status
+
+    if hung:
+        for pid in _children_named("sbatch"):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    _mark_unsubmitted_failed(cluster, Status)
+    with contextlib.suppress(TimeoutError, OSError, RuntimeError):
+        cluster.close(timeout=10)
+
+
+def _mark_unsubmitted_failed(cluster: Any, status: Any) -> None:
+    """Jobs still ``created`` (sbatch failed or never returned) become ``failed``. A helper of
+    its own, so that no reference to a job outlives it: the cluster's list of jobs is weak,
+    and a job that closed normally (dask-jobqueue leaves its status ``running``) must be
+    gone from it when the cluster closes."""
+    for job in list(getattr(cluster, "_created", ())):
+        if getattr(job, "status", None) == status.created:
+            job.status = status.failed
+
+
+def _children_named(name: str) -> list[int]:
+    """Process ids of this process's direct children running the command ``name`` (its
+    process name, or the program or script in its first two arguments; from /proc)."""
+    me, found = os.getpid(), []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                stat = fh.read()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")[:2]
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) < 2 or int(fields[1]) != me:
+            continue
+        comm = stat[stat.find("(") + 1:stat.rfind(")")]
+        if comm == name or name.encode() in (os.path.basename(a) for a in argv):
+            found.append(int(entry.name))
+    return found
 
 
 def _hms(seconds: int) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,21 +123,32 @@ def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
     model_path = run_dir / "model.keras"
     if not model_path.is_file():
         raise EvaluateError(f"{run_dir}: no model.keras (not a finished run)")
+    from stampbatch.inference import check_run_model
+
+    verified = check_run_model(run_dir)  # else another model's thresholds would be applied
     thresholds = run_thresholds(run_dir)
-    y_all = store_truth(data)
+    y_store = store_truth(data)
+    rows = held_out_rows(run_dir, data, len(y_store))
+    y_all = y_store if rows is None else y_store[rows]
     if len(np.unique(y_all)) < 2:
-        raise EvaluateError(f"{data}: every stamp has label {y_all[0]}; evaluation needs both "
-                            f"classes")
-    groups = group_columns(data, by)
+        raise EvaluateError(f"{data}: every stamp{' held out of training' if rows is not None else ''}"
+                            f" has label {y_all[0]}; evaluation needs both classes")
+    groups = {k: v if rows is None else v[rows] for k, v in group_columns(data, by).items()}
+    if not verified:
+        print(f"warning: {run_dir / 'metrics.json'}: records no sha256 of its model (a run from "
+              "before they were recorded): its thresholds are used unchecked", file=sys.stderr)
     configure_tensorflow()
     import keras
 
     model = keras.models.load_model(model_path, safe_mode=True)
-    prob, _, finite = predict_rows(model, data, np.arange(len(y_all)))
+    prob, _, finite = predict_rows(model, data, np.arange(len(y_all)) if rows is None else rows)
     y, p = y_all[finite], prob[finite].astype(np.float64)
+    _check_scorable(data, y, len(y_all))
     info = store.open_store(data)
     extra = store.read_meta(data, [c for c in (store.META_SNR, store.META_KIND)
                                    if c in info.meta_columns])
+    if rows is not None:
+        extra = {k: v[rows] for k, v in extra.items()}
     snr = extra.get(store.META_SNR)
     kind = extra.get(store.META_KIND)
     scores = compute_metrics(y, p, snr=None if snr is None else snr[finite],
@@ -146,6 +158,8 @@ def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
     group_thresholds = {**thresholds, **{f"here_{k}": v["threshold"] for k, v in here.items()}}
     result: dict[str, Any] = {
         "run": str(run_dir.resolve()), "data": str(data.resolve()), "n": int(len(y_all)),
+        # a store the run trained on: only its held-out test rows (split.npz) are evaluated
+        "held_out_only": None if rows is None else {"split": "test", "n_store": len(y_store)},
         "n_unscorable": int((~finite).sum()), "n_sources": int((y == 1).sum()),
         **{k: scores[k] for k in ("roc_auc", "accuracy", "confusion_matrix", "ece",
                                   "reliability", "roc_curve")},
@@ -162,6 +176,48 @@ def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
         _figures(out_dir, result, scores, thresholds)
     path = fileio.write_json_atomic(out_dir / EVALUATION_FILE, result)
     return json.loads(path.read_text())
+
+
+def held_out_rows(run_dir: Path, data: Path, n_stamps: int) -> np.ndarray | None:
+    """The rows of ``data`` in the run's test split when ``data`` is one of the stores the
+    run was trained on (its ``data.json``), else None. Evaluating a training store whole
+    would report AUC over stamps the model was fitted to."""
+    try:
+        record = json.loads((run_dir / "data.json").read_text())
+        stores = [(Path(s["path"]), int(s["n_stamps"])) for s in record["stores"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    here = data.resolve()
+    index = [i for i, (p, _) in enumerate(stores) if p == here or (
+        p.exists() and here.exists() and p.samefile(here))]
+    if not index:
+        return None
+    i = index[0]
+    if stores[i][1] != n_stamps:
+        raise EvaluateError(f"{data}: run {run_dir} trained on this store when it held "
+                            f"{stores[i][1]:,} stamps; it holds {n_stamps:,} now, so its "
+                            "held-out rows are unknown; evaluate on another store")
+    split = run_dir / "split.npz"
+    try:
+        with np.load(split, allow_pickle=False) as npz:
+            test = np.asarray(npz["test"], dtype=np.int64)
+    except (OSError, KeyError, ValueError) as exc:
+        raise EvaluateError(f"{split}: unreadable ({type(exc).__name__}); {data} is a training "
+                            "store of the run and its held-out rows are needed") from None
+    lo = sum(n for _, n in stores[:i])
+    return np.sort(test[(test >= lo) & (test < lo + n_stamps)] - lo)
+
+
+def _check_scorable(data: Path, y: np.ndarray, n: int) -> None:
+    """Refuse a store whose classifiable stamps cannot give an evaluation, saying why."""
+    from stampbatch.preprocess import UNUSABLE
+
+    if len(y) == 0:
+        raise EvaluateError(f"{data}: none of its {n:,} stamps can be classified ({UNUSABLE}); "
+                            "nothing to evaluate")
+    if len(np.unique(y)) < 2:
+        raise EvaluateError(f"{data}: its {len(y):,} classifiable stamps (of {n:,}) all have "
+                            f"label {int(y[0])}; evaluation needs both classes")
 
 
 def _at_thresholds(y: np.ndarray, p: np.ndarray, thresholds: dict[str, float],
@@ -224,8 +280,13 @@ def _figures(out_dir: Path, result: dict[str, Any], scores: dict[str, Any],
 
 def summary_lines(result: dict[str, Any], by: Sequence[str] = ()) -> list[str]:
     """A short text summary of an evaluation (for the command line)."""
-    lines = [f"{result['n']:,} stamps ({result['n_sources']:,} sources), ROC AUC "
-             f"{result['roc_auc']:.4f}, ECE {result['ece']:.4f}"]
+    lines = []
+    if result.get("held_out_only"):
+        lines.append(f"{result['data']} is a training store of this run: only its "
+                     f"{result['n']:,} held-out test stamps (of "
+                     f"{result['held_out_only']['n_store']:,}) are evaluated")
+    lines.append(f"{result['n']:,} stamps ({result['n_sources']:,} sources), ROC AUC "
+                 f"{result['roc_auc']:.4f}, ECE {result['ece']:.4f}")
     for name, row in result["at_run_thresholds"].items():
         lines.append(f"  at the run's {name} threshold P >= {row['threshold']:.4g}: completeness "
                      f"{row['completeness']:.4f}, FPR {row['fpr']:.4f}")

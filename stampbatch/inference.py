@@ -100,6 +100,36 @@ def _architecture_of_run(run_dir: Path) -> str | None:
     return None
 
 
+RUN_MODEL_KEY = "model_sha256"     # metrics.json: the sha256 of the model.keras it describes
+
+
+def check_run_model(run_dir: Path | str, sha256: str | None = None, *,
+                    model: Path | str | None = None) -> bool:
+    """Is ``model`` (default ``RUN/model.keras``) the model ``RUN/metrics.json`` describes
+    (its architecture, thresholds, calibration)? True when the recorded sha256 matches; False
+    for a run from before the hash was recorded (or without metrics.json); a mismatch is a
+    one-line error. ``sha256`` is the model file's digest when the caller has it already."""
+    run_dir = Path(run_dir)
+    try:
+        recorded = json.loads((run_dir / "metrics.json").read_text()).get(RUN_MODEL_KEY)
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(recorded, str):
+        return False
+    model = Path(model) if model is not None else run_dir / "model.keras"
+    try:
+        sha256 = sha256 or fileio.sha256_file(model)
+    except OSError as exc:
+        raise ModelError(f"{model}: cannot read the model file ({exc.strerror})") from exc
+    if sha256 != recorded:
+        raise ModelError(f"{model}: is not the model {run_dir / 'metrics.json'} describes "
+                         f"(sha256 {sha256[:12]}, trained {recorded[:12]}): it was replaced "
+                         "after training (or is another model), so the run's architecture, "
+                         "thresholds and calibration do not apply to it; retrain, or score a "
+                         "copy outside the run directory")
+    return True
+
+
 def _check_keras_file(path: Path) -> None:
     """Refuse anything that is not a Keras 3 zip archive, without unpickling or loading it."""
     try:
@@ -159,7 +189,10 @@ def resolve_model(path: Path | str, name: str | None = None) -> ModelSource:
     model_name = name or default_name
     if not model_name or "/" in model_name or model_name in (".", ".."):
         raise UsageError(f"invalid model name {model_name!r} (used as /scores/<name>)")
-    return ModelSource(model_name, keras_path.resolve(), fileio.sha256_file(keras_path), arch)
+    sha = fileio.sha256_file(keras_path)
+    if keras_path.name == "model.keras":    # a run's model: the run must describe this file
+        check_run_model(keras_path.parent, sha)
+    return ModelSource(model_name, keras_path.resolve(), sha, arch)
 
 
 # --------------------------------------------------------------------------- checks

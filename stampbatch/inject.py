@@ -27,6 +27,7 @@ type, field) stay with their stamps.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +79,34 @@ def measure_snr(stamps: np.ndarray, shapes: np.ndarray, fwhm: np.ndarray) -> np.
     return resp / (robust_sigma(x, fwhm) * np.sqrt(np.einsum("nij,nij->n", p, p)))
 
 
-def background_rows(path: Path) -> np.ndarray:
-    """Rows usable as backgrounds: a labelled store's negatives, else every row."""
+def background_rows(path: Path) -> tuple[np.ndarray, int]:
+    """Rows usable as backgrounds, and how many were left out because they hold a source:
+    a labelled store's negatives, else every row; in both, not the rows whose
+    ``/meta/true_label`` says a source is at the centre (a real search's candidates with
+    their truth: injecting into them would teach that a central source is noise)."""
     info = store.open_store(path)
-    if info.labelled:
-        return np.flatnonzero(store.read_labels(path) == 0)
-    return np.arange(info.n_stamps)
+    negatives = store.read_labels(path) == 0 if info.labelled \
+        else np.ones(info.n_stamps, dtype=bool)
+    keep = negatives.copy()
+    if store.META_TRUE_LABEL in info.meta_columns:
+        truth = np.asarray(store.read_meta(path, [store.META_TRUE_LABEL])[store.META_TRUE_LABEL])
+        keep &= truth.astype(np.float64) != 1
+    return np.flatnonzero(keep), int(negatives.sum() - keep.sum())
+
+
+def usable_backgrounds(raw: np.ndarray, fwhm: np.ndarray | None) -> np.ndarray:
+    """Which stamps can take an injection: finite pixels with noise to measure beyond the
+    centre (an all-NaN or flat stamp gives no SNR scale: its "positive" would hold no
+    source). Quietly: the NaN-ignoring percentiles of an all-NaN stamp are not a warning."""
+    import warnings
+
+    ok = np.isfinite(raw).any(axis=(1, 2))
+    sigma = np.full(len(raw), np.nan)
+    if ok.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sigma[ok] = robust_sigma(raw[ok], None if fwhm is None else fwhm[ok])
+    return ok & np.isfinite(sigma) & (sigma > 0)
 
 
 def _inject_block(rng: np.random.Generator, raw: np.ndarray, config, fwhm: np.ndarray | None
@@ -125,9 +148,12 @@ def _inject_block(rng: np.random.Generator, raw: np.ndarray, config, fwhm: np.nd
 def write_injected(out: Path | str, backgrounds: Path | str, *, config=None, seed: int = 0,
                    n: int | None = None, chunk_rows: int = store.DEFAULT_CHUNK_ROWS,
                    compression: str | None = None, overwrite: bool = False,
-                   progress: bool = True) -> store.StoreInfo:
+                   progress: bool = True,
+                   log: Callable[[str], None] | None = None) -> store.StoreInfo:
     """Write the labelled store of injections into ``backgrounds`` (module docstring); ``n``
-    limits the backgrounds used (a seeded random subset). Returns the new store's info."""
+    limits the backgrounds used (a seeded random subset). Stamps that hold a source (by
+    their label or ``/meta/true_label``) or that cannot take an injection (no finite pixel,
+    no noise) are left out, and ``log`` is told how many. Returns the new store's info."""
     from stampbatch.simulate import SimConfig, SimConfigError, block_rng
 
     config = SimConfig() if config is None else config
@@ -137,11 +163,17 @@ def write_injected(out: Path | str, backgrounds: Path | str, *, config=None, see
     except SimConfigError as exc:
         raise SimConfigError(f"{out}: simulator settings: {exc}") from None
     info = store.open_store(backgrounds)
-    rows = background_rows(backgrounds)
+    if out.exists() and out.samefile(backgrounds):
+        raise store.StoreError(f"{out}: is the --backgrounds store itself; write the injected "
+                               "store to another file (it would replace its own input)")
+    rows, with_source = background_rows(backgrounds)
     if n is not None and n < len(rows):
         rows = np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
     if not len(rows):
-        raise store.StoreError(f"{backgrounds}: holds no stamps without a source to inject into")
+        raise store.StoreError(f"{backgrounds}: holds no stamps without a source to inject into"
+                               + (f" ({with_source:,} hold one per /meta/"
+                                  f"{store.META_TRUE_LABEL})" if with_source else ""))
+    unusable = 0
     extra = store.read_meta(backgrounds) if info.meta_columns else {}
     clash = sorted(set(extra) & {"snr", "kind", "dx", "dy", "flux", "sigma", "psf_fwhm",
                                  "psf_beta", "background_row"})
@@ -156,6 +188,14 @@ def write_injected(out: Path | str, backgrounds: Path | str, *, config=None, see
             block = rows[lo:lo + BLOCK_ROWS]
             raw, _ = store.read_rows(backgrounds, block)
             fwhm = extra["psf_fwhm"][block].astype(np.float64) if "psf_fwhm" in extra else None
+            usable = usable_backgrounds(raw, fwhm)
+            if not usable.all():
+                unusable += int((~usable).sum())
+                block, raw = block[usable], raw[usable]
+                fwhm = None if fwhm is None else fwhm[usable]
+                if not len(block):
+                    bar.update(int((~usable).sum()))
+                    continue
             stamps, labels, meta, src = _inject_block(block_rng(seed, b), raw, config, fwhm)
             meta["kind"] = meta["kind"].astype(_KIND_BYTES)
             meta["background_row"] = block[src].astype(np.int64)
@@ -163,5 +203,15 @@ def write_injected(out: Path | str, backgrounds: Path | str, *, config=None, see
                 if k != "psf_fwhm":
                     meta[k] = v[block][src]
             writer.append(stamps, labels, meta)
-            bar.update(len(block))
+            bar.update(len(usable))
+        if writer.n == 0:
+            raise store.StoreError(f"{backgrounds}: none of its {len(rows):,} background stamps "
+                                   "has finite pixels with noise to measure; nothing to inject "
+                                   "into")
+    dropped = [f"{with_source:,} holding a source per /meta/{store.META_TRUE_LABEL}"
+               if with_source else "",
+               f"{unusable:,} with no finite pixels or no noise to measure" if unusable else ""]
+    if any(dropped) and log is not None:
+        log(f"left out {with_source + unusable:,} background stamps of {backgrounds}: "
+            + ", ".join(d for d in dropped if d))
     return store.open_store(out)

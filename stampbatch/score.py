@@ -125,11 +125,24 @@ def _compute(files: list[FileWork], prepared: dict[str, ModelSpec], options: Sco
     with contextlib.ExitStack() as stack:
         client = options.client
         if client is None:
-            client, summary.scheduler = stack.enter_context(
-                dask_client(options.cluster, options.log))
+            try:
+                client, summary.scheduler = stack.enter_context(
+                    dask_client(options.cluster, options.log))
+            except BaseException:   # no cluster (or Ctrl-C while waiting): nothing computed
+                _drop_empty_journals(files)
+                raise
         else:
             summary.scheduler = "given Dask client"
         _run(client, tasks, total, remaining, prepared, options, bad, summary)
+
+
+def _drop_empty_journals(files: list[FileWork]) -> None:
+    """Remove the journals that hold no chunk (started by this run's plan, nothing to
+    resume): a run that never got a cluster leaves no journal behind."""
+    for fw in files:
+        for mw in fw.models.values():
+            if not mw.journal.finished_chunks():
+                mw.journal.remove()
 
 
 def _chunk_tasks(fw: FileWork, options: ScoreOptions) -> Iterator[ChunkTask]:

@@ -23,6 +23,7 @@ from stampbatch.preprocess import normalize_with_mask
 from stampbatch.rundir import (
     DATA_FILE,
     METRICS_FILE,
+    MODEL_FILE,
     PREDICTIONS_FILE,
     _read_json,
 )
@@ -93,6 +94,8 @@ def _evaluate(model, store_path: Stores, arch: str, out_dir: Path, config: Train
     _plot_completeness(plots, scores, out_dir / "completeness_snr.png", title)
     _plot_examples(plots, store_path, test[finite], y, p, out_dir / "examples.png", title,
                    config.seed)
+    # the model this record describes: scoring, --threshold fpr:F and evaluate check it
+    metrics["model_sha256"] = fileio.sha256_file(out_dir / MODEL_FILE)
     metrics["wall_time_s"] = time.monotonic() - t_start  # t_start moved back by earlier calls
     fileio.write_json_atomic(out_dir / METRICS_FILE, metrics)  # last: marks the run as done
     return json.loads(json.dumps(fileio.jsonable(metrics)))

@@ -161,6 +161,78 @@ def _models_and_configs(d: Path) -> None:
     (d / "notes.bin").write_bytes(b"\x00\x01")
 
 
+def _kbmod_table(path: Path, n: int = 12, width: int = 25, **columns) -> None:
+    """A KBMOD Results table as astropy writes it (trajectory columns, uuid, a co-add)."""
+    from astropy.table import Table
+
+    rng = np.random.default_rng(n)
+    t = Table({c: rng.uniform(1, 9, n) for c in ("x", "y", "vx", "vy", "likelihood", "flux")})
+    t["obs_count"] = np.full(n, 4)
+    t["uuid"] = [f"{i:032x}" for i in range(n)]
+    t["coadd_mean"] = rng.normal(size=(n, width, width)).astype(np.float32)
+    t["user_class"] = ["real", "bogus", "maybe"] * (n // 3)
+    for name, values in columns.items():
+        t[name] = values
+    t.meta["image_column_shapes"] = {"coadd_mean": [width, width]}
+    t.write(path, overwrite=True)
+
+
+def _kbmod_arrow(src: Path, dest: Path, edit) -> None:
+    """``src`` changed at the Arrow level, as another tool would write it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(src)
+    pq.write_table(edit(t, pa).replace_schema_metadata(t.schema.metadata), dest)
+
+
+def _set(t, name, array):
+    return t.set_column(t.column_names.index(name), name, array)
+
+
+def _sweep2(d: Path) -> None:
+    """Inputs of the second newcomer sweep (issue 29)."""
+    rng = np.random.default_rng(29)
+    store.create_store(d / "all_nan.h5", np.full((30, 21, 21), np.nan, np.float32))
+    store.create_store(d / "all_sources.h5", rng.normal(size=(8, 21, 21)).astype(np.float32),
+                       None, {"true_label": np.ones(8, np.int8)})
+    kb = d / "kb.parquet"
+    _kbmod_table(kb)
+    _kbmod_table(d / "kb.ecsv")
+    _kbmod_table(d / "kb_small.parquet", width=17)
+    _kbmod_table(d / "kb_dup_uuid.ecsv", uuid=["same"] * 12)
+    _kbmod_table(d / "kb_empty_uuid.ecsv", uuid=[f"{i}" if i != 5 else "" for i in range(12)])
+    _kbmod_table(d / "kb_scored.parquet", prob_real=np.zeros(12, np.float32))
+    _kbmod_table(d / "kb_cnn_class.ecsv", cnn_class=np.zeros(12, bool))
+    rows = lambda t: t.column("coadd_mean").to_pylist()  # noqa: E731
+    _kbmod_arrow(kb, d / "kb_dup_column.parquet", lambda t, pa: t.append_column("x", t["y"]))
+    _kbmod_arrow(kb, d / "kb_no_uuid.parquet", lambda t, pa: t.drop_columns(["uuid"]))
+    _kbmod_arrow(kb, d / "kb_nested.parquet", lambda t, pa: _set(t, "coadd_mean", pa.array(
+        [np.asarray(r).reshape(25, 25).tolist() for r in rows(t)],
+        pa.list_(pa.list_(pa.float32())))))
+    _kbmod_arrow(kb, d / "kb_ragged.parquet", lambda t, pa: _set(t, "coadd_mean", pa.array(
+        [r if i != 3 else r[:-1] for i, r in enumerate(rows(t))], pa.list_(pa.float32()))))
+    _kbmod_arrow(kb, d / "kb_null_row.parquet", lambda t, pa: _set(t, "coadd_mean", pa.array(
+        [r if i != 7 else None for i, r in enumerate(rows(t))], pa.list_(pa.float32(), 625))))
+    _kbmod_arrow(kb, d / "kb_null_uuid.parquet", lambda t, pa: _set(t, "uuid", pa.array(
+        [u if i != 2 else None for i, u in enumerate(t["uuid"].to_pylist())], pa.string())))
+    (d / "kb_truncated.parquet").write_bytes(kb.read_bytes()[:-200])
+    (d / "kb_empty.parquet").write_bytes(b"")
+    (d / "kb_text.ecsv").write_text("not a table\n")
+    (d / "kb.fits").write_bytes(b"SIMPLE  =")
+    import json
+
+    from stampbatch import fileio
+    for name, sha in (("fakerun", fileio.sha256_file(d / "fake.keras")), ("swappedrun", SHA),
+                      ("nometrics", None)):
+        (d / name).mkdir()
+        shutil.copy(d / "fake.keras", d / name / "model.keras")
+        if sha is not None:
+            (d / name / "metrics.json").write_text(json.dumps({
+                "architecture": "simple", "model_sha256": sha,
+                "thresholds": {"0.01": {"threshold": 0.9}}}))
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad input")  # a space in every path
@@ -170,6 +242,7 @@ def ws(tmp_path_factory):
     _arrays(inp)
     _stores(inp)
     _models_and_configs(inp)
+    _sweep2(inp)
     mounted = False
     if os.geteuid() == 0:  # root ignores mode bits: a read-only tmpfs is read-only for root too
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ro)],
@@ -212,6 +285,7 @@ ING = ["ingest", "{out}/i.h5"]
 FETCH = ["fetch", "http://127.0.0.1:9/f.bin", "{out}/f.bin", "--sha256", SHA]
 TRAIN = ["train", "--data", "{in}/labelled.h5", "--arch", "simple", "--out", "{out}/run"]
 SCORE = ["score", "{in}/cands.h5", "--model", "{in}/fake.keras"]
+KB = ["ingest", "{out}/k.h5", "--kbmod"]
 PLOT = ["plot-occlusion", "{in}/scored.h5", "--model", "m", "--out", "{out}/p.png"]
 
 ROWS: list[tuple[str, list[str], str]] = [
@@ -255,6 +329,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("sim-out-unicode-missing-dir", ["simulate", "{out}/dossier é/s.h5", "--n", "10"], "dossier é"),
     ("sim-out-link", ["simulate", "{in}/link.h5", "--n", "10"], "link.h5"),
     ("sim-out-broken-link", ["simulate", "{in}/broken.h5", "--n", "10"], "broken.h5"),
+    ("sim-bg-all-nan", [*SIM, "--backgrounds", "{in}/all_nan.h5"], "all_nan.h5"),
+    ("sim-bg-all-sources", [*SIM, "--backgrounds", "{in}/all_sources.h5"], "true_label"),
+    ("sim-bg-is-output", ["simulate", "{in}/labelled.h5", "--backgrounds", "{in}/labelled.h5",
+                          "--overwrite"], "is the --backgrounds store itself"),
+    ("sim-bg-link-is-output", ["simulate", "{in}/link.h5", "--backgrounds", "{in}/labelled.h5",
+                               "--overwrite"], "link.h5"),
     # ---- ingest
     ("ing-nothing", [*ING], "--sources"),
     ("ing-sources-only", [*ING, "--sources", "{in}/sources.npy"], "--noise"),
@@ -468,6 +548,23 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("score-scheduler-and-slurm", [*SCORE, "--slurm", "--scheduler", "tcp://x:1"], "--scheduler"),
     ("score-walltime-bad", [*SCORE, "--walltime", "1h"], "--walltime"),
     ("score-cores-zero", [*SCORE, "--cores", "0"], "--cores"),
+    ("score-threshold-on-hdf5", [*SCORE, "--threshold", "fpr:0.01"], "--threshold"),
+    ("score-column-on-hdf5", [*SCORE, "--column", "nonexistent"], "--column"),
+    ("score-walltime-no-slurm", [*SCORE, "--walltime", "99:99:99"], "--walltime"),
+    ("score-cores-no-slurm", [*SCORE, "--cores", "8"], "--cores"),
+    ("score-memory-no-slurm", [*SCORE, "--memory", "64GB"], "--memory"),
+    ("score-log-dir-no-slurm", [*SCORE, "--slurm-log-dir", "{out}/logs"], "--slurm-log-dir"),
+    ("score-account-no-slurm", [*SCORE, "--account", "astro"], "--account"),
+    ("score-threads-with-slurm", [*SCORE, "--slurm", "--threads-per-worker", "2"],
+     "--threads-per-worker"),
+    ("score-dashboard-with-scheduler", [*SCORE, "--scheduler", "tcp://127.0.0.1:1",
+                                        "--dashboard", ":0"], "--dashboard"),
+    ("score-workers-with-scheduler", [*SCORE, "--scheduler", "tcp://127.0.0.1:1", "--workers",
+                                      "2"], "--workers"),
+    ("score-start-timeout-zero", [*SCORE, "--start-timeout", "0"], "--start-timeout"),
+    ("score-start-timeout-inf", [*SCORE, "--start-timeout", "inf"], "--start-timeout"),
+    ("score-start-timeout-text", [*SCORE, "--start-timeout", "2m"], "--start-timeout"),
+    ("score-start-timeout-local", [*SCORE, "--start-timeout", "30"], "--start-timeout"),
     ("score-backend-bad", [*SCORE, "--backend", "cuda"], "--backend"),
     ("score-precision-int8", [*SCORE, "--precision", "int8"], "--precision"),
     ("score-name-empty", [*SCORE, "--name", ""], "--name"),
@@ -509,6 +606,61 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("plot-candidates-missing", [*PLOT, "--top", "1", "--candidates", "{in}/gone.h5"], "gone.h5"),
     ("plot-candidates-wrong-length", [*PLOT, "--top", "1", "--candidates", "{in}/labelled.h5"],
      "labelled.h5"),
+    # ---- KBMOD Results tables (ingest --kbmod, score TABLE): issue 29
+    ("ing-kb-dup-column", [*KB, "{in}/kb_dup_column.parquet"], "'x' appear more than once"),
+    ("ing-kb-nested", [*KB, "{in}/kb_nested.parquet"], "holds nested lists"),
+    ("ing-kb-ragged", [*KB, "{in}/kb_ragged.parquet"], "is ragged: row 0 holds 625 values, row 3"),
+    ("ing-kb-null-row", [*KB, "{in}/kb_null_row.parquet"], "e.g. row 7 (no values)"),
+    ("ing-kb-null-uuid", [*KB, "{in}/kb_null_uuid.parquet"], "null or empty uuid, e.g. row 2"),
+    ("ing-kb-empty-uuid", [*KB, "{in}/kb_empty_uuid.ecsv"], "null or empty uuid, e.g. row 5"),
+    ("ing-kb-no-uuid", [*KB, "{in}/kb_no_uuid.parquet"], "has no 'uuid' column"),
+    ("ing-kb-dup-uuid", [*KB, "{in}/kb_dup_uuid.ecsv"], "duplicate uuid"),
+    ("ing-kb-column-missing", [*KB, "{in}/kb.parquet", "--column", "coadd_nope"], "coadd_nope"),
+    ("ing-kb-column-scalar", [*KB, "{in}/kb.parquet", "--column", "flux"], "'flux'"),
+    ("ing-kb-too-small", [*KB, "{in}/kb_small.parquet"], "smaller than the model's 21x21"),
+    ("ing-kb-label-missing", [*KB, "{in}/kb.parquet", "--label-column", "truth"], "'truth'"),
+    ("ing-kb-label-words", [*KB, "{in}/kb.ecsv", "--label-column", "user_class"], "maybe"),
+    ("ing-kb-truncated", [*KB, "{in}/kb_truncated.parquet"], "kb_truncated.parquet"),
+    ("ing-kb-empty-file", [*KB, "{in}/kb_empty.parquet"], "kb_empty.parquet"),
+    ("ing-kb-text", [*KB, "{in}/kb_text.ecsv"], "kb_text.ecsv"),
+    ("ing-kb-fits", [*KB, "{in}/kb.fits"], "unsupported suffix '.fits'"),
+    ("ing-kb-missing", [*KB, "{in}/kb_gone.parquet"], "kb_gone.parquet"),
+    ("ing-kb-and-candidates", [*KB, "{in}/kb.parquet", "--candidates", "{in}/cands.npy"],
+     "--kbmod"),
+    ("score-kb-dup-column", ["score", "{in}/kb_dup_column.parquet", "--model",
+                             "{in}/fake.keras"], "'x' appear more than once"),
+    ("score-kb-already-scored", ["score", "{in}/kb_scored.parquet", "--model", "{in}/fake.keras",
+                                 "--out", "{out}"], "already has column(s) prob_real"),
+    ("score-kb-cnn-class", ["score", "{in}/kb_cnn_class.ecsv", "--model", "{in}/fake.keras",
+                            "--out", "{out}"], "already has column(s) cnn_class"),
+    ("score-kb-null-uuid", ["score", "{in}/kb_null_uuid.parquet", "--model", "{in}/fake.keras",
+                            "--out", "{out}"], "null or empty uuid"),
+    ("score-kb-no-uuid", ["score", "{in}/kb_no_uuid.parquet", "--model", "{in}/fake.keras",
+                          "--out", "{out}"], "has no 'uuid' column"),
+    ("score-kb-out-is-file", ["score", "{in}/kb.parquet", "--model", "{in}/fake.keras",
+                              "--out", "{in}/kb.ecsv"], "--out"),
+    ("score-kb-two-models", ["score", "{in}/kb.parquet", "--model", "{in}/fake.keras",
+                             "--model", "{in}/fake.keras"], "one --model"),
+    ("score-kb-and-hdf5", ["score", "{in}/kb.parquet", "{in}/cands.h5", "--model",
+                           "{in}/fake.keras"], "separate runs"),
+    ("score-kb-truncated", ["score", "{in}/kb_truncated.parquet", "--model", "{in}/fake.keras"],
+     "kb_truncated.parquet"),
+    # ---- evaluate (everything here fails before the model is loaded)
+    ("eval-run-missing", ["evaluate", "{in}/gone", "--data", "{in}/labelled.h5"], "gone"),
+    ("eval-run-empty", ["evaluate", "{in}/emptyrun", "--data", "{in}/labelled.h5"], "emptyrun"),
+    ("eval-no-metrics", ["evaluate", "{in}/nometrics", "--data", "{in}/labelled.h5"],
+     "metrics.json"),
+    ("eval-model-replaced", ["evaluate", "{in}/swappedrun", "--data", "{in}/labelled.h5"],
+     "is not the model"),
+    ("eval-data-missing", ["evaluate", "{in}/fakerun", "--data", "{in}/gone.h5"], "gone.h5"),
+    ("eval-data-unlabelled", ["evaluate", "{in}/fakerun", "--data", "{in}/cands.h5"], "cands.h5"),
+    ("eval-data-one-class", ["evaluate", "{in}/fakerun", "--data", "{in}/all_sources.h5"],
+     "both classes"),
+    ("eval-data-text", ["evaluate", "{in}/fakerun", "--data", "{in}/notes.h5"], "notes.h5"),
+    ("eval-by-unknown", ["evaluate", "{in}/fakerun", "--data", "{in}/labelled.h5", "--by",
+                         "colour"], "colour"),
+    ("score-model-replaced", ["score", "{in}/cands.h5", "--model", "{in}/swappedrun"],
+     "is not the model"),
     # ---- launch, status, collect (everything here fails before Slurm is asked)
     ("launch-spec-missing", ["launch", "{in}/gone.toml"], "gone.toml"),
     ("launch-spec-bad-toml", ["launch", "{in}/bad.toml"], "bad.toml"),

@@ -143,3 +143,81 @@ def test_evaluate_by_a_column_of_an_ingested_table(run, tmp_path, capsys):
     for name in IMAGE_TYPES:
         sel = types == name
         assert groups[name]["roc_auc"] == pytest.approx(roc_auc_score(y[sel], p[sel]), abs=1e-9)
+
+
+def test_a_replaced_model_is_refused_where_the_run_describes_it(run, tmp_path, capsys):
+    """metrics.json records the sha256 of the model.keras it describes. A run whose
+    model.keras was swapped for another architecture's model is refused by score, by
+    --threshold fpr:F and by evaluate (one line naming the run's file); a run from before the
+    hash (none recorded) still evaluates, with a warning."""
+    import shutil
+
+    from stampbatch import fileio, kbmod, models
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["model_sha256"] == fileio.sha256_file(run / "model.keras")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(run, swapped)
+    models.build_model("vgg6").save(swapped / "model.keras")
+    data = real_format_store(tmp_path / "r.h5", n=80)
+    cands = tmp_path / "c.h5"
+    store.create_store(cands, gaussian_stamps(20, seed=1), None)
+    for argv in (["score", str(cands), "--model", str(swapped)],
+                 ["score", str(cands), "--model", str(swapped / "model.keras")],
+                 ["evaluate", str(swapped), "--data", str(data)]):
+        assert cli.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1, err
+        assert f"{swapped / 'model.keras'}: is not the model {swapped / 'metrics.json'}" in err
+    with pytest.raises(Exception, match="is not the model"):
+        kbmod.resolve_threshold("fpr:0.01", swapped)
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    del metrics["model_sha256"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    assert cli.main(["evaluate", str(old), "--data", str(data), "--no-figures"]) == 0
+    err = capsys.readouterr().err
+    assert "records no sha256 of its model" in err and "used unchecked" in err
+
+
+def test_a_training_store_is_evaluated_on_its_held_out_rows_only(run, tmp_path, capsys):
+    """The store the run trained on: only its test-split rows (split.npz) count, and the
+    command says so; AUC over those rows equals scikit-learn's on the same rows."""
+    import shutil
+
+    train = run.parent / "train.h5"
+    test = np.sort(np.load(run / "split.npz")["test"])
+    assert 0 < len(test) < 400
+    assert cli.main(["evaluate", str(run), "--data", str(train), "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    assert (f"{train.resolve()} is a training store of this run: only its {len(test)} "
+            "held-out test stamps (of 400) are evaluated") in out
+    result = json.loads((run / "eval" / "train" / "evaluation.json").read_text())
+    assert result["n"] == len(test) and result["held_out_only"] == {"split": "test",
+                                                                    "n_store": 400}
+    model = keras.models.load_model(run / "model.keras")
+    from stampbatch.preprocess import normalize
+
+    p = model.predict(normalize(store.read_stamps(train)[test])[..., None], verbose=0)[:, 1]
+    y = store.read_labels(train)[test]
+    assert result["roc_auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+    copy = tmp_path / "copy.h5"                     # the same stamps elsewhere: all of them
+    shutil.copy(train, copy)
+    assert evaluate_run(run, copy, figures=False)["n"] == 400
+    grown = tmp_path / "grown"                      # the run's store, since grown
+    shutil.copytree(run, grown)
+    record = json.loads((grown / "data.json").read_text())
+    record["stores"][0]["path"] = str(copy.resolve())
+    record["stores"][0]["n_stamps"] = 300
+    (grown / "data.json").write_text(json.dumps(record))
+    with pytest.raises(EvaluateError, match="when it held 300 stamps; it holds 400 now"):
+        evaluate_run(grown, copy, figures=False)
+
+
+def test_a_store_with_nothing_classifiable_names_the_file_and_the_reason(run, tmp_path, capsys):
+    labels = (np.arange(40) % 2).astype(np.int8)
+    store.create_store(tmp_path / "nan.h5", np.full((40, 21, 21), np.nan, np.float32), labels)
+    assert cli.main(["evaluate", str(run), "--data", str(tmp_path / "nan.h5")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert f"{tmp_path / 'nan.h5'}: none of its 40 stamps can be classified" in err

@@ -84,3 +84,54 @@ def test_cli_simulate_with_backgrounds(real, tmp_path, capsys):
                  "--quiet"]) == 2
     assert "--backgrounds writes a labelled store" in capsys.readouterr().err
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_backgrounds_holding_a_source_or_no_pixels_are_left_out_and_counted(tmp_path, capsys):
+    """Candidates with their truth (/meta/true_label 1: a source at the centre) are never
+    written as label-0 backgrounds; all-NaN and flat stamps cannot take an injection (no
+    noise to scale the SNR to): both are left out and counted, with no numpy warning."""
+    import warnings
+
+    rng = np.random.default_rng(7)
+    stamps = rng.normal(size=(60, 21, 21)).astype(np.float32)
+    truth = (np.arange(60) % 3 == 0).astype(np.int8)          # 20 hold a source
+    stamps[[1, 2]] = np.nan                                    # no finite pixel
+    stamps[4] = 3.0                                            # flat: no noise
+    cands = tmp_path / "cands.h5"
+    store.create_store(cands, stamps, None, {"true_label": truth})
+    out = tmp_path / "inj.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["simulate", str(out), "--backgrounds", str(cands), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert (f"left out 23 background stamps of {cands}: 20 holding a source per "
+            "/meta/true_label, 3 with no finite pixels or no noise to measure") in printed
+    meta = store.read_meta(out)
+    used = np.unique(meta["background_row"])
+    assert used.tolist() == [r for r in range(60) if truth[r] == 0 and r not in (1, 2, 4)]
+    assert np.isfinite(store.read_stamps(out)).all()
+    assert (store.read_labels(out) == (meta["kind"] == "source")).all()
+
+
+def test_backgrounds_that_cannot_be_used_or_are_the_output_are_refused(tmp_path, capsys):
+    nan = tmp_path / "nan.h5"
+    store.create_store(nan, np.full((30, 21, 21), np.nan, np.float32))
+    sources = tmp_path / "sources.h5"
+    store.create_store(sources, np.random.default_rng(1).normal(size=(8, 21, 21)).astype(
+        np.float32), None, {"true_label": np.ones(8, np.int8)})
+    (tmp_path / "link.h5").symlink_to(sources)
+    listing = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for argv, message in (
+            ([str(tmp_path / "o.h5"), "--backgrounds", str(nan)],
+             f"{nan}: none of its 30 background stamps has finite pixels"),
+            ([str(tmp_path / "o.h5"), "--backgrounds", str(sources)],
+             f"{sources}: holds no stamps without a source to inject into (8 hold one per "
+             "/meta/true_label)"),
+            ([str(sources), "--backgrounds", str(sources), "--overwrite"],
+             f"{sources}: is the --backgrounds store itself"),
+            ([str(tmp_path / "link.h5"), "--backgrounds", str(sources), "--overwrite"],
+             "link.h5: is the --backgrounds store itself")):
+        assert main(["simulate", *argv, "--quiet"]) == 1, argv
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == listing

@@ -348,3 +348,148 @@ def test_killed_run_resumes_to_the_same_table(tmp_path, run, client):  # noqa: F
     assert not journal.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("reference")) \
         == [src.name, out.name]                       # no partial output left by the kill
+
+
+def _mask_cells(path: Path, written: Table, cells: dict[int, tuple[int, int]]) -> None:
+    """Rewrite an ECSV/astropy-HDF5 table with its coadd_mean masked at ``{row: (y, x)}``, as
+    astropy writes masked cells (ECSV ``null``, an HDF5 ``.mask`` column); the stored value
+    under each mask is 0.0 in ECSV."""
+    from astropy.table import MaskedColumn
+
+    data = np.asarray(written["coadd_mean"])
+    mask = np.zeros(data.shape, dtype=bool)
+    for row, (y, x) in cells.items():
+        mask[row, y, x] = True
+    written["coadd_mean"] = MaskedColumn(data, mask=mask)
+    kwargs = {"path": "__astropy_table__", "serialize_meta": True} if path.suffix == ".hdf5" else {}
+    written.write(path, overwrite=True, **kwargs)
+
+
+@pytest.mark.parametrize("suffix", [".ecsv", ".hdf5"])
+def test_masked_cells_are_nan_not_zero_in_ingest_and_score(tmp_path, run, suffix):
+    """A masked centre pixel gives NaN (not a score of a 0.0 pixel); a masked pixel off the
+    centre is filled with the sky like a NaN; ingest --kbmod stores NaN."""
+    src = tmp_path / f"results{suffix}"
+    written = write_results(src, n=40, nan_rows=())
+    _mask_cells(src, written, {3: (12, 12), 8: (12, 6)})
+    out = tmp_path / "cands.h5"
+    assert cli.main(["ingest", str(out), "--kbmod", str(src)]) == 0
+    stamps = store.read_stamps(out)
+    assert np.isnan(stamps[3, 10, 10]) and np.isnan(stamps[8, 10, 4])
+    assert np.isnan(stamps).sum() == 3            # and write_results' own NaN in row 11
+    summary = kbmod.score_results(src, run, scorer_options={"progress": False,
+                                                              "log": lambda _m: None})
+    p = np.asarray(Table.read(summary.output)["prob_real"])
+    assert np.flatnonzero(np.isnan(p)).tolist() == [3] and summary.unscorable == 1
+
+
+def _edit_parquet(src: Path, dest: Path, edit) -> Path:
+    """A copy of an astropy-written Parquet table changed at the Arrow level (schema
+    metadata, the astropy header, kept)."""
+    import pyarrow as pa
+
+    t = pq.read_table(src)
+    t = edit(t, pa)
+    pq.write_table(t.replace_schema_metadata(pq.read_table(src).schema.metadata), dest)
+    return dest
+
+
+def _replace(t, pa, name: str, array):
+    return t.set_column(t.column_names.index(name), name, array)
+
+
+def _coadd_rows(t) -> list:
+    return t.column("coadd_mean").to_pylist()
+
+
+def test_tables_other_tools_write_are_refused_with_a_true_message(tmp_path, run, capsys):
+    """Duplicated column names (before any compute), nested list<list<float>> and ragged
+    image columns, null rows, null or empty uuids, an already-scored table without --force:
+    one line each, saying what is wrong, with nothing left behind (no journal)."""
+    src = tmp_path / "src" / "results.parquet"
+    src.parent.mkdir()
+    write_results(src, n=40)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def nested(t, pa):
+        rows = [np.asarray(r, np.float32).reshape(25, 25).tolist() for r in _coadd_rows(t)]
+        return _replace(t, pa, "coadd_mean", pa.array(rows, pa.list_(pa.list_(pa.float32()))))
+
+    def ragged(t, pa):
+        rows = _coadd_rows(t)
+        rows[9] = rows[9][:-5]
+        return _replace(t, pa, "coadd_mean", pa.array(rows, pa.list_(pa.float32())))
+
+    def null_row(t, pa):
+        rows = _coadd_rows(t)
+        rows[30] = None
+        return _replace(t, pa, "coadd_mean", pa.array(rows, pa.list_(pa.float32(), 625)))
+
+    def null_uuid(t, pa):
+        ids = t.column("uuid").to_pylist()
+        ids[4] = None
+        return _replace(t, pa, "uuid", pa.array(ids, pa.string()))
+
+    def empty_uuid(t, pa):
+        ids = t.column("uuid").to_pylist()
+        ids[6] = ""
+        return _replace(t, pa, "uuid", pa.array(ids, pa.string()))
+
+    cases = {
+        "dup.parquet": (lambda t, pa: t.append_column("x", t.column("y")),
+                        "column name(s) 'x' appear more than once"),
+        "nested.parquet": (nested, "column 'coadd_mean' holds nested lists"),
+        "ragged.parquet": (ragged, "column 'coadd_mean' is ragged: row 0 holds 625 values, "
+                                   "row 9 620"),
+        "null.parquet": (null_row, "column 'coadd_mean' is null in 1 row(s) of this batch, "
+                                   "e.g. row 30 (no values)"),
+        "null_uuid.parquet": (null_uuid, "1 row(s) have a null or empty uuid, e.g. row 4"),
+        "empty_uuid.parquet": (empty_uuid, "1 row(s) have a null or empty uuid, e.g. row 6"),
+        "scored.parquet": (lambda t, pa: t.append_column("prob_real", pa.array(
+            np.zeros(40, np.float32))), "already has column(s) prob_real (scored before?); "
+                                        "pass --force"),
+    }
+    for name, (edit, _) in cases.items():
+        _edit_parquet(src, work / name, edit)
+    listing = sorted(work.iterdir())
+    for name, (_, message) in cases.items():
+        for argv in (["score", str(work / name), "--model", str(run), "--quiet"],
+                     ["ingest", str(work / "x.h5"), "--kbmod", str(work / name)]):
+            if name == "scored.parquet" and argv[0] == "ingest":
+                continue
+            assert cli.main(argv) == 1, (name, argv[0])
+            err = capsys.readouterr().err
+            assert len(err.splitlines()) == 1 and f"{work / name}: {message}" in err, err
+            assert sorted(work.iterdir()) == listing, (name, argv[0])  # no journal, no output
+
+
+def test_fill_values_beyond_float32_and_the_hdf5_writer_are_quiet(tmp_path, run):
+    """A 1e300 fill value is a masked pixel (NaN), cast without an overflow warning; the
+    astropy-HDF5 output is written at KBMOD's path without astropy's 'path not set' warning."""
+    import warnings
+
+    src = tmp_path / "results.ecsv"
+    t = write_results(src, n=20, nan_rows=())
+    coadd = np.asarray(t["coadd_mean"], np.float64)
+    coadd[2, 12, 12] = 1e300                   # the centre: unscorable
+    coadd[3, 12, 8] = -1e300                   # off the centre: filled
+    t["coadd_mean"] = coadd
+    t.write(src, overwrite=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = kbmod.open_results(src)
+        _, _, stamps = next(kbmod.read_stamp_batches(table, "coadd_mean", (21, 21), 64))
+    assert np.isnan(stamps[2, 10, 10]) and np.isnan(stamps[3, 10, 6])
+    assert np.isnan(stamps).sum() == 3         # and write_results' own NaN in row 11
+    hdf5 = tmp_path / "results.hdf5"
+    write_results(hdf5, n=20)
+    table = kbmod.open_results(hdf5)
+    scored = kbtable.NewColumns(0.5, (21, 21))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with kbmod.ResultsWriter(table, tmp_path / "out.hdf5", scored, {"model": "m"}) as w:
+            w.write(None, scored.values(np.full(20, 0.25, np.float32)))
+    assert [str(x.message) for x in seen] == []
+    assert np.asarray(Table.read(tmp_path / "out.hdf5", path="__astropy_table__")["prob_real"]
+                      ).tolist() == [0.25] * 20

@@ -54,7 +54,14 @@ def run_score(args: argparse.Namespace, scorer_options: dict) -> int:
         raise UsageError("a KBMOD Results file is scored by one --model at a time "
                          "(its prob_real column holds one model's probabilities)")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
+        if args.out.exists() and not args.out.is_dir():
+            raise UsageError(f"--out {args.out}: is a file; give the directory the scored "
+                             "tables are written to (DIR/<stem>.scored<suffix>)")
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out {args.out}: cannot create the directory "
+                             f"({exc.strerror})") from None
     for results in args.candidates:
         s = kbmod.score_results(
             results, args.model[0], column=args.column, out_dir=args.out,

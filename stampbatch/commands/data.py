@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
                    help="inject point sources into these real stamps (a labelled store's "
                         "negatives or a candidate file) instead of simulating: positives, the "
                         "untouched backgrounds as negatives, off-centre injections as hard "
-                        "negatives")
+                        "negatives; stamps whose /meta/true_label is 1, and stamps with no "
+                        "finite pixel or no noise, are left out (counted)")
     p.add_argument("--seed", type=seed, default=0, help="random seed, 0 to 2**32-1 (default 0)")
     p.add_argument("--candidates", action="store_true",
                    help="write an unlabelled candidate file (truth kept in /meta for evaluation)")
@@ -122,7 +123,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         info = write_injected(args.out, args.backgrounds, config=config, seed=args.seed,
                               n=args.n, chunk_rows=args.chunk_rows,
                               compression=args.compression, overwrite=args.overwrite,
-                              progress=not args.quiet)
+                              progress=not args.quiet, log=print)
         print(f"wrote {info.n_stamps:,} stamps injected into {args.backgrounds} to {info.path}")
         return 0
     info = simulate.write_simulated(

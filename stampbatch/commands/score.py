@@ -6,7 +6,12 @@ import argparse
 from pathlib import Path
 
 from stampbatch.commands import _kbmod
-from stampbatch.commands._types import non_negative_int, path_arg, positive_int
+from stampbatch.commands._types import (
+    non_negative_int,
+    path_arg,
+    positive_float,
+    positive_int,
+)
 from stampbatch.errors import UsageError
 
 
@@ -113,10 +118,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
                               "DIR/<stem>.scored<suffix> with prob_real, prob_bogus, cnn_class "
                               "(--force replaces an existing one and discards a killed "
                               "run's journal)")
-    kb.add_argument("--column", default="coadd_mean",
+    kb.add_argument("--column",
                     help="the co-add image column to score, centre-cropped to the model's input "
                          f"(default coadd_mean); {_kbmod.NAN_HELP}")
-    kb.add_argument("--threshold", default="0.5", metavar="P|fpr:F",
+    kb.add_argument("--threshold", metavar="P|fpr:F",
                     help="cnn_class is prob_real >= P (default 0.5), or fpr:0.01 for the run's "
                          "stored threshold at 1%% false positives")
     where = p.add_argument_group("where to run (default: threads of this process for up to "
@@ -135,15 +140,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
                        help="with --slurm: N jobs of one GPU each (--gres=gpu:1)")
     where.add_argument("--partition", help="Slurm partition")
     where.add_argument("--account", help="Slurm account")
-    where.add_argument("--walltime", type=_walltime, default="01:00:00", metavar="TIME",
+    where.add_argument("--walltime", type=_walltime, metavar="TIME",
                        help="Slurm time limit per worker job, as Slurm reads it: 30 is 30 "
                             "minutes, also MM:SS, HH:MM:SS, D-HH[:MM[:SS]] (default 01:00:00)")
+    where.add_argument("--start-timeout", type=positive_float, metavar="S",
+                       help="seconds to wait for the --scheduler to answer or the first Slurm "
+                            "worker to start, before giving up with the cause in one line and "
+                            "nothing left behind (default 120)")
     where.add_argument("--dashboard", metavar="ADDRESS",
                        help="serve the Dask dashboard of a local cluster here (e.g. :8787; "
                             "default: no dashboard)")
-    where.add_argument("--cores", type=positive_int, default=4,
+    where.add_argument("--cores", type=positive_int,
                        help="CPU cores per Slurm worker job (default 4)")
-    where.add_argument("--memory", default="4GB", help="memory per Slurm worker job (default 4GB)")
+    where.add_argument("--memory", help="memory per Slurm worker job (default 4GB)")
     where.add_argument("--slurm-log-dir", type=Path, metavar="DIR",
                        help="where the Slurm worker jobs write their logs")
     p.set_defaults(func=run_score)
@@ -179,27 +188,61 @@ def _check_list_files(items: list[str]) -> None:
             raise UsageError(f"{item[1:]}: not a text list of paths (it holds NUL bytes)")
 
 
+def _refuse_ignored_options(args: argparse.Namespace) -> None:
+    """An option the run would not use is refused, not silently dropped: Slurm job options
+    without --slurm, local-cluster options with --slurm or --scheduler, KBMOD table options
+    on HDF5 candidate files."""
+    given = lambda *pairs: [flag for flag, value in pairs if value]  # noqa: E731
+    slurm_only = given(("--gpus", args.gpus), ("--partition", args.partition),
+                       ("--account", args.account), ("--walltime", args.walltime),
+                       ("--cores", args.cores), ("--memory", args.memory),
+                       ("--slurm-log-dir", args.slurm_log_dir))
+    if slurm_only and not args.slurm:
+        raise UsageError(f"{', '.join(slurm_only)} need --slurm (without it they would be "
+                         "ignored)")
+    local_only = given(("--threads-per-worker", args.threads_per_worker),
+                       ("--dashboard", args.dashboard))
+    if local_only and (args.slurm or args.scheduler):
+        raise UsageError(f"{', '.join(local_only)} apply to a local cluster, not to "
+                         f"{'--slurm' if args.slurm else '--scheduler'} (they would be ignored)")
+    if args.start_timeout and not (args.slurm or args.scheduler):
+        raise UsageError("--start-timeout limits the wait for --slurm workers or a --scheduler; "
+                         "a local run starts its own (it would be ignored)")
+    if args.scheduler and args.workers:
+        raise UsageError("--workers starts local workers or Slurm jobs; a --scheduler brings "
+                         "its own (it would be ignored)")
+    tables = [_kbmod.is_results_table(c) for c in args.candidates]
+    kbmod_only = given(("--threshold", args.threshold), ("--column", args.column))
+    if kbmod_only and not any(tables):
+        raise UsageError(f"{', '.join(kbmod_only)} apply to KBMOD Results tables (.parquet, "
+                         ".parq, .ecsv, .hdf5) only; HDF5 candidate files get P(source) "
+                         "in /scores (they would be ignored)")
+
+
 def run_score(args: argparse.Namespace) -> int:
     from stampbatch import score
+    from stampbatch.cluster import START_TIMEOUT
 
     _check_list_files(args.candidates)
-    slurm_only = [flag for flag, value in (("--gpus", args.gpus), ("--partition", args.partition),
-                                           ("--account", args.account)) if value]
-    if slurm_only and not args.slurm:
-        raise UsageError(f"{', '.join(slurm_only)} need --slurm")
+    _refuse_ignored_options(args)
     slurm = None
     if args.slurm:
         slurm = score.SlurmOptions(
-            workers=args.workers or 1, gpus=args.gpus, cores=args.cores, memory=args.memory,
-            partition=args.partition, account=args.account, walltime=args.walltime,
-            log_directory=str(args.slurm_log_dir) if args.slurm_log_dir else None)
+            workers=args.workers or 1, gpus=args.gpus, cores=args.cores or 4,
+            memory=args.memory or "4GB", partition=args.partition, account=args.account,
+            walltime=args.walltime or "01:00:00",
+            log_directory=str(args.slurm_log_dir) if args.slurm_log_dir else None,
+            start_timeout=args.start_timeout or START_TIMEOUT)
     where = score.ClusterOptions(
         scheduler=args.scheduler, slurm=slurm, n_workers=None if args.slurm else args.workers,
-        threads_per_worker=args.threads_per_worker, dashboard=args.dashboard)
+        threads_per_worker=args.threads_per_worker, dashboard=args.dashboard,
+        start_timeout=args.start_timeout or START_TIMEOUT)
     tables = [c for c in args.candidates if _kbmod.is_results_table(c)]
     if tables:
         if len(tables) != len(args.candidates):
             raise UsageError("score KBMOD Results files and HDF5 candidate files in separate runs")
+        args.column = args.column or "coadd_mean"
+        args.threshold = args.threshold or "0.5"
         return _kbmod.run_score(args, dict(chunk_size=args.chunk_size, cluster=where,
                                            precision=args.precision, progress=not args.quiet))
     options = score.ScoreOptions(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,12 +50,14 @@ from stampbatch import __version__, fileio, store
 from stampbatch.errors import StampbatchError, UsageError
 from stampbatch.kbmod.table import (
     FORMATS,
+    NEW_COLUMNS,
     REQUIRED_COLUMNS,
     SHAPES_KEY,
     KbmodError,
     NewColumns,
     ResultsTable,
     ResultsWriter,
+    TableDataError,
     _fail,
     check_uuids,
     crop_center,
@@ -195,6 +198,11 @@ def resolve_threshold(text: str, model: Path | str) -> tuple[float, str]:
     if not match:
         raise KbmodError(f"{metrics_file}: no threshold stored for FPR {target:g} (has "
                          f"{sorted(table) or 'none'}); use --threshold P")
+    from stampbatch.inference import check_run_model
+
+    if not check_run_model(metrics_file.parent, model=run / "model.keras" if run.is_dir() else run):
+        print(f"warning: {metrics_file}: records no sha256 of its model (a run from before "
+              f"they were recorded): --threshold {text} is used unchecked", file=sys.stderr)
     return match[0], f"{metrics_file.name}: FPR {target:g}"
 
 
@@ -431,14 +439,18 @@ def score_results(
     output = output_path(table.path, out_dir)
     if output.exists() and not force:
         raise _fail(output, "already exists (pass --force to replace it)")
+    had = [c for c in (*NEW_COLUMNS, f"occlusion_{name or Path(model).stem}") if c in table.columns]
+    if had and not force:
+        raise _fail(table.path, f"already has column(s) {', '.join(had)} (scored before?); "
+                                "pass --force to replace them in the output")
+    check_uuids(table)                               # the table's own checks before the model
     if not output.parent.is_dir():
         raise _fail(output, f"directory {output.parent} does not exist")
+    source = inference.resolve_model(model, name)   # checks the run describes its model
     thr, origin = resolve_threshold(threshold, model)
-    source = inference.resolve_model(model, name)
     slurm = options.cluster.slurm
     spec = inference.prepare_model(source, backend, gpu=slurm is not None and slurm.gpus > 0)
     stamp_geometry(table, column, spec.stamp_shape)
-    check_uuids(table)
     lock = store.take_lock(output)
     phases = {"check": time.monotonic() - t0}
     try:
@@ -461,10 +473,17 @@ def score_results(
                             f"occlusion_{source.name}" if options.occ.kind != "none" else None)
         info = _provenance(source, spec, column, thr, origin, options)
         t1 = time.monotonic()
-        with ResultsWriter(table, output, scored, info, overwrite=force) as writer:
-            counts, where = _score_stream(table, column, spec, options, journal, writer,
-                                          scored, batch_rows)
-            t2 = time.monotonic()
+        try:
+            with ResultsWriter(table, output, scored, info, overwrite=force) as writer:
+                counts, where = _score_stream(table, column, spec, options, journal, writer,
+                                              scored, batch_rows)
+                t2 = time.monotonic()
+        except BaseException as exc:
+            # nothing to resume (no cluster), or bad rows: a fixed table is another file
+            # (size, mtime) whose journal would be discarded anyway
+            if isinstance(exc, TableDataError) or not journal.finished_chunks():
+                journal.remove()
+            raise
         journal.remove()
         phases.update({"pass": t2 - t1, "commit": time.monotonic() - t2})
     finally:

@@ -33,8 +33,12 @@ class KbmodError(StampbatchError):
     """A KBMOD Results file cannot be used; the one-line message names the file and problem."""
 
 
-def _fail(path: Path | str, problem: str) -> KbmodError:
-    return KbmodError(f"{path}: {problem}")
+class TableDataError(KbmodError):
+    """Rows of the table found unusable while reading it (null, ragged, unreadable)."""
+
+
+def _fail(path: Path | str, problem: str, cls: type[KbmodError] = KbmodError) -> KbmodError:
+    return cls(f"{path}: {problem}")
 
 
 # --------------------------------------------------------------------------- reading
@@ -109,6 +113,11 @@ def _open_parquet(path: Path) -> ResultsTable:
         pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
     except (OSError, pa.ArrowException) as exc:
         raise _fail(path, f"not a readable Parquet file, truncated? ({' '.join(str(exc).split())[:150]})") from exc
+    names = pf.schema_arrow.names
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise _fail(path, f"column name(s) {', '.join(repr(n) for n in dup)} appear more than "
+                          "once; a Results table needs unique column names")
     header = _yaml_header(path, pf.schema_arrow.metadata)
     shapes: dict[str, tuple[int, ...]] = {}
     for f in pf.schema_arrow:
@@ -118,8 +127,19 @@ def _open_parquet(path: Path) -> ResultsTable:
             shapes[f.name] = (-1,)                  # variable length per row
         else:
             shapes[f.name] = ()
+        if shapes[f.name] and _nested(f.type):
+            shapes[f.name] = (-2,)                  # lists of lists: refused where used
     return ResultsTable(path, "parquet", pf.metadata.num_rows, tuple(pf.schema_arrow.names),
                         dict(header.get("meta") or {}), shapes, parquet=pf)
+
+
+def _nested(arrow_type: Any) -> bool:
+    """A list type whose values are lists again (list<list<float>>, as pandas writes 2-D)."""
+    import pyarrow as pa
+
+    value = arrow_type.value_type
+    return pa.types.is_list(value) or pa.types.is_large_list(value) or \
+        pa.types.is_fixed_size_list(value)
 
 
 def _open_astropy(path: Path, fmt: str) -> ResultsTable:
@@ -154,24 +174,57 @@ def open_results(path: Path | str) -> ResultsTable:
     return table
 
 
-def _column_values(table: ResultsTable, batch: Any, name: str) -> np.ndarray:
+def _column_values(table: ResultsTable, batch: Any, name: str, first_row: int = 0) -> np.ndarray:
     """One column of a batch as numpy: (n,) scalars, (n, k) flattened cells; strings as str."""
     if table.fmt != "parquet":
-        values = np.asarray(batch[name])
-        return np.char.decode(values, "utf-8") if values.dtype.kind == "S" else values
+        return _astropy_values(batch[name])
     import pyarrow as pa
 
     col = batch.column(name)
     if pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type):
         n = len(col)
+        if col.null_count:
+            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise _fail(table.path, f"column '{name}' is null in {col.null_count:,} row(s) of "
+                                    f"this batch, e.g. row {first_row + row:,} (no values); "
+                                    "drop or fill those rows", TableDataError)
+        if _nested(col.type):
+            raise _fail(table.path, f"column '{name}' holds nested lists ({col.type}); KBMOD "
+                                    "stores an image column as one flat list per row with its "
+                                    f"shape in the table meta '{SHAPES_KEY}'", TableDataError)
+        if pa.types.is_list(col.type) and n:
+            lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+            if (lengths != lengths[0]).any():
+                row = int(np.flatnonzero(lengths != lengths[0])[0])
+                raise _fail(table.path, f"column '{name}' is ragged: row {first_row:,} holds "
+                                        f"{int(lengths[0]):,} values, row {first_row + row:,} "
+                                        f"{int(lengths[row]):,}", TableDataError)
         flat = col.flatten().to_numpy(zero_copy_only=False)
-        if n and flat.size % n:
-            raise _fail(table.path, f"column '{name}' has cells of different lengths")
         return flat.reshape(n, -1) if n else flat.reshape(0, 0)
+    if col.null_count and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        col = col.fill_null("")                     # a null id reads as empty, not "None"
     values = col.to_numpy(zero_copy_only=False)
     if values.dtype.kind == "O":
         values = values.astype(str)
     return values
+
+
+def _astropy_values(col: Any) -> np.ndarray:
+    """An astropy column as numpy, masked cells (ECSV ``null``, astropy-HDF5 ``.mask``) as
+    NaN in numbers and "" in strings (their stored value is a placeholder, often 0, never
+    data: a masked pixel read as 0 would be scored as sky)."""
+    values = np.asarray(col)
+    if values.dtype.kind == "S":
+        values = np.char.decode(values, "utf-8")
+    mask = getattr(col, "mask", None)
+    if mask is None or not np.any(mask):
+        return values
+    mask = np.asarray(mask, dtype=bool)
+    if values.dtype.kind in "US":
+        return np.where(mask, "", values)
+    if values.dtype.kind in "iub":
+        values = values.astype(np.float64)
+    return np.where(mask, np.nan, values)
 
 
 def _parquet_batches(table: ResultsTable, columns: Sequence[str],
@@ -186,7 +239,8 @@ def _parquet_batches(table: ResultsTable, columns: Sequence[str],
             start += batch.num_rows
     except (OSError, pa.ArrowException) as exc:
         raise _fail(table.path, f"unreadable Parquet data at row {start} "
-                                f"({' '.join(str(exc).split())[:150]})") from exc
+                                f"({' '.join(str(exc).split())[:150]})",
+                    TableDataError) from exc
 
 
 def iter_batches(table: ResultsTable, columns: Sequence[str],
@@ -195,7 +249,7 @@ def iter_batches(table: ResultsTable, columns: Sequence[str],
     rows = batch_rows or table.batch_rows()
     if table.fmt == "parquet":
         for start, batch in _parquet_batches(table, columns, rows):
-            yield start, {c: _column_values(table, batch, c) for c in columns}
+            yield start, {c: _column_values(table, batch, c, start) for c in columns}
         return
     for lo in range(0, table.n_rows, rows):
         part = table.table[lo:lo + rows]
@@ -220,10 +274,16 @@ def stamp_geometry(table: ResultsTable, column: str, stamp_shape: tuple[int, int
                                     f"row and the table meta has no '{SHAPES_KEY}' entry for it")
         raise _fail(table.path, f"column '{column}' is not an image column (image columns: "
                                 f"{', '.join(table.image_columns()) or 'none'})")
+    if stored == (-2,):
+        raise _fail(table.path, f"column '{column}' holds nested lists (a list of lists per "
+                                "row); KBMOD stores an image column as one flat list per row "
+                                f"with its shape in the table meta '{SHAPES_KEY}'")
     if len(shape) != 2:
         raise _fail(table.path, f"column '{column}' holds {shape} arrays per row, not one 2-D "
                                 "co-added stamp (choose a coadd_* column)")
-    if math.prod(stored) != math.prod(shape):
+    if stored == (-1,):
+        pass    # a variable-length list: each batch checks its rows hold h*w values
+    elif math.prod(stored) != math.prod(shape):
         raise _fail(table.path, f"column '{column}' holds {math.prod(stored)} values per row but "
                                 f"'{SHAPES_KEY}' says {shape[0]}x{shape[1]}")
     h, w = shape
@@ -239,10 +299,16 @@ def stamp_geometry(table: ResultsTable, column: str, stamp_shape: tuple[int, int
 
 def crop_center(stamps: np.ndarray, stamp_shape: tuple[int, int]) -> np.ndarray:
     """The central ``stamp_shape`` pixels of (N, h, w) stamps (h - H and w - W even)."""
+    from stampbatch.preprocess import SENTINEL_ABS
+
     h, w = stamps.shape[1:]
     dy, dx = (h - stamp_shape[0]) // 2, (w - stamp_shape[1]) // 2
-    return np.ascontiguousarray(stamps[:, dy:dy + stamp_shape[0], dx:dx + stamp_shape[1]],
-                                dtype=np.float32)
+    crop = stamps[:, dy:dy + stamp_shape[0], dx:dx + stamp_shape[1]]
+    if crop.dtype.kind == "f" and crop.dtype.itemsize > 4:
+        # fill values beyond float32 (1e300) are masked pixels: NaN, not an overflow to inf
+        with np.errstate(invalid="ignore"):
+            crop = np.where(np.abs(crop) < SENTINEL_ABS, crop, np.nan)
+    return np.ascontiguousarray(crop, dtype=np.float32)
 
 
 def check_uuids(table: ResultsTable) -> None:
@@ -252,6 +318,10 @@ def check_uuids(table: ResultsTable) -> None:
                                 "Results.read_table(f).write_table(f) in KBMOD adds one)")
     ids = np.concatenate([np.char.encode(b[UUID].astype(str), "utf-8")
                           for _, b in iter_batches(table, [UUID], MAX_BATCH_ROWS * 4)])
+    empty = np.flatnonzero(np.char.strip(ids) == b"")
+    if len(empty):
+        raise _fail(table.path, f"{len(empty):,} row(s) have a null or empty uuid, e.g. row "
+                                f"{int(empty[0]):,}; uuid must identify each row")
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):
         dup = uniq[counts > 1]
@@ -275,11 +345,12 @@ def read_stamp_batches(table: ResultsTable, column: str, stamp_shape: tuple[int,
     names = list(table.columns) if with_rows else [column]
     read = 0
     for start, batch in _parquet_batches(table, names, batch_rows):
-        stamps = _column_values(table, batch, column).reshape(-1, *shape)
+        stamps = _column_values(table, batch, column, start).reshape(-1, *shape)
         yield start, batch if with_rows else None, crop_center(stamps, stamp_shape)
         read = start + batch.num_rows
     if read != table.n_rows:
-        raise _fail(table.path, f"read {read:,} rows of {table.n_rows:,} (truncated?)")
+        raise _fail(table.path, f"read {read:,} rows of {table.n_rows:,} (truncated?)",
+                    TableDataError)
 
 
 @dataclass(frozen=True)
@@ -399,7 +470,12 @@ def _write_astropy(table: ResultsTable, tmp: Path, new: dict[str, np.ndarray],
         t[name] = values
     t.meta = meta
     if table.fmt == "hdf5":
-        t.write(tmp, format="hdf5", path=HDF5_PATH, serialize_meta=True, overwrite=True)
+        import warnings
+
+        with warnings.catch_warnings():   # KBMOD's path is astropy's default, which it warns of
+            warnings.filterwarnings("ignore", message="table path was not set",
+                                    category=UserWarning)
+            t.write(tmp, format="hdf5", path=HDF5_PATH, serialize_meta=True, overwrite=True)
     else:
         t.write(tmp, format="ascii.ecsv", overwrite=True)
 
