@@ -217,8 +217,9 @@ def describe_store(path: Path) -> str:
     report = store.check_scores(path)
     if not info.scored_models and not report.problems:
         lines.append("  scores: none")
-    for problem in report.problems.values():
-        lines.append(f"  scores: BROKEN: {problem}")
+    for model, problem in report.problems.items():
+        lines.append(f"  scores/{model}: NOT SHOWN: {problem}" if model
+                     else f"  scores: BROKEN: {problem}")
     for model in info.scored_models:
         if model in report.incomplete:
             lines.append(f"  scores/{model}: INCOMPLETE (interrupted run; rerun score)")

@@ -195,11 +195,15 @@ def sweep_partial(target: Path | str) -> None:
     retirement of scores folders that a kill interrupted."""
     real = _real(target)
     fileio.remove_partials(real)      # a copy-and-swap
-    sweep_retired(root_of(real))
-    folder = scores_dir(target)
-    for p in folder.glob(".*.partial.h5") if folder.is_dir() else ():
-        with contextlib.suppress(OSError):
-            p.unlink()
+    root = root_of(real)
+    sweep_retired(root)
+    folders = {scores_dir(target)}    # only writers of this name (we hold its lock) write here:
+    if root.is_dir():                 # its own folder, one a killed copy-and-swap was filling
+        folders |= {p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    for folder in folders:
+        for p in folder.glob(".*.partial.h5") if folder.is_dir() else ():
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def needs_home(target: Path | str) -> bool:
@@ -307,10 +311,9 @@ def _carry(report: ScoresReport, path: Path, folder: Path, new_id: str) -> list[
                     h5py.File(own, "w") as out:
                 for name, obj in grp.items():
                     grp.copy(obj, out, name)
-                out.attrs.update(grp.attrs)
-                out.attrs[_ATTR_MODEL_STORE_ID] = new_id
-                if report.owner is not None and report.owner.fingerprint is not None:
-                    out.attrs[_ATTR_FINGERPRINT] = report.owner.fingerprint
+                out.attrs.update(grp.attrs)     # as they were (older scores may record
+                if _ATTR_MODEL_STORE_ID in grp.attrs:   # no id: checked by length alone)
+                    out.attrs[_ATTR_MODEL_STORE_ID] = new_id
             moved.append(model)
     return moved
 

@@ -141,7 +141,8 @@ def _check_group(report: ScoresReport, model: str, grp: h5py.Group, where: Path 
         return
     why = foreign_reason(grp.attrs, report.owner, grp)
     if why is not None:
-        report.problem(model, f"scores in {label} belong to other stamps ({why} differs); "
+        where_ = f"{where.parent} ({where.name})" if isinstance(where, Path) else label
+        report.problem(model, f"scores in {where_} belong to other stamps ({why} differs); "
                               f"`stampbatch score` scores them afresh")
         return
     report.owned[model] = where
