@@ -249,11 +249,15 @@ class StoreWriter:
         self._h5.close()
         self._h5 = None
         real = Path(os.path.realpath(self.path))
+        home = home_folder(real, self.store_id)
         try:
             old = _own_folder(real) if real.exists() else None
-            write_index(home_folder(real, self.store_id), [])
+            write_index(home, [])
         except BaseException as exc:
             self._abort(exc)
+            shutil.rmtree(home, ignore_errors=True)        # nothing of a failed store is left
+            with contextlib.suppress(OSError):
+                home.parent.rmdir()                        # (only if it is empty)
             raise
         ctx, self._ctx = self._ctx, None
         ctx.__exit__(None, None, None)
