@@ -146,6 +146,7 @@ class FileWork:
     lock: fileio.FileLock
     models: dict[str, ModelWork] = field(default_factory=dict)
     side_file: bool = False
+    fresh_side: bool = False                         # a side file of other stamps: remade
 
     def chunks(self) -> list[tuple[int, int]]:
         return [(lo, min(lo + self.chunk_rows, self.n_stamps))
@@ -272,22 +273,41 @@ def _plan_files(paths: list[Path], options: ScoreOptions, bad: BadFiles) -> list
     seen: dict[str, Path] = {}
     files = []
     for path in paths:
-        problem = _file_problem(path, out, writers, seen)
+        target = _target(path, out, options.log)
+        problem = _file_problem(path, target, out, writers, seen)
         if problem is not None:
             bad.report(path, problem)
             continue
         info = store.open_store(path)
-        target = store.score_target(path, out)
         seen[os.path.realpath(target)] = path
         identity = {**fileio.file_identity(path), "stamps": store.stamps_fingerprint(path)}
         files.append(FileWork(path, target, info.n_stamps, info.stamp_shape,
                               chunk_rows(options.chunk_size, info.chunk_rows), identity,
                               fileio.FileLock(target, store.LOCK_SUFFIX),
-                              side_file=out is not None))
+                              side_file=target != path))
     return files
 
 
-def _file_problem(path: Path, out: Path | None, writers: dict[tuple[int, int], int],
+def _target(path: Path, out: Path | None, log: Callable[[str], None]) -> Path:
+    """Where a file's scores go: ``--out``, or the file's own scores folder; a file that needs
+    a folder of its own but would lose something to the copy-and-swap that gives it one
+    (hard links, an owner we cannot give) is left untouched and scored to a side file beside
+    it, as ``--out <its dir>`` does."""
+    if out is not None or not path.is_file():
+        return store.score_target(path, out)
+    try:
+        problem = store.home_problem(path) if store.needs_home(path) else None
+    except (StampbatchError, OSError):
+        return path
+    if problem is None:
+        return path
+    side = store.score_target(path, path.parent)
+    log(f"{path}: {problem}; left untouched, its scores go to {side}")
+    return side
+
+
+def _file_problem(path: Path, target: Path, out: Path | None,
+                  writers: dict[tuple[int, int], int],
                   seen: dict[str, Path]) -> str | StampbatchError | None:
     """Why one candidate file cannot be scored (None: it can)."""
     if not path.exists():
@@ -298,7 +318,6 @@ def _file_problem(path: Path, out: Path | None, writers: dict[tuple[int, int], i
         return exc
     if info.is_score_file:
         return "is a score side file, not a candidate file"
-    target = store.score_target(path, out)
     if os.path.realpath(target) in seen:
         return (f"writes to the same side file {target} as {seen[os.path.realpath(target)]}; "
                 "score them into different --out directories")
@@ -307,6 +326,9 @@ def _file_problem(path: Path, out: Path | None, writers: dict[tuple[int, int], i
     problem = dir_problem(target.parent)
     if problem is not None:
         return f"{problem} (the journal and lock live beside {target.name}); use --out DIR"
+    for folder in _scores_folders(target):
+        if (reason := read_only_reason(folder)) is not None:
+            return f"scores folder {folder} {reason.removeprefix('is ')}; use --out DIR"
     st = os.stat(path)
     pid = writers.get((st.st_dev, st.st_ino))
     if pid is not None:
@@ -315,9 +337,18 @@ def _file_problem(path: Path, out: Path | None, writers: dict[tuple[int, int], i
     return None
 
 
-def _lock_files(files: list[FileWork], bad: BadFiles,
+def _scores_folders(target: Path) -> list[Path]:
+    """The existing folders a run writes scores into (checked before any compute)."""
+    if not target.exists():
+        return []
+    folder = store.scores_dir(target)
+    return [p for p in (folder.parent, folder) if p.is_dir()]
+
+
+def _lock_files(files: list[FileWork], options: ScoreOptions, bad: BadFiles,
                 stack: contextlib.ExitStack) -> list[FileWork]:
-    """Lock every target for the whole run; clear what killed runs left half-deleted."""
+    """Lock every target for the whole run; clear what killed runs left half-deleted; refuse
+    a broken scores folder of the file's own (``--force``: rebuild it)."""
     locked = []
     for fw in files:
         try:
@@ -328,16 +359,46 @@ def _lock_files(files: list[FileWork], bad: BadFiles,
         stack.callback(fw.lock.release)
         fileio.sweep_removed(journal_root(fw.target))
         store.sweep_partial(fw.target)
+        try:
+            if not fw.side_file:
+                _check_folder(fw, options)
+        except StampbatchError as exc:
+            bad.report(fw.candidates, exc)
+            continue
         locked.append(fw)
     return locked
 
 
+def _check_folder(fw: FileWork, options: ScoreOptions) -> None:
+    """A broken scores folder of the file's own is refused before any work (``--force``:
+    rebuilt)."""
+    report = store.check_scores(fw.target)
+    if report.broken is not None and report.at_home:
+        if not options.force:
+            raise ScoreError(report.broken)
+        options.log(f"{report.broken}: rebuilding (--force)")
+        store.repair_scores(fw.target)
+
+
+def _own_folder(fw: FileWork, options: ScoreOptions) -> None:
+    """Give a file that will be scored a scores folder of its own if it lacks one (a copy, a
+    renamed or foreign file), so that scoring it never changes what another file shows."""
+    if store.needs_home(fw.target):
+        carried = store.ensure_home(fw.target)
+        options.log(f"{fw.target}: gave it a scores folder of its own ({store.scores_dir(fw.target)}"
+                    f"{', carried over: ' + ', '.join(carried) if carried else ''}); the "
+                    "folder it named before is unchanged")
+        fw.identity = {**fileio.file_identity(fw.target), "stamps": fw.fingerprint}
+
+
 def _plan_models(files: list[FileWork], sources: list[ModelSource], options: ScoreOptions,
                  bad: BadFiles, summary: ScoreSummary) -> list[FileWork]:
-    """What each model must do on each file; files with nothing to do are let go."""
+    """What each model must do on each file; files with nothing to do are let go. A file
+    with work that has no scores folder of its own (a copy, a renamed or foreign file) gets
+    one first, carrying over what it showed; one with none is never rewritten."""
     busy = []
     for fw in files:
-        if fw.side_file and fw.target.exists() and not _side_file_matches(fw, bad):
+        if fw.side_file and fw.target.exists() and not _side_file_matches(fw, options, bad):
             fw.lock.release()
             continue
         up_to_date = []
@@ -352,7 +413,14 @@ def _plan_models(files: list[FileWork], sources: list[ModelSource], options: Sco
             else:
                 fw.models[src.name] = work
         if up_to_date and fw.candidates not in bad.paths():
-            store.link_scores(fw.target, up_to_date)   # a run killed before linking them
+            shown = store.list_scores(fw.target)
+            if any(m not in shown for m in up_to_date):   # a run killed before linking them
+                store.link_scores(fw.target, up_to_date)
+        if fw.models and fw.candidates not in bad.paths() and not fw.side_file:
+            try:
+                _own_folder(fw, options)
+            except StampbatchError as exc:
+                bad.report(fw.candidates, exc)
         if fw.models and fw.candidates not in bad.paths():
             busy.append(fw)
         else:
@@ -360,7 +428,7 @@ def _plan_models(files: list[FileWork], sources: list[ModelSource], options: Sco
     return busy
 
 
-def _side_file_matches(fw: FileWork, bad: BadFiles) -> bool:
+def _side_file_matches(fw: FileWork, options: ScoreOptions, bad: BadFiles) -> bool:
     try:
         attrs = store.read_attrs(fw.target)
     except StampbatchError as exc:
@@ -370,6 +438,12 @@ def _side_file_matches(fw: FileWork, bad: BadFiles) -> bool:
     if src and src != str(fw.candidates.resolve()):
         bad.report(fw.candidates, f"side file {fw.target} belongs to {src}")
         return False
+    made_from = (attrs.get("source_store_id"), attrs.get("source_fingerprint"))
+    now = (store.store_id(fw.candidates), fw.fingerprint)
+    if any(a is not None and b is not None and str(a) != str(b) for a, b in zip(made_from, now)):
+        options.log(f"{fw.target}: scores in {store.scores_dir(fw.target)} belong to other "
+                    f"stamps than {fw.candidates} holds now; starting the side file afresh")
+        fw.fresh_side = True
     return True
 
 
@@ -382,8 +456,14 @@ def _model_plan(fw: FileWork, src: ModelSource, options: ScoreOptions,
         return ModelWork(src, journal, Plan.SCORE)
     if journal.manifest() is not None:
         return ModelWork(src, journal, Plan.RESUME)
+    if fw.fresh_side:
+        return ModelWork(src, journal, Plan.SCORE)
     status = store.score_status(fw.target, src.name) if fw.target.exists() else None
     if status is None:
+        foreign = store.check_scores(fw.target).problems.get(src.name) \
+            if fw.target.exists() else None
+        if foreign is not None:
+            options.log(f"{foreign}; rescoring")
         return ModelWork(src, journal, Plan.SCORE)
     old_sha = str(status.get("model_sha256", ""))
     if old_sha != src.sha256:
@@ -443,8 +523,9 @@ def _start_journals(files: list[FileWork], options: ScoreOptions,
         try:
             if not all(_start_journal(fw, mw, options, bad) for mw in fw.models.values()):
                 continue
-            if fw.side_file and not fw.target.exists():
-                store.create_score_file(fw.target, fw.candidates, fw.n_stamps, fw.stamp_shape)
+            if fw.side_file and (fw.fresh_side or not fw.target.exists()):
+                store.create_score_file(fw.target, fw.candidates, fw.n_stamps, fw.stamp_shape,
+                                        overwrite=True)
         except StampbatchError as exc:
             bad.report(fw.candidates, exc)
             continue
@@ -495,7 +576,7 @@ def plan_run(paths: list[Path], models: Sequence[str | Path], options: ScoreOpti
     sources = _resolve_models(models, options.name)
     _raise_open_file_limit()      # one lock per target file is held for the whole run
     files = _plan_files(paths, options, bad)
-    files = _lock_files(files, bad, stack)
+    files = _lock_files(files, options, bad, stack)
     files = _plan_models(files, sources, options, bad, summary)
     prepared = _prepare_models(files, sources, options, summary)
     files = _start_journals(files, options, bad)

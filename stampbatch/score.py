@@ -19,14 +19,21 @@ Nothing here trusts a process to finish (SIGKILL included):
 * finished chunks are journaled durably (:mod:`stampbatch.journal`); a rerun skips them,
   and chunk boundaries are fixed by the manifest, so the results are bit-identical to an
   uninterrupted run. A journal of another input, model or backend is discarded;
-* each model's scores are written into a file of their own, complete before it is renamed
-  into place (:class:`stampbatch.store.ScoreWriter`); only then is the journal removed;
-* the candidate file is opened for writing once per model name ever: to add the external
-  link ``/scores/<model>``, after every score of the run for that file is committed. The
-  stamps and other models' scores are never rewritten;
-* one writer per file: an exclusive ``flock`` on ``<resolved target>.stampbatch.lock``
-  (:func:`stampbatch.store.take_lock`), whatever HDF5's own locking is set to, and a
-  refusal at the start when another process holds the file open for writing.
+* each model's scores are written into a file of their own,
+  ``<file>.scores/<store id>/model-<model>.h5``, complete before it is renamed into place
+  (:class:`stampbatch.store.ScoreWriter`); only then is the journal removed; then the
+  folder's ``index.h5`` is replaced whole, linking every committed model;
+* the candidate file itself is never written by scoring, with one exception made once: a
+  file without a scores folder of its own (a copy, a renamed file, a file of another program
+  or an older stampbatch) first gets one by copy-and-swap, keeping its owner, group, mode,
+  times and xattrs, so that scoring it never changes what another file shows
+  (:func:`stampbatch.store.ensure_home`); the stamps are never rewritten;
+* scores are shown only where they belong: every model's scores file records the store id
+  and stamps fingerprint it was computed from, and every reader checks both;
+* one writer per scores folder: an exclusive ``flock`` on ``<resolved target>.stampbatch.lock``
+  (:func:`stampbatch.store.take_lock`), whatever HDF5's own locking is set to — a writer
+  only ever writes the folder named after the resolved target, so this is the folder's
+  lock — and a refusal at the start when another process holds the file open for writing.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from stampbatch.plan import (
     Plan,
     ScoreOptions,
     ScoreSummary,
+    _log_stderr,
     lock_target,
     plan_run,
 )
@@ -83,7 +91,8 @@ __all__ = ["ChunkResult", "ClusterOptions", "Journal", "OcclusionMode", "Plan", 
 
 def score_files(candidates: Sequence[str | Path], models: Sequence[str | Path],
                 options: ScoreOptions | None = None) -> ScoreSummary:
-    """Score candidate files with models; write ``/scores/<model>`` to each (or a side file).
+    """Score candidate files with models; ``/scores/<model>`` of each file (or of a side file)
+    then shows them, through the file's scores folder.
 
     ``candidates``: files, globs or ``@list.txt``. ``models``: run directories or .keras
     files. Everything else is in ``options``. Returns a :class:`ScoreSummary`.
@@ -417,7 +426,7 @@ def _finalise(fw: FileWork, summary: ScoreSummary) -> None:
         ms.unscorable += n_nan
         ms.above_half += n_above
         ms.maps += n_maps
-    store.link_scores(fw.target, store.committed_models(fw.target))
+    store.link_scores(fw.target, [*fw.models, *store.committed_models(fw.target, _log_stderr)])
 
 
 def finish_journals(target: Path | str) -> list[str]:
@@ -439,7 +448,7 @@ def finish_journals(target: Path | str) -> list[str]:
             if folder.is_dir() and not folder.name.startswith(".") and journal.manifest():
                 _commit_journal(target, journal)
                 committed.append(folder.name)
-        store.link_scores(target, store.committed_models(target))
+        store.link_scores(target, [*committed, *store.committed_models(target, _log_stderr)])
         return committed
     finally:
         lock.release()

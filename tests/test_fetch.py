@@ -196,7 +196,8 @@ def test_ingest_labelled_round_trip(tmp_path: Path, arrays: dict) -> None:
     attrs = store.read_attrs(out)
     assert attrs["ingested_source"] == str(arrays["sources"].resolve())
     assert attrs["ingested_noise"] == str(arrays["noise"].resolve())
-    assert _files(tmp_path) == ["stamps_noise.npy", "stamps_sources.npy", "train.h5"]
+    assert _files(tmp_path) == ["stamps_noise.npy", "stamps_sources.npy", "train.h5",
+                                "train.h5.scores"]   # its (empty) scores folder, made with it
 
 
 def test_ingest_candidates_from_npz_with_key(tmp_path: Path) -> None:

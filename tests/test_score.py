@@ -875,3 +875,74 @@ def test_tail_parts_cover_a_chunk_on_whole_onnx_calls():
     assert all((p.start - task.start) % score.PART_ROWS == 0 for p in parts + short)
     assert [(p.start, p.stop) for p in score._parts(ChunkTask("x.h5", 0, 100, (), OcclusionMode(),
                                                               5), 4)] == [(0, 100)]
+
+
+# --------------------------------------------------------------------------- ownership (issue 26)
+
+
+def test_a_copy_scored_with_another_model_never_changes_the_original(tmp_path, runs):
+    """cp cand.h5 copy.h5; score copy.h5 with another model: the copy gets a scores folder of
+    its own (keeping what it showed); the original and its folder are byte-identical."""
+    path, copy = tmp_path / "cand.h5", tmp_path / "copy.h5"
+    candidates(path, 300)
+    score.score_files([path], [runs["vgg6"]], opts())
+    shutil.copy(path, copy)
+    before = {p: sha(p) for p in [path, *sorted((tmp_path / "cand.h5.scores").rglob("*.h5"))]}
+    messages: list[str] = []
+    summary = score.score_files([copy], [runs["simple"], runs["vgg6"]], opts(log=messages.append))
+    assert summary.up_to_date == [(copy, "vgg6")]               # carried over, not recomputed
+    assert any("scores folder of its own" in m for m in messages)
+    assert store.list_scores(path) == ["vgg6"]
+    assert store.list_scores(copy) == ["simple", "vgg6"]
+    assert {p: sha(p) for p in before} == before
+    np.testing.assert_array_equal(store.read_scores(copy, "vgg6").probability,
+                                  store.read_scores(path, "vgg6").probability)
+
+
+def test_a_hard_linked_file_is_left_untouched_and_scored_beside_it(tmp_path, runs):
+    path = tmp_path / "cand.h5"
+    stamps = np.random.default_rng(5).normal(size=(200, 21, 21)).astype(np.float32)
+    with h5py.File(path, "w") as h5:                  # another program's file: no /scores link
+        h5.create_dataset("stamps", data=stamps, chunks=(100, 21, 21))
+        h5.attrs["stampbatch_schema"] = 1
+        h5.attrs["stamp_shape"] = np.array([21, 21])
+    os.link(path, tmp_path / "alias.h5")
+    before, inode = sha(path), os.stat(path).st_ino
+    messages: list[str] = []
+    summary = score.score_files([path], [runs["vgg6"]], opts(log=messages.append))
+    side = tmp_path / "cand.scores.h5"
+    assert summary.targets == [side] and store.list_scores(side) == ["vgg6"]
+    assert sha(path) == before and os.stat(path).st_ino == inode and os.stat(path).st_nlink == 2
+    assert [m for m in messages if "hard links" in m and "left untouched" in m and str(side) in m]
+
+
+def test_a_read_only_scores_folder_is_refused_before_any_compute(tmp_path, runs):
+    path = tmp_path / "cand.h5"
+    candidates(path, 300)
+    folder = store.scores_dir(path)
+    os.chmod(folder, 0o555)             # root could still write: the mode bits are what we honour
+    try:
+        with pytest.raises(score.ScoreError, match=f"scores folder {folder} .*read-only.*--out"):
+            score.score_files([path], [runs["vgg6"]], opts())
+    finally:
+        os.chmod(folder, 0o755)
+    assert not list(tmp_path.glob("*.stampbatch-journal/*"))
+
+
+def test_appended_stamps_and_a_broken_index_are_recovered_by_force(tmp_path, runs):
+    path = tmp_path / "cand.h5"
+    candidates(path, 300)
+    score.score_files([path], [runs["vgg6"]], opts())
+    with h5py.File(path, "r+") as h5:                       # stamps appended to a scored file
+        h5["stamps"].resize(400, axis=0)
+        h5["stamps"][300:] = h5["stamps"][:100]
+    messages: list[str] = []
+    summary = score.score_files([path], [runs["vgg6"]], opts(log=messages.append))
+    assert summary.stamps_scored == 400 and [m for m in messages if "other stamps" in m]
+    assert store.read_scores(path, "vgg6").probability.shape == (400,)
+    index = store.scores_dir(path) / "index.h5"
+    index.write_bytes(b"garbage")
+    with pytest.raises(score.ScoreError, match="index.h5 is unreadable.*score --force"):
+        score.score_files([path], [runs["simple"]], opts())
+    score.score_files([path], [runs["simple"]], opts(force=True))
+    assert store.list_scores(path) == ["simple", "vgg6"]

@@ -290,7 +290,8 @@ def test_incomplete_scores_are_not_reported_and_are_replaced(tmp_path):
     w.write_probability(0, np.ones(10, np.float32))
     w.close()  # a crash before commit: nothing under the real names, candidate untouched
     assert store.list_scores(path) == [] and store.score_status(path, "m") is None
-    assert path.read_bytes() == before and list((tmp_path / "cand.h5.scores").iterdir()) == []
+    folder = tmp_path / "cand.h5.scores" / store.store_id(path)
+    assert path.read_bytes() == before and [p.name for p in folder.iterdir()] == ["index.h5"]
     assert list(tmp_path.glob(".*")) == []
     with pytest.raises(StoreError, match="has no scores for model 'm'"):
         store.read_scores(path, "m")
@@ -316,14 +317,16 @@ def test_scores_are_an_external_link_that_resolves_from_anywhere(tmp_path, monke
     _, stamps, _, _ = make_store(path, labelled=False)
     with h5py.File(path, "r") as h5:
         link = h5.get("scores", getlink=True)
-    assert isinstance(link, h5py.ExternalLink) and link.filename == "cand.h5.scores/index.h5"
+    sid = store.store_id(path)
+    assert isinstance(link, h5py.ExternalLink) \
+        and link.filename == f"cand.h5.scores/{sid}/index.h5"
     born = path.read_bytes()
     write_scores(path, "m", 100, np.array([1, 2]))
     write_scores(path, "other", 100, np.array([3]))
-    other = (d / "cand.h5.scores" / "other.h5").read_bytes()
+    other = (d / "cand.h5.scores" / sid / "model-other.h5").read_bytes()
     p = write_scores(path, "m", 100, np.array([7]), attrs={"model_sha256": "cd" * 32})
     assert path.read_bytes() == born                        # the candidate is never written
-    assert (d / "cand.h5.scores" / "other.h5").read_bytes() == other
+    assert (d / "cand.h5.scores" / sid / "model-other.h5").read_bytes() == other
     # moved elsewhere and read from another working directory, through a symlink too
     moved = tmp_path / "moved"
     shutil.move(d, moved)
@@ -336,9 +339,10 @@ def test_scores_are_an_external_link_that_resolves_from_anywhere(tmp_path, monke
         with h5py.File(where, "r") as h5:                    # plain h5py finds the schema
             np.testing.assert_array_equal(h5["scores/m/probability"][:], p)
     np.testing.assert_array_equal(store.read_stamps(moved / "cand.h5"), stamps)
-    (moved / "cand.h5.scores" / "m.h5").unlink()          # a missing scores file: not scored
-    assert store.list_scores(moved / "cand.h5") == ["other"]
+    (moved / "cand.h5.scores" / sid / "model-m.h5").unlink()    # a missing scores file:
+    assert store.list_scores(moved / "cand.h5") == ["other"]          # not shown, but reported
     assert store.open_store(moved / "cand.h5").scored_models == ("other",)
+    assert "model-m.h5 is missing" in store.check_scores(moved / "cand.h5").problems["m"]
 
 
 def test_a_store_made_elsewhere_gets_the_link_once_by_copy_and_swap(tmp_path):

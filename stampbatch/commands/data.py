@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -214,12 +215,18 @@ def describe_store(path: Path) -> str:
             if store.META_KIND in meta:
                 kinds, counts = np.unique(meta[store.META_KIND], return_counts=True)
                 lines.append("  kinds: " + ", ".join(f"{k} {c:,}" for k, c in zip(kinds, counts)))
-    if not info.scored_models:
+    report = store.check_scores(path)
+    if not info.scored_models and not report.problems:
         lines.append("  scores: none")
+    for model, problem in report.problems.items():
+        lines.append(f"  scores/{model}: NOT SHOWN: {problem}" if model
+                     else f"  scores: BROKEN: {problem}")
     for model in info.scored_models:
+        if model in report.incomplete:
+            lines.append(f"  scores/{model}: INCOMPLETE (interrupted run; rerun score)")
+            continue
         attrs = store.score_status(path, model)
         if attrs is None:
-            lines.append(f"  scores/{model}: INCOMPLETE (interrupted run; rerun score)")
             continue
         s = store.read_scores(path, model, with_maps=False)
         p = s.probability
@@ -235,6 +242,15 @@ def describe_store(path: Path) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    """Describe each file; exit 1 when a file's scores folder is broken, missing or holds
+    scores of other stamps (each named, with what to run)."""
+    from stampbatch import store
+
+    rc = 0
     for path in args.files:
         print(describe_store(path))
-    return 0
+        problems = store.check_scores(path).problems
+        for problem in problems.values():
+            print(problem, file=sys.stderr)
+        rc = rc or (1 if problems else 0)
+    return rc

@@ -31,8 +31,13 @@ _ATTR_SHAPE = "stamp_shape"
 _ATTR_COMPLETE = "complete"
 _ATTR_SOURCE = "source_file"
 _ATTR_FINGERPRINT = "source_fingerprint"
+_ATTR_STORE_ID = "stampbatch_store_id"  # root: a random id, new whenever the stamps are written
+_ATTR_MODEL_STORE_ID = "store_id"        # a model's scores: the id of the file they belong to
+_ATTR_SOURCE_STORE_ID = "source_store_id"  # a --out side file: the id of the candidate file
 _INDEX = "index.h5"
-SCORES_DIR_SUFFIX = ".scores"           # <target>.scores/<model>.h5: one file per model
+_MODEL_PREFIX = "model-"                # model-<name>.h5: never collides with index.h5
+_RETIRED = ".retired-"                  # <target>.scores/.retired-<id>-<rand>: being deleted
+SCORES_DIR_SUFFIX = ".scores"           # <target>.scores/<store id>/model-<model>.h5
 LOCK_SUFFIX = ".stampbatch.lock"        # <resolved target>.stampbatch.lock: one writer per file
 
 # Metadata columns (/meta/<name>) that stampbatch reads or writes; other modules use these
@@ -129,14 +134,17 @@ def _open_h5(path: Path | str, mode: str = "r") -> h5py.File:
 
 # --------------------------------------------------------------------------- scores
 #
-# Each model's scores live in a file of their own, ``<target>.scores/<model>.h5``, with
-# ``probability``, ``occlusion`` and ``occlusion_index`` at its root; it is written under a
+# Each model's scores live in a file of their own, ``<target>.scores/<store id>/model-<model>.h5``,
+# with ``probability``, ``occlusion`` and ``occlusion_index`` at its root and the ``store_id``
+# and ``source_fingerprint`` of the stamps they were computed from; it is written under a
 # temporary name, fsynced and renamed, so it is either absent or complete. The folder's
-# ``index.h5`` holds one external link per model (``<model>`` → ``<model>.h5:/``) and is
-# replaced whole (copy, change, fsync, rename) when a model is added. The target holds
-# only ``/scores``, an external link to ``index.h5:/`` that a store gets when it is created,
-# so scoring never writes the candidate file. Readers opening ``/scores/<model>/…`` follow
-# the two links; a link whose file is missing reads as "not scored".
+# ``index.h5`` holds one external link per model (``<model>`` → ``model-<model>.h5:/``) and is
+# replaced whole (fsync, rename) when a model is added. The target holds only ``/scores``, an
+# external link to ``<name>.scores/<store id>/index.h5:/`` that a store gets, with the empty
+# index, when it is created, so scoring never writes the candidate file. stampbatch's readers
+# resolve that link beside the file themselves and check each model's ownership
+# (``_sidecar``); plain h5py follows the two links, and the store id in the path keeps HDF5's
+# working-directory fallback from finding any other store's folder.
 
 
 def _scores_link(h5: h5py.File) -> h5py.ExternalLink | None:
@@ -144,8 +152,29 @@ def _scores_link(h5: h5py.File) -> h5py.ExternalLink | None:
     return link if isinstance(link, h5py.ExternalLink) else None
 
 
-def _add_scores_link(h5: h5py.File, final_name: str) -> None:
-    h5[_SCORES] = h5py.ExternalLink(f"{final_name}{SCORES_DIR_SUFFIX}/{_INDEX}", "/")
+def _new_store_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def _store_id(h5: h5py.File) -> str | None:
+    value = h5.attrs.get(_ATTR_STORE_ID)
+    return None if value is None else str(_decode_attr(value))
+
+
+def _link_target(final_name: str, store_id: str) -> str:
+    """Where the /scores link of a file named ``final_name`` with ``store_id`` points."""
+    return f"{final_name}{SCORES_DIR_SUFFIX}/{store_id}/{_INDEX}"
+
+
+def _add_scores_link(h5: h5py.File, final_name: str, store_id: str) -> None:
+    h5.attrs[_ATTR_STORE_ID] = store_id
+    h5[_SCORES] = h5py.ExternalLink(_link_target(final_name, store_id), "/")
+
+
+def _model_file_name(model: str) -> str:
+    return f"{_MODEL_PREFIX}{model}.h5"
 
 
 def _score_groups(h5: h5py.File) -> dict[str, h5py.Group]:
@@ -168,13 +197,3 @@ def _score_members(scores: h5py.Group) -> Iterator[tuple[str, h5py.HLObject | No
 
 def _complete(grp: h5py.Group) -> bool:
     return bool(grp.attrs.get(_ATTR_COMPLETE, False))
-
-
-def _scores_group(path: Path | str, h5: h5py.File, model: str) -> h5py.Group:
-    grp = _score_groups(h5).get(model)
-    if grp is None:
-        raise _fail(path, f"has no scores for model '{model}' (has {sorted(_score_groups(h5))})")
-    if not _complete(grp):
-        raise _fail(path, f"scores for model '{model}' are incomplete (an interrupted run; "
-                          "rerun score)")
-    return grp

@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,53 +19,74 @@ from stampbatch.errors import StampbatchError
 from stampbatch.store._schema import (
     _ATTR_COMPLETE,
     _ATTR_FINGERPRINT,
+    _ATTR_MODEL_STORE_ID,
     _ATTR_SCHEMA,
     _ATTR_SHAPE,
     _ATTR_SOURCE,
+    _ATTR_SOURCE_STORE_ID,
     _INDEX,
+    _MODEL_PREFIX,
     _OCCLUSION,
     _OCCLUSION_INDEX,
     _PROBABILITY,
     _SCORES,
-    _STAMPS,
     DEFAULT_CHUNK_ROWS,
     LOCK_SUFFIX,
     SCHEMA_VERSION,
-    SCORES_DIR_SUFFIX,
     Scores,
     StoreError,
     _add_scores_link,
-    _complete,
     _decode_attr,
     _fail,
+    _model_file_name,
+    _new_store_id,
     _open_h5,
-    _score_groups,
-    _scores_group,
     _scores_link,
+    _store_id,
+)
+from stampbatch.store._sidecar import (
+    ScoresReport,
+    fingerprint_of,
+    open_model,
+    owner_of,
+    root_of,
+    scores_report,
 )
 from stampbatch.store._validate import (
     _check_scores,
     _validate,
 )
 from stampbatch.store._write import (
+    _own_folder,
     atomic_path,
     discard_unfinished,
+    home_folder,
+    retire_folder,
+    sweep_retired,
+    write_index,
 )
 
 
+def _real(path: Path | str) -> Path:
+    return Path(os.path.realpath(path))
+
+
 def scores_dir(target: Path | str) -> Path:
-    """The folder of the target's scores files (where its ``/scores`` link points)."""
-    real = Path(os.path.realpath(target))
-    with contextlib.suppress(StampbatchError, OSError), _open_h5(real) as h5:
+    """The folder of the target's scores files: the one its ``/scores`` link names, resolved
+    beside the file itself (never through the working directory)."""
+    real = _real(target)
+    if not real.exists():                      # a side file not made yet
+        return root_of(real)
+    with _open_h5(real) as h5:                 # an unreadable target is an error, not a guess
         link = _scores_link(h5)
         if link is not None:
             return real.parent / Path(link.filename).parent
-    return real.with_name(real.name + SCORES_DIR_SUFFIX)
+    return root_of(real)
 
 
 def scores_file(target: Path | str, model: str) -> Path:
     """The file holding one model's scores of ``target``."""
-    return scores_dir(target) / f"{model}.h5"
+    return scores_dir(target) / _model_file_name(model)
 
 
 def score_target(candidates: Path | str, out_dir: Path | str | None) -> Path:
@@ -86,136 +108,257 @@ def stamps_fingerprint(path: Path | str) -> str:
         info = _validate(path, h5)
         if info.is_score_file:
             raise _fail(path, "is a score side file, not a candidate file")
-        ds, n = h5[_STAMPS], info.n_stamps
-        digest = hashlib.sha256(repr((tuple(ds.shape), str(ds.dtype))).encode())
-        k = min(n, 256)
-        for lo in sorted({0, (n - k) // 2, n - k}):
-            digest.update(np.ascontiguousarray(ds[lo:lo + k], dtype=np.float32).tobytes())
-        return digest.hexdigest()[:32]
+        return fingerprint_of(h5)
+
+
+def store_id(path: Path | str) -> str | None:
+    """The store id of a file (None: written by an older stampbatch or another program)."""
+    with _open_h5(path) as h5:
+        return _store_id(h5)
 
 
 def create_score_file(path: Path | str, source: Path | str, n_stamps: int,
                       stamp_shape: tuple[int, int], *, overwrite: bool = False) -> None:
-    """Create an empty side file that will hold /scores for a read-only candidate file."""
-    with atomic_path(path, overwrite=overwrite) as tmp, h5py.File(tmp, "w") as h5:
-        h5.attrs[_ATTR_SCHEMA] = SCHEMA_VERSION
-        h5.attrs[_ATTR_SHAPE] = np.asarray(stamp_shape, dtype=np.int64)
-        h5.attrs[_ATTR_SOURCE] = str(Path(source).resolve())
-        h5.attrs[_ATTR_FINGERPRINT] = stamps_fingerprint(source)
-        h5.attrs["n_stamps"] = int(n_stamps)
-        _add_scores_link(h5, Path(path).name)
+    """Create an empty side file that will hold /scores for a read-only candidate file.
 
-
-def score_status(path: Path | str, model: str) -> dict[str, Any] | None:
-    """Provenance attributes of a complete ``/scores/<model>``; None when absent or incomplete.
-
-    Looks at the model's scores file itself, so scores committed by a run that was killed
-    before it linked them count (the next run only adds the link).
+    It records the candidate's path, store id and stamps fingerprint, and gets a store id and
+    an (empty) scores folder of its own, as a new store does; a side file it replaces has its
+    scores folder retired.
     """
-    own = scores_file(path, model)
-    if own.is_file():
-        with _open_h5(own) as h5:
-            return {k: _decode_attr(v) for k, v in h5.attrs.items()} if _complete(h5) else None
-    with _open_h5(path) as h5:
-        grp = _score_groups(h5).get(model)
-        if grp is None or not _complete(grp):
-            return None
+    path = Path(path)
+    sid = _new_store_id()
+    real = _real(path)
+    old = _own_folder(real) if real.exists() else None
+    src_id = store_id(source)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            h5.attrs[_ATTR_SCHEMA] = SCHEMA_VERSION
+            h5.attrs[_ATTR_SHAPE] = np.asarray(stamp_shape, dtype=np.int64)
+            h5.attrs[_ATTR_SOURCE] = str(Path(source).resolve())
+            h5.attrs[_ATTR_FINGERPRINT] = stamps_fingerprint(source)
+            if src_id is not None:
+                h5.attrs[_ATTR_SOURCE_STORE_ID] = src_id
+            h5.attrs["n_stamps"] = int(n_stamps)
+            _add_scores_link(h5, path.name, sid)
+        write_index(home_folder(real, sid), [])
+    if old is not None:
+        retire_folder(old)
+
+
+def check_scores(path: Path | str) -> ScoresReport:
+    """What a file's ``/scores`` shows, checked against its store id and stamps: the models
+    whose scores belong to it, and one line per broken or foreign part (never raises)."""
+    return scores_report(path)
+
+
+def _attrs_of(path: Path | str, report: ScoresReport, where: Path | str) -> dict[str, Any]:
+    with _open_h5(path) as h5, open_model(path, h5, where) as grp:
         return {k: _decode_attr(v) for k, v in grp.attrs.items()}
 
 
+def score_status(path: Path | str, model: str) -> dict[str, Any] | None:
+    """Provenance attributes of complete scores of ``model`` that belong to the file's stamps;
+    None when absent, incomplete, broken or made from other stamps.
+
+    Model files of the file's own folder that the index does not list yet count (scores
+    committed by a run that was killed before it linked them: the next run only links them).
+    """
+    report = scores_report(path)
+    where = report.owned.get(model) or report.unlinked.get(model)
+    if where is None:
+        return None
+    try:
+        return _attrs_of(path, report, where)
+    except (StampbatchError, OSError):
+        return None
+
+
 def list_scores(path: Path | str) -> list[str]:
-    """Names of the models whose complete scores the file holds (links that resolve)."""
-    with _open_h5(path) as h5:
-        return sorted(m for m, g in _score_groups(h5).items() if _complete(g))
+    """Names of the models whose complete scores the file shows and that belong to its stamps."""
+    return sorted(scores_report(path).owned)
 
 
-def committed_models(target: Path | str) -> list[str]:
-    """Models whose complete scores file of ``target`` exists (linked or not yet)."""
-    folder = scores_dir(target)
-    names = []
-    for p in sorted(folder.glob("*.h5")) if folder.is_dir() else ():
-        if p.name.startswith(".") or p.name == _INDEX:
-            continue
-        with contextlib.suppress(StampbatchError, OSError), _open_h5(p) as h5:
-            if _complete(h5):
-                names.append(p.stem)
-    return names
+def committed_models(target: Path | str, log: Callable[[str], None] | None = None) -> list[str]:
+    """Models whose complete scores file of ``target``, belonging to its stamps, is in its own
+    folder (linked or not yet). Broken or foreign files are reported to ``log``, not skipped
+    in silence."""
+    report = scores_report(target)
+    if log is not None:
+        for line in report.problems.values():
+            log(line)
+    return sorted(m for m, w in [*report.owned.items(), *report.unlinked.items()]
+                  if isinstance(w, Path))
 
 
 def sweep_partial(target: Path | str) -> None:
-    """Delete scores files that a killed writer left under temporary names."""
-    fileio.remove_partials(os.path.realpath(target))      # a copy-and-swap
-    folder = scores_dir(target)
-    for p in folder.glob(".*.partial.h5") if folder.is_dir() else ():
-        with contextlib.suppress(OSError):
-            p.unlink()
+    """Delete scores files that a killed writer left under temporary names, and finish the
+    retirement of scores folders that a kill interrupted."""
+    real = _real(target)
+    fileio.remove_partials(real)      # a copy-and-swap
+    root = root_of(real)
+    sweep_retired(root)
+    folders = {scores_dir(target)}    # only writers of this name (we hold its lock) write here:
+    if root.is_dir():                 # its own folder, one a killed copy-and-swap was filling
+        folders |= {p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    for folder in folders:
+        for p in folder.glob(".*.partial.h5") if folder.is_dir() else ():
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def needs_home(target: Path | str) -> bool:
+    """Whether ``target`` must first get a scores folder of its own (a copy, a renamed file,
+    a file of another program or of an older stampbatch, a packed file)."""
+    report = scores_report(target)
+    return not (report.linked and report.at_home)
+
+
+def home_problem(target: Path | str) -> str | None:
+    """Why ``target`` cannot be given its own link by copy-and-swap without losing something
+    of it (None: it can): hard links, or an owner or group this process cannot give a file."""
+    st = os.stat(_real(target))
+    if st.st_nlink > 1:
+        return f"has {st.st_nlink} hard links (a copy-and-swap would split them)"
+    if os.geteuid() != 0:
+        if st.st_uid != os.geteuid():
+            return f"belongs to user {st.st_uid} (a copy-and-swap would make it ours)"
+        if st.st_gid not in {os.getegid(), *os.getgroups()}:
+            return f"belongs to group {st.st_gid}, which we are not in"
+    return None
+
+
+def ensure_home(target: Path | str) -> list[str]:
+    """Give ``target`` a scores folder of its own unless it has one (see :func:`_convert`);
+    the models carried over. Refuses a file that would lose something to the swap."""
+    if not needs_home(target):
+        return []
+    problem = home_problem(target)
+    if problem is not None:
+        raise _fail(target, f"{problem}; left untouched: write its scores beside it with "
+                            f"--out DIR")
+    return _convert(Path(target))
+
+
+def repair_scores(target: Path | str) -> None:
+    """``score --force``: make a broken scores folder usable again (the index rebuilt from the
+    model files that belong to the file; a file or folder squatting our names removed)."""
+    real = _real(target)
+    report = scores_report(real)
+    if report.broken is None or not report.at_home or report.folder is None:
+        return
+    root = root_of(real)
+    if root.exists() and not root.is_dir():
+        root.unlink()
+        fileio.fsync_dir(root.parent)
+    index = report.folder / _INDEX
+    if index.is_dir():
+        fileio.remove_tree(index)
+    good = [m for m in _models_in(report.folder) if m in scores_report(real).unlinked]
+    write_index(report.folder, good)
+
+
+def _models_in(folder: Path) -> list[str]:
+    return [p.name[len(_MODEL_PREFIX):-3] for p in sorted(folder.glob(f"{_MODEL_PREFIX}*.h5"))]
 
 
 def link_scores(target: Path | str, models: Sequence[str]) -> list[str]:
     """Make ``/scores/<model>`` of ``target`` resolve to each model's scores file.
 
     Adds the models missing from the index (the index is replaced whole, never edited in
-    place). A target without the ``/scores`` link (made by another program or an older
-    stampbatch) gets it once by copy-and-swap: the whole file copied, the link added to
-    the copy, fsynced and renamed over the original, whose groups of older scores are
-    first moved into scores files of their own. Returns the models linked now.
+    place; entries it already has stay, a broken one included, so it stays reported). A
+    target without a scores folder of its own first gets one (:func:`ensure_home`). Returns
+    the models linked now.
     """
     target = Path(target)
-    with _open_h5(target) as h5:
-        has_link = _scores_link(h5) is not None
-    if not has_link:
-        models = [*models, *_convert(target)]
+    models = [*models, *ensure_home(target)]
     folder = scores_dir(target)
     have = _indexed(folder)
     missing = [m for m in models if m not in have]
     if missing or not (folder / _INDEX).is_file():
-        _write_index(folder, [*have, *models])
+        write_index(folder, [*have, *models])
     return missing
 
 
 def _indexed(folder: Path) -> list[str]:
-    if not (folder / _INDEX).is_file():
+    """The models an index lists ([] for a missing or unreadable one: it is rebuilt)."""
+    index = folder / _INDEX
+    if not index.is_file():
         return []
-    with _open_h5(folder / _INDEX) as h5:
-        return list(h5.keys())
+    try:
+        with h5py.File(index, "r", locking=False) as h5:
+            return list(h5.keys())
+    except OSError:
+        return []
 
 
-def _write_index(folder: Path, models: Sequence[str]) -> None:
-    """Replace the index of a scores folder by one linking ``models`` (atomic, durable)."""
-    folder.mkdir(exist_ok=True)
-    with atomic_path(folder / _INDEX, overwrite=True) as tmp, h5py.File(tmp, "w") as h5:
-        for model in sorted(set(models)):
-            h5[model] = h5py.ExternalLink(f"{model}.h5", "/")
+def _preserve(st: os.stat_result, real: Path, tmp: Path) -> None:
+    """Give ``tmp`` the owner, group, mode, times (``st``: taken before we read the file) and
+    extended attributes (ACLs included) of ``real``, where the file system allows; the swap
+    must not change who can read the file nor when it says it was written."""
+    with contextlib.suppress(PermissionError):
+        os.chown(tmp, st.st_uid, st.st_gid)
+    shutil.copystat(real, tmp)      # xattrs (system.posix_acl_*), mode
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _carry(report: ScoresReport, path: Path, folder: Path, new_id: str) -> list[str]:
+    """Copy each model's scores that belong to the file into its new folder (atomic files)."""
+    moved = []
+    with _open_h5(path) as h5:
+        for model, where in sorted(report.owned.items()):
+            with open_model(path, h5, where) as grp, \
+                    atomic_path(folder / _model_file_name(model), overwrite=True) as own, \
+                    h5py.File(own, "w") as out:
+                for name, obj in grp.items():
+                    grp.copy(obj, out, name)
+                out.attrs.update(grp.attrs)     # as they were (older scores may record
+                if _ATTR_MODEL_STORE_ID in grp.attrs:   # no id: checked by length alone)
+                    out.attrs[_ATTR_MODEL_STORE_ID] = new_id
+            moved.append(model)
+    return moved
+
+
+def _swap_id(real: Path, report: ScoresReport) -> str:
+    """The store id a file gets when it is given a folder of its own: new (another path, or
+    other stamps, than the id it has was issued for), and the same on a rerun after a kill
+    mid-swap, which then finishes the same folder instead of leaving a second one."""
+    owner = report.owner
+    key = "\0".join([str(real), owner.store_id or "", owner.fingerprint or ""] if owner else
+                     [str(real)])
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _convert(target: Path) -> list[str]:
-    """Give a store made elsewhere its ``/scores`` link, by copy-and-swap (see link_scores).
+    """Give a file a scores folder of its own, by copy-and-swap.
 
-    Returns the models whose older scores were moved into scores files of their own.
+    For a copy, a renamed file, a file of another program or of an older stampbatch, or a
+    packed file. A new store id is issued (so no two files that have been scored share one),
+    the scores it shows that belong to its stamps (checked by store id and fingerprint) are
+    copied into ``<name>.scores/<new id>/`` with their index; then the whole file is copied,
+    its ``/scores`` replaced by the link to that folder, its owner, group, mode, times and
+    xattrs restored, fsynced and renamed over the original. Whatever folder the file named
+    before is never changed. Returns the models carried over.
     """
-    import shutil
-
-    moved = []
-    real = Path(os.path.realpath(target))
-    folder = real.with_name(real.name + SCORES_DIR_SUFFIX)
-    folder.mkdir(exist_ok=True)
+    real = _real(target)
+    st = os.stat(real)
+    report = scores_report(real)
+    new_id = _swap_id(real, report)
+    folder = home_folder(real, new_id)
+    if root_of(real).exists() and not root_of(real).is_dir():
+        raise _fail(target, f"{root_of(real)} is a file, not a scores folder; "
+                            "`stampbatch score --force` removes it")
+    folder.mkdir(parents=True, exist_ok=True)
+    fileio.fsync_dir(folder.parent)
+    fileio.fsync_dir(real.parent)
+    moved = _carry(report, real, folder, new_id)
+    write_index(folder, moved)
     with atomic_path(real, overwrite=True) as tmp:
         shutil.copyfile(real, tmp)
-        shutil.copymode(real, tmp)
         with h5py.File(tmp, "r+") as h5:
-            old = h5.get(_SCORES)
-            for model, grp in (old.items() if isinstance(old, h5py.Group) else ()):
-                if isinstance(grp, h5py.Group) and _complete(grp) \
-                        and not (folder / f"{model}.h5").exists():
-                    with atomic_path(folder / f"{model}.h5") as own, h5py.File(own, "w") as out:
-                        for name, obj in grp.items():
-                            h5.copy(obj, out, name)
-                        out.attrs.update(grp.attrs)
-                    moved.append(model)
             if _SCORES in h5 or h5.get(_SCORES, getlink=True) is not None:
                 del h5[_SCORES]
-            _add_scores_link(h5, real.name)
-        _write_index(folder, [*_indexed(folder), *moved])   # before the swap: no gap
+            _add_scores_link(h5, real.name, new_id)
+        _preserve(st, real, tmp)
     return moved
 
 
@@ -235,15 +378,18 @@ class ScoreWriter:
                  locked: bool = False) -> None:
         self.path = Path(path)
         self.model = model
-        self.final = scores_file(self.path, model)
         if not os.access(self.path, os.W_OK):
             raise _fail(self.path, "is read-only; write the scores to a side file with --out DIR")
         self._lock = None if locked else take_lock(self.path)
         self._h5: h5py.File | None = None
         self._ctx: contextlib.AbstractContextManager[Path] | None = None
         try:
-            self.final.parent.mkdir(exist_ok=True)
-            fileio.fsync_dir(self.final.parent.parent)
+            ensure_home(self.path)              # a copy or a foreign file: its own folder first
+            with _open_h5(self.path) as h5:
+                self.owner = owner_of(h5)
+            self.final = scores_file(self.path, model)
+            if not self.final.parent.is_dir():
+                write_index(self.final.parent, [])
             self._ctx = atomic_path(self.final, overwrite=True)
             self._h5 = h5py.File(self._ctx.__enter__(), "w")
             self._h5.attrs[_ATTR_SCHEMA] = SCHEMA_VERSION
@@ -276,6 +422,10 @@ class ScoreWriter:
     def commit(self, attrs: Mapping[str, Any], *, link: bool = True) -> None:
         """Provenance attributes, ``complete=True``, the file in place; then the link."""
         assert self._h5 is not None and self._ctx is not None, "commit once, before close"
+        if self.owner.store_id is not None:
+            self._h5.attrs[_ATTR_MODEL_STORE_ID] = self.owner.store_id
+        if self.owner.fingerprint is not None:
+            self._h5.attrs[_ATTR_FINGERPRINT] = self.owner.fingerprint
         for key, value in attrs.items():
             self._h5.attrs[key] = value
         self._h5.attrs[_ATTR_COMPLETE] = True
@@ -314,11 +464,38 @@ def take_lock(target: Path | str) -> fileio.FileLock:
     return lock
 
 
-def read_scores(path: Path | str, model: str, *, with_maps: bool = True) -> Scores:
-    """Read the complete scores of one model (maps optional: they can be large)."""
+def _locate(path: Path | str, model: str) -> tuple[ScoresReport, Path | str]:
+    """Where one model's scores of ``path`` are, or the one-line reason they cannot be read."""
+    report = scores_report(path)
+    where = report.owned.get(model)
+    if where is not None:
+        return report, where
+    if model in report.problems:
+        raise StoreError(report.problems[model])
+    if model in report.incomplete:
+        raise _fail(path, f"scores for model '{model}' are incomplete (an interrupted run; "
+                          "rerun score)")
+    if report.broken is not None:
+        raise StoreError(report.broken)
+    raise _fail(path, f"has no scores for model '{model}' (has {sorted(report.owned)})")
+
+
+@contextlib.contextmanager
+def _model_group(path: Path | str, model: str) -> Iterator[h5py.Group]:
     with _open_h5(path) as h5:
         _check_scores(Path(path), h5, None)
-        grp = _scores_group(path, h5, model)
+    _, where = _locate(path, model)
+    with _open_h5(path) as h5, open_model(path, h5, where) as grp:
+        yield grp
+
+
+def read_scores(path: Path | str, model: str, *, with_maps: bool = True) -> Scores:
+    """Read the complete scores of one model (maps optional: they can be large).
+
+    Only scores that belong to the file's stamps (store id and fingerprint) are read; any
+    other, broken or missing ones raise a one-line StoreError saying what to run.
+    """
+    with _model_group(path, model) as grp:
         return Scores(
             model=model,
             probability=grp[_PROBABILITY][:],
@@ -330,9 +507,7 @@ def read_scores(path: Path | str, model: str, *, with_maps: bool = True) -> Scor
 
 def read_occlusion(path: Path | str, model: str, rows: Sequence[int]) -> dict[int, np.ndarray]:
     """Occlusion maps of the given stamp rows (those that have one), keyed by row."""
-    with _open_h5(path) as h5:
-        _check_scores(Path(path), h5, None)
-        grp = _scores_group(path, h5, model)
+    with _model_group(path, model) as grp:
         index = grp[_OCCLUSION_INDEX][:]
         where = {int(r): i for i, r in enumerate(index)}
         out = {}
@@ -348,9 +523,7 @@ def read_occlusion_range(path: Path | str, model: str, start: int, stop: int
 
     One slice read (the index is increasing), so memory is bounded by the maps in the range.
     """
-    with _open_h5(path) as h5:
-        _check_scores(Path(path), h5, None)
-        grp = _scores_group(path, h5, model)
+    with _model_group(path, model) as grp:
         index = grp[_OCCLUSION_INDEX][:]
         lo, hi = np.searchsorted(index, [start, stop])
         return index[lo:hi], grp[_OCCLUSION][lo:hi]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from stampbatch.store._schema import (
     _score_groups,
     _score_members,
 )
+from stampbatch.store._sidecar import scores_report
 
 
 def check_stamps(path: Path | str, stamps: Any, stamp_shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -103,8 +105,12 @@ def _check_filters(path: Path, ds: h5py.Dataset) -> None:
 
 
 def _check_scores(path: Path, h5: h5py.File, n: int | None) -> tuple[str, ...]:
-    """Models under /scores that resolve; each must be a group, and a complete one must hold
-    its datasets (a link to a side file that is gone is not a model)."""
+    """Models in an in-file /scores group (a packed file, an older one); each must be a
+    group, and a complete one must hold its datasets. A /scores link to a scores folder is
+    not followed here (the store's own checks stay cheap): :func:`open_store` and the score
+    readers check that folder, model by model, against the file's identity."""
+    if isinstance(h5.get(_SCORES, getlink=True), h5py.ExternalLink):
+        return ()
     try:
         scores = h5.get(_SCORES)
     except (KeyError, OSError):  # the link to the scores index resolves to nothing yet
@@ -125,10 +131,7 @@ def _check_scores(path: Path, h5: h5py.File, n: int | None) -> tuple[str, ...]:
             if not isinstance(grp.get(name), h5py.Dataset):
                 raise _fail(path, f"/{_SCORES}/{model} is marked complete but has no '{name}' "
                                   f"dataset (rescore with --force)")
-        prob = grp[_PROBABILITY]
-        if n is not None and prob.shape != (n,):
-            raise _fail(path, f"/{_SCORES}/{model}/{_PROBABILITY} has shape {prob.shape}, "
-                              f"expected ({n},)")
+        # a length other than the stamps' is scores of other stamps: shown as such, not fatal
     return tuple(sorted(groups))
 
 
@@ -192,6 +195,9 @@ def open_store(path: Path | str, *, check_labels_values: bool = False) -> StoreI
     path = Path(path)
     with _open_h5(path) as h5:
         info = _validate(path, h5)
+        report = scores_report(path, h5)
+        info = dataclasses.replace(info, scored_models=tuple(sorted(
+            {*report.owned, *report.incomplete})))
         if check_labels_values and info.labelled:
             lab = h5[_LABELS]
             step = 1 << 20

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,10 @@ from stampbatch import fileio
 from stampbatch.store._schema import (
     _ATTR_SCHEMA,
     _ATTR_SHAPE,
+    _INDEX,
     _LABELS,
     _META,
+    _RETIRED,
     _STAMPS,
     COMPRESSIONS,
     DEFAULT_CHUNK_ROWS,
@@ -24,6 +29,11 @@ from stampbatch.store._schema import (
     StoreInfo,
     _add_scores_link,
     _fail,
+    _link_target,
+    _model_file_name,
+    _new_store_id,
+    _scores_link,
+    _store_id,
 )
 from stampbatch.store._validate import (
     check_labels,
@@ -66,6 +76,52 @@ def discard_unfinished(h5: h5py.File | None, ctx: Any, exc: BaseException) -> No
             ctx.__exit__(type(exc), exc, exc.__traceback__)
 
 
+def write_index(folder: Path, models: Sequence[str]) -> None:
+    """Replace the index of a scores folder by one linking ``models`` (atomic, durable); the
+    folder is made if missing (and its making made durable)."""
+    if folder.parent.exists() and not folder.parent.is_dir():
+        raise _fail(folder.parent, "is a file where stampbatch keeps scores; remove or rename it")
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        fileio.fsync_dir(folder.parent)
+        fileio.fsync_dir(folder.parent.parent)
+    with atomic_path(folder / _INDEX, overwrite=True) as tmp, h5py.File(tmp, "w") as h5:
+        for model in sorted(set(models)):
+            h5[model] = h5py.ExternalLink(_model_file_name(model), "/")
+
+
+def retire_folder(folder: Path) -> None:
+    """Delete a store's scores folder so that no kill leaves part of it under its name: it is
+    renamed to a hidden ``.retired-*`` name (made durable), then deleted; a kill during the
+    deletion leaves the hidden name, which :func:`sweep_retired` clears."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    doomed = folder.with_name(f"{_RETIRED}{folder.name}-{uuid.uuid4().hex[:8]}")
+    os.replace(folder, doomed)
+    fileio.fsync_dir(folder.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def sweep_retired(root: Path) -> None:
+    """Finish the retirements under a ``<file>.scores/`` folder that a kill interrupted."""
+    for leftover in root.glob(f"{_RETIRED}*") if root.is_dir() else ():
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def home_folder(real: Path, store_id: str) -> Path:
+    """``<file>.scores/<store id>/``: where the scores of the file at ``real`` belong."""
+    return real.parent / Path(_link_target(real.name, store_id)).parent
+
+
+def _own_folder(path: Path) -> Path | None:
+    """The scores folder a stampbatch file at ``path`` owns (its link names it), or None."""
+    with contextlib.suppress(Exception), h5py.File(path, "r") as h5:
+        sid, link = _store_id(h5), _scores_link(h5)
+        if sid is not None and link is not None and link.filename == _link_target(path.name, sid):
+            return home_folder(path, sid)
+    return None
+
+
 class StoreWriter:
     """Stream batches of stamps into a new store, atomically.
 
@@ -73,7 +129,10 @@ class StoreWriter:
     ...     w.append(stamps, labels, {"snr": snr})
 
     The file appears under its real name only when the ``with`` block ends without an error.
-    Every batch must carry the same metadata columns.
+    Every batch must carry the same metadata columns. Each new store gets a random store id
+    and its (empty) scores folder ``<name>.scores/<id>/index.h5`` before it appears, so its
+    ``/scores`` link always resolves; a store it replaces (``overwrite``) has its own scores
+    folder retired.
     """
 
     def __init__(
@@ -102,6 +161,7 @@ class StoreWriter:
         self._meta_names: tuple[str, ...] | None = None
         self._ctx: contextlib.AbstractContextManager[Path] | None = None
         self._h5: h5py.File | None = None
+        self.store_id = _new_store_id()
 
     def __enter__(self) -> StoreWriter:
         self._ctx = atomic_path(self.path, overwrite=self.overwrite)
@@ -117,7 +177,7 @@ class StoreWriter:
                 self._h5.create_dataset(_LABELS, shape=(0,), maxshape=(None,), dtype=np.int8,
                                         chunks=(max(self.chunk_rows, 1024),))
             self._h5.create_group(_META)
-            _add_scores_link(self._h5, self.path.name)
+            _add_scores_link(self._h5, self.path.name, self.store_id)
             self._h5.attrs[_ATTR_SCHEMA] = SCHEMA_VERSION
             self._h5.attrs[_ATTR_SHAPE] = np.asarray(self.stamp_shape, dtype=np.int64)
             for key, value in self.attrs.items():
@@ -188,8 +248,21 @@ class StoreWriter:
         assert self._h5 is not None and self._ctx is not None
         self._h5.close()
         self._h5 = None
+        real = Path(os.path.realpath(self.path))
+        home = home_folder(real, self.store_id)
+        try:
+            old = _own_folder(real) if real.exists() else None
+            write_index(home, [])
+        except BaseException as exc:
+            self._abort(exc)
+            shutil.rmtree(home, ignore_errors=True)        # nothing of a failed store is left
+            with contextlib.suppress(OSError):
+                home.parent.rmdir()                        # (only if it is empty)
+            raise
         ctx, self._ctx = self._ctx, None
         ctx.__exit__(None, None, None)
+        if old is not None:
+            retire_folder(old)
 
 
 def create_store(
