@@ -158,7 +158,7 @@ def test_inspect_and_plot_occlusion_read_a_packed_file_as_the_linked_one(tmp_pat
 @pytest.mark.slow
 def test_score_finds_a_packed_file_up_to_date(tmp_path, capsys):
     """The real scorer (a briefly trained model; TensorFlow's import and the training take
-    most of the ~20-30 s) scores a store, and on the packed file sees nothing left to do."""
+    most of the 20-45 s) scores a store, and on the packed file sees nothing left to do."""
     import keras
 
     from stampbatch import models, preprocess

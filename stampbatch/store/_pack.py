@@ -18,15 +18,12 @@ import h5py
 
 from stampbatch import fileio
 from stampbatch.store._schema import (
-    _ATTR_FINGERPRINT,
     _SCORES,
-    _complete,
+    StoreError,
     _fail,
     _open_h5,
-    _score_members,
-    _scores_link,
 )
-from stampbatch.store._scores import stamps_fingerprint
+from stampbatch.store._sidecar import open_model, scores_report
 from stampbatch.store._validate import _validate
 from stampbatch.store._write import atomic_path
 
@@ -52,45 +49,20 @@ def packed_path(path: Path | str, out_dir: Path | str | None = None) -> Path:
     return path.with_name(path.stem + PACKED_SUFFIX)
 
 
-def _models_to_pack(path: Path, h5: h5py.File) -> tuple[list[str], list[str]]:
-    """(models whose complete scores belong to these stamps, incomplete ones); a StoreError
-    for scores that do not resolve or belong to other stamps (nothing is written then)."""
-    link = _scores_link(h5)
-    where = f"{Path(link.filename).parent}" if link is not None else f"/{_SCORES}"
-    try:
-        scores = h5.get(_SCORES)
-    except (KeyError, OSError):
-        scores = None
-    if scores is None:
-        if link is not None and (path.parent / link.filename).exists():
-            raise _fail(path, f"its scores index {link.filename} is unreadable; rescore with "
-                              "`stampbatch score --force` before packing")
-        if link is None:
-            raise _fail(path, "has no scores to pack (score it first)")
-        raise _fail(path, f"has no scores to pack: its scores folder {where} is missing (moved "
-                          "without it? copy it beside the file, or score the file first)")
-    fingerprint = None
-    models, skipped = [], []
-    for model, grp in _score_members(scores):
-        if not isinstance(grp, h5py.Group):
-            raise _fail(path, f"the scores of model '{model}' in {where} are missing or "
-                              "unreadable; rescore it with `stampbatch score --force`")
-        if not _complete(grp):
-            skipped.append(model)
-            continue
-        fingerprint = fingerprint or stamps_fingerprint(path)
-        made_from = grp.attrs.get(_ATTR_FINGERPRINT)
-        if isinstance(made_from, bytes):
-            made_from = made_from.decode()
-        if made_from is not None and made_from != fingerprint:
-            raise _fail(path, f"scores in {where} belong to other stamps (model '{model}'); "
-                              "rescore with `stampbatch score --force` before packing")
-        models.append(model)
-    if not models:
+def _models_to_pack(path: Path, h5: h5py.File) -> tuple[dict[str, Path | str], list[str]]:
+    """(model -> where its scores are, for every model whose complete scores the file shows
+    and that belong to its store id and stamps; the incomplete ones); a StoreError, the
+    scores check's own line, for a scores folder or model that is broken or belongs to
+    other stamps (nothing is written then: a pack never drops scores in silence)."""
+    report = scores_report(path, h5)
+    if report.problems:
+        line = report.broken or next(iter(report.problems.values()))
+        raise StoreError(f"{line}; nothing packed")
+    if not report.owned:
         raise _fail(path, "has no scores to pack"
-                          + (f" ({', '.join(skipped)} interrupted: rerun score)" if skipped else
-                             " (score it first)"))
-    return sorted(models), sorted(skipped)
+                          + (f" ({', '.join(report.incomplete)} interrupted: rerun score)"
+                             if report.incomplete else " (score it first)"))
+    return dict(sorted(report.owned.items())), sorted(report.incomplete)
 
 
 def check_packable(path: Path | str, out: Path | str | None = None, *,
@@ -134,13 +106,15 @@ def pack(path: Path | str, out: Path | str | None = None, *, overwrite: bool = F
     fileio.remove_partials(plan.path)                    # what a killed pack left
     with _open_h5(path) as h5, atomic_path(plan.path, overwrite=overwrite) as tmp, \
             h5py.File(tmp, "w") as dst:
+        models, _ = _models_to_pack(path, h5)           # the same check, on the file as read
         dst.attrs.update(h5.attrs)
         for name in h5:
             if name != _SCORES:
                 h5.copy(h5[name], dst, name, expand_external=True, expand_soft=True)
         scores = dst.create_group(_SCORES)
-        for model in plan.models:
-            h5.copy(h5[_SCORES][model], scores, model, expand_external=True, expand_soft=True)
+        for model, where in models.items():
+            with open_model(path, h5, where) as grp:
+                grp.file.copy(grp, scores, model, expand_external=True, expand_soft=True)
         links: list[str] = []
         dst.visititems_links(lambda name, link: links.append(name)
                              if isinstance(link, h5py.ExternalLink) else None)
