@@ -86,19 +86,13 @@ def _make_case(root: Path, kind: str) -> Path:
     return path
 
 
-OWNER = ("store_id", "source_fingerprint")    # what binds a model's scores to the stamps
-
-
-def _state(path: Path, kind: str = "") -> dict:
-    """What must survive any kill: the stamps' bytes and the other model's scores. Another
-    program's file ("foreign") has older scores groups without an owner: its copy-and-swap
-    binds them to the file (checked in _check_after_kill), all else stays byte-identical."""
+def _state(path: Path) -> dict:
+    """What must survive any kill: the stamps' bytes and the other model's scores."""
     with h5py.File(path, "r") as h5:
         stamps = hashlib.sha256(h5["stamps"][:].tobytes()).hexdigest()
     old = store.read_scores(path, "old")
-    attrs = {k: v for k, v in old.attrs.items() if kind != "foreign" or k not in OWNER}
     return {"stamps": stamps, "old": (old.probability.tobytes(), old.occlusion_index.tobytes(),
-                                      old.occlusion.tobytes(), sorted(attrs.items()))}
+                                      old.occlusion.tobytes(), sorted(old.attrs.items()))}
 
 
 def _result(path: Path) -> tuple:
@@ -170,7 +164,7 @@ def _calls(case: Path, kind: str, tmp: Path) -> tuple[list[tuple[str, int, str]]
 
 def _check_after_kill(work: Path, kind: str, before: dict, reference, previous) -> None:
     path = work / "cand.h5"
-    assert _state(path, kind) == before                 # opens; stamps, other scores intact
+    assert _state(path) == before                 # opens; stamps, other scores intact
     if kind == "pack":                                  # the original, byte for byte; the
         assert _files(work) == previous                 # output absent or whole
         assert not (work / PACKED).exists() or _sha(work / PACKED) == reference
@@ -182,10 +176,7 @@ def _check_after_kill(work: Path, kind: str, before: dict, reference, previous) 
             assert _result(path) in (previous, reference)
         fault_child.run(path, "new", ROWS, SEED)        # the rerun
         assert _result(path) == reference               # bit-identical
-        assert _state(path, kind) == before
-        attrs = store.read_scores(path, "old", with_maps=False).attrs
-        assert (attrs.get(OWNER[0]), attrs.get(OWNER[1])) == \
-            (store.store_id(path), store.stamps_fingerprint(path))     # bound to these stamps
+        assert _state(path) == before
     leftovers = [p.name for p in work.rglob("*") if p.name.startswith(".")
                  or p.name.endswith((".stampbatch-journal", ".stampbatch.lock"))]
     assert leftovers == [], leftovers
@@ -211,7 +202,7 @@ def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tm
         message = "strace is not installed (make test installs it)"
         pytest.fail(message) if IN_CI else pytest.skip(message)
     case = _make_case(tmp_path / "case", kind)
-    before = _state(case, kind)
+    before = _state(case)
     # a few places to kill in at once (the scores record the source's path: one reference each)
     refs = {}
     for i in range(max(1, min(4, fileio.cores()))):
