@@ -155,6 +155,21 @@ def test_inspect_and_plot_occlusion_read_a_packed_file_as_the_linked_one(tmp_pat
         store.read_occlusion(src, "m2", rows)[rows[1]].tobytes()
 
 
+def test_incomplete_scores_are_left_out_and_named(tmp_path, capsys):
+    src = _scored(tmp_path / "cand.h5")
+    packed = store.pack(src).path
+    with h5py.File(packed, "r+") as h5:     # as an interrupted run of an older stampbatch left
+        h5["scores/m2"].attrs["complete"] = False
+    again = tmp_path / "again.h5"
+    assert cli.main(["pack", str(packed), "--out", str(again)]) == 0
+    assert capsys.readouterr().out == (f"packed {packed} -> {again} (scores: m1); left out, "
+                                       "incomplete (rerun score): m2\n")
+    with h5py.File(again, "r") as h5:
+        assert list(h5["scores"]) == ["m1"]
+    assert store.read_scores(again, "m1").probability.tobytes() == \
+        store.read_scores(src, "m1").probability.tobytes()
+
+
 @pytest.mark.slow
 def test_score_finds_a_packed_file_up_to_date(tmp_path, capsys):
     """The real scorer (a briefly trained model; TensorFlow's import and the training take

@@ -121,4 +121,4 @@ def pack(path: Path | str, out: Path | str | None = None, *, overwrite: bool = F
         if links:
             raise _fail(path, f"cannot be packed: /{links[0]} is an external link that HDF5 "
                               "did not copy")
-    return plan
+    return Packed(plan.path, tuple(models), plan.skipped)
