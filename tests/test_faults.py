@@ -13,9 +13,10 @@ for pack, the original and its scores folder are byte-identical and the output i
 or complete and equal. The figures of the last run are printed and recorded in
 RELIABILITY.md.
 
-These tests are slow (25-100 s a case, 4 min 20 s for the four on a loaded 2-core machine):
-each kill is a fresh Python process (about a second, mostly imports) and a check with a
-rerun, and the proof needs every call, not a sample. The kills run in parallel processes; every check and rerun runs
+These tests are slow (45-135 s a case, about 6 min for the four on a loaded 2-core machine,
+as long as the three cases of the harness before plus 45 s for pack): each kill is a fresh
+Python process (about a second, mostly imports) and a check with a rerun, and the proof
+needs every call, not a sample. The kills run in parallel processes; every check and rerun runs
 in the one thread that also starts them, because a fork while this process holds an HDF5
 file open hands its file lock to the child until that execs (RELIABILITY.md, "the foreign
 failure").
