@@ -132,6 +132,10 @@ def test_packing_is_idempotent_and_refuses_to_overwrite(tmp_path, capsys):
     out_dir = tmp_path / "ship"
     out_dir.mkdir()
     assert cli.main(["pack", str(src), str(first.path), "--out", str(out_dir / "x.h5")]) == 2
+    assert "--out names one file; 2 inputs given" in capsys.readouterr().err
+    assert cli.main(["pack", str(src), "--out-dir", str(tmp_path), "--overwrite"]) == 1
+    assert capsys.readouterr().err == (f"stampbatch pack: error: {src}: is the input itself; "
+                                       "choose another output\n")
     assert cli.main(["pack", str(src), "--out-dir", str(out_dir)]) == 0
     assert _sha(out_dir / "cand.h5") == digest
     leftovers = [p.name for p in tmp_path.rglob(".*")]
