@@ -23,7 +23,7 @@ from stampbatch.errors import StampbatchError
 from stampbatch.fileio import one_line
 
 # Groups listed first appear first in --help; any other module in stampbatch.commands follows.
-COMMAND_ORDER = ("data", "train", "launch", "score")
+COMMAND_ORDER = ("data", "train", "launch", "score", "pack")
 
 
 class OneLineParser(argparse.ArgumentParser):

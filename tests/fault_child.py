@@ -1,16 +1,24 @@
-"""The small process tests/test_faults.py kills: journal one model's scores, then finalise.
+"""The small process tests/test_faults.py kills: journal one model's scores, then finalise;
+or pack a scored store.
 
     python tests/fault_child.py CANDIDATES.h5 MODEL CHUNK_ROWS [SEED]
+    python tests/fault_child.py --pack CANDIDATES.h5 OUT.h5
 
 It does what the scorer's driver does after the compute (no model, no Dask, so it starts
 in a fraction of a second): start or resume the journal of ``MODEL`` with the same
 manifest checks as a run, record every missing chunk (deterministic stand-in results),
-then :func:`stampbatch.score.finish_journals` — commit the scores file, remove the
-journal, link ``/scores/MODEL`` into the candidate file.
+then :func:`stampbatch.score.finish_journals` — commit the model's scores file in the
+candidate file's scores folder, remove the journal, add the model to the folder's index
+(and, for a file without the ``/scores`` link, give it the link by copy-and-swap). The
+candidate file's stamps are never written. ``--pack`` runs :func:`stampbatch.store.pack`.
+
+With ``FAULT_CHILD_MARKER=1`` it prints ``started`` once its imports are done, just before
+the work, so that a parent timing a random kill can aim it at the work, not at start-up.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -58,4 +66,9 @@ def run(target: Path, model: str, chunk_rows: int, seed: int = 7) -> None:
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), *map(int, sys.argv[4:5]))
+    if os.environ.get("FAULT_CHILD_MARKER") == "1":
+        print("started", flush=True)
+    if sys.argv[1] == "--pack":
+        store.pack(Path(sys.argv[2]), Path(sys.argv[3]), overwrite=True)
+    else:
+        run(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), *map(int, sys.argv[4:5]))

@@ -14,12 +14,20 @@ Guarantees kept here:
   names the file and what is wrong;
 * reading is chunked: nothing here loads a whole store into memory unless asked.
 
-The package: ``_schema`` (names, errors, records), ``_validate``, ``_write``, ``_read`` and
-``_scores``; everything public is imported here, so callers write ``store.open_store``.
+The package: ``_schema`` (names, errors, records), ``_validate``, ``_write``, ``_read``,
+``_scores`` and ``_pack`` (one self-contained file from a store and its scores); everything
+public is imported here, so callers write ``store.open_store``.
 """
 
 from __future__ import annotations
 
+from stampbatch.store._pack import (
+    PACKED_SUFFIX,
+    Packed,
+    check_packable,
+    pack,
+    packed_path,
+)
 from stampbatch.store._read import (
     read_attrs,
     read_labels,
@@ -102,8 +110,10 @@ __all__ = [
     "META_PROFILE",
     "META_SNR",
     "META_TRUE_LABEL",
+    "PACKED_SUFFIX",
     "SCHEMA_VERSION",
     "SCORES_DIR_SUFFIX",
+    "Packed",
     "ScoreWriter",
     "Scores",
     "ScoresReport",
@@ -113,6 +123,7 @@ __all__ = [
     "atomic_path",
     "check_labels",
     "check_scores",
+    "check_packable",
     "check_stamps",
     "committed_models",
     "create_score_file",
@@ -123,6 +134,8 @@ __all__ = [
     "needs_home",
     "list_scores",
     "open_store",
+    "pack",
+    "packed_path",
     "read_attrs",
     "read_labels",
     "read_meta",
