@@ -139,6 +139,7 @@ def _check_after_kill(work: Path, before: dict, reference: tuple, previous: tupl
     assert leftovers == [], leftovers
 
 
+@pytest.mark.kill
 @pytest.mark.parametrize("kind", ["new", "foreign", "rescore"])
 def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tmp_path, kind):
     """new: a second model on a stampbatch store; foreign: a first model on another program's
