@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if hasattr(config, "workerinput"):  # an xdist worker: every worker sorts the same way
         first = {id(item) for item in slurm}
         items[:] = slurm + [item for item in items if id(item) not in first]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    """With STAMPBATCH_TEST_CPU_LOG=PATH, append "nodeid, wall s, CPU s" per test (setup,
+    call and teardown; CPU of this process and of the children it waited for, not of Slurm
+    jobs) to PATH.<xdist worker>: on a shared machine CPU time says what a test costs."""
+    log = os.environ.get("STAMPBATCH_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
+    t0, cpu0 = time.monotonic(), _cpu_s()
+    yield
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(f"{log}.{worker}", "a") as fh:
+        fh.write(f"{item.nodeid}\t{time.monotonic() - t0:.2f}\t{_cpu_s() - cpu0:.2f}\n")
+
+
+def _cpu_s() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), \
+        resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 SLOW_S = 20.0  # a test whose call takes longer says why in its docstring

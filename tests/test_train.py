@@ -299,7 +299,7 @@ def test_interrupted_run_resumes_from_checkpoint(data, tmp_path):
 # test predictions only. Both architectures are registered here as a user
 # registers one, each with a dropout layer before its head (stampbatch's own vgg6 has none):
 # the dropout masks' random state must be restored too. vgg6_dropout is vgg6 with it;
-# tiny_dropout (one 4-filter convolution, 1,650 parameters) is for the kill sweep, which
+# tiny_dropout (one 4-filter convolution, 170 parameters) is for the kill sweep, which
 # proves the checkpoint protocol at every one of a run's 15 commits and needs no real network
 # for it (test_run_killed_in_epoch_2_resumes_exactly keeps vgg6).
 TRAINER = r"""
