@@ -137,13 +137,39 @@ def split_stores(labels: Sequence[np.ndarray], config: TrainConfig,
                  sources: Sequence[str]) -> dict[str, np.ndarray]:
     """:func:`split_rows` of each store (stratified by class), as sorted global rows."""
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    splits = [split_rows(lab, config, source)
+              for lab, source in zip(labels, sources, strict=True)]
+    n_train = sum(len(s["train"]) for s in splits)
     offset = 0
-    for lab, source in zip(labels, sources, strict=True):
-        split = split_rows(lab, config, source)
+    for lab, source, split in zip(labels, sources, splits, strict=True):
+        if 0 < config.train_stamps < n_train:
+            share = max(2, round(config.train_stamps * len(split["train"]) / n_train))
+            split["train"] = subsample_rows(split["train"], lab, share, config.seed, source)
         for name in parts:
             parts[name].append(split[name] + offset)
         offset += len(lab)
     return {name: np.sort(np.concatenate(p)) for name, p in parts.items()}
+
+
+def subsample_rows(rows: np.ndarray, labels: np.ndarray, keep: int, seed: int,
+                   source: str = "store") -> np.ndarray:
+    """``keep`` of ``rows`` (sorted), drawn at random from the seed, stratified by class.
+
+    ``train_stamps`` trains on such a subset of the training split: a costly architecture
+    (resnet50 on a CPU) then learns from fewer stamps while its validation and test
+    stamps, and so its figures, stay those of every other run on the store.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if keep >= len(rows):
+        return rows
+    try:
+        kept, _ = train_test_split(rows, train_size=keep, stratify=labels[rows],
+                                   random_state=seed)
+    except ValueError as exc:
+        raise TrainError(f"{source}: cannot draw {keep} training stamps of both classes "
+                         f"from {len(rows)} ({exc}); raise train_stamps") from exc
+    return np.sort(kept)
 
 
 def split_summary(stores: Stores, labels: Sequence[np.ndarray],

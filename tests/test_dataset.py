@@ -57,6 +57,28 @@ def test_split_that_empties_a_class_is_refused():
         split_rows(labels, TrainConfig(val_fraction=0.05, test_fraction=0.05), "train.h5")
 
 
+def test_train_stamps_subsets_the_training_split_alone():
+    """train_stamps keeps that many training rows (stratified, seeded, shared among the stores
+    in proportion) and leaves the validation and test rows exactly those of the full split."""
+    first = np.r_[np.zeros(1400, np.int8), np.ones(600, np.int8)]
+    second = np.r_[np.zeros(500, np.int8), np.ones(500, np.int8)]
+    full = split_stores([first, second], TrainConfig(seed=5), ["a.h5", "b.h5"])
+    part = split_stores([first, second], TrainConfig(seed=5, train_stamps=600), ["a.h5", "b.h5"])
+    assert np.array_equal(part["val"], full["val"]) and np.array_equal(part["test"], full["test"])
+    assert len(part["train"]) == 600 and np.all(np.diff(part["train"]) > 0)
+    assert np.isin(part["train"], full["train"]).all()
+    in_first = part["train"] < len(first)
+    assert in_first.sum() == 400            # 1,400 of the 2,100 training rows came from a.h5
+    assert first[part["train"][in_first]].mean() == pytest.approx(0.3, abs=0.01)
+    assert second[part["train"][~in_first] - len(first)].mean() == pytest.approx(0.5, abs=0.01)
+    again = split_stores([first, second], TrainConfig(seed=5, train_stamps=600), ["a.h5", "b.h5"])
+    assert np.array_equal(part["train"], again["train"])
+    more = split_stores([first, second], TrainConfig(seed=5, train_stamps=5000), ["a.h5", "b.h5"])
+    assert np.array_equal(more["train"], full["train"])
+    with pytest.raises(ValueError, match="train_stamps"):
+        TrainConfig(train_stamps=-1).validate()
+
+
 def test_class_weights_balance_the_classes():
     labels = np.r_[np.zeros(75), np.ones(25)].astype(np.int8)
     w = class_weights(labels, "balanced")

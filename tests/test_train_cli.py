@@ -98,6 +98,7 @@ def test_help_states_the_defaults_that_training_uses(capsys):
                    f"(default {config.learning_rate:g};",
                    f"{config.optimizer} (default)",
                    f"(default {config.seed})",
-                   f"stopping (default {config.patience};"):
+                   f"stopping (default {config.patience};",
+                   f"stay whole (default {config.train_stamps}: the whole training split)"):
         assert phrase in text, phrase
     assert config.lr_schedule == "cosine" and "by a cosine" in text

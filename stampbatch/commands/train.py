@@ -61,6 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "0 never stops early)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no random flips/rotations of training stamps")
+    p.add_argument("--train-stamps", type=non_negative_int, metavar="N",
+                   help="train on N stamps of the training split (a seeded subset, stratified "
+                        "by class), for a quick run of a costly architecture; validation and "
+                        "test splits stay whole (default 0: the whole training split)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
     p.set_defaults(func=run_train)
 
@@ -130,7 +134,7 @@ def _train_settings(args: argparse.Namespace) -> tuple[list[Path], str, Any, Any
     if not isinstance(arch, str) or not arch:
         raise UsageError(f"{where}: 'architecture' must be a non-empty string, got {arch!r}")
     for option in ("epochs", "batch_size", "learning_rate", "optimizer", "seed", "patience",
-                   "augment"):
+                   "augment", "train_stamps"):
         value = getattr(args, option)
         if value is not None:
             settings[option] = value
@@ -157,6 +161,8 @@ def _check_batch_size(data: Sequence[Path], config: Any) -> None:
         return  # training itself says which store has no labels
     n = sum(info.n_stamps for info in infos)
     n_train = sum(training_split_size(info.n_stamps, config) for info in infos)
+    if config.train_stamps:
+        n_train = min(n_train, config.train_stamps)
     if config.batch_size > n_train:
         names = ", ".join(str(path) for path in data)
         raise UsageError(f"--batch-size {config.batch_size} is larger than the training split of "
