@@ -9,8 +9,9 @@ DEMO_DIR ?= demo-output
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 # pytest-xdist workers: 0 (one process) until the Slurm tests are proved to stay in one
-# xdist group on one worker (issue 27: with xdist 3.8 they were spread over the workers, two
-# time-limit batches then raced for the node). PYTEST_WORKERS=3 --dist loadgroup is the aim.
+# xdist group on one worker (issue 27: xdist 3.8 marks a group by setting item._nodeid, which
+# pytest 9.2's Node.nodeid no longer reads (it reads _id), so --dist loadgroup groups nothing
+# and two time-limit batches raced for the node). PYTEST_WORKERS=3 --dist loadgroup is the aim.
 PYTEST_WORKERS ?= 0
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
 CHECK_MARKERS := not timelimit and not kill and not bench
