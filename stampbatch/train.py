@@ -342,7 +342,8 @@ def _unwrap_stream_error(exc: BaseException, *streams: StampStream) -> BaseExcep
 
 def train_run(store_path: Path | Sequence[Path], arch: str, out_dir: Path, config: TrainConfig, *,
               data_weights: Sequence[float] | None = None, progress: bool = True,
-              callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+              callbacks: Sequence[Any] = (), figures: bool = True,
+              export: bool = True) -> dict[str, Any]:
     """Train ``arch`` on the labelled store(s), evaluate it on the test split, fill ``out_dir``.
 
     Several stores are split each by itself (stratified by class) and pooled; with
@@ -354,17 +355,25 @@ def train_run(store_path: Path | Sequence[Path], arch: str, out_dir: Path, confi
     returns the saved metrics of a finished run without retraining. ``callbacks`` are extra
     Keras callbacks run after the checkpoint of each epoch. Returns the metrics dict.
 
+    ``figures=False`` skips the PNG figures (``FIGURES``) and ``export=False`` the ONNX form
+    for scoring (``export.export_for_scoring``; ``stampbatch score`` writes it on first use):
+    for callers that read only the metrics, history, predictions or model (the test suite's
+    small runs, where the two took half of a 2-epoch run's CPU time). Neither is a training
+    setting: the run directory is otherwise the same, and a finished run is not redone for
+    them. ``stampbatch train`` and Slurm jobs always write both.
+
     The run directory is locked (``flock``) for the whole run: a second process training
     into it (a manual ``stampbatch train --out`` beside a Slurm job) is refused at once.
     """
     with _run_lock(Path(out_dir)):
         return _train_run_locked(store_path, arch, out_dir, config, data_weights, progress,
-                                 callbacks)
+                                 callbacks, figures, export)
 
 
 def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Path,
                       config: TrainConfig, data_weights: Sequence[float] | None, progress: bool,
-                      callbacks: Sequence[Any]) -> dict[str, Any]:
+                      callbacks: Sequence[Any], figures: bool = True,
+                      export: bool = True) -> dict[str, Any]:
     t_start = time.monotonic()
     check_architecture(arch)
     try:
@@ -408,17 +417,19 @@ def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Pat
     (out_dir / FAILED_FILE).unlink(missing_ok=True)
     try:
         metrics = _train_and_evaluate(stores, arch, out_dir, config, stores.infos[0], labels,
-                                      split, data, progress, callbacks, t_start, keras)
+                                      split, data, progress, callbacks, t_start, keras,
+                                      figures)
     except Exception as exc:
         message = fileio.one_line(exc, limit=None)
         fileio.write_bytes_atomic(out_dir / FAILED_FILE, (message + "\n").encode())
         raise
-    export_for_scoring(out_dir)   # the ONNX form, once, after the final model.keras
+    if export:
+        export_for_scoring(out_dir)   # the ONNX form, once, after the final model.keras
     return metrics
 
 
 def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, data, progress,
-                        callbacks, t_start, keras) -> dict[str, Any]:
+                        callbacks, t_start, keras, figures=True) -> dict[str, Any]:
     ckpt_dir = out_dir / CHECKPOINT_DIR
     state_path = ckpt_dir / STATE_FILE
     if state_path.is_file():
@@ -479,7 +490,7 @@ def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, 
         model.save(tmp)
     fileio.write_json_atomic(out_dir / HISTORY_FILE, state["history"])
     return _evaluate(model, store_path, arch, out_dir, config, info, split, data, state,
-                     t_run_start, calibration)
+                     t_run_start, calibration, figures=figures)
 
 
 def _open_stores(paths: Path | str | Sequence[Path | str],

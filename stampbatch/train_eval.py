@@ -51,7 +51,8 @@ def _calibrate(model, stores: Stores, val_rows: np.ndarray) -> dict[str, Any]:
 
 def _evaluate(model, store_path: Stores, arch: str, out_dir: Path, config: TrainConfig,
               info, split: dict[str, np.ndarray], data: str, state: dict[str, Any],
-              t_start: float, calibration: dict[str, Any]) -> dict[str, Any]:
+              t_start: float, calibration: dict[str, Any], *,
+              figures: bool = True) -> dict[str, Any]:
     from stampbatch import plots
 
     test = split["test"]
@@ -81,7 +82,20 @@ def _evaluate(model, store_path: Stores, arch: str, out_dir: Path, config: Train
         "calibration": {**calibration, "ece_test_after": scores["ece"],
                         "ece_test_before": _ece_uncalibrated(y, p, calibration["temperature"])},
     }
-    title = f"{arch} ({out_dir.name})"
+    if figures:
+        _figures(plots, scores, state, store_path, test[finite], y, p, out_dir,
+                 f"{arch} ({out_dir.name})", config.seed)
+    # the model this record describes: scoring, --threshold fpr:F and evaluate check it
+    metrics["model_sha256"] = fileio.sha256_file(out_dir / MODEL_FILE)
+    metrics["wall_time_s"] = time.monotonic() - t_start  # t_start moved back by earlier calls
+    fileio.write_json_atomic(out_dir / METRICS_FILE, metrics)  # last: marks the run as done
+    return json.loads(json.dumps(fileio.jsonable(metrics)))
+
+
+def _figures(plots, scores: dict[str, Any], state: dict[str, Any], store_path: Stores,
+             rows: np.ndarray, y: np.ndarray, p: np.ndarray, out_dir: Path, title: str,
+             seed: int) -> None:
+    """The run directory's FIGURES, from the test split's scores."""
     plots.plot_confusion_matrix(np.asarray(scores["confusion_matrix"]),
                                 out_dir / "confusion_matrix.png", title=f"{title}: test split")
     plots.plot_history(state["history"], out_dir / "history.png", title=title)
@@ -92,13 +106,7 @@ def _evaluate(model, store_path: Stores, arch: str, out_dir: Path, config: Train
     plots.plot_roc(fpr, tpr, out_dir / "roc.png", auc=scores["roc_auc"],
                    operating_point=(op["fpr"], op["completeness"]), title=f"{title}: ROC")
     _plot_completeness(plots, scores, out_dir / "completeness_snr.png", title)
-    _plot_examples(plots, store_path, test[finite], y, p, out_dir / "examples.png", title,
-                   config.seed)
-    # the model this record describes: scoring, --threshold fpr:F and evaluate check it
-    metrics["model_sha256"] = fileio.sha256_file(out_dir / MODEL_FILE)
-    metrics["wall_time_s"] = time.monotonic() - t_start  # t_start moved back by earlier calls
-    fileio.write_json_atomic(out_dir / METRICS_FILE, metrics)  # last: marks the run as done
-    return json.loads(json.dumps(fileio.jsonable(metrics)))
+    _plot_examples(plots, store_path, rows, y, p, out_dir / "examples.png", title, seed)
 
 
 def _pooled_meta(stores: Stores, columns: Sequence[str]) -> dict[str, np.ndarray]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,86 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+# Tests that submit jobs to the one local Slurm node share its two CPU slots, and the
+# preemption tests take the whole node: under pytest-xdist (`make test`) they form one group,
+# run by one worker in file order, while the other workers run the CPU-bound tests.
+SLURM_GROUP = "slurm"
+
+
+def uses_slurm(item: pytest.Item) -> bool:
+    return "slurm_cluster" in getattr(item, "fixturenames", ()) or \
+        item.get_closest_marker("slurm") is not None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that submits real Slurm jobs ``slurm`` and put it in the
+    ``xdist_group`` SLURM_GROUP. Under xdist the group also goes first: its jobs mostly wait
+    on Slurm (``--time=2`` limits, requeues), so the other workers' CPU-bound tests fill those
+    waits instead of the run ending with the Slurm tests alone (xdist hands the group out
+    where its first test stands in the collection)."""
+    slurm = []
+    for item in items:
+        if uses_slurm(item):
+            item.add_marker(pytest.mark.slurm)
+            item.add_marker(pytest.mark.xdist_group(SLURM_GROUP))
+            slurm.append(item)
+    if hasattr(config, "workerinput"):  # an xdist worker: every worker sorts the same way
+        first = {id(item) for item in slurm}
+        items[:] = slurm + [item for item in items if id(item) not in first]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    """With STAMPBATCH_TEST_CPU_LOG=PATH, append "nodeid, wall s, CPU s" per test (setup,
+    call and teardown; CPU of this process and of the children it waited for, not of Slurm
+    jobs) to PATH.<xdist worker>: on a shared machine CPU time says what a test costs."""
+    log = os.environ.get("STAMPBATCH_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
+    t0, cpu0 = time.monotonic(), _cpu_s()
+    yield
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(f"{log}.{worker}", "a") as fh:
+        fh.write(f"{item.nodeid}\t{time.monotonic() - t0:.2f}\t{_cpu_s() - cpu0:.2f}\n")
+
+
+def _cpu_s() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), \
+        resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+SLOW_S = 20.0  # a test whose call takes longer says why in its docstring
+_undocumented_slow: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.duration > SLOW_S:
+        doc = getattr(getattr(item, "function", None), "__doc__", None)
+        if not doc:  # carried to the xdist controller with the report
+            report.user_properties.append(("undocumented_slow", round(report.duration, 1)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for key, seconds in report.user_properties:
+        if key == "undocumented_slow":
+            _undocumented_slow.append(f"{report.nodeid} ({seconds} s)")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name the tests that took over SLOW_S without a docstring saying why. Reported, not
+    failed: a loaded machine stretches any test, so the wall clock cannot be a verdict."""
+    if _undocumented_slow:
+        terminalreporter.section(f"over {SLOW_S:.0f} s without a docstring saying why")
+        for line in _undocumented_slow:
+            terminalreporter.line(line)
 
 
 def gaussian_stamps(n: int, *, seed: int = 0, shape: tuple[int, int] = (21, 21),

@@ -194,6 +194,7 @@ def _reference(work: Path, kind: str) -> tuple:
     return _result(work / "cand.h5"), previous
 
 
+@pytest.mark.kill
 @pytest.mark.parametrize("kind", ["new", "foreign", "rescore", "pack"])
 def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tmp_path, kind):
     """new: a second model on a stampbatch store; foreign: a first model on another program's

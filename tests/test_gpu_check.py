@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.bench]
 
 
 def test_gpu_check_cpu_dry_run_trains_scores_compares_and_reports(tmp_path):

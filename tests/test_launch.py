@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -436,18 +437,6 @@ def test_slurm_trains_two_architectures(slurm_cluster, tmp_path, train_store, ca
 FAKE_APPTAINER = REPO / "tests" / "slurm" / "fake-apptainer"
 
 
-def container_standin(tmp_path: Path, monkeypatch) -> str:
-    """[slurm] lines that run each job in the container stand-in: an "apptainer" on PATH
-    whose jobs run in a mount namespace without any Slurm client or munge socket."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "apptainer").symlink_to(FAKE_APPTAINER)
-    image = tmp_path / "stampbatch.sif"
-    image.write_bytes(b"")
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    return f'container_image = "{image}"\ncontainer_python = "{sys.executable}"\n'
-
-
 def epochs_lasting(data: Path, seconds: float, tmp_path: Path) -> int:
     """How many epochs of the test jobs' training (``simple``, batch 64, ``data``) take about
     ``seconds`` on this machine now: the difference of a 2- and a 6-epoch run after a warm-up
@@ -464,6 +453,12 @@ def epochs_lasting(data: Path, seconds: float, tmp_path: Path) -> int:
     return min(600, max(100, round(seconds / per_epoch))) if per_epoch > 0 else 150
 
 
+def read_loss(run_dir: Path) -> list[float] | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((run_dir / "history.json").read_text())["loss"]
+    return None
+
+
 def follow_history(record: dict, run_dir: Path, timeout_s: float, *,
                    until_epoch: int | None = None) -> list[list[float]]:
     """Poll the job (and the run directory's history.json) until it ends, or until the
@@ -471,10 +466,9 @@ def follow_history(record: dict, run_dir: Path, timeout_s: float, *,
     seen: list[list[float]] = []
     deadline = time.monotonic() + timeout_s
     while True:
-        with contextlib.suppress(OSError, ValueError):
-            loss = json.loads((run_dir / "history.json").read_text())["loss"]
-            if not seen or loss != seen[-1]:
-                seen.append(loss)
+        loss = read_loss(run_dir)
+        if loss is not None and (not seen or loss != seen[-1]):
+            seen.append(loss)
         if until_epoch is not None and train.run_state(run_dir)["epoch"] >= until_epoch:
             return seen
         status = job_status.statuses_of([(record, record["jobs"][0])])[0]
@@ -482,6 +476,117 @@ def follow_history(record: dict, run_dir: Path, timeout_s: float, *,
             return seen
         assert time.monotonic() < deadline, f"job still {status.state} after {timeout_s} s"
         time.sleep(0.5)
+
+
+@dataclasses.dataclass
+class WatchedJob:
+    """A launched one-job training run, its history followed in the background from its
+    submission to its end (what ``follow_history`` sees when a test polls it itself)."""
+    record: dict
+    run_dir: Path
+    epochs: int
+    launched_at: float
+    seen: list[list[float]] = dataclasses.field(default_factory=list)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: str | None = None
+    # preemption only: the epoch checkpointed before it, the refusal of a second launch of
+    # the same architecture, when the urgent job came, and its id
+    committed: int = 0
+    second_launch: str = ""
+    preempted_at: float = 0.0
+    urgent_job: str = ""
+
+    def wait(self, timeout_s: float) -> list[list[float]]:
+        assert self.done.wait(timeout_s), f"job still running after {timeout_s} s"
+        assert self.error is None, self.error
+        return self.seen
+
+
+def follow_in_background(jobs: list[WatchedJob], timeout_s: float) -> None:
+    """One thread polling every job of ``jobs`` as ``follow_history`` does, until each ends."""
+    def poll() -> None:
+        deadline = time.monotonic() + timeout_s
+        active = list(jobs)
+        try:
+            while active:
+                for job in list(active):
+                    loss = read_loss(job.run_dir)
+                    if loss is not None and (not job.seen or loss != job.seen[-1]):
+                        job.seen.append(loss)
+                    status = job_status.statuses_of([(job.record, job.record["jobs"][0])])[0]
+                    if not status.active:
+                        active.remove(job)
+                        job.done.set()
+                    elif time.monotonic() > deadline:
+                        raise AssertionError(f"job still {status.state} after {timeout_s} s")
+                time.sleep(0.5)
+        except BaseException as exc:  # reported by each test still waiting
+            for job in active:
+                job.error = f"following the job failed: {exc!r}"
+                job.done.set()
+
+    threading.Thread(target=poll, name="follow-slurm-jobs", daemon=True).start()
+
+
+def wait_for_idle_node(timeout_s: float = 900) -> None:
+    """The preemption tests take the whole node (the urgent job preempts every job on it):
+    wait until no job of any earlier test is left in the queue rather than rely on order."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        queue = subprocess.run(["squeue", "-h", "-o", "%i %P %T"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        if not queue:
+            return
+        assert time.monotonic() < deadline, f"the Slurm node never became idle: {queue}"
+        time.sleep(1.0)
+
+
+def launch_tiny(tmp_path: Path, data: Path, *, epochs: int, time_min: int,
+                slurm: str = "", path_prefix: Path | None = None) -> WatchedJob:
+    path = job_file(tmp_path, data, ["simple"], epochs=epochs, time_min=time_min, slurm=slurm)
+    with pytest.MonkeyPatch.context() as mp:
+        if path_prefix is not None:  # the container stand-in's "apptainer", for sbatch's env
+            mp.setenv("PATH", f"{path_prefix}:{os.environ['PATH']}")
+        t0 = time.monotonic()
+        record = launch.launch(launch.load_spec(path), spec_file=path)
+    return WatchedJob(record, tmp_path / "runs" / "simple", epochs, t0)
+
+
+def container_lines(tmp_path: Path) -> tuple[str, Path]:
+    """[slurm] lines that run each job in the container stand-in, and the directory holding
+    its "apptainer" (``launch_tiny`` puts it on PATH for the submission): its jobs run in a
+    mount namespace without any Slurm client or munge socket."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").symlink_to(FAKE_APPTAINER)
+    image = tmp_path / "stampbatch.sif"
+    image.write_bytes(b"")
+    return f'container_image = "{image}"\ncontainer_python = "{sys.executable}"\n', bin_dir
+
+
+@pytest.fixture(scope="session")
+def timelimit_jobs(slurm_cluster, tmp_path_factory) -> dict[str, WatchedJob]:
+    """The three ``--time=2`` jobs, submitted together so that their waits overlap (they
+    once ran one after the other, 8-11 min): a host and a container job that must requeue
+    (``max_requeues = 20``: on a loaded machine an allocation trains little after TensorFlow's
+    start; 8 requeues were seen) and one that may not (``max_requeues = 0``). Their training is
+    sized once (``epochs_lasting``, three calibration runs) to ~150 s, more than one
+    ``--time=2`` allocation holds. Two run at once on the node's 2 CPUs, the third waits."""
+    root = tmp_path_factory.mktemp("timelimit")
+    data = make_store(root / "train.h5", 6000)
+    epochs = epochs_lasting(data, 150, root)
+    jobs = {}
+    for name in ("host", "container"):
+        work = root / name
+        work.mkdir()
+        lines, bin_dir = container_lines(work) if name == "container" else ("", None)
+        jobs[name] = launch_tiny(work, data, epochs=epochs, time_min=2,
+                                 slurm="max_requeues = 20\n" + lines, path_prefix=bin_dir)
+    follow_in_background([jobs["host"], jobs["container"]], 2400)
+    (root / "exhausted").mkdir()
+    jobs["exhausted"] = launch_tiny(root / "exhausted", data, epochs=epochs, time_min=2,
+                                    slurm="max_requeues = 0")
+    return jobs
 
 
 def assert_resumed_run(record: dict, run_dir: Path, epochs: int, seen: list[list[float]],
@@ -509,78 +614,95 @@ def assert_resumed_run(record: dict, run_dir: Path, epochs: int, seen: list[list
 
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.timelimit
 @pytest.mark.parametrize("container", [False, True], ids=["host", "container"])
-def test_slurm_time_limit_requeues_and_resumes(slurm_cluster, tmp_path, monkeypatch, container):
-    # A real time limit: --time=2 with USR2 30 s before it (Slurm sends it 70-90 s after the
-    # start here); training sized to ~150 s cannot fit in one run, so the job must requeue.
-    slurm = "max_requeues = 8\n" + (container_standin(tmp_path, monkeypatch) if container else "")
-    data = make_store(tmp_path / "train.h5", 6000)
-    epochs = epochs_lasting(data, 150, tmp_path)
-    path = job_file(tmp_path, data, ["simple"], epochs=epochs, time_min=2, slurm=slurm)
-    t0 = time.monotonic()
-    record = launch.launch(launch.load_spec(path), spec_file=path)
-    run_dir = tmp_path / "runs" / "simple"
-    seen = follow_history(record, run_dir, 900)
-    events = assert_resumed_run(record, run_dir, epochs, seen, container)
+def test_slurm_time_limit_requeues_and_resumes(timelimit_jobs, container):
+    """Waits out real ``--time=2`` limits (~4-6 min, shared with the other timelimit_jobs).
+
+    A real time limit: --time=2 with USR2 30 s before it (Slurm sends it 70-90 s after the
+    start here); training sized to ~150 s cannot fit in one run, so the job must requeue."""
+    job = timelimit_jobs["container" if container else "host"]
+    seen = job.wait(2400)
+    events = assert_resumed_run(job.record, job.run_dir, job.epochs, seen, container)
     print(f"time limit ({'container' if container else 'host'}): "
           f"{events.count('interrupted after epoch')} requeue(s), done in "
-          f"{time.monotonic() - t0:.0f} s")
+          f"{time.monotonic() - job.launched_at:.0f} s")
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-@pytest.mark.parametrize("container", [False, True], ids=["host", "container"])
-def test_slurm_preempted_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path, monkeypatch,
-                                                         container):
-    # Real preemption: a job in partition 'urgent' (higher priority tier) needs both CPUs;
-    # Slurm sends the training job USR2 (preempt_send_user_signal) and requeues it.
-    slurm = container_standin(tmp_path, monkeypatch) if container else ""
-    data = make_store(tmp_path / "train.h5", 6000)
-    epochs = 25
-    path = job_file(tmp_path, data, ["simple"], epochs=epochs, time_min=10, slurm=slurm)
-    t0 = time.monotonic()
-    record = launch.launch(launch.load_spec(path), spec_file=path)
-    run_dir = tmp_path / "runs" / "simple"
-    seen = follow_history(record, run_dir, 300, until_epoch=2)
-    committed = train.run_state(run_dir)["epoch"]  # epochs checkpointed before preemption
-    # a second launch for the same architecture must not race the running job
-    with pytest.raises(UsageError, match="job .* of an earlier launch is still"):
-        launch.launch(launch.load_spec(path), spec_file=path)
-    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "2", "--mem=1G",
-                             "-o", "/dev/null", "--wrap", "sleep 5"],
-                            capture_output=True, text=True, check=True).stdout.strip()
-    preempted_at = time.monotonic() - t0
-    seen += follow_history(record, run_dir, 600)
-    events = assert_resumed_run(record, run_dir, epochs, seen, container)
-    resumed_at = [int(e) for _, e in re.findall(r"\(restart (\d+)\): resuming at epoch "
-                                                r"(\d+)/", events)]
-    assert committed >= 2 and resumed_at[0] >= committed  # no checkpointed epoch redone
-    state = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", urgent],
-                           capture_output=True, text=True).stdout.split()
-    assert state[:1] in (["COMPLETED"], []), state  # accounting may lag; never a failure
-    print(f"preemption ({'container' if container else 'host'}) after {preempted_at:.0f} s, "
-          f"{events.count('interrupted after epoch')} interruption(s), done in "
-          f"{time.monotonic() - t0:.0f} s")
-
-
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_slurm_exhausted_requeues_end_with_one_line_naming_the_log(slurm_cluster, tmp_path,
-                                                                   capsys):
-    data = make_store(tmp_path / "train.h5", 6000)
-    epochs = epochs_lasting(data, 150, tmp_path)  # longer than --time=2 allows
-    path = job_file(tmp_path, data, ["simple"], epochs=epochs, time_min=2,
-                    slurm="max_requeues = 0")
-    record = launch.launch(launch.load_spec(path), spec_file=path)
-    status = job_status.wait_for_jobs(record, poll_s=1.0, timeout_s=400)[0]
+@pytest.mark.timelimit
+def test_slurm_exhausted_requeues_end_with_one_line_naming_the_log(timelimit_jobs, capsys):
+    """Waits out a real ``--time=2`` limit (~2-4 min, overlapping the other timelimit_jobs)."""
+    job = timelimit_jobs["exhausted"]  # longer than --time=2 allows, max_requeues = 0
+    status = job_status.wait_for_jobs(job.record, poll_s=1.0, timeout_s=900)[0]
     assert status.state == "FAILED"
     assert "(max_requeues = 0)" in status.error and str(status.log) in status.error
-    assert re.match(rf"stopped at epoch \d+/{epochs}: preempted or timed out again",
+    assert re.match(rf"stopped at epoch \d+/{job.epochs}: preempted or timed out again",
                     status.error)
-    assert cli.main(["status", str(tmp_path / "runs")]) == 1
+    assert cli.main(["status", str(job.run_dir.parent)]) == 1
     out = capsys.readouterr().out
     assert f"  error: {status.error}" in out
     assert "timed-out too many times" in status.log.read_text()
+
+
+@pytest.fixture(scope="session")
+def preempted_jobs(slurm_cluster, tmp_path_factory) -> dict[str, WatchedJob]:
+    """Real preemption of a host and a container job at once: both train (25 epochs of 6000
+    stamps) until each has checkpointed epoch 2, a second launch of the same architecture is
+    tried, then one job in partition 'urgent' (higher priority tier) asks for both CPUs and
+    Slurm sends both USR2 (preempt_send_user_signal) and requeues them. Waits first for the
+    node to be idle: the urgent job would preempt any other test's job too."""
+    wait_for_idle_node()
+    root = tmp_path_factory.mktemp("preempt")
+    data = make_store(root / "train.h5", 6000)
+    jobs: dict[str, WatchedJob] = {}
+    for name in ("host", "container"):
+        work = root / name
+        work.mkdir()
+        lines, bin_dir = container_lines(work) if name == "container" else ("", None)
+        jobs[name] = launch_tiny(work, data, epochs=25, time_min=10, slurm=lines,
+                                 path_prefix=bin_dir)
+    for name in ("host", "container"):
+        job = jobs[name]
+        job.seen = follow_history(job.record, job.run_dir, 300, until_epoch=2)
+        job.committed = train.run_state(job.run_dir)["epoch"]  # checkpointed before preemption
+        # a second launch for the same architecture must not race the running job
+        spec_file = job.run_dir.parent.parent / "job.toml"
+        with pytest.raises(UsageError) as again:
+            launch.launch(launch.load_spec(spec_file), spec_file=spec_file)
+        job.second_launch = str(again.value)
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "2", "--mem=1G",
+                             "-o", "/dev/null", "--wrap", "sleep 5"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    for job in jobs.values():
+        job.preempted_at = time.monotonic() - job.launched_at
+        job.urgent_job = urgent
+    follow_in_background(list(jobs.values()), 900)
+    return jobs
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.timelimit
+@pytest.mark.parametrize("container", [False, True], ids=["host", "container"])
+def test_slurm_preempted_job_resumes_from_its_checkpoint(preempted_jobs, container):
+    """Waits for a real preemption and requeue (~2-4 min, host and container together)."""
+    job = preempted_jobs["container" if container else "host"]
+    assert re.search("job .* of an earlier launch is still", job.second_launch), \
+        job.second_launch
+    seen = job.seen + job.wait(900)
+    events = assert_resumed_run(job.record, job.run_dir, job.epochs, seen, container)
+    resumed_at = [int(e) for _, e in re.findall(r"\(restart (\d+)\): resuming at epoch "
+                                                r"(\d+)/", events)]
+    assert job.committed >= 2 and resumed_at[0] >= job.committed  # no checkpointed epoch redone
+    state = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j",
+                            job.urgent_job],
+                           capture_output=True, text=True).stdout.split()
+    assert state[:1] in (["COMPLETED"], []), state  # accounting may lag; never a failure
+    print(f"preemption ({'container' if container else 'host'}) after {job.preempted_at:.0f} s, "
+          f"{events.count('interrupted after epoch')} interruption(s), done in "
+          f"{time.monotonic() - job.launched_at:.0f} s")
 
 
 @pytest.mark.slurm

@@ -17,7 +17,7 @@ from stampbatch import inference, preprocess
 sys.path.insert(0, str(REPO / "benchmarks"))
 import precision  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.bench]
 
 
 @pytest.fixture(scope="module")

@@ -293,10 +293,15 @@ def test_interrupted_run_resumes_from_checkpoint(data, tmp_path):
 
 
 # A trainer in its own process, as a Slurm job or `stampbatch train` runs it; argv: store,
-# run directory, epochs, learning rate, and "E:B" to SIGKILL itself after batch B of epoch E
-# (0-based) or "-". vgg6 with a dropout layer before its head (registered here as a user
-# registers an architecture; stampbatch's own vgg6 has none): the dropout masks' random
-# state must be restored too.
+# run directory (several, os.pathsep between them: trained one after the other), epochs,
+# learning rate, "E:B" to SIGKILL itself after batch B of epoch E (0-based) or "-", and the
+# architecture. Neither figures nor the ONNX export: these tests read the history and the
+# test predictions only. Both architectures are registered here as a user
+# registers one, each with a dropout layer before its head (stampbatch's own vgg6 has none):
+# the dropout masks' random state must be restored too. vgg6_dropout is vgg6 with it;
+# tiny_dropout (one 4-filter convolution, 170 parameters) is for the kill sweep, which
+# proves the checkpoint protocol at every one of a run's 15 commits and needs no real network
+# for it (test_run_killed_in_epoch_2_resumes_exactly keeps vgg6).
 TRAINER = r"""
 import os, signal, sys
 import keras
@@ -307,8 +312,17 @@ def vgg6_dropout(shape, n_classes):
     x = keras.layers.Dropout(0.5, name="drop")(base.get_layer("fc_1").output)
     out = keras.layers.Dense(n_classes, activation="softmax", name="fc_out_dropout")(x)
     return keras.Model(base.input, out, name="vgg6_dropout")
+def tiny_dropout(shape, n_classes):
+    inputs = keras.Input((*shape, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.MaxPooling2D(4, name="pool")(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dropout(0.5, name="drop")(x)
+    out = keras.layers.Dense(n_classes, activation="softmax", name="fc_out")(x)
+    return keras.Model(inputs, out, name="tiny_dropout")
 models.ARCHITECTURES["vgg6_dropout"] = vgg6_dropout
-store, out, epochs, rate, kill_at = sys.argv[1:6]
+models.ARCHITECTURES["tiny_dropout"] = tiny_dropout
+store, outs, epochs, rate, kill_at, arch = sys.argv[1:7]
 kill = tuple(int(x) for x in kill_at.split(":")) if kill_at != "-" else None
 class Kill(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
@@ -317,17 +331,20 @@ class Kill(keras.callbacks.Callback):
         if (self.epoch, batch) == kill:
             os.kill(os.getpid(), signal.SIGKILL)
 config = TrainConfig(epochs=int(epochs), batch_size=32, patience=0, learning_rate=float(rate))
-train_run(store, "vgg6_dropout", out, config, progress=False, callbacks=[Kill()])
+for out in outs.split(os.pathsep):
+    train_run(store, arch, out, config, progress=False, callbacks=[Kill()], figures=False,
+              export=False)
 """
 EXACT_N = 320  # 224 training stamps: 7 full batches of 32 per epoch, no partial batch
 
 
 def run_trainer(data: Path, out: Path, epochs: int = 2, *, kill_at: str = "-",
-                rate: float = 0.01, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+                rate: float = 0.01, prefix: tuple[str, ...] = (),
+                arch: str = "vgg6_dropout") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run([*prefix, sys.executable, "-c", TRAINER, str(data), str(out),
-                           str(epochs), str(rate), kill_at], capture_output=True, text=True,
-                          env=env, timeout=600)
+                           str(epochs), str(rate), kill_at, arch], capture_output=True,
+                          text=True, env=env, timeout=600)
 
 
 def finished_run(out: Path) -> tuple[dict, np.ndarray]:
@@ -364,29 +381,73 @@ def test_run_killed_in_epoch_2_resumes_exactly(exact_data, tmp_path):
     assert np.array_equal(got_probability, probability)
 
 
+RENAMES = "rename,renameat,renameat2"
+
+
+def completed_renames(strace_log: Path) -> list[str]:
+    """The targets of the renames that succeeded, in order, from ``strace -f -e trace=rename*``
+    (a call split by another thread reads "<unfinished ...>" then "<... rename resumed>")."""
+    targets, pending = [], {}
+    for line in strace_log.read_text().splitlines():
+        pid, _, call = line.partition(" ")
+        if call.startswith("<..."):
+            call = pending.pop(pid, "") + call
+        elif call.endswith("<unfinished ...>"):
+            pending[pid] = call
+            continue
+        if call.rstrip().endswith("= 0"):
+            targets.append(call.split('"')[3])
+    return targets
+
+
+@pytest.fixture(scope="module")
+def tiny_exact(exact_data) -> tuple[Path, tuple[dict, np.ndarray], list[str]]:
+    """An uninterrupted 2-epoch tiny_dropout run on exact_data's store, its (history, test
+    probabilities), and the files its renames committed, in order (traced with strace)."""
+    data, _ = exact_data
+    out = data.parent / "tiny-uninterrupted"
+    log = data.parent / "tiny-renames.strace"
+    done = run_trainer(data, out, arch="tiny_dropout",
+                       prefix=("strace", "-f", "-qq", "-o", str(log), "-e", f"trace={RENAMES}"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return data, finished_run(out), [str(Path(t).relative_to(out)) for t in completed_renames(log)]
+
+
 @pytest.mark.slow
-def test_trainer_killed_at_every_checkpoint_step_resumes(exact_data, tmp_path):
-    """SIGKILL just before each rename that commits a file (strace fault injection): config,
-    split, then per epoch the best weights, the epoch model, state.json and history.json, then
-    the final model and metrics. Every directory left behind resumes to the same result."""
+@pytest.mark.kill
+def test_trainer_killed_at_every_checkpoint_step_resumes(tiny_exact, tmp_path):
+    """~2 min: one fresh TensorFlow process per kill point (15), then one resuming them all.
+
+    SIGKILL just before each rename that commits a file (strace fault injection), every one
+    of an uninterrupted run's: config, data record, split, then per epoch the best weights,
+    the epoch model, state.json and history.json, then the final model, history, test
+    predictions and metrics. Every directory left behind resumes to the same result."""
     if shutil.which("strace") is None:
         message = "strace is missing (make test installs it)"
         pytest.fail(message) if IN_CI else pytest.skip(message)
-    data, (history, probability) = exact_data
-    renames = "rename,renameat,renameat2"
-    # 1-9: config.toml .. the last epoch's history (this run's epoch 2 does not improve, so it
-    # writes no best weights); 10: the final model.keras; 18: metrics.json, the last write
-    points = [*range(1, 10), 10, 18]
-    for k in points:
+    data, (history, probability), commits = tiny_exact
+    # the commit protocol as the run made it: a changed order or a lost commit shows here
+    assert commits == ["config.toml", "data.json", "split.npz",
+                       "checkpoint/best-0001.weights.h5", "checkpoint/epoch-0001.keras",
+                       "checkpoint/state.json", "history.json",
+                       "checkpoint/best-0002.weights.h5", "checkpoint/epoch-0002.keras",
+                       "checkpoint/state.json", "history.json", "model.keras", "history.json",
+                       "predictions.npz", "metrics.json"]
+    outs = []
+    for k in range(1, len(commits) + 1):
         out = tmp_path / f"kill-{k}"
-        strace = ("strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={renames}",
-                  "-e", f"inject={renames}:signal=KILL:when={k}")
-        killed = run_trainer(data, out, prefix=strace)
+        strace = ("strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={RENAMES}",
+                  "-e", f"inject={RENAMES}:signal=KILL:when={k}")
+        killed = run_trainer(data, out, prefix=strace, arch="tiny_dropout")
         assert killed.returncode == -signal.SIGKILL or "killed by SIGKILL" in killed.stderr, \
             (k, killed.returncode, killed.stderr[-2000:])
         assert not (out / "metrics.json").exists(), k
-        resumed = run_trainer(data, out)
-        assert resumed.returncode == 0, (k, resumed.stderr[-2000:])
+        outs.append(out)
+    # one process resumes every directory in turn (a fresh process each proved nothing more:
+    # each train_run reseeds and reloads from its own checkpoint; the kills need their own)
+    resumed = run_trainer(data, Path(os.pathsep.join(map(str, outs))), arch="tiny_dropout")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for k, out in enumerate(outs, 1):
         got_history, got_probability = finished_run(out)
         assert got_history == history, k
         assert np.array_equal(got_probability, probability), k
