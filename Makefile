@@ -8,11 +8,12 @@ INSTALLED := $(VENV)/.stampbatch-installed
 DEMO_DIR ?= demo-output
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 1
-# pytest-xdist workers: 0 (one process) until the Slurm tests are proved to stay in one
-# xdist group on one worker (issue 27: xdist 3.8 marks a group by setting item._nodeid, which
-# pytest 9.2's Node.nodeid no longer reads (it reads _id), so --dist loadgroup groups nothing
-# and two time-limit batches raced for the node). PYTEST_WORKERS=3 --dist loadgroup is the aim.
-PYTEST_WORKERS ?= 0
+# pytest-xdist: 3 workers on the 2-core machine. The tests that submit Slurm jobs form one
+# xdist group, run first by one worker (they mostly wait on Slurm's --time=2 limits and
+# requeues) while the other two run the CPU-bound tests. tests/conftest.py (_GroupIds) makes
+# the group hold under pytest 9, whose Node.nodeid no longer reads the tag xdist 3.8 sets.
+# PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 3
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
 CHECK_MARKERS := not timelimit and not kill and not bench
 

@@ -56,6 +56,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = slurm + [item for item in items if id(item) not in first]
 
 
+class _GroupIds:
+    """Make ``--dist loadgroup`` group again under pytest 9. xdist (3.8) tags a grouped test by
+    setting ``item._nodeid = "<id>@<group>"``, but pytest 9's ``Node.nodeid`` reads ``_id``,
+    so the tag never reached the controller and the Slurm group spread over every worker (two
+    time-limit batches then raced for the node). Runs after xdist's own hook and copies the
+    tag into ``_id``; a no-op where xdist already sets what ``nodeid`` reads."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        for item in items:
+            tagged = getattr(item, "_nodeid", None)
+            if isinstance(tagged, str) and "@" in tagged and "@" not in item.nodeid:
+                from _pytest.nodeid import coerce_node_id
+
+                item._id = coerce_node_id(tagged)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):
+        config.pluginmanager.register(_GroupIds(), "stampbatch-xdist-group-ids")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     """With STAMPBATCH_TEST_CPU_LOG=PATH, append "nodeid, wall s, CPU s" per test (setup,
