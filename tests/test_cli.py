@@ -35,6 +35,23 @@ def test_bad_file_is_one_line_exit_1(tmp_path, capsys):
     assert err == f"stampbatch inspect: error: {bad}: not an HDF5 file\n"
 
 
+def test_inspect_of_several_files_reports_each_bad_one_and_exits_1_at_the_end(tmp_path, capsys,
+                                                                             labelled_arrays):
+    """One bad file among several no longer stops inspect: each bad file gets its one line,
+    every good file its summary, and the exit code says something was wrong."""
+    stamps, labels = labelled_arrays
+    good = tmp_path / "good.h5"
+    store.create_store(good, stamps, labels)
+    bad, missing = tmp_path / "notes.h5", tmp_path / "absent.h5"
+    bad.write_text("not hdf5")
+    assert cli.main(["inspect", str(bad), str(good), str(missing)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("300 stamps of 21x21") == 1
+    lines = captured.err.splitlines()
+    assert lines[0] == f"stampbatch inspect: error: {bad}: not an HDF5 file"
+    assert len(lines) == 2 and lines[1].startswith(f"stampbatch inspect: error: {missing}")
+
+
 def test_inspect_summarises_a_store(tmp_path, capsys, labelled_arrays):
     stamps, labels = labelled_arrays
     path = tmp_path / "t.h5"

@@ -246,9 +246,17 @@ def run_inspect(args: argparse.Namespace) -> int:
     scores of other stamps (each named, with what to run)."""
     from stampbatch import store
 
+    from stampbatch.errors import StampbatchError
+    from stampbatch.fileio import one_line
+
     rc = 0
     for path in args.files:
-        print(describe_store(path))
+        try:                    # one bad file among many: say so, describe the others
+            print(describe_store(path))
+        except StampbatchError as exc:
+            print(f"stampbatch inspect: error: {one_line(exc, limit=None)}", file=sys.stderr)
+            rc = rc or exc.exit_code
+            continue
         problems = store.check_scores(path).problems
         for problem in problems.values():
             print(problem, file=sys.stderr)
