@@ -245,7 +245,6 @@ def run_inspect(args: argparse.Namespace) -> int:
     """Describe each file; exit 1 when a file's scores folder is broken, missing or holds
     scores of other stamps (each named, with what to run)."""
     from stampbatch import store
-
     from stampbatch.errors import StampbatchError
     from stampbatch.fileio import one_line
 
