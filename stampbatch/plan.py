@@ -371,12 +371,17 @@ def _lock_files(files: list[FileWork], options: ScoreOptions, bad: BadFiles,
 
 def _check_folder(fw: FileWork, options: ScoreOptions) -> None:
     """A broken scores folder of the file's own is refused before any work (``--force``:
-    rebuilt)."""
+    rebuilt). A missing one (the file copied or moved without it, as a survey's candidate files
+    are) is made anew, saying so: nothing wrong can be shown, and what it held elsewhere
+    stays there."""
     report = store.check_scores(fw.target)
     if report.broken is not None and report.at_home:
-        if not options.force:
+        folder = report.folder
+        missing = folder is not None and not folder.exists() and not folder.parent.is_file()
+        if not options.force and not missing:
             raise ScoreError(report.broken)
-        options.log(f"{report.broken}: rebuilding (--force)")
+        options.log(f"{fw.target}: its scores folder {folder} was missing; made anew" if missing
+                    else f"{report.broken}: rebuilding (--force)")
         store.repair_scores(fw.target)
 
 

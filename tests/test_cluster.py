@@ -141,5 +141,6 @@ def test_sigterm_while_waiting_for_slurm_leaves_nothing_behind(tmp_path, model):
     assert proc.returncode == 143, err
     lines = [x for x in err.splitlines() if not x.startswith("waiting for Slurm")]
     assert lines == ["stampbatch score: terminated (SIGTERM)"], err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cands.h5"]
+    # the store and the (empty) scores folder made with it: no journal, no lock, no partial
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cands.h5", "cands.h5.scores"]
     assert not subprocess.run(["pgrep", "-f", f"{bin_dir}/sbatch"], capture_output=True).stdout

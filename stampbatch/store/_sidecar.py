@@ -68,7 +68,11 @@ def owner_of(h5: h5py.File) -> Owner:
     """The store's own identity; for a ``--out`` side file, the candidate's it recorded."""
     sid = _store_id(h5)
     if _STAMPS in h5 and isinstance(h5[_STAMPS], h5py.Dataset):
-        return Owner(sid, fingerprint_of(h5), int(h5[_STAMPS].shape[0]))
+        try:
+            fingerprint: str | None = fingerprint_of(h5)
+        except OSError:     # damaged stamp chunks: the id and the length still decide, and
+            fingerprint = None  # whatever reads the stamps says which file is damaged
+        return Owner(sid, fingerprint, int(h5[_STAMPS].shape[0]))
     fp = h5.attrs.get(_ATTR_FINGERPRINT)
     n = h5.attrs.get("n_stamps")
     return Owner(sid, None if fp is None else str(_decode_attr(fp)),
