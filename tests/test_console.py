@@ -30,6 +30,8 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_simulate_inspect_train_score_print_no_library_errors_or_warnings(tmp_path):
+    """Every command of a user's day as a real process, its stderr read whole (~90 s: each
+    step is a fresh process importing TensorFlow, and one trains a model)."""
     steps = [
         ["simulate", "train.h5", "--n", "600", "--seed", "1"],
         ["simulate", "cands.h5", "--n", "200", "--seed", "2", "--candidates"],

@@ -13,6 +13,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.bench]
 
 
 def test_gpu_check_cpu_dry_run_trains_scores_compares_and_reports(tmp_path):
+    """The GPU check script's CPU dry run for real (~90 s: it trains, exports and scores, as
+    it does on a GPU node, so the script a GPU session runs is proved here)."""
     env = dict(os.environ, PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-dry-run",
                            "--stamps", "3000", "--train", "500", "--maps", "12",

@@ -246,6 +246,8 @@ def sacct_rows(job_name: str, since: float) -> list[list[str]]:
 @pytest.mark.slow
 def test_score_survey_scores_every_file_with_gpu_workers(slurm_cluster, tiny_model, expected,
                                                          tmp_path):
+    """The survey batch script end to end on the real Slurm (~40 s: a Dask scheduler job and
+    its GPU worker jobs start, score every file and are cancelled)."""
     survey = candidate_dir(tmp_path, expected)
     started = time.time()
     out = sbatch(SURVEY, ["list.txt", str(tiny_model)], tmp_path, slurm_cluster,

@@ -317,6 +317,8 @@ def test_threshold_from_the_runs_metrics(tmp_path, run):
 
 
 def test_killed_run_resumes_to_the_same_table(tmp_path, run, client):  # noqa: F811
+    """A real scorer process SIGKILLed mid-table resumes to the same table (~70 s: two scorer
+    processes, each importing TensorFlow and ONNX Runtime, and the reference run)."""
     src = tmp_path / "results.parquet"
     written = write_results(src, n=1536, nan_rows=(7,))
     out = tmp_path / "results.scored.parquet"

@@ -348,6 +348,8 @@ def test_slurm_refusal_is_one_line_and_leaves_nothing(slurm_cluster, tmp_path, t
 
 @pytest.mark.slow
 def test_local_executor_trains_and_reports_a_failed_job(tmp_path, train_store, capsys):
+    """Two real local training jobs, one on a damaged store (~55 s: a full small training
+    and the failed job's TensorFlow start-up)."""
     bad = make_corrupt_store(tmp_path / "damaged.h5")
     path = job_file(tmp_path, train_store, ["simple", "simple_bn"], executor="local",
                     extra=f'[overrides.simple_bn]\ndata = "{bad}"')
@@ -385,6 +387,8 @@ def test_local_executor_trains_and_reports_a_failed_job(tmp_path, train_store, c
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_trains_two_architectures(slurm_cluster, tmp_path, train_store, capsys):
+    """Two real training jobs on the real Slurm, one fake GPU each (~25 s: two TensorFlow
+    start-ups and trainings side by side)."""
     # one (fake) GPU each: the node has two, so both run at once; TensorFlow falls back to CPU
     path = job_file(tmp_path, train_store, ["simple", "vgg6"], slurm="gpus_per_job = 1")
     runs = tmp_path / "runs"

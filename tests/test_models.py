@@ -84,6 +84,8 @@ def test_vgg6_input_of_a_faint_source_ignores_a_bright_star(built):
 
 
 def test_vgg6_loads_without_stampbatch_in_safe_mode(tmp_path, built):
+    """vgg6 loaded in a fresh process without stampbatch (~35 s: that process imports
+    TensorFlow and Keras itself, as a client such as KBMOD's filter does)."""
     # Clients (KBMOD's filter) load model.keras with their own code, no stampbatch import: they
     # normalise each co-add stamp the reference way and pass (N, 21, 21), no channel axis.
     import subprocess
