@@ -151,7 +151,7 @@ def check_scores(path: Path | str) -> ScoresReport:
     return scores_report(path)
 
 
-def _attrs_of(path: Path | str, report: ScoresReport, where: Path | str) -> dict[str, Any]:
+def _attrs_of(path: Path | str, where: Path | str) -> dict[str, Any]:
     with _open_h5(path) as h5, open_model(path, h5, where) as grp:
         return {k: _decode_attr(v) for k, v in grp.attrs.items()}
 
@@ -168,7 +168,7 @@ def score_status(path: Path | str, model: str) -> dict[str, Any] | None:
     if where is None:
         return None
     try:
-        return _attrs_of(path, report, where)
+        return _attrs_of(path, where)
     except (StampbatchError, OSError):
         return None
 
@@ -253,8 +253,8 @@ def repair_scores(target: Path | str) -> None:
     index = report.folder / _INDEX
     if index.is_dir():
         fileio.remove_tree(index)
-    good = [m for m in _models_in(report.folder) if m in scores_report(real).unlinked]
-    write_index(report.folder, good)
+    unlinked = scores_report(real).unlinked     # once, now that the index is out of the way
+    write_index(report.folder, [m for m in _models_in(report.folder) if m in unlinked])
 
 
 def _models_in(folder: Path) -> list[str]:
