@@ -37,7 +37,7 @@ from stampbatch.tasks import OcclusionMode
 DEFAULT_CHUNK_SIZE = 4096
 
 
-def _log_stderr(message: str) -> None:
+def log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -68,7 +68,7 @@ class ScoreOptions:
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     client: Any = None                   # an existing distributed Client (overrides cluster)
     progress: bool = True
-    log: Callable[[str], None] = _log_stderr
+    log: Callable[[str], None] = log_stderr
 
     def __post_init__(self) -> None:
         occ = self.occlusion

@@ -75,8 +75,8 @@ from stampbatch.plan import (
     Plan,
     ScoreOptions,
     ScoreSummary,
-    _log_stderr,
     lock_target,
+    log_stderr,
     plan_run,
 )
 from stampbatch.tasks import PLUGIN_NAME, ChunkTask, OcclusionMode, score_chunk
@@ -426,7 +426,7 @@ def _finalise(fw: FileWork, summary: ScoreSummary) -> None:
         ms.unscorable += n_nan
         ms.above_half += n_above
         ms.maps += n_maps
-    store.link_scores(fw.target, [*fw.models, *store.committed_models(fw.target, _log_stderr)])
+    store.link_scores(fw.target, [*fw.models, *store.committed_models(fw.target, log_stderr)])
 
 
 def finish_journals(target: Path | str) -> list[str]:
@@ -448,7 +448,7 @@ def finish_journals(target: Path | str) -> list[str]:
             if folder.is_dir() and not folder.name.startswith(".") and journal.manifest():
                 _commit_journal(target, journal)
                 committed.append(folder.name)
-        store.link_scores(target, [*committed, *store.committed_models(target, _log_stderr)])
+        store.link_scores(target, [*committed, *store.committed_models(target, log_stderr)])
         return committed
     finally:
         lock.release()
