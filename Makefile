@@ -10,11 +10,13 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 # pytest-xdist: 3 workers on the 2-core machine. The tests that submit Slurm jobs form one
 # xdist group, run first by one worker (they mostly wait on Slurm's --time=2 limits and
-# requeues) while the other two run the CPU-bound tests. tests/conftest.py (_GroupIds) makes
-# the group hold under pytest 9, whose Node.nodeid no longer reads the tag xdist 3.8 sets.
+# requeues) while the other two run the CPU-bound tests; tests sharing a trained run or a Dask
+# cluster form groups too, so it is built once. tests/conftest.py sets the groups and their
+# order (--no-loadscope-reorder keeps it) and (_GroupIds) makes them hold under pytest 9,
+# whose Node.nodeid no longer reads the tag xdist 3.8 sets.
 # PYTEST_WORKERS=0 runs everything in one process.
 PYTEST_WORKERS ?= 3
-XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup)
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 CHECK_MARKERS := not timelimit and not kill and not bench
 
 .PHONY: demo test check test-setup system-setup lint slurm-up slurm-down test-tools bench clean

@@ -33,27 +33,63 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 SLURM_GROUP = "slurm"
 
 
+# Tests sharing an expensive module fixture (a trained run, a Dask cluster, a traced
+# uninterrupted run) form one xdist group, so the fixture is built once rather than once per
+# worker that happens to get one of them (up to three times before). Whole modules by file
+# name; in test_train.py and test_jobs.py by the fixture (their other tests spread freely).
+# A Slurm test always joins the Slurm group instead: its jobs must not race the others'.
+MODULE_GROUPS = {"test_score.py": "score", "test_kbmod.py": "kbmod", "test_models.py": "models",
+                 "test_precision_gate.py": "precision-gate", "test_export.py": "export",
+                 "test_evaluate.py": "evaluate", "test_cluster.py": "cluster"}
+FIXTURE_GROUPS = {"exact_data": "train-exact", "tiny_exact": "train-exact",
+                  "vgg6_run": "train-vgg6", "tiny_model": SLURM_GROUP}
+# The order in which work reaches the xdist workers (Makefile: --no-loadscope-reorder keeps
+# it): the Slurm group first, the other groups longest first, then the slow and kill tests,
+# then the rest. A long unit handed out last would leave one worker running alone at the end.
+GROUP_ORDER = (SLURM_GROUP, "train-exact", "score", "train-vgg6", "kbmod", "models",
+               "precision-gate", "export", "evaluate", "cluster")
+
+
 def uses_slurm(item: pytest.Item) -> bool:
     return "slurm_cluster" in getattr(item, "fixturenames", ()) or \
         item.get_closest_marker("slurm") is not None
 
 
+def _group_of(item: pytest.Item) -> str | None:
+    if uses_slurm(item):
+        return SLURM_GROUP
+    fixtures = getattr(item, "fixturenames", ())
+    for fixture, group in FIXTURE_GROUPS.items():
+        if fixture in fixtures:
+            return group
+    return MODULE_GROUPS.get(item.path.name)
+
+
+def _rank(item: pytest.Item, group: str | None) -> int:
+    if group is not None:
+        return GROUP_ORDER.index(group)
+    if item.get_closest_marker("kill") or item.get_closest_marker("slow"):
+        return len(GROUP_ORDER)
+    return len(GROUP_ORDER) + 1
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test that submits real Slurm jobs ``slurm`` and put it in the
-    ``xdist_group`` SLURM_GROUP. Under xdist the group also goes first: its jobs mostly wait
-    on Slurm (``--time=2`` limits, requeues), so the other workers' CPU-bound tests fill those
-    waits instead of the run ending with the Slurm tests alone (xdist hands the group out
-    where its first test stands in the collection)."""
-    slurm = []
+    """Mark every test that submits real Slurm jobs ``slurm``; give each test its xdist group
+    (MODULE_GROUPS, FIXTURE_GROUPS, the Slurm group). Under xdist, order the work as
+    GROUP_ORDER says: the Slurm group first (its jobs mostly wait on ``--time=2`` limits and
+    requeues, so the other workers' CPU-bound tests fill those waits), then the groups that
+    share a fixture, then slow tests, then the rest."""
+    groups = {}
     for item in items:
         if uses_slurm(item):
             item.add_marker(pytest.mark.slurm)
-            item.add_marker(pytest.mark.xdist_group(SLURM_GROUP))
-            slurm.append(item)
+        group = groups[id(item)] = _group_of(item)
+        if group is not None:
+            assert group in GROUP_ORDER, f"{group} missing from GROUP_ORDER"
+            item.add_marker(pytest.mark.xdist_group(group))
     if hasattr(config, "workerinput"):  # an xdist worker: every worker sorts the same way
-        first = {id(item) for item in slurm}
-        items[:] = slurm + [item for item in items if id(item) not in first]
+        items.sort(key=lambda item: _rank(item, groups[id(item)]))  # stable: file order kept
 
 
 class _GroupIds:
