@@ -112,7 +112,7 @@ def store_dir_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem) or "store"
 
 
-def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
+def evaluate_run(run_dir: Path | str, data: Path | str, by: Sequence[str] | None = None, *,
                  figures: bool = True) -> dict[str, Any]:
     """Evaluate ``run_dir``'s model on the labelled store ``data``; write and return the
     evaluation (see the module docstring)."""

@@ -340,7 +340,8 @@ def _unwrap_stream_error(exc: BaseException, *streams: StampStream) -> BaseExcep
     return exc
 
 
-def train_run(store_path: Path | Sequence[Path], arch: str, out_dir: Path, config: TrainConfig, *,
+def train_run(store_path: Path | str | Sequence[Path | str], arch: str, out_dir: Path | str,
+              config: TrainConfig, *,
               data_weights: Sequence[float] | None = None, progress: bool = True,
               callbacks: Sequence[Any] = (), figures: bool = True,
               export: bool = True) -> dict[str, Any]:
@@ -370,7 +371,7 @@ def train_run(store_path: Path | Sequence[Path], arch: str, out_dir: Path, confi
                                  callbacks, figures, export)
 
 
-def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Path,
+def _train_run_locked(store_path: Path | str | Sequence[Path | str], arch: str, out_dir: Path | str,
                       config: TrainConfig, data_weights: Sequence[float] | None, progress: bool,
                       callbacks: Sequence[Any], figures: bool = True,
                       export: bool = True) -> dict[str, Any]:
