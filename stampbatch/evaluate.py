@@ -175,7 +175,8 @@ def evaluate_run(run_dir: Path | str, data: Path | str, by: Sequence[str] | None
     if figures:
         _figures(out_dir, result, scores, thresholds)
     path = fileio.write_json_atomic(out_dir / EVALUATION_FILE, result)
-    return json.loads(path.read_text())
+    saved: dict[str, Any] = json.loads(path.read_text())
+    return saved
 
 
 def held_out_rows(run_dir: Path, data: Path, n_stamps: int) -> np.ndarray | None:

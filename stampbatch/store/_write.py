@@ -253,8 +253,8 @@ class StoreWriter:
         try:
             old = _own_folder(real) if real.exists() else None
             write_index(home, [])
-        except BaseException as exc:
-            self._abort(exc)
+        except BaseException as err:
+            self._abort(err)
             shutil.rmtree(home, ignore_errors=True)        # nothing of a failed store is left
             with contextlib.suppress(OSError):
                 home.parent.rmdir()                        # (only if it is empty)
