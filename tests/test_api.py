@@ -76,6 +76,13 @@ def _readme_example() -> str:
     return blocks[0]
 
 
+def test_readme_api_section_names_every_public_name():
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
+    missing = [n for n in stampbatch.__all__ if n != "__version__" and f"`{n}" not in section]
+    assert missing == []
+
+
 @pytest.mark.slow
 def test_readme_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     """Runs the README's example in an empty directory and checks what it made. About 25 s of
