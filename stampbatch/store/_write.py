@@ -237,7 +237,8 @@ class StoreWriter:
         h5, ctx, self._h5, self._ctx = self._h5, self._ctx, None, None
         discard_unfinished(h5, ctx, exc)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
         if exc is None and self.n == 0:
             exc = _fail(self.path, "no stamps were written")
             self._abort(exc)
