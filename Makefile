@@ -49,8 +49,10 @@ test-tools:
 		elif [ "$${CI:-}" = true ]; then echo "error: strace missing and cannot be installed" >&2; exit 1; \
 		else echo "warning: strace missing and cannot be installed; the kill tests will fail" >&2; fi; }
 
+# mypy: the whole package, strict on the public API's modules ([tool.mypy] in pyproject.toml).
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check stampbatch tests benchmarks tools
+	$(VENV)/bin/mypy
 
 # The machine's set-up (apt: Slurm, then strace; one apt at a time) beside the venv's pip
 # install: `make -j2 test-setup lint` runs the two at once, then ruff.

@@ -130,7 +130,7 @@ class ThreadPool:
 
         self.threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stampbatch")
-        self._done: queue.Queue = queue.Queue()
+        self._done: queue.Queue[Any] = queue.Queue()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         fut = self._pool.submit(fn, *args)
@@ -147,7 +147,7 @@ class ThreadPool:
 def total_threads(client: Any) -> int:
     """Worker threads the client can use now (a guess of 2 while none are connected)."""
     try:
-        return max(1, sum(client.nthreads().values()))
+        return max(1, int(sum(client.nthreads().values())))
     except Exception:  # noqa: BLE001 - a scheduler between workers: assume a few
         return 2
 

@@ -78,7 +78,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (str, Path)):
             raise UsageError(f"{where}: expected a path, got {value!r}")
         return Path(value)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
             raise UsageError(f"{where}: expected a table, got {value!r}")
         return from_mapping(hint, value, where)
@@ -113,7 +113,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], source: str = "config") 
 
 def to_toml(obj: Any) -> str:
     """Serialise a (flat or nested) dataclass to TOML text that :func:`from_mapping` reads back."""
-    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else dict(obj)
     scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
     lines = [f"{k} = {_toml_value(v)}" for k, v in scalars.items() if v is not None]

@@ -64,6 +64,7 @@ class Stores:
                 f"{p} {i.stamp_shape[0]}x{i.stamp_shape[1]}" for p, i in zip(self.paths, self.infos)))
         self.sizes = np.array([info.n_stamps for info in self.infos], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.weights: np.ndarray | None = None   # each store's share of an epoch (train sets it)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -256,7 +257,7 @@ class StampStream:
                  stamp_shape: tuple[int, int] | None = None, *, weights: np.ndarray | None = None,
                  seed: int = 0, augment: bool = False, read_rows: int = READ_BLOCK_ROWS,
                  shuffle_stamps: int = SHUFFLE_STAMPS,
-                 store_weights: Sequence[float] | None = None) -> None:
+                 store_weights: Sequence[float] | np.ndarray | None = None) -> None:
         self.stores = stores if isinstance(stores, Stores) else Stores([stores])
         self.path = self.stores.paths[0] if len(self.stores.paths) == 1 else None
         self.rows = np.sort(np.asarray(rows, dtype=np.int64))

@@ -112,7 +112,7 @@ def store_dir_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem) or "store"
 
 
-def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
+def evaluate_run(run_dir: Path | str, data: Path | str, by: Sequence[str] | None = None, *,
                  figures: bool = True) -> dict[str, Any]:
     """Evaluate ``run_dir``'s model on the labelled store ``data``; write and return the
     evaluation (see the module docstring)."""
@@ -175,7 +175,8 @@ def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
     if figures:
         _figures(out_dir, result, scores, thresholds)
     path = fileio.write_json_atomic(out_dir / EVALUATION_FILE, result)
-    return json.loads(path.read_text())
+    saved: dict[str, Any] = json.loads(path.read_text())
+    return saved
 
 
 def held_out_rows(run_dir: Path, data: Path, n_stamps: int) -> np.ndarray | None:

@@ -369,10 +369,13 @@ def _ingest_inputs(out: Path, sources: Path | str | None, noise: Path | str | No
     candidates), none of them the output file."""
     if candidates is not None and (sources is not None or noise is not None):
         raise UsageError("ingest: candidates cannot be combined with sources/noise")
-    if candidates is None and (sources is None or noise is None):
+    inputs: list[tuple[_ArraySource, str | None]]
+    if candidates is not None:
+        inputs = [(_open_array(candidates, key), None)]
+    elif sources is None or noise is None:
         raise UsageError("ingest: give sources and noise (a labelled store) or candidates")
-    inputs = (_open_labelled(Path(sources), Path(noise), key) if candidates is None
-              else [(_open_array(candidates, key), None)])
+    else:
+        inputs = _open_labelled(Path(sources), Path(noise), key)
     for src, _ in inputs:
         with contextlib.suppress(OSError):
             if out.exists() and out.samefile(src.path):

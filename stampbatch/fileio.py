@@ -286,7 +286,8 @@ def writers_by_file() -> dict[tuple[int, int], int]:
     Read from Linux ``/proc`` (empty elsewhere) once for many files: links and symlinks of
     a file count too, and it works whatever HDF5's file locking is set to.
     """
-    me, found = os.getpid(), {}
+    me = os.getpid()
+    found: dict[tuple[int, int], int] = {}
     for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
         if not entry.name.isdigit() or int(entry.name) == me:
             continue

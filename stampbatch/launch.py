@@ -179,11 +179,12 @@ def slurm_minutes(text: str) -> int:
     if not m:
         raise ValueError(f"expected a Slurm time limit (minutes, MM:SS, HH:MM:SS or "
                          f"D-HH:MM:SS), got {text!r}")
-    d, a, b, c = (int(x) if x is not None else None for x in m.group("d", "a", "b", "c"))
+    a = int(m.group("a"))                            # always there; b and c are optional
+    d, b, c = (int(x) if x is not None else None for x in m.group("d", "b", "c"))
     if d is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
         seconds = ((d * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
     elif c is not None:  # HH:MM:SS
-        seconds = (a * 60 + b) * 60 + c
+        seconds = (a * 60 + (b or 0)) * 60 + c           # (the pattern gives c only after b)
     elif b is not None:  # MM:SS
         seconds = a * 60 + b
     else:  # a bare number: minutes

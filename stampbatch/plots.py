@@ -44,7 +44,7 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def write_atomically(path: Path | str, write: Callable[[BinaryIO], None]) -> Path:
+def write_atomically(path: Path | str, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(fh)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
     :func:`stampbatch.fileio.write_atomic` (file and directory fsynced, umask honoured);
@@ -314,7 +314,7 @@ def plot_reliability(record: Mapping[str, Any], path: Path, *, title: str = "") 
 def _setup_snr_axis(ax: Any, edges: np.ndarray) -> None:
     ax.set_xscale("log")
     ax.set_xlim(edges[0], edges[-1])
-    ax.xaxis.set_major_locator(FixedLocator(edges))
+    ax.xaxis.set_major_locator(FixedLocator(edges.tolist()))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())

@@ -280,8 +280,7 @@ def render_sersic(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, r_e: n
     out = np.empty((m, h, w), dtype=np.float32)
     for lo in range(0, m, SERSIC_BATCH):
         sl = slice(lo, lo + SERSIC_BATCH)
-        out[sl] = _sersic_batch((h, w), *(a[sl] for a in args), beta[sl], psf_ellip[sl],
-                                psf_pa[sl])
+        out[sl] = _sersic_batch((h, w), *(a[sl] for a in (*args, beta, psf_ellip, psf_pa)))
     return out
 
 

@@ -333,8 +333,8 @@ def _metrics_table(runs: list[dict[str, Any]]) -> str:
     cells = [[column[1](run) for column in _COLUMNS] for run in runs]
     best: dict[int, float] = {}
     for j, (_, _, rule) in enumerate(_COLUMNS):
-        values = [row[j][1] for row, run in zip(cells, runs, strict=True)
-                  if row[j][1] is not None and run["status"] == "done"]
+        values = [v for row, run in zip(cells, runs, strict=True)
+                  if (v := row[j][1]) is not None and run["status"] == "done"]
         if rule == "max" and len(values) > 1:
             best[j] = max(values)
     out = ['<table class="metrics"><thead><tr><th class="text">run</th>'

@@ -178,7 +178,7 @@ def _save_split(path: Path, split: dict[str, np.ndarray]) -> None:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, **split)
+    np.savez(buf, allow_pickle=False, **split)
     fileio.write_bytes_atomic(path, buf.getvalue())
 
 

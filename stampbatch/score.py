@@ -196,6 +196,7 @@ class _Results:
             self.summary.files = [p for p in self.summary.files if p != fw.candidates]
             self.summary.targets = [p for p in self.summary.targets if p != fw.target]
             return 0
+        assert result is not None                       # _failure gives a result or a failure
         _journal_chunk(fw, task, result, self.remaining, self.summary)
         return task.stop - task.start
 
@@ -227,7 +228,8 @@ class _Joined:
     def result(self) -> dict[str, ChunkResult]:
         pieces = [fut.result() for fut in self.parts]      # the first failure raises
         if len(pieces) == 1:                               # an uncut chunk: no copy
-            return pieces[0]
+            whole: dict[str, ChunkResult] = pieces[0]
+            return whole
         return {name: ChunkResult(np.concatenate([p[name].probability for p in pieces]),
                                   np.concatenate([p[name].occlusion_rows for p in pieces]),
                                   np.concatenate([p[name].occlusion_maps for p in pieces]))

@@ -138,11 +138,11 @@ import dataclasses
 import json
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -409,7 +409,7 @@ NEIGHBOUR_FREE = {
 }
 
 
-def neighbour_free_config(**changes) -> SimConfig:
+def neighbour_free_config(**changes: Any) -> SimConfig:
     """The earlier default simulator: isolated point sources on clean backgrounds."""
     return dataclasses.replace(SimConfig(), **{**NEIGHBOUR_FREE, **changes})
 
@@ -437,7 +437,8 @@ def matched_filter_snr(stamps: np.ndarray, shapes: np.ndarray, sigma: np.ndarray
     shapes = np.asarray(shapes, np.float64)
     bg = np.asarray(background, np.float64).reshape(-1, 1, 1) if np.ndim(background) else background
     resp = np.einsum("nij,nij->n", shapes, stamps - bg)
-    return resp / (np.asarray(sigma, np.float64) * np.sqrt(np.einsum("nij,nij->n", shapes, shapes)))
+    snr: np.ndarray = resp / (np.asarray(sigma, np.float64) * np.sqrt(np.einsum("nij,nij->n", shapes, shapes)))
+    return snr
 
 
 def simulate_stamps(n: int, config: SimConfig | None = None,
@@ -492,7 +493,7 @@ def block_rng(seed: int, block: int) -> np.random.Generator:
 
 
 def iter_blocks(n: int, config: SimConfig, seed: int, *,
-                workers: int = 1) -> Iterator[SimulatedBatch]:
+                workers: int = 1) -> Generator[SimulatedBatch, None, None]:
     """The ``n`` stamps of (seed, config) as consecutive blocks of ``SIM_BLOCK_ROWS``.
 
     With ``workers`` > 1, blocks are simulated ahead in that many threads (numpy releases
@@ -573,7 +574,8 @@ def write_simulated(
         "simulator_block_rows": SIM_BLOCK_ROWS,
         "stampbatch_version": __version__,
     }
-    with store.StoreWriter(path, labelled=not candidates, stamp_shape=tuple(config.stamp_shape),
+    shape = (int(config.stamp_shape[0]), int(config.stamp_shape[1]))
+    with store.StoreWriter(path, labelled=not candidates, stamp_shape=shape,
                            chunk_rows=min(chunk_rows, n), compression=compression,
                            overwrite=overwrite, attrs=attrs) as writer, \
             Progress(n, "simulate", "stamps", enabled=progress) as bar, \

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from stampbatch import fileio
+from stampbatch import fileio, store
 from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
     StampStream,
     Stores,
@@ -184,7 +184,7 @@ def configure_tensorflow() -> None:
 # --------------------------------------------------------------------------- training loop
 
 
-def reseed(model, seed: int, epoch: int) -> None:
+def reseed(model: Any, seed: int, epoch: int) -> None:
     """Make epoch ``epoch``'s randomness (dropout masks, any Keras/TF draw) a function of
     (seed, epoch) alone, so a run resumed at this epoch draws what an uninterrupted one
     does. Keras does not save its layers' seed-generator state in a ``.keras`` file (a
@@ -200,26 +200,26 @@ def reseed(model, seed: int, epoch: int) -> None:
 
 
 def _make_callbacks(out_dir: Path, state: dict[str, Any],
-                    config: TrainConfig, steps: int, arch: str, progress: bool):
+                    config: TrainConfig, steps: int, arch: str, progress: bool) -> list[Any]:
     import keras
 
     from stampbatch.progress import Progress
 
     ckpt_dir = out_dir / CHECKPOINT_DIR
 
-    class Checkpoint(keras.callbacks.Callback):
+    class Checkpoint(keras.callbacks.Callback):  # type: ignore[misc]  # keras is untyped
         """History, early stopping and an atomic checkpoint after every epoch."""
 
-        def on_epoch_begin(self, epoch, logs=None):
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             self._t0 = time.monotonic()
             reseed(self.model, config.seed, epoch)
             self._bar = Progress(steps, f"{arch} epoch {epoch + 1}/{config.epochs}", "batches",
                                  enabled=progress and sys.stderr.isatty())
 
-        def on_train_batch_end(self, batch, logs=None):
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
             self._bar.update(1)
 
-        def on_epoch_end(self, epoch, logs=None):
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             logs = dict(logs or {})
             elapsed = time.monotonic() - self._t0
             improved = _record_epoch(state, logs, epoch, elapsed, config, out_dir)
@@ -266,7 +266,7 @@ def _record_epoch(state: dict[str, Any], logs: dict[str, Any], epoch: int, elaps
     return improved
 
 
-def _commit_epoch(model, out_dir: Path, state: dict[str, Any], epoch: int) -> None:
+def _commit_epoch(model: Any, out_dir: Path, state: dict[str, Any], epoch: int) -> None:
     """Save the epoch's model, then state.json (the commit point), then history.json, then
     drop the checkpoints that state.json no longer names."""
     ckpt_dir = out_dir / CHECKPOINT_DIR
@@ -295,7 +295,7 @@ def _epoch_line(arch: str, epoch: int, config: TrainConfig, logs: dict[str, Any]
             + (" (early stop)" if stopped_early else ""))
 
 
-def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1) -> None:
+def compile_model(model: Any, config: TrainConfig, steps_per_epoch: int = 1) -> None:
     """Compile for one-hot labels: categorical cross-entropy, accuracy, SGD+momentum or Adam.
 
     ``lr_schedule="cosine"`` decays the learning rate from ``learning_rate`` to zero over
@@ -315,7 +315,7 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int = 1) -> None:
     model.compile(optimizer=opt, loss="categorical_crossentropy", metrics=["accuracy"])
 
 
-def extend_schedule(model, config: TrainConfig, steps_per_epoch: int) -> None:
+def extend_schedule(model: Any, config: TrainConfig, steps_per_epoch: int) -> None:
     """Stretch a resumed run's cosine decay over ``config.epochs`` (a run may be extended).
 
     The checkpoint's optimiser carries the schedule it was compiled with; extended beyond
@@ -340,7 +340,8 @@ def _unwrap_stream_error(exc: BaseException, *streams: StampStream) -> BaseExcep
     return exc
 
 
-def train_run(store_path: Path | Sequence[Path], arch: str, out_dir: Path, config: TrainConfig, *,
+def train_run(store_path: Path | str | Sequence[Path | str], arch: str, out_dir: Path | str,
+              config: TrainConfig, *,
               data_weights: Sequence[float] | None = None, progress: bool = True,
               callbacks: Sequence[Any] = (), figures: bool = True,
               export: bool = True) -> dict[str, Any]:
@@ -370,7 +371,7 @@ def train_run(store_path: Path | Sequence[Path], arch: str, out_dir: Path, confi
                                  callbacks, figures, export)
 
 
-def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Path,
+def _train_run_locked(store_path: Path | str | Sequence[Path | str], arch: str, out_dir: Path | str,
                       config: TrainConfig, data_weights: Sequence[float] | None, progress: bool,
                       callbacks: Sequence[Any], figures: bool = True,
                       export: bool = True) -> dict[str, Any]:
@@ -428,8 +429,10 @@ def _train_run_locked(store_path: Path | Sequence[Path], arch: str, out_dir: Pat
     return metrics
 
 
-def _train_and_evaluate(store_path, arch, out_dir, config, info, labels, split, data, progress,
-                        callbacks, t_start, keras, figures=True) -> dict[str, Any]:
+def _train_and_evaluate(store_path: Stores, arch: str, out_dir: Path, config: TrainConfig,
+                        info: store.StoreInfo, labels: np.ndarray, split: dict[str, np.ndarray],
+                        data: str, progress: bool, callbacks: Sequence[Any], t_start: float,
+                        keras: Any, figures: bool = True) -> dict[str, Any]:
     ckpt_dir = out_dir / CHECKPOINT_DIR
     state_path = ckpt_dir / STATE_FILE
     if state_path.is_file():

@@ -130,7 +130,7 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, allow_pickle=False, **arrays)
     fileio.write_bytes_atomic(path, buf.getvalue())
 
 

@@ -225,8 +225,8 @@ def describe_store(path: Path) -> str:
         if model in report.incomplete:
             lines.append(f"  scores/{model}: INCOMPLETE (interrupted run; rerun score)")
             continue
-        attrs = store.score_status(path, model)
-        if attrs is None:
+        status = store.score_status(path, model)
+        if status is None:
             continue
         s = store.read_scores(path, model, with_maps=False)
         p = s.probability
@@ -235,8 +235,8 @@ def describe_store(path: Path) -> str:
             f"  scores/{model}: {int(finite.sum()):,} scored, {int((p[finite] >= 0.5).sum()):,} "
             f"with P(source) >= 0.5, {len(s.occlusion_index):,} occlusion maps"
             + (f", {int((~finite).sum()):,} unscorable ({UNUSABLE})" if (~finite).any() else "")
-            + f"; arch {attrs.get('architecture', '?')}, model sha256 "
-              f"{str(attrs.get('model_sha256', '?'))[:12]}, scored {attrs.get('scored_at', '?')}"
+            + f"; arch {status.get('architecture', '?')}, model sha256 "
+              f"{str(status.get('model_sha256', '?'))[:12]}, scored {status.get('scored_at', '?')}"
         )
     return "\n".join(lines)
 

@@ -138,10 +138,12 @@ def _write_store(table: ResultsTable, out: Path | str, column: str,
     wanted = [column, *meta_cols] + ([label_column] if label_column else [])
     writer_options["chunk_rows"] = min(writer_options.get("chunk_rows", store.DEFAULT_CHUNK_ROWS),
                                        table.n_rows)
+    shape = table.image_shape(column)
+    assert shape is not None, f"{column} is not an image column"   # callers validated it
     with store.StoreWriter(out, labelled=label_column is not None, stamp_shape=stamp_shape,
                            **writer_options) as writer:
         for _, batch in iter_batches(table, wanted):
-            stamps = batch[column].reshape(-1, *table.image_shape(column))
+            stamps = batch[column].reshape(-1, *shape)
             labels = _labels(table.path, label_column, batch[label_column]) if label_column else None
             writer.append(crop_center(stamps, stamp_shape), labels,
                           {c: batch[c] for c in meta_cols})
@@ -163,7 +165,7 @@ def _fpr_thresholds(metrics: dict[str, Any]) -> dict[float, float]:
     items = stored.items() if isinstance(stored, dict) else []
     for key, value in items:
         with contextlib.suppress(TypeError, ValueError):
-            t = value.get("threshold") if isinstance(value, dict) else value
+            t: Any = value.get("threshold") if isinstance(value, dict) else value   # float(None): skipped
             found[float(str(key).replace("fpr", "").strip(":_= "))] = float(t)
     for entry in ([*stored] if isinstance(stored, list) else []) + [metrics.get("operating_point")]:
         if isinstance(entry, dict) and "target_fpr" in entry and "threshold" in entry:

@@ -338,6 +338,7 @@ def read_stamp_batches(table: ResultsTable, column: str, stamp_shape: tuple[int,
     of at most ``batch_rows``, and with ``with_rows`` the batch's raw Arrow record (every original column, for
     :class:`ResultsWriter`; None for ECSV/HDF5, which are held whole)."""
     shape = table.image_shape(column)
+    assert shape is not None, f"{column} is not an image column"   # callers validated it
     if table.fmt != "parquet":
         for lo, batch in iter_batches(table, [column], batch_rows):
             yield lo, None, crop_center(batch[column].reshape(-1, *shape), stamp_shape)

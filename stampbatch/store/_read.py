@@ -27,7 +27,8 @@ def read_stamps(path: Path | str, start: int = 0, stop: int | None = None) -> np
     """Read rows ``[start, stop)`` of /stamps as float32 (N, H, W)."""
     with _open_h5(path) as h5:
         _validate(Path(path), h5)
-        return h5[_STAMPS][start:stop]
+        stamps: np.ndarray = h5[_STAMPS][start:stop]
+        return stamps
 
 
 def read_rows(path: Path | str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -70,7 +71,8 @@ def _read_sorted(ds: h5py.Dataset, sorted_rows: np.ndarray) -> np.ndarray:
         return np.empty((0, *ds.shape[1:]), dtype=ds.dtype)
     lo, hi = int(sorted_rows[0]), int(sorted_rows[-1]) + 1
     if hi - lo <= 4 * len(sorted_rows):  # dense: the covering slice at once
-        return ds[lo:hi][sorted_rows - lo]
+        dense: np.ndarray = ds[lo:hi][sorted_rows - lo]
+        return dense
     uniq, inv = np.unique(sorted_rows, return_inverse=True)
     block = ds.chunks[0] if ds.chunks else READ_BLOCK
     cuts = np.flatnonzero(np.diff(uniq // block)) + 1
@@ -89,7 +91,8 @@ def read_labels(path: Path | str) -> np.ndarray:
         info = _validate(Path(path), h5)
         if not info.labelled:
             raise _fail(path, "has no /labels (a candidate file?); training needs a labelled store")
-        return h5[_LABELS][:]
+        labels: np.ndarray = h5[_LABELS][:]
+        return labels
 
 
 def read_meta(path: Path | str, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -407,11 +407,13 @@ class ScoreWriter:
             raise
 
     def write_probability(self, start: int, probability: np.ndarray) -> None:
+        assert self._h5 is not None, "ScoreWriter used after close"
         self._h5[_PROBABILITY][start:start + len(probability)] = probability.astype(np.float32)
 
     def append_occlusion(self, rows: np.ndarray, maps: np.ndarray) -> None:
         if len(rows) == 0:
             return
+        assert self._h5 is not None, "ScoreWriter used after close"
         ds, ix = self._h5[_OCCLUSION], self._h5[_OCCLUSION_INDEX]
         m = ds.shape[0]
         ds.resize(m + len(rows), axis=0)
@@ -446,7 +448,7 @@ class ScoreWriter:
     def __enter__(self) -> ScoreWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -202,7 +202,8 @@ def scores_report(path: Path | str, h5: h5py.File | None = None) -> ScoresReport
             return report
         with f:
             return scores_report(path, f)
-    report = ScoresReport(path, owner=owner_of(h5))
+    owner = owner_of(h5)
+    report = ScoresReport(path, owner=owner)
     link = _scores_link(h5)
     if link is None:
         try:
@@ -220,7 +221,7 @@ def scores_report(path: Path | str, h5: h5py.File | None = None) -> ScoresReport
     rel = Path(link.filename)
     report.linked = True
     report.folder = real.parent / rel.parent
-    sid = report.owner.store_id
+    sid = owner.store_id
     report.at_home = sid is not None and link.filename == _link_target(real.name, sid)
     root = real.parent / rel.parts[0] if len(rel.parts) > 1 else real.parent
     if root.exists() and not root.is_dir():

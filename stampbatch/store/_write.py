@@ -237,7 +237,8 @@ class StoreWriter:
         h5, ctx, self._h5, self._ctx = self._h5, self._ctx, None, None
         discard_unfinished(h5, ctx, exc)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
         if exc is None and self.n == 0:
             exc = _fail(self.path, "no stamps were written")
             self._abort(exc)
@@ -253,8 +254,8 @@ class StoreWriter:
         try:
             old = _own_folder(real) if real.exists() else None
             write_index(home, [])
-        except BaseException as exc:
-            self._abort(exc)
+        except BaseException as err:
+            self._abort(err)
             shutil.rmtree(home, ignore_errors=True)        # nothing of a failed store is left
             with contextlib.suppress(OSError):
                 home.parent.rmdir()                        # (only if it is empty)
