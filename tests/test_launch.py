@@ -744,6 +744,8 @@ def test_job_no_node_can_take_stops_wait_with_one_line(slurm_cluster, tmp_path, 
 @pytest.mark.slow
 def test_slurm_failing_job_leaves_the_other_intact(slurm_cluster, tmp_path, train_store,
                                                    capsys):
+    """~20 s: two real Slurm jobs, each a fresh TensorFlow process; one trains, the other
+    fails."""
     bad = make_corrupt_store(tmp_path / "damaged.h5")
     path = job_file(tmp_path, train_store, ["simple", "vgg6"],
                     extra=f'[overrides.vgg6]\ndata = "{bad}"')

@@ -254,6 +254,8 @@ def test_in_process_is_chosen_only_for_small_local_runs():
 
 
 def test_tf_and_onnx_backends_agree(tmp_path, runs, client):
+    """~30-60 s on 2 cores: vgg6 occlusion maps of every stamp above 0.5 (441 patches each),
+    computed twice, once per backend, so the two can be compared map for map."""
     path = tmp_path / "cand.h5"
     candidates(path, 300, seed=5)
     for backend in ("tf", "onnx"):
@@ -270,6 +272,8 @@ def test_tf_and_onnx_backends_agree(tmp_path, runs, client):
 
 def test_masked_stamps_are_filled_or_flagged_and_the_rest_scored(tmp_path, runs, keras_models,
                                                                    client):
+    """~20 s on 2 cores: occlusion maps of all 200 stamps (vgg6, 441 patches each): a masked
+    pixel must be filled in the maps too, not only in the probability."""
     path = tmp_path / "cand.h5"
     rng = np.random.default_rng(4)
     stamps = gaussian_stamps(200, seed=4, sources=rng.random(200) < 0.5, amplitude=5.0)
@@ -609,6 +613,8 @@ def test_journals_of_other_stamps_are_discarded_and_force_always_restarts(
 
 def test_a_replaced_candidate_file_is_rescored_and_plots_refuse_other_stamps(
         tmp_path, runs, client, capsys):
+    """~30 s on 2 cores: two full scorings with occlusion maps of all 300 stamps (vgg6): the
+    first file's and its replacement's."""
     from stampbatch import cli
 
     path, out = tmp_path / "cand.h5", tmp_path / "out"
@@ -798,6 +804,8 @@ def test_sigkill_resume_is_identical_and_a_second_scorer_is_refused(
 
 
 def test_cli_summary_scheduler_address_inspect_and_plot(tmp_path, runs, client):
+    """~30 s on 2 cores: the real command line on a running Dask scheduler, with vgg6
+    occlusion maps of all 500 stamps (the plots need maps to draw)."""
     from stampbatch import cli
 
     path = tmp_path / "cand.h5"
@@ -836,6 +844,8 @@ def test_cli_output_and_errors(tmp_path, runs, capsys):
 
 @pytest.mark.slurm
 def test_scoring_on_slurm_workers(tmp_path, runs, keras_models, slurm_cluster):
+    """~35 s: a real Dask worker started as a Slurm job (dask-jobqueue), TensorFlow loaded
+    in it, 1,200 stamps scored there."""
     path = tmp_path / "cand.h5"
     stamps = candidates(path, 1200)
     logs = tmp_path / "slurm-logs"

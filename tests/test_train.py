@@ -242,6 +242,9 @@ def test_small_architectures_train_and_learn(data, tmp_path, arch):
 
 @pytest.mark.slow
 def test_resnet50_trains_one_epoch(tmp_path):
+    """~1-2 min on 2 cores: building, training one epoch of and saving a 23.5 M-parameter
+    network, then its ONNX export (the only test of resnet50's export, which the demo scores
+    through)."""
     path = write_labelled_store(tmp_path / "small.h5", 64)
     metrics = train_run(path, "resnet50", tmp_path / "resnet50",
                         tiny(batch_size=16, val_fraction=0.125, test_fraction=0.25),
@@ -368,6 +371,8 @@ def exact_data(tmp_path_factory) -> tuple[Path, tuple[dict, np.ndarray]]:
 
 @pytest.mark.slow
 def test_run_killed_in_epoch_2_resumes_exactly(exact_data, tmp_path):
+    """~30 s: two fresh TensorFlow processes (the killed trainer and the resuming one), each
+    starting TensorFlow and training vgg6 with dropout."""
     data, (history, probability) = exact_data
     out = tmp_path / "run"
     killed = run_trainer(data, out, kill_at="1:3")  # SIGKILL after batch 4 of epoch 2
@@ -475,6 +480,8 @@ def test_second_trainer_on_a_locked_run_directory_is_refused(data, tmp_path):
 
 @pytest.mark.slow
 def test_rerun_after_divergence_with_a_lower_rate(exact_data, tmp_path):
+    """~25 s: two fresh TensorFlow trainer processes (the diverging run and the rerun), as a
+    user would run them."""
     data, (history, probability) = exact_data
     out = tmp_path / "run"
     diverged = run_trainer(data, out, rate=1e12)
