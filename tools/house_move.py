@@ -28,15 +28,18 @@ What it does, in order (nothing is written before every check passed):
    still read: prose that names an old module file (``score.py``).
 
 Tests keep pytest's default import mode (``prepend``) without ``__init__.py`` files: every test
-file's basename stays unique (checked here), ``from conftest import …`` keeps working because
-``tests/`` (the conftest's folder) is on ``sys.path``, and helpers such as ``fault_child.py``
-stay in ``tests/``.
+file's basename stays unique (checked here), and pyproject's pytest ``pythonpath`` lists every test
+folder, so ``from conftest import …``, ``from test_score import _train`` (test_kbmod,
+test_precision_gate) and ``import fault_child`` resolve as they did in the flat folder, whatever
+is collected first and when one file runs alone. ``__init__.py`` packages would instead need
+every such import rewritten (``tests.score.test_score``) and the rootdir on ``sys.path``.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 import shutil
 import subprocess
@@ -348,6 +351,24 @@ def is_text(path: Path) -> bool:
     return True
 
 
+def pytest_pythonpath(root: Path, tests: dict[str, str]) -> list[str]:
+    """Every test folder on ``sys.path`` (pyproject's pytest ``pythonpath``), as ``tests/`` alone
+    was: test modules import one another by basename (``from test_score import _train``),
+    whichever is collected first, and a single file still runs alone."""
+    path = root / "pyproject.toml"
+    text = path.read_text()
+    if re.search(r"(?m)^pythonpath\s*=", text):
+        raise Stop("pyproject.toml: pytest's pythonpath is set already; add the test folders to it by hand")
+    folders = ["tests"] + sorted({f"tests/{Path(new).parent}" for new in tests.values()})
+    line = ("# The test folders mirror the package; tests import one another by basename.\n"
+            f"pythonpath = [{', '.join(json.dumps(f) for f in folders)}]\n")
+    new, n = re.subn(r"(?m)^(testpaths\s*=.*\n)", lambda m: m.group(1) + line, text, count=1)
+    if not n:
+        raise Stop("pyproject.toml: no testpaths line under [tool.pytest.ini_options] to put pythonpath after")
+    path.write_text(new)
+    return ["pyproject.toml"]
+
+
 # ------------------------------------------------------------------------------------ move
 
 def move(root: Path, modules: dict[str, str] = MODULES, tests: dict[str, str] = TESTS,
@@ -388,6 +409,7 @@ def move(root: Path, modules: dict[str, str] = MODULES, tests: dict[str, str] = 
         if new != text:
             path.write_text(new)
             changed.append(rel)
+    changed += pytest_pythonpath(root, tests)
     py = [c for c in changed if c.endswith(".py")]
     ruff = next((str(p) for p in (root / ".venv/bin/ruff", Path(sys.executable).with_name("ruff")) if p.exists()),
                 shutil.which("ruff"))
