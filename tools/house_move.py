@@ -178,7 +178,7 @@ def check(root: Path, modules: dict[str, str] = MODULES, tests: dict[str, str] =
     pkg = root / PKG
     if not pkg.is_dir():
         raise Stop(f"{pkg}: no package here; run from the repository root")
-    applied = sorted(s for s in {m.split(".")[0] for m in modules.values()} if (pkg / s).exists())
+    applied = sorted(s for s in {m.split(".")[0] for m in modules.values()} if any((pkg / s).glob("*.py")))
     if applied:
         raise Stop(f"layout already applied: {', '.join(PKG + '/' + s for s in applied)} exist")
     if git(root, "status", "--porcelain").strip():
@@ -383,7 +383,7 @@ def move(root: Path, modules: dict[str, str] = MODULES, tests: dict[str, str] = 
         if new != text:
             path.write_text(new)
     for stage in sorted({m.split(".")[0] for m in modules.values()}):
-        (pkg / stage).mkdir()
+        (pkg / stage).mkdir(exist_ok=True)        # (a __pycache__ of an earlier checkout may be there)
         doc = stages.get(stage)
         if not doc:
             raise Stop(f"stage {stage} has no docstring in STAGES")
