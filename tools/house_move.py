@@ -189,7 +189,7 @@ def check(root: Path, modules: dict[str, str] = MODULES, tests: dict[str, str] =
     if unknown:
         problems.append("modules not in the map (add them to MODULES or STAY): "
                         + ", ".join(f"{PKG}/{m}.py" for m in unknown))
-    subs = {p.name for p in pkg.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    subs = {p.name for p in pkg.iterdir() if p.is_dir() and any(p.rglob("*.py"))}
     if subs - KEEP_PACKAGES:
         problems.append("sub-packages not in the map (add them to KEEP_PACKAGES): "
                         + ", ".join(f"{PKG}/{s}/" for s in sorted(subs - KEEP_PACKAGES)))
