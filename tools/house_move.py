@@ -14,7 +14,8 @@ templates, the containers and the benchmarks stay in ``tests/``.
 What it does, in order (nothing is written before every check passed):
 
 1. refuses a dirty tree, a layout already applied, and any module or test file the map does not
-   name (the message lists them: add them to ``MODULES`` / ``TESTS``), or a map entry with no file;
+   name (the message lists them: add them to ``MODULES`` / ``TESTS``), or a map entry with no file
+   (the modules and tests other helpers of issue 28 add, ``*_IF_PRESENT``, are moved when there);
 2. ``git mv`` of every module and test (history kept), a docstring-only ``__init__.py`` per
    stage (importing a stage imports nothing);
 3. rewrites every reference in every tracked text file (this script and the frozen history
@@ -90,6 +91,13 @@ MODULES: dict[str, str] = {
     "plots": "report.plots",
     "metrics": "report.metrics",
 }
+# Modules other helpers of issue 28 add (news.md, 22:25-22:29): moved when present, and named in
+# the output either way. Any other new module still stops the move.
+MODULES_IF_PRESENT: dict[str, str] = {
+    "sim_config": "sim.config",        # A: SimConfig apart from simulate (the simulate/scene cycle)
+    "train_config": "train.config",    # A: TrainConfig apart from train (the training cycle)
+    "executor": "score.executor",      # C: the one chunk executor of HDF5 and KBMOD scoring
+}
 # Modules that stay where they are: entry points and what every stage shares.
 STAY = {"__init__", "__main__", "cli", "console", "demo", "config", "errors", "fileio", "progress"}
 # Sub-packages that are already a stage (or the command layer): kept whole.
@@ -150,7 +158,11 @@ TESTS_STAY = {
     "test_cli_process.py", "test_config.py", "test_console.py", "test_containers.py",
     "test_demo.py", "test_fileio.py", "test_jobs.py", "test_gpu_check.py", "test_bench_quality.py",
     "test_observers.py", "test_precision_gate.py", "test_quality_breakdown.py",
-    "test_house_move.py",
+    "test_house_move.py", "test_api.py", "test_errors.py",   # E: the README's API example; B: errors
+}
+TESTS_IF_PRESENT: dict[str, str] = {
+    "test_executor.py": "score/test_executor.py",   # C
+    "test_plan.py": "score/test_plan.py",           # C
 }
 TEST_HELPERS = {"conftest.py", "fault_child.py"}  # stay in tests/, found through sys.path
 
@@ -432,17 +444,36 @@ def move(root: Path, modules: dict[str, str] = MODULES, tests: dict[str, str] = 
     return [f"rewrote {len(changed)} files; moved {len(modules)} modules and {len(tests)} test files"] + notes
 
 
+def the_map(root: Path) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """MODULES and TESTS with the entries of ``*_IF_PRESENT`` whose file is there; and a line each."""
+    modules, tests, notes = dict(MODULES), dict(TESTS), []
+    for old, new in MODULES_IF_PRESENT.items():
+        here = (root / PKG / f"{old}.py").exists()
+        if here:
+            modules[old] = new
+        notes.append(f"{PKG}/{old}.py -> {PKG}/{new.replace('.', '/')}.py" if here else f"{PKG}/{old}.py: not here")
+    for old, new in TESTS_IF_PRESENT.items():
+        here = (root / "tests" / old).exists()
+        if here:
+            tests[old] = new
+        notes.append(f"tests/{old} -> tests/{new}" if here else f"tests/{old}: not here")
+    return modules, tests, notes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only check; exit 1 naming what stops the move")
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
     args = parser.parse_args(argv)
     try:
+        modules, tests, notes = the_map(args.root)
+        for line in notes:
+            print(f"other helpers' files: {line}")
         if args.check:
-            check(args.root)
+            check(args.root, modules, tests)
             print("house_move: ready to move")
             return 0
-        for line in move(args.root):
+        for line in move(args.root, modules, tests):
             print(line)
     except Stop as e:
         print(f"house_move: {e}", file=sys.stderr)
