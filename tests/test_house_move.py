@@ -38,9 +38,12 @@ FILES = {
                            "HERE = Path(__file__).parent\n\n\n"
                            "def test_fit(monkeypatch):\n"
                            '    monkeypatch.setattr("stampbatch.train.fit", lambda: 1)\n',
-    "tests/test_fetch.py": "def test_ingest():\n    pass\n",
+    "tests/test_fetch.py": 'SCRIPT = """\n    from stampbatch import __version__, train\n"""\n'
+                           'CODE = "import sys\\nfrom stampbatch import score\\n"\n\n\n'
+                           "def test_ingest():\n    pass\n",
     "pyproject.toml": '[tool.pytest.ini_options]\ntestpaths = ["tests"]\n',
-    "Makefile": "demo:\n\tpython -m stampbatch.train --out x\n",
+    "Makefile": "demo:\n\tpython -m stampbatch.train --out x\n"
+                "\tpython -c 'from stampbatch import train; train.fit()'\n",
     "README.md": "See `stampbatch/fetch.py`, `tests/test_fetch.py::test_ingest`, test_fetch.py and "
                  "`stampbatch.score.VALUE`; `.stampbatch.lock` and `stampbatch.sif` stay.\n",
 }
@@ -87,7 +90,13 @@ def test_the_move_keeps_history_and_rewrites_every_kind_of_reference(tmp_path):
     assert "REPO = Path(__file__).resolve().parents[2]" in test
     assert "HERE = Path(__file__).parent.parent" in test
     assert '"stampbatch.train.loop.fit"' in test
-    assert "python -m stampbatch.train.loop --out" in (root / "Makefile").read_text()
+    makefile = (root / "Makefile").read_text()
+    assert "python -m stampbatch.train.loop --out" in makefile
+    assert "python -c 'from stampbatch.train import loop as train; train.fit()'" in makefile
+    arrays = (root / "tests/ingest/test_arrays.py").read_text()   # code in strings, split alike
+    assert 'SCRIPT = """\n    from stampbatch import __version__\n    from stampbatch.train import loop as train\n"""' \
+        in arrays
+    assert 'CODE = "import sys\\nfrom stampbatch.score import run as score\\n"' in arrays
     assert (root / "README.md").read_text() == (
         "See `stampbatch/ingest/arrays.py`, `tests/ingest/test_arrays.py::test_ingest`, test_arrays.py and "
         "`stampbatch.score.run.VALUE`; `.stampbatch.lock` and `stampbatch.sif` stay.\n")

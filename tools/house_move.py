@@ -313,6 +313,39 @@ def split_package_imports(text: str, modules: dict[str, str]) -> str:
     return _replace_nodes(text, edits) if edits else text
 
 
+_NAMES = r"\w+(?:[ \t]+as[ \t]+\w+)?(?:[ \t]*,[ \t]*\w+(?:[ \t]+as[ \t]+\w+)?)*"
+TEXT_IMPORT = re.compile(rf"(?P<lead>^[ \t]*)?from[ \t]+{PKG}[ \t]+import[ \t]+(?P<names>{_NAMES})(?P<end>[ \t]*$)?",
+                         re.MULTILINE)
+
+
+def split_package_imports_text(text: str, modules: dict[str, str]) -> str:
+    """The same split where no parser sees it: code in strings (``python -c``, a script written
+    by a test), shell and docs. Whole lines stay lines; ``…\\nfrom stampbatch import a, b\\n…``
+    stays ``\\n``-separated; anything else is joined with ``; ``."""
+    def fix(m: re.Match[str]) -> str:
+        pairs = [re.split(r"[ \t]+as[ \t]+", n.strip()) for n in m.group("names").split(",")]
+        if not any(p[0] in modules for p in pairs):
+            return m.group(0)
+        groups: dict[str, list[str]] = {}
+        for p in pairs:
+            name, local = p[0], p[-1]
+            if name in modules:
+                parent, _, leaf = f"{PKG}.{modules[name]}".rpartition(".")
+                groups.setdefault(parent, []).append(leaf if leaf == local else f"{leaf} as {local}")
+            else:
+                groups.setdefault(PKG, []).append(name if local == name else f"{name} as {local}")
+        lines = [f"from {parent} import {', '.join(names)}" for parent, names in groups.items()]
+        lead = m.group("lead")
+        if lead is not None and m.group("end") is not None:
+            sep = "\n" + lead
+        elif text[m.end():m.end() + 2] == "\\n":
+            sep = "\\n"
+        else:
+            sep = "; "
+        return (lead or "") + sep.join(lines) + (m.group("end") or "")
+    return TEXT_IMPORT.sub(fix, text)
+
+
 FILE_MOVES = re.compile(r"Path\(__file__\)(\.resolve\(\))?(\.parents\[(\d)\]|\.parent(?!s)|\.with_name\()")
 
 
@@ -417,6 +450,8 @@ def move(root: Path, modules: dict[str, str] = MODULES, tests: dict[str, str] = 
         new = rewrite_text(text, modules, tests)
         if rel.endswith(".py"):
             new = split_package_imports(new, modules)
+        new = split_package_imports_text(new, modules)
+        if rel.endswith(".py"):
             if rel in moved_tests:
                 new = moved_test_paths(new, rel)
         if new != text:
