@@ -22,11 +22,13 @@ What it does, in order (nothing is written before every check passed):
    ``benchmarks/HISTORY.md`` excepted): relative imports in the package become absolute,
    dotted names (``stampbatch.train`` in imports, ``python -m``, submitit, Dask preload,
    monkeypatch targets, docs), ``from stampbatch import a, b`` split by new home
-   (``from stampbatch.train import loop as train``: the local name stays), paths
+   (``from stampbatch.train import loop as train``: the local name stays; in code, and also in
+   strings, shell lines and docs, e.g. a test's ``python -c`` script), paths
    (``stampbatch/fetch.py``, ``tests/test_fetch.py``), and ``Path(__file__)`` arithmetic in
    moved tests; the HDF5 ``simulator`` attribute values are file format and are kept;
 4. sorts the rewritten imports (``ruff check --fix --select I``) and lists what a person should
-   still read: prose that names an old module file (``score.py``).
+   still read: prose that names an old module file (``score.py``), a moved module using ``__file__``.
+   Prose that names a module by its bare old name (ARCHITECTURE's module table) is left to a person.
 
 Tests keep pytest's default import mode (``prepend``) without ``__init__.py`` files: every test
 file's basename stays unique (checked here), and pyproject's pytest ``pythonpath`` lists every test
@@ -467,6 +469,11 @@ def move(root: Path, modules: dict[str, str] = MODULES, tests: dict[str, str] = 
     elif py:
         notes.append("ruff not found: run `ruff check --fix --select I` on the rewritten files")
     git(root, "add", "-A", "--", PKG, "tests", *changed)
+    # A moved module one folder deeper that finds files from its own path: read by a person.
+    for new in modules.values():
+        rel = f"{PKG}/{new.replace('.', '/')}.py"
+        if "__file__" in (root / rel).read_text():
+            notes.append(f"{rel}: uses __file__ and is one folder deeper now: check the paths it builds")
     # Prose that names an old module by its file name: read by a person.
     bare = re.compile(rf"(?<![\w/.])({'|'.join(map(re.escape, sorted(modules, key=len, reverse=True)))})\.py(?!\w)")
     for rel in git(root, "ls-files").splitlines():
