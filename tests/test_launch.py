@@ -374,7 +374,14 @@ def test_no_private_submitit_name_is_imported_or_called():
 
 @pytest.mark.slurm
 def test_slurm_accepts_the_generated_script(slurm_cluster, tmp_path, train_store):
-    path = job_file(tmp_path, train_store, ["simple", "vgg6"], slurm="gpus_per_job = 1")
+    """sbatch --test-only accepts the --dry-run script (our own rendering), the container
+    wrapper and extra sbatch options included, and refuses more GPUs than the node has."""
+    path = job_file(tmp_path, train_store, ["simple", "vgg6"], slurm=f"""
+gpus_per_job = 1
+extra_sbatch = ["--mail-type=FAIL", "--comment=dry run"]
+setup = ["echo set up"]
+container_image = "{tmp_path / 'image.sif'}"
+""")
     spec = launch.load_spec(path)
     script = tmp_path / "job.sh"
     script.write_text(launch.sbatch_script(spec, launch.resolve(spec), tmp_path / "%j"))
@@ -386,6 +393,33 @@ def test_slurm_accepts_the_generated_script(slurm_cluster, tmp_path, train_store
     refused = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True,
                              text=True)
     assert refused.returncode != 0
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("archs", [["simple", "vgg6"], ["simple"]], ids=["array", "one-job"])
+def test_dry_run_script_equals_the_submitted_one(slurm_cluster, tmp_path, train_store, archs):
+    """A real submission through submitit (held, then cancelled: nothing runs) writes the
+    batch script it gave sbatch; the --dry-run rendering of the same spec and folder has the
+    same #SBATCH options and runs the same lines, so the two cannot drift apart."""
+    path = job_file(tmp_path, train_store, archs, slurm=f"""
+gpus_per_job = 1
+extra_sbatch = ["--hold", "--mail-type=FAIL"]
+setup = ["echo set up"]
+container_image = "{tmp_path / 'image.sif'}"
+container_binds = ["/scratch:/data"]
+""")
+    spec = launch.load_spec(path)
+    record = launch.launch(spec, spec_file=path)
+    try:
+        submitted = sorted(Path(record["folder"]).parent.rglob("*_submission.sh"))
+        assert len(submitted) == 1, submitted
+        real = submitted[0].read_text()
+    finally:
+        subprocess.run(["scancel", record["jobs"][0]["job_id"].split("_")[0]], check=True)
+    ours = launch.sbatch_script(spec, launch.resolve(spec), record["folder"])
+    assert sbatch_directives_of(ours) == sbatch_directives_of(real)
+    assert script_commands(ours) == script_commands(real)
+    assert ("array" in sbatch_directives_of(real)) == (len(archs) > 1)
 
 
 @pytest.mark.slurm
