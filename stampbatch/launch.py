@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.slurm.slurm import _make_sbatch_string
+from submitit.core.utils import JobPaths
 
 from stampbatch.config import from_mapping, load_toml
 from stampbatch.errors import StampbatchError, UsageError
@@ -46,6 +46,11 @@ from stampbatch.train import TrainConfig
 from stampbatch.train_job import TrainJob, host_requeue_lines
 
 SUBMITIT_DIR = "submitit"  # RUNS/submitit/<launch id>/<job id>/: sbatch script, pickles, logs
+# What submitit's Slurm jobs need in every batch script, set by us so that the --dry-run
+# script (sbatch_script) and the submitted one agree; tests/test_launch.py compares the two.
+REQUEUE_SIGNAL = "USR2"  # submitit's job checkpoints and requeues on this signal
+ARRAY_PARALLELISM = 256  # array tasks running at once at most (--array=0-N%M)
+WCKEY = "submitit"  # --wckey of every job (submitit's default, kept)
 EXECUTORS = ("auto", "slurm", "local")
 CONTAINER_RUNTIMES = ("apptainer", "singularity")
 # Environment defaults of every job (a value set when launching wins): quiet TensorFlow,
@@ -339,6 +344,8 @@ def slurm_parameters(spec: LaunchSpec, folder: Path | str | None = None) -> dict
         "cpus_per_task": s.cpus_per_task,
         "mem": _mem(s.mem_gb),
         "signal_delay_s": s.signal_delay_s,
+        "array_parallelism": ARRAY_PARALLELISM,
+        "wckey": WCKEY,
         "setup": [*(f"export {k}=${{{k}:-{v}}}" for k, v in JOB_ENVIRONMENT.items()),
                   *requeue_setup, *s.setup],
     }
@@ -354,17 +361,60 @@ def slurm_parameters(spec: LaunchSpec, folder: Path | str | None = None) -> dict
     return params
 
 
-def _submitit_command(python: str, folder: Path | str) -> str:
-    # What submitit's executors run in each job (SlurmExecutor._submitit_command_str).
+def job_command(python: str, folder: Path | str) -> str:
+    """What each job runs: submitit's job runner, which loads the pickled call from
+    ``folder`` (the command submitit's Slurm executor puts in its batch script)."""
     return " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
 
 
-def sbatch_script(spec: LaunchSpec, plans: Sequence[JobPlan], folder: Path | str) -> str:
-    """The sbatch script :func:`launch` would submit for ``plans`` (one array task each)."""
+def job_logs(folder: Path | str, count: int) -> tuple[str, str]:
+    """The stdout and stderr paths of ``count`` jobs in ``folder`` (``%t``: the task),
+    as submitit names them; several jobs form one array, task a of array A named A_a."""
+    paths = JobPaths(folder)  # absolute; submitit's log names (job_status reads them too)
+    stdout, stderr = str(paths.stdout), str(paths.stderr)
+    if count > 1:
+        stdout, stderr = stdout.replace("%j", "%A_%a"), stderr.replace("%j", "%A_%a")
+    return stdout, stderr
+
+
+def sbatch_directives(spec: LaunchSpec, count: int, folder: Path | str) -> dict[str, str | bool]:
+    """The ``#SBATCH`` options (sbatch's long names) of ``count`` jobs whose submitit folder
+    is ``folder``: :func:`slurm_parameters` (what the executor is given) in sbatch's
+    spelling, plus the array, the signal and the log paths. ``True`` is a bare flag."""
     params = slurm_parameters(spec, folder)
-    count = len(plans) if len(plans) > 1 else None
-    return _make_sbatch_string(command=_submitit_command(job_python(spec, plans), folder),
-                               folder=folder, map_count=count, **params)
+    extra = params.pop("additional_parameters", {})
+    delay = params.pop("signal_delay_s")
+    parallel = params.pop("array_parallelism")
+    for name in ("setup", "teardown"):
+        params.pop(name, None)
+    directives: dict[str, str | bool] = {k.replace("_", "-"): str(v) for k, v in params.items()}
+    directives["signal"] = f"{REQUEUE_SIGNAL}@{delay}"
+    if count > 1:  # one job array
+        directives["array"] = f"0-{count - 1}%{min(count, parallel)}"
+    stdout, stderr = job_logs(folder, count)
+    directives["output"] = stdout.replace("%t", "0")
+    directives["error"] = stderr.replace("%t", "0")
+    directives["open-mode"] = "append"  # a requeued job appends to its logs
+    directives.update(extra)
+    return directives
+
+
+def sbatch_script(spec: LaunchSpec, plans: Sequence[JobPlan], folder: Path | str) -> str:
+    """The sbatch script :func:`launch` submits for ``plans`` (one array task each when
+    there are several), from the same parameters: the ``launch --dry-run`` text."""
+    params = slurm_parameters(spec, folder)
+    directives = sbatch_directives(spec, len(plans), folder)
+    stdout, stderr = job_logs(folder, len(plans))
+    srun = shlex.join(["srun", "--unbuffered", "--output", stdout, "--error", stderr])
+    lines = ["#!/bin/bash", "", "# Parameters"]
+    lines += [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={shlex.quote(str(v))}"
+              for k, v in directives.items()]
+    lines += ["", "# setup", *params["setup"]]
+    lines += ["", "# command", "export SUBMITIT_EXECUTOR=slurm",
+              f"{srun} {job_command(job_python(spec, plans), folder)}", ""]
+    if params.get("teardown"):
+        lines += ["", "# teardown", *params["teardown"]]
+    return "\n".join(lines) + "\n"
 
 
 def _make_executor(kind: str, folder: Path, spec: LaunchSpec,

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -294,30 +295,93 @@ def test_bad_time_limit_is_a_usage_error(tmp_path, train_store, text, capsys):
     assert "--time" in err[-1] and ("Slurm time limit" in err[-1] or "positive" in err[-1])
 
 
-def test_submitit_private_sbatch_writer_takes_our_parameters(tmp_path, train_store):
-    """``launch.sbatch_script`` (the --dry-run text) calls submitit's private
-    ``submitit.slurm.slurm._make_sbatch_string``; pyproject bounds submitit below 1.6 for it.
-    A newer submitit that renames it or its parameters fails here, naming the call."""
-    import inspect
+def sbatch_directives_of(script: str) -> dict[str, str | bool]:
+    """The ``#SBATCH`` options of a batch script as sbatch reads them (``True``: a flag)."""
+    found: dict[str, str | bool] = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH"):
+            (word,) = shlex.split(line[len("#SBATCH"):])
+            key, sep, value = word.removeprefix("--").partition("=")
+            assert key not in found, f"--{key} given twice"
+            found[key] = value if sep else True
+    return found
 
-    import submitit.slurm.slurm as submitit_slurm
 
-    writer = getattr(submitit_slurm, "_make_sbatch_string", None)
-    assert writer is not None, "submitit.slurm.slurm._make_sbatch_string is gone"
-    spec = launch.load_spec(job_file(tmp_path, train_store, ["simple"]))
-    params = launch.slurm_parameters(spec, tmp_path / "%j")
-    try:
-        inspect.signature(writer).bind(command="true", folder=tmp_path, map_count=None,
-                                       **params)
-    except TypeError as exc:
-        raise AssertionError(f"submitit.slurm.slurm._make_sbatch_string no longer takes "
-                             f"{sorted(params)}: {exc}") from None
-    assert "#SBATCH --signal=USR2@30" in launch.sbatch_script(spec, [], tmp_path / "%j")
+def script_commands(script: str) -> list[str]:
+    """The lines a batch script runs (comments, directives and blank lines left out)."""
+    return [line for line in script.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_dry_run_directives_come_from_the_spec(tmp_path, train_store):
+    """The --dry-run script is our own rendering of the executor's parameters: each
+    [slurm] setting appears once, as sbatch spells it, with the array and the log paths."""
+    spec = launch.load_spec(job_file(tmp_path, train_store, ["simple", "vgg6"], slurm="""
+gpus_per_job = 2
+qos = "normal"
+extra_sbatch = ["--mail-type=FAIL", "--exclusive"]
+"""))
+    folder = tmp_path / "we ird" / "%j"
+    script = launch.sbatch_script(spec, launch.resolve(spec), folder)
+    logs = f"{tmp_path}/we ird/%A_%a/%A_%a_0_log"
+    assert sbatch_directives_of(script) == {
+        "job-name": "stampbatch-train", "partition": "debug", "qos": "normal", "time": "10",
+        "nodes": "1", "ntasks-per-node": "1", "cpus-per-task": "1", "mem": "1G",
+        "gpus-per-node": "2", "signal": "USR2@30", "array": "0-1%2", "wckey": "submitit",
+        "output": logs + ".out", "error": logs + ".err", "open-mode": "append",
+        "mail-type": "FAIL", "exclusive": True}
+    assert sbatch_directives_of(script) == launch.sbatch_directives(spec, 2, folder)
+    assert script.endswith("\n") and not script.endswith("\n\n")
+    one = launch.sbatch_script(spec, launch.resolve(spec)[:1], folder)
+    assert "array" not in sbatch_directives_of(one)  # one job: no array, logs by job id
+    assert sbatch_directives_of(one)["output"] == f"{tmp_path}/we ird/%j/%j_0_log.out"
+    (command,) = [line for line in script_commands(one) if line.startswith("srun ")]
+    assert shlex.split(command)[:6] == ["srun", "--unbuffered", "--output",
+                                        f"{tmp_path}/we ird/%j/%j_%t_log.out", "--error",
+                                        f"{tmp_path}/we ird/%j/%j_%t_log.err"]
+    assert shlex.split(command)[-4:] == ["-u", "-m", "submitit.core._submit", str(folder)]
+
+
+def test_no_private_submitit_name_is_imported_or_called():
+    """launch --dry-run renders its own script: no module of stampbatch imports a private
+    submitit name or module (``from submitit.x import _y``, ``import submitit.x._y``) or
+    reaches one through an attribute (``submitit.x._y``). Other private reads (attributes of
+    objects submitit returns) are not visible to this check."""
+    import ast
+
+    found = []
+    for path in sorted((REPO / "stampbatch").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("submitit"):
+                names = [*node.module.split("."), *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [p for a in node.names if a.name.startswith("submitit")
+                         for p in a.name.split(".")]
+            elif isinstance(node, ast.Attribute):
+                chain = [node.attr]
+                inner = node.value
+                while isinstance(inner, ast.Attribute):
+                    chain.append(inner.attr)
+                    inner = inner.value
+                if isinstance(inner, ast.Name) and inner.id == "submitit":
+                    names = chain
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: {private[0]}")
+    assert found == []
 
 
 @pytest.mark.slurm
 def test_slurm_accepts_the_generated_script(slurm_cluster, tmp_path, train_store):
-    path = job_file(tmp_path, train_store, ["simple", "vgg6"], slurm="gpus_per_job = 1")
+    """sbatch --test-only accepts the --dry-run script (our own rendering), the container
+    wrapper and extra sbatch options included, and refuses more GPUs than the node has."""
+    path = job_file(tmp_path, train_store, ["simple", "vgg6"], slurm=f"""
+gpus_per_job = 1
+extra_sbatch = ["--mail-type=FAIL", "--comment=dry run"]
+setup = ["echo set up"]
+container_image = "{tmp_path / 'image.sif'}"
+""")
     spec = launch.load_spec(path)
     script = tmp_path / "job.sh"
     script.write_text(launch.sbatch_script(spec, launch.resolve(spec), tmp_path / "%j"))
@@ -329,6 +393,33 @@ def test_slurm_accepts_the_generated_script(slurm_cluster, tmp_path, train_store
     refused = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True,
                              text=True)
     assert refused.returncode != 0
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("archs", [["simple", "vgg6"], ["simple"]], ids=["array", "one-job"])
+def test_dry_run_script_equals_the_submitted_one(slurm_cluster, tmp_path, train_store, archs):
+    """A real submission through submitit (held, then cancelled: nothing runs) writes the
+    batch script it gave sbatch; the --dry-run rendering of the same spec and folder has the
+    same #SBATCH options and runs the same lines, so the two cannot drift apart."""
+    path = job_file(tmp_path, train_store, archs, slurm=f"""
+gpus_per_job = 1
+extra_sbatch = ["--hold", "--mail-type=FAIL"]
+setup = ["echo set up"]
+container_image = "{tmp_path / 'image.sif'}"
+container_binds = ["/scratch:/data"]
+""")
+    spec = launch.load_spec(path)
+    record = launch.launch(spec, spec_file=path)
+    try:
+        submitted = sorted(Path(record["folder"]).parent.rglob("*_submission.sh"))
+        assert len(submitted) == 1, submitted
+        real = submitted[0].read_text()
+    finally:
+        subprocess.run(["scancel", record["jobs"][0]["job_id"].split("_")[0]], check=True)
+    ours = launch.sbatch_script(spec, launch.resolve(spec), record["folder"])
+    assert sbatch_directives_of(ours) == sbatch_directives_of(real)
+    assert script_commands(ours) == script_commands(real)
+    assert ("array" in sbatch_directives_of(real)) == (len(archs) > 1)
 
 
 @pytest.mark.slurm
