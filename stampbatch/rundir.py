@@ -17,9 +17,8 @@ from stampbatch import fileio
 from stampbatch.config import from_mapping, load_toml, to_toml
 from stampbatch.dataset import (
     Stores,
-    TrainError,
 )
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import StampbatchError, TrainError
 
 if TYPE_CHECKING:  # train imports this module; TrainConfig is only a hint here
     from stampbatch.train import TrainConfig

@@ -47,7 +47,6 @@ from stampbatch import fileio
 from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
     StampStream,
     Stores,
-    TrainError,
     augment_dihedral,
     class_weights,
     predict_rows,
@@ -55,7 +54,7 @@ from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
     split_stores,
     split_summary,
 )
-from stampbatch.errors import UsageError
+from stampbatch.errors import TrainError, UsageError
 from stampbatch.export import export_for_scoring
 from stampbatch.models import build_model, check_architecture
 from stampbatch.preprocess import UNUSABLE

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from stampbatch import fileio
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import Locked, StampbatchError, StoreError
 from stampbatch.store._schema import (
     _ATTR_COMPLETE,
     _ATTR_FINGERPRINT,
@@ -34,7 +34,6 @@ from stampbatch.store._schema import (
     LOCK_SUFFIX,
     SCHEMA_VERSION,
     Scores,
-    StoreError,
     _add_scores_link,
     _decode_attr,
     _fail,
@@ -455,7 +454,7 @@ def take_lock(target: Path | str) -> fileio.FileLock:
     lock = fileio.FileLock(target, LOCK_SUFFIX)
     try:
         lock.acquire()
-    except fileio.Locked as exc:
+    except Locked as exc:
         raise _fail(target, f"is locked by another process (pid {exc.holder}; is a scorer "
                             "still running on it?)") from None
     except OSError as exc:
