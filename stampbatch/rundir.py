@@ -182,32 +182,29 @@ def _save_split(path: Path, split: dict[str, np.ndarray]) -> None:
 
 
 @contextlib.contextmanager
-def _run_lock(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``out_dir``'s lock file (creating the directory); a
-    directory created here that is left holding nothing else is removed again."""
-    import fcntl
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock (a non-blocking ``fileio.FileLock`` on its
+    ``LOCK_FILE``, creating the directory): a second trainer is refused with the holder's
+    pid and host. A directory created here that is left holding nothing else is removed again."""
     import socket
 
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainError(f"{out_dir}: exists and is not a directory")
+
+    def cannot(exc: OSError) -> TrainError:
+        return TrainError(f"{out_dir}: cannot create the run directory ({exc.strerror})")
+
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(out_dir / LOCK_FILE, "a+")
     except OSError as exc:
-        raise TrainError(f"{out_dir}: cannot create the run directory ({exc.strerror})") from exc
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise TrainError(f"{out_dir}: in use by {holder} (training into it now); wait for "
-                             f"it to end or choose another output directory") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        fh.flush()
+        raise cannot(exc) from exc
+    lock = fileio.FileLock(
+        out_dir / LOCK_FILE, text=f"pid {os.getpid()} on {socket.gethostname()}\n", remove=False,
+        unknown_holder="another process", failed=cannot,
+        busy=lambda holder: TrainError(f"{out_dir}: in use by {holder} (training into it now); wait "
+                                       f"for it to end or choose another output directory"))
+    with lock:
         try:
             yield
         finally:

@@ -82,9 +82,9 @@ from stampbatch.rundir import (  # noqa: F401  (public run-directory names re-ex
     _config_text,
     _load_split,
     _read_json,
-    _run_lock,
     _save_split,
     read_run_config,
+    run_lock,
     run_state,
 )
 from stampbatch.train_eval import (  # noqa: F401  (public run-directory names re-exported)
@@ -364,7 +364,7 @@ def train_run(store_path: Path | Sequence[Path], arch: str, out_dir: Path, confi
     The run directory is locked (``flock``) for the whole run: a second process training
     into it (a manual ``stampbatch train --out`` beside a Slurm job) is refused at once.
     """
-    with _run_lock(Path(out_dir)):
+    with run_lock(Path(out_dir)):
         return _train_run_locked(store_path, arch, out_dir, config, data_weights, progress,
                                  callbacks, figures, export)
 
