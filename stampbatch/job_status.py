@@ -29,6 +29,7 @@ from submitit.core.utils import JobPaths
 
 from stampbatch.errors import LaunchError
 from stampbatch.fileio import TIMESTAMP_FORMAT, FileLock, jsonable, write_json_atomic
+from stampbatch.rundir import METRICS_FILE
 
 MANIFEST_NAME = "launch-manifest.json"  # in the runs directory: every launch and its jobs
 MANIFEST_VERSION = 1
@@ -367,10 +368,10 @@ def collect(runs_dir: Path | str) -> tuple[Path, list[JobStatus]]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise LaunchError(f"{runs_dir}: no such runs directory")
-    finished = [d for d in runs_dir.iterdir() if (d / "metrics.json").is_file()]
+    finished = [d for d in runs_dir.iterdir() if (d / METRICS_FILE).is_file()]
     if not finished:
         raise LaunchError(f"{runs_dir}: no finished runs yet (no run directory has "
-                          f"metrics.json); see stampbatch status {runs_dir}")
+                          f"{METRICS_FILE}); see stampbatch status {runs_dir}")
     path = report.write_report(runs_dir)
     unfinished = [s for s in job_statuses(runs_dir) if not s.completed]
     return path, unfinished
