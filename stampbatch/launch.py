@@ -30,14 +30,12 @@ import submitit
 from submitit.core.utils import JobPaths
 
 from stampbatch.config import from_mapping, load_toml
-from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.errors import LaunchError, StampbatchError, UsageError
 from stampbatch.fileio import COMPACT_TIMESTAMP, jsonable, telling_line, utc_now
 from stampbatch.job_status import (
-    LaunchError,
     _latest_jobs,
-    _lock_path,
-    _locked,
     append_manifest,
+    manifest_lock,
     manifest_path,
     read_manifest,
     statuses_of,
@@ -461,12 +459,13 @@ def launch(spec: LaunchSpec, *, spec_file: Path | str | None = None,
     runs = spec.runs.expanduser().absolute()
     created = [d for d in (runs, runs / SUBMITIT_DIR) if not d.exists()]
     runs.mkdir(parents=True, exist_ok=True)
+    lock = manifest_lock(runs)
     try:
-        with _locked(runs):  # one launch at a time per runs directory
+        with lock:  # one launch at a time per runs directory
             record = _submit(spec, plans, kind, runs, spec_file)
     except BaseException:
         if runs in created:  # leave no trace of a launch that did not happen
-            _lock_path(runs).unlink(missing_ok=True)
+            lock.path.unlink(missing_ok=True)
         for d in reversed(created):
             with contextlib.suppress(OSError):
                 d.rmdir()

@@ -147,7 +147,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stampbatch import fileio, store
-from stampbatch.errors import UsageError
+from stampbatch.errors import SimConfigError
 from stampbatch.field import nearest
 from stampbatch.profiles import render_psf, render_trail
 from stampbatch.progress import Progress
@@ -189,10 +189,6 @@ _HARD = HARD_FRACTIONS
 
 MAX_STAMP_SIDE = 1024  # a bigger stamp is a typo (one 1024x1024 stamp is 4 MiB)
 MAX_SNR = 1e6  # far brighter sources overflow the float32 pixels
-
-
-class SimConfigError(UsageError, ValueError):
-    """Simulator settings that cannot work (a ValueError, so config loading reports it)."""
 
 
 @dataclass

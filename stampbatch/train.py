@@ -47,7 +47,6 @@ from stampbatch import fileio, store
 from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
     StampStream,
     Stores,
-    TrainError,
     augment_dihedral,
     class_weights,
     predict_rows,
@@ -55,7 +54,7 @@ from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
     split_stores,
     split_summary,
 )
-from stampbatch.errors import UsageError
+from stampbatch.errors import TrainError, UsageError
 from stampbatch.export import export_for_scoring
 from stampbatch.models import build_model, check_architecture
 from stampbatch.preprocess import UNUSABLE
@@ -83,9 +82,9 @@ from stampbatch.rundir import (  # noqa: F401  (public run-directory names re-ex
     _config_text,
     _load_split,
     _read_json,
-    _run_lock,
     _save_split,
     read_run_config,
+    run_lock,
     run_state,
 )
 from stampbatch.train_eval import (  # noqa: F401  (public run-directory names re-exported)
@@ -366,7 +365,7 @@ def train_run(store_path: Path | str | Sequence[Path | str], arch: str, out_dir:
     The run directory is locked (``flock``) for the whole run: a second process training
     into it (a manual ``stampbatch train --out`` beside a Slurm job) is refused at once.
     """
-    with _run_lock(Path(out_dir)):
+    with run_lock(Path(out_dir)):
         return _train_run_locked(store_path, arch, out_dir, config, data_weights, progress,
                                  callbacks, figures, export)
 

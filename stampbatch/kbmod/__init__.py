@@ -47,17 +47,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stampbatch import __version__, fileio, store
-from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.errors import KbmodError, StampbatchError, TableDataError, UsageError
 from stampbatch.kbmod.table import (
     FORMATS,
     NEW_COLUMNS,
     REQUIRED_COLUMNS,
     SHAPES_KEY,
-    KbmodError,
     NewColumns,
     ResultsTable,
     ResultsWriter,
-    TableDataError,
     _fail,
     check_uuids,
     crop_center,
@@ -67,6 +65,7 @@ from stampbatch.kbmod.table import (
     results_format,
     stamp_geometry,
 )
+from stampbatch.rundir import METRICS_FILE, MODEL_FILE
 
 if TYPE_CHECKING:
     from stampbatch.inference import ModelSpec
@@ -189,7 +188,7 @@ def resolve_threshold(text: str, model: Path | str) -> tuple[float, str]:
     except ValueError:
         raise UsageError(f"--threshold {text!r}: expected fpr:F, e.g. fpr:0.01") from None
     run = Path(model)
-    metrics_file = run / "metrics.json" if run.is_dir() else run.parent / "metrics.json"
+    metrics_file = run / METRICS_FILE if run.is_dir() else run.parent / METRICS_FILE
     try:
         metrics = json.loads(metrics_file.read_text())
     except (OSError, ValueError) as exc:
@@ -202,7 +201,7 @@ def resolve_threshold(text: str, model: Path | str) -> tuple[float, str]:
                          f"{sorted(table) or 'none'}); use --threshold P")
     from stampbatch.inference import check_run_model
 
-    if not check_run_model(metrics_file.parent, model=run / "model.keras" if run.is_dir() else run):
+    if not check_run_model(metrics_file.parent, model=run / MODEL_FILE if run.is_dir() else run):
         print(f"warning: {metrics_file}: records no sha256 of its model (a run from before "
               f"they were recorded): --threshold {text} is used unchecked", file=sys.stderr)
     return match[0], f"{metrics_file.name}: FPR {target:g}"

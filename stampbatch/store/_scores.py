@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from stampbatch import fileio
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import StampbatchError, StoreError
 from stampbatch.store._schema import (
     _ATTR_COMPLETE,
     _ATTR_FINGERPRINT,
@@ -34,7 +34,6 @@ from stampbatch.store._schema import (
     LOCK_SUFFIX,
     SCHEMA_VERSION,
     Scores,
-    StoreError,
     _add_scores_link,
     _decode_attr,
     _fail,
@@ -454,16 +453,12 @@ class ScoreWriter:
 
 def take_lock(target: Path | str) -> fileio.FileLock:
     """The target's write lock (one writer per file), or a StoreError naming the holder."""
-    lock = fileio.FileLock(target, LOCK_SUFFIX)
-    try:
-        lock.acquire()
-    except fileio.Locked as exc:
-        raise _fail(target, f"is locked by another process (pid {exc.holder}; is a scorer "
-                            "still running on it?)") from None
-    except OSError as exc:
-        raise _fail(target, f"cannot create the lock file {lock.path} "
-                            f"({exc.strerror}); use --out DIR") from exc
-    return lock
+    return fileio.FileLock(
+        target, LOCK_SUFFIX,
+        busy=lambda pid: _fail(target, f"is locked by another process (pid {pid}; is a scorer "
+                                       "still running on it?)"),
+        failed=lambda exc: _fail(target, f"cannot create the lock file {exc.filename} "
+                                         f"({exc.strerror}); use --out DIR")).acquire()
 
 
 def _locate(path: Path | str, model: str) -> tuple[ScoresReport, Path | str]:
