@@ -115,29 +115,6 @@ def in_process_threads(options: ClusterOptions, work: int) -> int | None:
     return local_shape(options)[1]
 
 
-class ThreadPool:
-    """Chunk tasks on threads of this process, finished futures in completion order."""
-
-    def __init__(self, threads: int) -> None:
-        import queue
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stampbatch")
-        self._done: queue.Queue[Any] = queue.Queue()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        fut = self._pool.submit(fn, *args)
-        fut.add_done_callback(self._done.put)
-        return fut
-
-    def next_done(self) -> Any:
-        return self._done.get()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
 def total_threads(client: Any) -> int:
     """Worker threads the client can use now (a guess of 2 while none are connected)."""
     try:

@@ -11,13 +11,16 @@ input, model or backend are discarded; a journal with other settings is refused 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from stampbatch import __version__, fileio, inference, store
 from stampbatch.candidates import chunk_rows, dir_problem, read_only_reason
@@ -73,17 +76,36 @@ class ScoreOptions:
         occ = self.occlusion
         object.__setattr__(self, "occlusion",
                            occ if isinstance(occ, OcclusionMode) else OcclusionMode.parse(occ))
-        if self.patch < 1:
+        if not _is_int(self.patch) or self.patch < 1:
             raise UsageError(f"occlusion patch must be a positive number of pixels, got "
-                             f"{self.patch}")
-        if self.chunk_size < 1:
-            raise UsageError(f"chunk size must be positive, got {self.chunk_size}")
+                             f"{self.patch!r}")
+        if not _is_int(self.chunk_size) or self.chunk_size < 1:
+            raise UsageError(f"chunk size must be positive, got {self.chunk_size!r}")
+        if self.backend not in inference.BACKENDS:
+            raise UsageError(f"unknown backend {self.backend!r}; choose from "
+                             f"{', '.join(inference.BACKENDS)}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise UsageError(f"name {self.name!r}: give a model name (text) or None")
+        if not isinstance(self.cluster, ClusterOptions):
+            raise UsageError(f"cluster {self.cluster!r}: expected a ClusterOptions")
+        if not callable(self.log):
+            raise UsageError(f"log {self.log!r}: expected a function of one message")
         if self.precision == "auto":
             object.__setattr__(self, "precision", PRECISIONS[0])
         elif self.precision not in PRECISIONS:
             raise UsageError(f"precision {self.precision!r} is not offered: only "
                              f"{', '.join(PRECISIONS)} (or auto) — no reduced precision was "
                              "faster end to end and as accurate (BENCHMARKS.md)")
+
+    def with_fields(self, fields: Mapping[str, Any]) -> ScoreOptions:
+        """These options with ``fields`` changed, checked as new ones are; a name that is
+        not a field is refused (a UsageError naming it and the fields there are)."""
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            known = ", ".join(f.name for f in dataclasses.fields(self))
+            raise UsageError(f"unknown scoring option(s) {', '.join(unknown)}; the options are "
+                             f"{known}")
+        return dataclasses.replace(self, **fields)
 
     @property
     def occ(self) -> OcclusionMode:
@@ -94,6 +116,10 @@ class ScoreOptions:
     def patch_used(self) -> int:
         """The patch recorded with the scores (0 when no maps are made)."""
         return int(self.patch) if self.occ.kind != "none" else 0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 class Plan(enum.Enum):

@@ -9,8 +9,8 @@ distributed worker plugin, backed by :func:`stampbatch.inference.cached_predicto
 The public entry point is :func:`score_files` (candidate files, models, a
 :class:`ScoreOptions`) → :class:`ScoreSummary`. A run has three stages, each a few short
 functions here: **plan** (models resolved, files validated, locked, what is done and what
-is not), **run** (chunk tasks on the cluster of :mod:`stampbatch.cluster`, or on threads of
-this process for a small local run, each result recorded in the
+is not), **run** (chunk tasks through :func:`stampbatch.executor.chunk_executor`, on
+threads of this process for a small local run or on a Dask cluster, each result recorded in the
 :mod:`stampbatch.journal`), **finalise** (a file's journals written into its scores files,
 which are then linked into the target).
 
@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -51,15 +50,9 @@ import numpy as np
 
 from stampbatch import __version__, fileio, store
 from stampbatch.candidates import expand_candidates
-from stampbatch.cluster import (
-    ClusterOptions,
-    SlurmOptions,
-    ThreadPool,
-    dask_client,
-    in_process_threads,
-    total_threads,
-)
+from stampbatch.cluster import ClusterOptions, SlurmOptions
 from stampbatch.errors import ScoreError, StampbatchError
+from stampbatch.executor import ChunkExecutor, chunk_executor, chunk_result
 from stampbatch.inference import ORT_BATCH_CPU, ModelSpec
 from stampbatch.journal import (
     LATER_KEYS,
@@ -78,7 +71,7 @@ from stampbatch.plan import (
     log_stderr,
     plan_run,
 )
-from stampbatch.tasks import PLUGIN_NAME, ChunkTask, OcclusionMode, score_chunk
+from stampbatch.tasks import ChunkTask, OcclusionMode, score_chunk
 
 __all__ = ["ChunkResult", "ClusterOptions", "Journal", "OcclusionMode", "Plan", "ScoreError",
            "ScoreOptions", "ScoreSummary", "SlurmOptions", "expand_candidates",
@@ -125,23 +118,15 @@ def _compute(files: list[FileWork], prepared: dict[str, ModelSpec], options: Sco
     tasks = ((fw, task) for fw in files if remaining[id(fw)]
              for task in _chunk_tasks(fw, options))
     work = len(prepared) * options.occ.evaluations(total)
-    threads = None if options.client is not None else in_process_threads(options.cluster, work)
-    if threads is not None:
-        summary.scheduler = f"in-process ({threads} thread(s))"
-        _run_threads(threads, tasks, total, remaining, prepared, options, bad, summary)
-        return
     with contextlib.ExitStack() as stack:
-        client = options.client
-        if client is None:
-            try:
-                client, summary.scheduler = stack.enter_context(
-                    dask_client(options.cluster, options.log))
-            except BaseException:   # no cluster (or Ctrl-C while waiting): nothing computed
-                _drop_empty_journals(files)
-                raise
-        else:
-            summary.scheduler = "given Dask client"
-        _run(client, tasks, total, remaining, prepared, options, bad, summary)
+        try:
+            ex = stack.enter_context(chunk_executor(options, list(prepared.values()), work,
+                                                    completion_order=True))
+        except BaseException:   # no cluster (or Ctrl-C while waiting): nothing computed
+            _drop_empty_journals(files)
+            raise
+        summary.scheduler = ex.where
+        _run(ex, tasks, total, remaining, options, bad, summary)
 
 
 def _drop_empty_journals(files: list[FileWork]) -> None:
@@ -166,12 +151,9 @@ def _failure(task: ChunkTask, fut: Any) -> tuple[dict[str, ChunkResult] | None,
                                                  StampbatchError | None]:
     """A finished future's result, or its failure as one line."""
     try:
-        return fut.result(), None
+        return chunk_result(fut, task.path, task.start, task.stop, ScoreError), None
     except StampbatchError as exc:
         return None, exc
-    except Exception as exc:  # noqa: BLE001 - worker errors come in every type
-        return None, ScoreError(f"{task.path}: scoring rows {task.start}..{task.stop} failed "
-                                f"({fileio.one_line(exc)})")
 
 
 class _Results:
@@ -235,31 +217,28 @@ class _Joined:
                 for name in pieces[0]}
 
 
-def _run_threads(threads: int, tasks: Iterator[tuple[FileWork, ChunkTask]], total: int,
-                 remaining: dict[int, int], prepared: dict[str, ModelSpec],
-                 options: ScoreOptions, bad: BadFiles, summary: ScoreSummary) -> None:
-    """Chunk tasks on threads of this process (no Dask start-up): the same tasks, the same
-    window, the same per-call threads as one local worker, so the same results.
+def _run(ex: ChunkExecutor, tasks: Iterator[tuple[FileWork, ChunkTask]], total: int,
+         remaining: dict[int, int], options: ScoreOptions, bad: BadFiles,
+         summary: ScoreSummary) -> None:
+    """Chunk tasks through the executor in its window, journaled as they finish (each file
+    finalised with its last chunk).
 
-    The last chunks of the run are cut into parts that the threads share, so that every
-    core works until the end instead of one finishing the last chunk alone (on two cores a
-    100 k-stamp file lost ~0.1 s, 3 %, that way). A chunk is journaled when all its parts
-    are in, as one result, identical to the uncut chunk's.
+    On threads of this process the last chunks of the run are cut into parts that the
+    threads share, so that every core works until the end instead of one finishing the
+    last chunk alone (on two cores a 100 k-stamp file lost ~0.1 s, 3 %, that way). A chunk
+    is journaled when all its parts are in, as one result, identical to the uncut chunk's.
     """
-    from stampbatch import inference
     from stampbatch.progress import Progress
 
-    per_call = max(1, fileio.cores() // threads)
-    for spec in sorted(prepared.values(), key=lambda s: s.name):   # as the worker plugin does
-        inference.cached_predictor(spec, per_call)
     results = _Results(remaining, bad, summary)
-    pool = ThreadPool(threads)
     owner: dict[Any, tuple[FileWork, ChunkTask, _Joined]] = {}
     to_submit = total
+    cut = ex.threads if ex.threads is not None and ex.threads > 1 else 0
 
     def submit_more() -> None:
         nonlocal to_submit
-        while len(owner) < max(4, 3 * threads):
+        window = ex.window()
+        while len(owner) < window:
             item = next(tasks, None)
             if item is None:
                 return
@@ -268,73 +247,23 @@ def _run_threads(threads: int, tasks: Iterator[tuple[FileWork, ChunkTask]], tota
                 continue
             rows = task.stop - task.start
             to_submit -= rows
-            tail = threads > 1 and to_submit < threads * rows   # among the run's last chunks
+            tail = cut and to_submit < cut * rows       # among the run's last chunks
             joined = _Joined()
-            for part in _parts(task, 2 * threads) if tail else [task]:
-                fut = pool.submit(score_chunk, part, threads)
+            for part in _parts(task, 2 * cut) if tail else [task]:
+                fut = ex.submit(score_chunk, part)
                 joined.add(fut)
                 owner[fut] = (fw, task, joined)
 
     with Progress(total, "scoring", "stamps", enabled=options.progress) as bar:
-        try:
+        submit_more()
+        while owner:
+            fw, task, joined = owner.pop(ex.next_done())
+            joined.pending -= 1
+            if not joined.pending:
+                bar.update(results.take(fw, task, joined))
+                for fut in joined.parts:
+                    ex.release(fut)
             submit_more()
-            while owner:
-                fw, task, joined = owner.pop(pool.next_done())
-                joined.pending -= 1
-                if not joined.pending:
-                    bar.update(results.take(fw, task, joined))
-                submit_more()
-        finally:
-            pool.close()
-
-
-def _run(client: Any, tasks: Iterator[tuple[FileWork, ChunkTask]], total: int,
-         remaining: dict[int, int], prepared: dict[str, ModelSpec], options: ScoreOptions,
-         bad: BadFiles, summary: ScoreSummary) -> None:
-    """Submit chunk tasks to Dask in a bounded window; journal results; finalise files."""
-    from distributed import as_completed
-
-    from stampbatch.plugin import ModelPlugin
-    from stampbatch.progress import Progress
-
-    token = uuid.uuid4().hex[:8]
-    plugin_name = f"{PLUGIN_NAME}-{token}"       # runs sharing a client do not clash
-    local = options.client is None and options.cluster.scheduler is None \
-        and options.cluster.slurm is None         # its workers print on our console
-    client.register_plugin(ModelPlugin(sorted(prepared.values(), key=lambda s: s.name),
-                                       quiet=local), name=plugin_name)
-    counter = iter(range(1 << 62))
-    owner: dict[str, tuple[FileWork, ChunkTask]] = {}
-    results = _Results(remaining, bad, summary)
-    done = as_completed()
-
-    def submit_more() -> None:
-        window = max(4, 3 * total_threads(client))
-        while len(owner) < window:
-            item = next(tasks, None)
-            if item is None:
-                return
-            if not results.wanted(item[0]):
-                continue
-            fut = client.submit(score_chunk, item[1], key=f"stampbatch-score-{token}-"
-                                f"{next(counter)}", pure=False, retries=1)
-            owner[fut.key] = item
-            done.add(fut)
-
-    with Progress(total, "scoring", "stamps", enabled=options.progress) as bar:
-        try:
-            submit_more()
-            for fut in done:
-                fw, task = owner.pop(fut.key)
-                bar.update(results.take(fw, task, fut))
-                fut.release()
-                submit_more()
-        finally:
-            for fut_key in list(owner):
-                with contextlib.suppress(Exception):
-                    client.cancel([fut_key])
-            with contextlib.suppress(Exception):
-                client.unregister_worker_plugin(plugin_name)
 
 
 def _journal_chunk(fw: FileWork, task: ChunkTask, result: dict[str, ChunkResult],

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stampbatch.errors import UsageError
+
+if TYPE_CHECKING:
+    from stampbatch.plan import ScoreOptions
 
 NAN_HELP = ("masked pixels (NaN/Inf/fill) are filled with the stamp's sky; rows that cannot be "
             "classified honestly (a masked pixel in the central 3x3, over half masked, or no "
@@ -45,8 +49,9 @@ def run_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_score(args: argparse.Namespace, scorer_options: dict) -> int:
-    """Score each KBMOD Results file given; one summary block per file."""
+def run_score(args: argparse.Namespace, options: ScoreOptions) -> int:
+    """Score each KBMOD Results file given with ``options`` (the command's, ``--out`` the
+    directory of the scored tables); one summary block per file."""
     from stampbatch import kbmod
     from stampbatch.preprocess import UNUSABLE
 
@@ -63,11 +68,8 @@ def run_score(args: argparse.Namespace, scorer_options: dict) -> int:
             raise UsageError(f"--out {args.out}: cannot create the directory "
                              f"({exc.strerror})") from None
     for results in args.candidates:
-        s = kbmod.score_results(
-            results, args.model[0], column=args.column, out_dir=args.out,
-            threshold=args.threshold, occlusion=args.occlusion, patch=args.occlusion_patch,
-            name=args.name, backend=args.backend, force=args.force,
-            scorer_options=scorer_options)
+        s = kbmod.score_results(results, args.model[0], options, column=args.column,
+                                threshold=args.threshold)
         print(f"scored {s.rows:,} KBMOD results ({s.column}) from {s.results} with {s.model} "
               f"(sha256 {s.sha256[:12]}) in {s.wall_s:,.1f} s ({s.rows_per_s:,.0f} rows/s) on "
               f"{s.scheduler}")

@@ -237,19 +237,18 @@ def run_score(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, slurm=slurm, n_workers=None if args.slurm else args.workers,
         threads_per_worker=args.threads_per_worker, dashboard=args.dashboard,
         start_timeout=args.start_timeout or START_TIMEOUT)
+    options = score.ScoreOptions(
+        name=args.name, occlusion=args.occlusion, patch=args.occlusion_patch,
+        chunk_size=args.chunk_size, out_dir=args.out, backend=args.backend,
+        precision=args.precision, force=args.force, skip_bad=args.skip_bad, cluster=where,
+        progress=not args.quiet)
     tables = [c for c in args.candidates if _kbmod.is_results_table(c)]
     if tables:
         if len(tables) != len(args.candidates):
             raise UsageError("score KBMOD Results files and HDF5 candidate files in separate runs")
         args.column = args.column or "coadd_mean"
         args.threshold = args.threshold or "0.5"
-        return _kbmod.run_score(args, dict(chunk_size=args.chunk_size, cluster=where,
-                                           precision=args.precision, progress=not args.quiet))
-    options = score.ScoreOptions(
-        name=args.name, occlusion=args.occlusion, patch=args.occlusion_patch,
-        chunk_size=args.chunk_size, out_dir=args.out, backend=args.backend,
-        precision=args.precision, force=args.force, skip_bad=args.skip_bad, cluster=where,
-        progress=not args.quiet)
+        return _kbmod.run_score(args, options)
     summary = score.score_files(args.candidates, args.model, options)
     print(format_summary(summary))
     return 0

@@ -18,8 +18,9 @@ here): nothing else in stampbatch knows it.
   not streamable formats; they are read whole, as KBMOD reads them.
 * Scoring is one pass over the table: each batch is read once (all its columns), its
   stamps cropped and scored in chunks by the scorer's own chunk task
-  (:func:`stampbatch.tasks.score_stamps`, on threads of this process or on the Dask
-  cluster ``stampbatch score`` would use, several chunks in flight), and written with its
+  (:func:`stampbatch.tasks.score_stamps`, through the scorer's own executor,
+  :mod:`stampbatch.executor`: on threads of this process or on the Dask cluster
+  ``stampbatch score`` would use, several chunks in flight), and written with its
   new columns into the output under a temporary name, fsynced and renamed when every row
   is in. Each finished chunk is journaled durably beside the output
   (:mod:`stampbatch.journal`, ``<out>.stampbatch-journal/<model>/``), so a killed run
@@ -39,7 +40,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stampbatch import __version__, fileio, store
-from stampbatch.errors import KbmodError, StampbatchError, TableDataError, UsageError
+from stampbatch.errors import KbmodError, TableDataError, UsageError
 from stampbatch.kbmod.table import (
     FORMATS,
     NEW_COLUMNS,
@@ -260,64 +261,6 @@ def _manifest(table: ResultsTable, column: str, spec: ModelSpec, options: ScoreO
                             chunk_rows=options.chunk_size)
 
 
-@contextlib.contextmanager
-def _executor(options: ScoreOptions, spec: ModelSpec, work: int) -> Iterator[tuple[Any, str, int]]:
-    """Yield (submit(stamps, first_row) -> future, where it runs, how many chunks to keep in
-    flight): the scorer's chunk work on threads of this process for a local run of modest
-    size, else on its Dask cluster (local, ``--scheduler`` or ``--slurm``), chosen by
-    :func:`stampbatch.cluster.in_process_threads` as for HDF5 files."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from stampbatch import cluster, inference
-    from stampbatch.tasks import score_stamps
-
-    models, occ, patch = (spec,), options.occ, options.patch
-    threads = None if options.client is not None else cluster.in_process_threads(
-        options.cluster, work)
-    if threads is not None:
-        inference.cached_predictor(spec, max(1, fileio.cores() // threads))
-        with ThreadPoolExecutor(threads, thread_name_prefix="stampbatch") as pool:
-            try:
-                yield (lambda stamps, lo: pool.submit(score_stamps, stamps, lo, models, occ,
-                                                      patch, threads),
-                       f"in-process ({threads} thread(s))", max(4, 3 * threads))
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-        return
-    with contextlib.ExitStack() as stack:
-        client, where = options.client, "given Dask client"
-        if client is None:
-            client, where = stack.enter_context(cluster.dask_client(options.cluster,
-                                                                     options.log))
-        submitted: list[Any] = []
-
-        def submit(stamps: np.ndarray, lo: int) -> Any:
-            fut = client.submit(score_stamps, stamps, lo, models, occ, patch, pure=False,
-                                retries=1)
-            submitted[:] = [f for f in submitted if not f.done()] + [fut]
-            return fut
-
-        try:
-            yield submit, where, max(4, 3 * cluster.total_threads(client))
-        finally:
-            with contextlib.suppress(Exception):
-                client.cancel([f for f in submitted if not f.done()])
-
-
-def _result(fut: Any, model: str, table: ResultsTable, lo: int, hi: int) -> Any:
-    """A chunk task's result for one model, or its failure as one line."""
-    try:
-        res = fut.result()[model]
-    except StampbatchError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - worker errors come in every type
-        raise KbmodError(f"{table.path}: scoring rows {lo}..{hi} failed "
-                         f"({fileio.one_line(exc)})") from exc
-    with contextlib.suppress(AttributeError):
-        fut.release()
-    return res
-
-
 @dataclass
 class _Counts:
     unscorable: int = 0
@@ -331,12 +274,15 @@ def _score_stream(table: ResultsTable, column: str, spec: ModelSpec, options: Sc
                   batch_rows: int) -> tuple[_Counts, str]:
     """One pass over the table: each batch's stamps are cropped and scored in chunks of
     ``options.chunk_size`` rows (on threads or on Dask, several chunks in flight while this
-    thread reads and writes), each chunk's result is journaled durably, and the batch is
+    thread reads and writes; :func:`stampbatch.executor.chunk_executor`), each chunk's
+    result is journaled durably, and the batch is
     written with its new columns in row order. Chunks journaled by a killed run are read
     back instead of scored."""
     from collections import deque
 
+    from stampbatch.executor import chunk_executor, chunk_result
     from stampbatch.progress import Progress
+    from stampbatch.tasks import score_stamps
 
     done = journal.finished_chunks()
     rows = options.chunk_size
@@ -353,7 +299,8 @@ def _score_stream(table: ResultsTable, column: str, spec: ModelSpec, options: Sc
             if fut is None:
                 res = journal.load(lo, hi)
             else:
-                res = _result(fut, spec.name, table, lo, hi)
+                res = chunk_result(fut, table.path, lo, hi, KbmodError)[spec.name]
+                ex.release(fut)
                 journal.record(lo, hi, res)
                 in_flight -= 1
                 counts.computed += hi - lo
@@ -368,10 +315,12 @@ def _score_stream(table: ResultsTable, column: str, spec: ModelSpec, options: Sc
         counts.positives += int(new["cnn_class"].sum())
         counts.maps += sum(len(r) for r in map_rows)
 
-    with _executor(options, spec, work) as (submit, where, window), \
+    models, occ, patch = (spec,), options.occ, options.patch
+    with chunk_executor(options, models, work) as ex, \
             Progress(table.n_rows, "scoring", "rows", enabled=options.progress) as bar:
         for first, raw, stamps in read_stamp_batches(table, column, spec.stamp_shape,
                                                      batch_rows, with_rows=True):
+            window = ex.window()
             parts = []
             for lo in range(first, first + len(stamps), rows):
                 # chunks on the fixed grid of `rows`, cut at batch ends should a batch end
@@ -380,7 +329,8 @@ def _score_stream(table: ResultsTable, column: str, spec: ModelSpec, options: Sc
                 if done.get(lo) == hi:
                     parts.append((lo, hi, None))
                 else:
-                    parts.append((lo, hi, submit(stamps[lo - first:hi - first], lo)))
+                    parts.append((lo, hi, ex.submit(score_stamps, stamps[lo - first:hi - first],
+                                                    lo, models, occ, patch)))
                     in_flight += 1
             pending.append((raw, first, parts))
             # the batch before this one is written while this one is scored (and the next
@@ -390,7 +340,7 @@ def _score_stream(table: ResultsTable, column: str, spec: ModelSpec, options: Sc
                 flush_head()
         while pending:
             flush_head()
-    return counts, where
+    return counts, ex.where
 
 
 def _provenance(source: Any, spec: ModelSpec, column: str, threshold: float, origin: str,
@@ -406,19 +356,36 @@ def _provenance(source: Any, spec: ModelSpec, column: str, threshold: float, ori
             "scored_at": fileio.utc_now()}
 
 
+def _options(options: ScoreOptions | None, fields: Mapping[str, Any] | None,
+             **keywords: Any) -> ScoreOptions:
+    """``options`` (default ones) changed by ``fields`` and by the keywords given (not None)."""
+    from stampbatch.plan import ScoreOptions
+
+    changes = dict(fields or {})
+    for key, value in keywords.items():
+        if value is None:
+            continue
+        if key in changes:
+            raise UsageError(f"scoring option {key} given twice (as a keyword and in "
+                             "scorer_options)")
+        changes[key] = value
+    return (options or ScoreOptions()).with_fields(changes)
+
+
 def score_results(
     results: Path | str,
     model: Path | str,
+    options: ScoreOptions | None = None,
     *,
     column: str = "coadd_mean",
-    out_dir: Path | str | None = None,
     threshold: str = "0.5",
-    occlusion: str = "none",
-    patch: int = 5,
+    out_dir: Path | str | None = None,
+    occlusion: str | None = None,
+    patch: int | None = None,
     name: str | None = None,
-    backend: str = "auto",
-    force: bool = False,
-    scorer_options: dict[str, Any] | None = None,
+    backend: str | None = None,
+    force: bool | None = None,
+    scorer_options: Mapping[str, Any] | None = None,
 ) -> KbmodSummary:
     """Score one co-add column of a KBMOD Results file; write ``<stem>.scored<suffix>``.
 
@@ -428,14 +395,20 @@ def score_results(
     (NaN where a row has no map), and the model's name and sha256 under the meta key
     ``stampbatch``. Everything is checked before anything is written. One pass over the
     table; finished chunks are journaled beside the output, so a killed run resumes.
+
+    How to score is ``options`` (a :class:`stampbatch.plan.ScoreOptions`, as ``stampbatch
+    score`` builds it: ``out_dir`` is the output's directory, beside the input by
+    default). ``out_dir``, ``occlusion``, ``patch``, ``name``, ``backend``, ``force`` and the
+    fields named in ``scorer_options`` change those options; a name that is no field, or a
+    field given twice, is refused.
     """
     from stampbatch import inference
     from stampbatch.journal import Journal
-    from stampbatch.plan import ScoreOptions
 
     t0 = time.monotonic()
-    options = ScoreOptions(name=name, occlusion=occlusion, patch=patch, backend=backend,
-                           **(scorer_options or {}))
+    options = _options(options, scorer_options, out_dir=out_dir, occlusion=occlusion,
+                       patch=patch, name=name, backend=backend, force=force)
+    out_dir, name, backend, force = options.out_dir, options.name, options.backend, options.force
     table = open_results(results)
     output = output_path(table.path, out_dir)
     if output.exists() and not force:
