@@ -91,7 +91,7 @@ class JobStatus:
         return self.state == "COMPLETED"
 
 
-def _latest_jobs(manifest: Mapping[str, Any]) -> list[tuple[dict, dict]]:
+def latest_jobs(manifest: Mapping[str, Any]) -> list[tuple[dict, dict]]:
     """(launch, job) for the latest job of each architecture, in first-launch order."""
     latest: dict[str, tuple[dict, dict]] = {}
     for record in manifest.get("launches", []):
@@ -289,7 +289,7 @@ def statuses_of(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) ->
 
 def job_statuses(runs_dir: Path | str) -> list[JobStatus]:
     """The latest job of each architecture launched into ``runs_dir``, with fresh states."""
-    return statuses_of(_latest_jobs(read_manifest(runs_dir)))
+    return statuses_of(latest_jobs(read_manifest(runs_dir)))
 
 
 def _fmt_metric(value: float | None) -> str:
@@ -387,14 +387,15 @@ def manifest_path(runs_dir: Path | str) -> Path:
     return Path(runs_dir) / MANIFEST_NAME
 
 
-def _lock_path(runs_dir: Path) -> Path:
+def manifest_lock_path(runs_dir: Path) -> Path:
+    """The lock file beside a runs directory's launch manifest."""
     return runs_dir / f".{MANIFEST_NAME}.lock"
 
 
 @contextlib.contextmanager
-def _locked(runs_dir: Path):
+def manifest_lock(runs_dir: Path):
     """Exclusive lock of a runs directory's manifest (POSIX advisory lock)."""
-    with open(_lock_path(runs_dir), "a") as fh:
+    with open(manifest_lock_path(runs_dir), "a") as fh:
         try:
             import fcntl
         except ImportError:  # not POSIX: no concurrent launches into one directory, then
@@ -427,7 +428,7 @@ def append_manifest(runs_dir: Path | str, record: Mapping[str, Any], *,
     the caller holds it already), written to a temporary file that replaces the manifest only
     when complete (readers never see a partial manifest)."""
     runs_dir = Path(runs_dir)
-    with contextlib.nullcontext() if locked_by_caller else _locked(runs_dir):
+    with contextlib.nullcontext() if locked_by_caller else manifest_lock(runs_dir):
         data = read_manifest(runs_dir)
         data["launches"].append(jsonable(record))
         return _write_manifest(runs_dir, data)

@@ -34,15 +34,15 @@ from stampbatch.errors import StampbatchError, UsageError
 from stampbatch.fileio import COMPACT_TIMESTAMP, jsonable, telling_line, utc_now
 from stampbatch.job_status import (
     LaunchError,
-    _latest_jobs,
-    _lock_path,
-    _locked,
     append_manifest,
+    latest_jobs,
+    manifest_lock,
+    manifest_lock_path,
     manifest_path,
     read_manifest,
     statuses_of,
 )
-from stampbatch.train import TrainConfig
+from stampbatch.train_config import TrainConfig
 from stampbatch.train_job import TrainJob, host_requeue_lines
 
 SUBMITIT_DIR = "submitit"  # RUNS/submitit/<launch id>/<job id>/: sbatch script, pickles, logs
@@ -411,11 +411,11 @@ def launch(spec: LaunchSpec, *, spec_file: Path | str | None = None,
     created = [d for d in (runs, runs / SUBMITIT_DIR) if not d.exists()]
     runs.mkdir(parents=True, exist_ok=True)
     try:
-        with _locked(runs):  # one launch at a time per runs directory
+        with manifest_lock(runs):  # one launch at a time per runs directory
             record = _submit(spec, plans, kind, runs, spec_file)
     except BaseException:
         if runs in created:  # leave no trace of a launch that did not happen
-            _lock_path(runs).unlink(missing_ok=True)
+            manifest_lock_path(runs).unlink(missing_ok=True)
         for d in reversed(created):
             with contextlib.suppress(OSError):
                 d.rmdir()
@@ -427,7 +427,7 @@ def _submit(spec: LaunchSpec, plans: Sequence[JobPlan], kind: str, runs: Path,
             spec_file: Path | str | None) -> dict[str, Any]:
     archs = {p.arch for p in plans}
     manifest = read_manifest(runs)
-    busy = [s for s in statuses_of(_latest_jobs(manifest)) if s.arch in archs and s.active]
+    busy = [s for s in statuses_of(latest_jobs(manifest)) if s.arch in archs and s.active]
     if busy:
         b = busy[0]
         raise UsageError(f"{b.run_dir}: job {b.job_id} of an earlier launch is still "
