@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from stampbatch import __version__
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import StampbatchError, Terminated
 from stampbatch.fileio import one_line
 
 # Groups listed first appear first in --help; any other module in stampbatch.commands follows.
@@ -62,10 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                              help=verbose_help)
     return parser
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (``timeout``, ``scancel``, a Slurm time limit)."""
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stampbatch import fileio
-from stampbatch.errors import UsageError
-from stampbatch.journal import ScoreError
+from stampbatch.errors import ClusterStartError, UsageError
 
 START_TIMEOUT = 120.0   # seconds a scheduler or the first Slurm worker may take to answer
 _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?$")
@@ -63,11 +62,6 @@ class ClusterOptions:
     def __post_init__(self) -> None:
         if self.scheduler is not None and self.slurm is not None:
             raise UsageError("--scheduler and --slurm exclude each other")
-
-
-class ClusterStartError(ScoreError):
-    """The Dask cluster never came up (no scheduler, sbatch refused, no worker in time):
-    nothing was computed, so the caller removes what it prepared for the run."""
 
 
 def walltime_seconds(text: str) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from stampbatch import store
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import TrainError
 from stampbatch.preprocess import UNUSABLE, normalize_with_mask
 from stampbatch.train_config import TrainConfig
 
@@ -42,10 +42,6 @@ READ_BLOCK_ROWS = 4096
 SHUFFLE_STAMPS = 65536
 PREDICT_ROWS = 16384
 PREDICT_BATCH = 1024
-
-
-class TrainError(StampbatchError):
-    """Training cannot start or go on (bad store, bad split, a clashing run directory)."""
 
 
 class Stores:

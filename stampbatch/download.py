@@ -22,8 +22,8 @@ from typing import IO
 import requests
 import urllib3
 
-from stampbatch.errors import StampbatchError, UsageError
-from stampbatch.fetch import FetchError, _fail
+from stampbatch.errors import FetchError, StampbatchError, UsageError
+from stampbatch.fetch import _fail
 from stampbatch.fileio import fsync_dir, fsync_file, one_line, sha256_file
 from stampbatch.progress import Progress
 

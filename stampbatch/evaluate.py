@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from stampbatch import fileio, store
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import EvaluateError
 from stampbatch.metrics import (
     MAX_GROUPS,
     SNR_BIN_EDGES,
@@ -50,10 +50,6 @@ BINNED_COLUMNS: dict[str, tuple[float, ...]] = {
     store.META_SNR: SNR_BIN_EDGES,
     store.META_HALF_LIGHT_RADIUS: (0.0, 0.75, 1.5, 3.0, 5.0),
 }
-
-
-class EvaluateError(StampbatchError):
-    """The run or the store cannot be evaluated (missing model, no truth, one class)."""
 
 
 def run_thresholds(run_dir: Path) -> dict[str, float]:

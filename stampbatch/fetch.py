@@ -21,7 +21,7 @@ from typing import IO, Any
 import numpy as np
 
 from stampbatch import ingest_meta, store
-from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.errors import FetchError, UsageError
 from stampbatch.fileio import one_line
 from stampbatch.progress import Progress
 
@@ -30,10 +30,6 @@ _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _BLOCK_BYTES = 16 << 20  # stamps read per ingest block: about 16 MiB of float32
 MIN_STAMP_SIDE = 5  # smaller "stamps" are a mis-shaped array (an (N, 1) column is not 1x1 stamps)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-class FetchError(StampbatchError):
-    """An input array, an ingest or a download failed; the message is one line naming the file."""
 
 
 def _fail(path: Path | str, problem: str) -> FetchError:

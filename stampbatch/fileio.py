@@ -25,14 +25,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import FileError, Locked
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 COMPACT_TIMESTAMP = "%Y%m%dT%H%M%SZ"  # the same instant inside a name (launch ids)
-
-
-class FileError(StampbatchError, ValueError):
-    """A file cannot be written where asked; the message names it and says why."""
 
 
 def _file_error(path: Path, problem: str) -> Exception:
@@ -218,14 +214,6 @@ def file_identity(path: Path | str) -> dict[str, int]:
     st = os.stat(path)
     return {"device": int(st.st_dev), "inode": int(st.st_ino), "size": int(st.st_size),
             "mtime_ns": int(st.st_mtime_ns)}
-
-
-class Locked(Exception):
-    """Another process holds the lock; ``holder`` is what it wrote there (its pid)."""
-
-    def __init__(self, holder: str) -> None:
-        super().__init__(holder)
-        self.holder = holder
 
 
 class FileLock:

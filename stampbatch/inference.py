@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from stampbatch import fileio
-from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.errors import ModelError, UsageError
 
 BACKENDS = ("auto", "onnx", "tf")
 AGREEMENT_TOL = 1e-5          # ONNX Runtime vs Keras, max abs difference in P(source)
@@ -50,10 +50,6 @@ MAX_BATCH_CPU = 4096          # stamps per tf.function call on a CPU
 ORT_BATCH_CPU = 128           # per ONNX Runtime call on a CPU: activations stay in L2 (+10-20 %)
 MAX_BATCH_GPU = 65536
 _EXPORT_LOCK = threading.Lock()
-
-
-class ModelError(StampbatchError):
-    """A model file cannot be used for scoring; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)

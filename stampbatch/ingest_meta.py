@@ -19,17 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from stampbatch import store
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import MetaError
 from stampbatch.fileio import one_line
 
 MAX_STRING_BYTES = 64  # a group label, not free text: longer cells are a wrong column
 RESERVED = ("source_row", store.META_KIND)  # ingest writes these itself
 NUMERIC_COLUMNS = (store.META_SNR, store.META_TRUE_LABEL)  # store refuses them as text
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
-
-
-class MetaError(StampbatchError):
-    """A metadata table or column is unusable; the message is one line naming the file."""
 
 
 def _fail(path: Path | str, problem: str) -> MetaError:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from stampbatch import store
+from stampbatch.errors import SimConfigError
 from stampbatch.preprocess import SIGMA_G_COEFF
 from stampbatch.profiles import render_psf
 from stampbatch.progress import Progress
@@ -154,7 +155,7 @@ def write_injected(out: Path | str, backgrounds: Path | str, *, config=None, see
     limits the backgrounds used (a seeded random subset). Stamps that hold a source (by
     their label or ``/meta/true_label``) or that cannot take an injection (no finite pixel,
     no noise) are left out, and ``log`` is told how many. Returns the new store's info."""
-    from stampbatch.simulate import SimConfig, SimConfigError, block_rng
+    from stampbatch.simulate import SimConfig, block_rng
 
     config = SimConfig() if config is None else config
     out, backgrounds = Path(out), Path(backgrounds)

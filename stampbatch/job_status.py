@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from submitit.core.utils import JobPaths
 
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import LaunchError
 from stampbatch.fileio import TIMESTAMP_FORMAT, jsonable, write_json_atomic
 
 MANIFEST_NAME = "launch-manifest.json"  # in the runs directory: every launch and its jobs
@@ -52,10 +52,6 @@ NEVER_STARTS = {
 }
 # A job accounting has never heard of is "SUBMITTED" this long, then "UNKNOWN" (purged).
 _UNSEEN_GRACE_S = 300.0
-
-
-class LaunchError(StampbatchError):
-    """Jobs could not be submitted, followed or collected (one line: what and where)."""
 
 
 @dataclass

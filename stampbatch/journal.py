@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from stampbatch import fileio
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import ScoreError
 
 JOURNAL_SUFFIX = ".stampbatch-journal"
 JOURNAL_FORMAT = 2
@@ -47,10 +47,6 @@ SETTING_KEYS = ("chunk_rows", "occlusion", "occlusion_patch")
 # Keys added after journal format 2, with what a journal without them meant: one written
 # before --precision existed was FP32 and resumes as such.
 LATER_KEYS = {"precision": "fp32"}
-
-
-class ScoreError(StampbatchError):
-    """Scoring cannot proceed; the one-line message names the file and the problem."""
 
 
 @dataclass

@@ -30,10 +30,9 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from stampbatch.config import from_mapping, load_toml
-from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.errors import LaunchError, StampbatchError, UsageError
 from stampbatch.fileio import COMPACT_TIMESTAMP, jsonable, telling_line, utc_now
 from stampbatch.job_status import (
-    LaunchError,
     append_manifest,
     latest_jobs,
     manifest_lock,

@@ -22,14 +22,13 @@ from typing import Any
 from stampbatch import __version__, fileio, inference, store
 from stampbatch.candidates import chunk_rows, dir_problem, read_only_reason
 from stampbatch.cluster import ClusterOptions
-from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.errors import Locked, ScoreError, StampbatchError, UsageError
 from stampbatch.inference import ModelSource, ModelSpec
 from stampbatch.journal import (
     IDENTITY_KEYS,
     JOURNAL_FORMAT,
     SETTING_KEYS,
     Journal,
-    ScoreError,
     journal_root,
 )
 from stampbatch.tasks import OcclusionMode
@@ -110,7 +109,7 @@ def lock_target(target: Path) -> fileio.FileLock:
     lock = fileio.FileLock(target, store.LOCK_SUFFIX)
     try:
         lock.acquire()
-    except fileio.Locked as exc:
+    except Locked as exc:
         raise ScoreError(f"{target} is being scored by another stampbatch process "
                          f"(pid {exc.holder}); refusing to interleave") from None
     except OSError as exc:

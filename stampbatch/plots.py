@@ -22,17 +22,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
 
 from stampbatch import fileio
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import PlotError
 
 DPI = 110
 CLASS_NAMES = ("no source", "source")
 WILSON_Z = 1.0  # error bars: 68 % (one sigma) Wilson score interval
 STRETCH_PERCENTILES = (1.0, 99.5)
 OVERLAY_MAX_ALPHA = 0.8
-
-
-class PlotError(StampbatchError, ValueError):
-    """Data handed to a plot function cannot be drawn; the message names the target file."""
 
 
 # ---------------------------------------------------------------- helpers

@@ -21,8 +21,8 @@ from typing import Any
 from urllib.parse import quote
 
 from stampbatch import __version__, fileio
-from stampbatch.errors import StampbatchError
-from stampbatch.plots import PlotError, plot_completeness_comparison, write_atomically
+from stampbatch.errors import PlotError, ReportError
+from stampbatch.plots import plot_completeness_comparison, write_atomically
 
 REPORT_NAME = "report.html"
 COMPARISON_NAME = "completeness_comparison.png"
@@ -35,10 +35,6 @@ FIGURES = (
     ("examples.png", "Example test stamps, misclassified first"),
 )
 SNR_CUT = 7.0
-
-
-class ReportError(StampbatchError):
-    """A report cannot be written (no runs, unreadable directory); one-line message."""
 
 
 # ---------------------------------------------------------------- reading runs

@@ -17,9 +17,8 @@ from stampbatch import fileio
 from stampbatch.config import from_mapping, load_toml, to_toml
 from stampbatch.dataset import (
     Stores,
-    TrainError,
 )
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import StampbatchError, TrainError
 from stampbatch.train_config import TrainConfig
 
 # Several stores: their resolved paths joined by this in config.toml's ``data``.

@@ -59,13 +59,12 @@ from stampbatch.cluster import (
     in_process_threads,
     total_threads,
 )
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import ScoreError, StampbatchError
 from stampbatch.inference import ORT_BATCH_CPU, ModelSpec
 from stampbatch.journal import (
     LATER_KEYS,
     ChunkResult,
     Journal,
-    ScoreError,
     disk_error,
     journal_root,
 )

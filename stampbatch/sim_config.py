@@ -3,7 +3,7 @@
 Its own module because both halves of the simulator read it: ``scene`` draws each stamp's
 contents from it and ``simulate`` drives the blocks and writes the store (which imports
 ``scene``); ``inject`` and the CLI load it from TOML. It imports nothing of stampbatch but
-the errors, so none of them needs another to know the settings.
+``errors``, so none of them needs another to know the settings.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from stampbatch.errors import UsageError
+from stampbatch.errors import SimConfigError
 
 # SimConfig fields giving each hard negative's share of the negatives, in scene.KINDS order.
 HARD_FRACTIONS = ("offcentre_fraction", "hot_pixel_fraction", "cosmic_ray_fraction",
@@ -33,10 +33,6 @@ _HARD = HARD_FRACTIONS
 
 MAX_STAMP_SIDE = 1024  # a bigger stamp is a typo (one 1024x1024 stamp is 4 MiB)
 MAX_SNR = 1e6  # far brighter sources overflow the float32 pixels
-
-
-class SimConfigError(UsageError, ValueError):
-    """Simulator settings that cannot work (a ValueError, so config loading reports it)."""
 
 
 @dataclass

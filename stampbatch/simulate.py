@@ -144,6 +144,7 @@ from pathlib import Path
 import numpy as np
 
 from stampbatch import fileio, store
+from stampbatch.errors import SimConfigError
 from stampbatch.field import nearest
 from stampbatch.profiles import render_psf, render_trail
 from stampbatch.progress import Progress
@@ -159,7 +160,7 @@ from stampbatch.scene import (
     hard_negatives,
     observe,
 )
-from stampbatch.sim_config import MAX_SNR, SimConfig, SimConfigError
+from stampbatch.sim_config import MAX_SNR, SimConfig
 
 __all__ = ["KINDS", "PROFILES", "BACKGROUNDS", "SimConfig", "SimConfigError", "SimulatedBatch",
            "matched_filter_snr", "neighbour_free_config", "render_psf", "render_trail",

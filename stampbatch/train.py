@@ -46,7 +46,6 @@ from stampbatch import fileio
 from stampbatch.dataset import (  # names marked noqa: re-exported, the training API
     StampStream,
     Stores,
-    TrainError,
     augment_dihedral,  # noqa: F401
     class_weights,
     predict_rows,  # noqa: F401
@@ -54,7 +53,7 @@ from stampbatch.dataset import (  # names marked noqa: re-exported, the training
     split_stores,
     split_summary,
 )
-from stampbatch.errors import UsageError
+from stampbatch.errors import TrainError, UsageError
 from stampbatch.export import export_for_scoring
 from stampbatch.models import build_model, check_architecture
 from stampbatch.preprocess import UNUSABLE

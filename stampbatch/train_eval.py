@@ -14,9 +14,9 @@ import numpy as np
 from stampbatch import fileio, store
 from stampbatch.dataset import (
     Stores,
-    TrainError,
     predict_rows,
 )
+from stampbatch.errors import TrainError
 from stampbatch.metrics import compute_metrics
 from stampbatch.models import count_macs
 from stampbatch.preprocess import normalize_with_mask

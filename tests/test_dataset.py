@@ -13,7 +13,6 @@ from stampbatch import store
 from stampbatch.dataset import (
     StampStream,
     Stores,
-    TrainError,
     augment_dihedral,
     class_weights,
     epoch_order,
@@ -21,6 +20,7 @@ from stampbatch.dataset import (
     split_stores,
     split_summary,
 )
+from stampbatch.errors import TrainError
 from stampbatch.train import TrainConfig
 
 

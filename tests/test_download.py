@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stampbatch import cli, download
-from stampbatch.fetch import FetchError
+from stampbatch.errors import FetchError
 
 BODY = bytes(range(256)) * 400  # 102,400 bytes
 SHA = hashlib.sha256(BODY).hexdigest()

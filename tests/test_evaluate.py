@@ -11,7 +11,8 @@ from conftest import gaussian_stamps
 from sklearn.metrics import confusion_matrix, recall_score, roc_auc_score
 
 from stampbatch import cli, store
-from stampbatch.evaluate import EvaluateError, evaluate_run
+from stampbatch.errors import EvaluateError
+from stampbatch.evaluate import evaluate_run
 from stampbatch.train import TrainConfig, train_run
 
 keras = pytest.importorskip("keras")

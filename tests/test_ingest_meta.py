@@ -10,7 +10,8 @@ from conftest import gaussian_stamps
 
 from stampbatch import fetch, store
 from stampbatch.cli import main
-from stampbatch.ingest_meta import MAX_STRING_BYTES, MetaError
+from stampbatch.errors import MetaError
+from stampbatch.ingest_meta import MAX_STRING_BYTES
 
 TYPES = ["science", "difference", "single_epoch", "coadd"]
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO
 
 from stampbatch import cli, store
-from stampbatch.store import StoreError
+from stampbatch.errors import StoreError
 
 N = 100
 

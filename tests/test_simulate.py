@@ -14,9 +14,9 @@ import pytest
 from stampbatch import simulate, store
 from stampbatch.cli import main
 from stampbatch.config import from_mapping, to_toml
-from stampbatch.errors import UsageError
+from stampbatch.errors import SimConfigError, UsageError
 from stampbatch.preprocess import normalize
-from stampbatch.simulate import SimConfig, SimConfigError, simulate_stamps
+from stampbatch.simulate import SimConfig, simulate_stamps
 
 CENTRE = 10  # pixel index of the centre of a 21x21 stamp
 # The physics of the centre signal is checked on isolated sources (no field, no defects);

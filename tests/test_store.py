@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stampbatch import store
-from stampbatch.store import StoreError
+from stampbatch.errors import StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 

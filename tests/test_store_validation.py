@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from stampbatch import cli, store
-from stampbatch.store import StoreError
+from stampbatch.errors import StoreError
 
 
 def _store(tmp_path, name="s.h5", n=40, labels=True, compression=None):

@@ -18,13 +18,11 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 
 from stampbatch import cli, store
 from stampbatch.dataset import split_rows
-from stampbatch.errors import UsageError
-from stampbatch.store import StoreError
+from stampbatch.errors import StoreError, TrainError, UsageError
 from stampbatch.train import (
     FIGURES,
     LOCK_FILE,
     TrainConfig,
-    TrainError,
     read_run_config,
     run_state,
     train_run,

@@ -47,17 +47,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stampbatch import __version__, fileio, store
-from stampbatch.errors import StampbatchError, UsageError
+from stampbatch.errors import KbmodError, StampbatchError, TableDataError, UsageError
 from stampbatch.kbmod.table import (
     FORMATS,
     NEW_COLUMNS,
     REQUIRED_COLUMNS,
     SHAPES_KEY,
-    KbmodError,
     NewColumns,
     ResultsTable,
     ResultsWriter,
-    TableDataError,
     check_uuids,
     crop_center,
     fail,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from stampbatch import store
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import KbmodError, TableDataError
 
 FORMATS = {".parquet": "parquet", ".parq": "parquet", ".ecsv": "ecsv", ".hdf5": "hdf5"}
 REQUIRED_COLUMNS = ("x", "y", "vx", "vy", "likelihood", "flux", "obs_count")
@@ -27,14 +27,6 @@ MAX_BATCH_ROWS = 65536
 READ_BUFFER = 4 << 20           # Parquet read buffer (bytes)
 NEW_COLUMNS = ("prob_real", "prob_bogus", "cnn_class")
 META_KEY = "stampbatch"
-
-
-class KbmodError(StampbatchError):
-    """A KBMOD Results file cannot be used; the one-line message names the file and problem."""
-
-
-class TableDataError(KbmodError):
-    """Rows of the table found unusable while reading it (null, ragged, unreadable)."""
 
 
 def fail(path: Path | str, problem: str, cls: type[KbmodError] = KbmodError) -> KbmodError:

@@ -14,13 +14,14 @@ Guarantees kept here:
   names the file and what is wrong;
 * reading is chunked: nothing here loads a whole store into memory unless asked.
 
-The package: ``_schema`` (names, errors, records), ``_validate``, ``_write``, ``_read``,
+The package: ``_schema`` (names, records), ``_validate``, ``_write``, ``_read``,
 ``_scores`` and ``_pack`` (one self-contained file from a store and its scores); everything
 public is imported here, so callers write ``store.open_store``.
 """
 
 from __future__ import annotations
 
+from stampbatch.errors import StoreError
 from stampbatch.store._pack import (
     PACKED_SUFFIX,
     Packed,
@@ -55,7 +56,6 @@ from stampbatch.store._schema import (
     SCHEMA_VERSION,
     SCORES_DIR_SUFFIX,
     Scores,
-    StoreError,
     StoreInfo,
 )
 from stampbatch.store._scores import (

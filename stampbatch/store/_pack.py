@@ -17,9 +17,9 @@ from pathlib import Path
 import h5py
 
 from stampbatch import fileio
+from stampbatch.errors import StoreError
 from stampbatch.store._schema import (
     SCORES,
-    StoreError,
     fail,
     open_h5,
 )

@@ -11,7 +11,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import StoreError
 
 SCHEMA_VERSION = 1
 DEFAULT_STAMP_SHAPE = (21, 21)
@@ -56,10 +56,6 @@ META_NN_SNR = "nn_snr"  # point-source SNR of that neighbour
 META_FIELD_DENSITY = "field_density"  # field sources per 100 px^2
 META_HALF_LIGHT_RADIUS = "half_light_radius"  # centre galaxies, px (circularised)
 META_IMAGE_TYPE = "image_type"  # real stores: science, difference, single_epoch, coadd
-
-
-class StoreError(StampbatchError, ValueError):
-    """A stamp store (or an array meant to become one) is unusable; the message is one line."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from stampbatch import fileio
-from stampbatch.errors import StampbatchError
+from stampbatch.errors import Locked, StampbatchError, StoreError
 from stampbatch.store._schema import (
     ATTR_COMPLETE,
     ATTR_FINGERPRINT,
@@ -34,7 +34,6 @@ from stampbatch.store._schema import (
     SCHEMA_VERSION,
     SCORES,
     Scores,
-    StoreError,
     add_scores_link,
     decode_attr,
     fail,
@@ -455,7 +454,7 @@ def take_lock(target: Path | str) -> fileio.FileLock:
     lock = fileio.FileLock(target, LOCK_SUFFIX)
     try:
         lock.acquire()
-    except fileio.Locked as exc:
+    except Locked as exc:
         raise fail(target, f"is locked by another process (pid {exc.holder}; is a scorer "
                             "still running on it?)") from None
     except OSError as exc:
