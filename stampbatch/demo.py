@@ -69,7 +69,7 @@ def run(args: list[str], stages: Stages | None = None, stage: str | None = None)
 
 def macs_per_stamp(run_dir: Path) -> int:
     """Multiply-adds per stamp of a trained run (from its metrics.json)."""
-    return int(json.loads((run_dir / "metrics.json").read_text()).get("macs_per_stamp", 0))
+    return int(json.loads((run_dir / rundir.METRICS_FILE).read_text()).get("macs_per_stamp", 0))
 
 
 def completeness_table(candidates: Path, models: list[str]) -> str:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         launch += ["--epochs", str(args.epochs)]
     run(launch, stages, "train every architecture (launch --wait)")
 
-    run_dirs = sorted(p.parent for p in runs.glob("*/model.keras"))
+    run_dirs = sorted(p.parent for p in runs.glob(f"*/{rundir.MODEL_FILE}"))
     if not run_dirs:
         raise SystemExit(f"demo: no trained model under {runs}")
     _score_all(candidates, run_dirs, args.occlusion, args.costly_maps,
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDemo finished in {time.monotonic() - t_start:,.0f} s.")
     print(f"  scores (HDF5):      {candidates}  (/scores/<model>/probability, occlusion, occlusion_index)")
     print(f"  training report:    {report}")
-    print(f"  run directories:    {runs}/<arch>/ (model.keras, metrics.json, figures)")
+    print(f"  run directories:    {runs}/<arch>/ ({rundir.MODEL_FILE}, {rundir.METRICS_FILE}, figures)")
     print(f"  occlusion figures:  {figures}/")
     print(f"  KBMOD results:      {out / 'kbmod_results.scored.parquet'}  (prob_real, prob_bogus, "
           "cnn_class, occlusion_<model>)")

@@ -23,13 +23,8 @@ import requests
 import urllib3
 
 from stampbatch.errors import FetchError, StampbatchError, UsageError
-from stampbatch.fileio import fsync_dir, fsync_file, one_line, sha256_file
+from stampbatch.fileio import FileLock, fsync_dir, fsync_file, one_line, sha256_file
 from stampbatch.progress import Progress
-
-try:  # advisory lock on the partial download; not available on Windows
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 _HTTP_CHUNK = 1 << 16
 _MAX_BACKOFF = 60.0
@@ -193,28 +188,27 @@ def _body_chunks(resp: requests.Response) -> Iterator[bytes]:
 
 @contextlib.contextmanager
 def _locked_partial(part: Path) -> Iterator[IO[bytes]]:
-    """Open (creating if needed) the partial download, locked against a second downloader."""
-    try:
-        fh = open(part, "r+b") if part.exists() else open(part, "w+b")
-    except OSError as exc:
-        raise _fail(part, f"cannot open the partial download ({one_line(exc)})") from exc
-    if fcntl is not None:
+    """Open (creating if needed) the partial download, locked against a second downloader
+    (the lock is on the ``.part`` itself: nothing is written into it but the download)."""
+    lock = FileLock(part, record=False, remove=False,
+                    busy=lambda _: _fail(part, "another download into this file is running"),
+                    failed=lambda exc: _fail(part, f"cannot open the partial download ({one_line(exc)})"))
+    with lock:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fh = open(part, "r+b")
+        except OSError as exc:
+            raise _fail(part, f"cannot open the partial download ({one_line(exc)})") from exc
+        try:
+            fh.seek(0, os.SEEK_END)
+            yield fh
+        except BaseException:
+            # An empty partial is of no use to a later resume: do not leave it lying around.
+            with contextlib.suppress(OSError):
+                if part.exists() and os.fstat(fh.fileno()).st_size == 0:
+                    part.unlink()
+            raise
+        finally:
             fh.close()
-            raise _fail(part, "another download into this file is running") from None
-    try:
-        fh.seek(0, os.SEEK_END)
-        yield fh
-    except BaseException:
-        # An empty partial is of no use to a later resume: do not leave it lying around.
-        with contextlib.suppress(OSError):
-            if part.exists() and os.fstat(fh.fileno()).st_size == 0:
-                part.unlink()
-        raise
-    finally:
-        fh.close()
 
 
 def _check_arguments(url: str, sha256: str, retries: int, timeout: float) -> str:

@@ -40,6 +40,7 @@ from stampbatch.metrics import (
     group_metrics,
     operating_point,
 )
+from stampbatch.rundir import DATA_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE
 
 EVAL_DIR = "eval"
 EVALUATION_FILE = "evaluation.json"
@@ -54,7 +55,7 @@ BINNED_COLUMNS: dict[str, tuple[float, ...]] = {
 
 def run_thresholds(run_dir: Path) -> dict[str, float]:
     """The run's P thresholds for each target FPR of its test split (``"fpr_0.01"`` ...)."""
-    path = Path(run_dir) / "metrics.json"
+    path = Path(run_dir) / METRICS_FILE
     try:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -116,9 +117,9 @@ def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
     from stampbatch.train import configure_tensorflow
 
     run_dir, data = Path(run_dir), Path(data)
-    model_path = run_dir / "model.keras"
+    model_path = run_dir / MODEL_FILE
     if not model_path.is_file():
-        raise EvaluateError(f"{run_dir}: no model.keras (not a finished run)")
+        raise EvaluateError(f"{run_dir}: no {MODEL_FILE} (not a finished run)")
     from stampbatch.inference import check_run_model
 
     verified = check_run_model(run_dir)  # else another model's thresholds would be applied
@@ -131,7 +132,7 @@ def evaluate_run(run_dir: Path, data: Path, by: Sequence[str] | None = None, *,
                             f" has label {y_all[0]}; evaluation needs both classes")
     groups = {k: v if rows is None else v[rows] for k, v in group_columns(data, by).items()}
     if not verified:
-        print(f"warning: {run_dir / 'metrics.json'}: records no sha256 of its model (a run from "
+        print(f"warning: {run_dir / METRICS_FILE}: records no sha256 of its model (a run from "
               "before they were recorded): its thresholds are used unchecked", file=sys.stderr)
     configure_tensorflow()
     import keras
@@ -179,7 +180,7 @@ def held_out_rows(run_dir: Path, data: Path, n_stamps: int) -> np.ndarray | None
     run was trained on (its ``data.json``), else None. Evaluating a training store whole
     would report AUC over stamps the model was fitted to."""
     try:
-        record = json.loads((run_dir / "data.json").read_text())
+        record = json.loads((run_dir / DATA_FILE).read_text())
         stores = [(Path(s["path"]), int(s["n_stamps"])) for s in record["stores"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -193,7 +194,7 @@ def held_out_rows(run_dir: Path, data: Path, n_stamps: int) -> np.ndarray | None
         raise EvaluateError(f"{data}: run {run_dir} trained on this store when it held "
                             f"{stores[i][1]:,} stamps; it holds {n_stamps:,} now, so its "
                             "held-out rows are unknown; evaluate on another store")
-    split = run_dir / "split.npz"
+    split = run_dir / SPLIT_FILE
     try:
         with np.load(split, allow_pickle=False) as npz:
             test = np.asarray(npz["test"], dtype=np.int64)

@@ -217,55 +217,98 @@ def file_identity(path: Path | str) -> dict[str, int]:
 
 
 class FileLock:
-    """An exclusive, non-blocking ``flock`` on ``<resolved path><suffix>``, held until released.
+    """The one lock of stampbatch: an exclusive ``flock`` on ``<resolved target><suffix>``.
 
-    Keyed on the resolved path, so a symlink and the real file share one lock; our own
-    lock, so it holds whatever ``HDF5_USE_FILE_LOCKING`` says. The holder writes its pid
-    into the lock file; :meth:`acquire` raises :class:`Locked` with it, or OSError when the
-    lock file cannot be created.
+    Every lock of the package is one of these: a scores target's (``plan``, ``store``,
+    ``kbmod``: ``<file>.stampbatch.lock``), a run directory's (``rundir``), a runs
+    directory's launch manifest (``job_status``), a partial download (``download``: the
+    ``.part`` itself, ``suffix=""``). Keyed on the resolved path, so a symlink and the real
+    file share one lock; our own lock, so it holds whatever ``HDF5_USE_FILE_LOCKING`` says.
+    The descriptor is opened ``O_CLOEXEC`` (a program we exec never inherits it) and the
+    kernel drops the lock when the holder dies, SIGKILL included.
+
+    * ``blocking``: wait for the holder instead of refusing at once;
+    * ``record``: write ``text`` (default: the pid) into the lock file, for the process
+      refused to name the holder; off where the file's content is not ours to change;
+    * ``remove``: unlink the lock file on release (a retry on acquire covers the race
+      with a holder removing it); off for lock files that stay;
+    * ``busy(holder)`` / ``failed(exc)``: the error :meth:`acquire` raises when another
+      process holds the lock (default :class:`~stampbatch.errors.Locked` with what the
+      holder recorded, ``unknown_holder`` when nothing) or the lock file cannot be opened
+      (default: the OSError itself).
+
+    Use it as a context manager, or ``lock = FileLock(...).acquire()`` ... ``lock.release()``.
     """
 
-    def __init__(self, target: Path | str, suffix: str) -> None:
+    def __init__(self, target: Path | str, suffix: str = "", *, blocking: bool = False,
+                 record: bool = True, text: str | None = None, remove: bool = True,
+                 unknown_holder: str = "?",
+                 busy: Callable[[str], Exception] | None = None,
+                 failed: Callable[[OSError], Exception] | None = None) -> None:
         self.target = Path(target)
         self.path = Path(os.path.realpath(self.target) + suffix)
+        self.blocking, self.record, self.text, self.remove = blocking, record, text, remove
+        self.unknown_holder = unknown_holder
+        self._busy, self._failed = busy, failed
         self._fd: int | None = None
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> None:
+    def acquire(self) -> FileLock:
+        """Take the lock (waiting for it when ``blocking``) and return this lock."""
         import fcntl
 
         for _ in range(5):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                if self._failed is None:
+                    raise
+                raise self._failed(exc) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if self.blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 try:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                    holder = os.pread(fd, 256, 0).decode(errors="replace").strip() if self.record else ""
                 finally:
                     os.close(fd)
-                raise Locked(holder) from None
+                raise self._refused(holder) from None
+            except BaseException:
+                os.close(fd)
+                raise
             # The holder before us may have unlinked the file after we opened it: retry.
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                if self.record:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, (self.text or f"{os.getpid()}\n").encode(), 0)
                 self._fd = fd
-                return
+                return self
             os.close(fd)
-        raise Locked("?")
+        raise self._refused("")
+
+    def _refused(self, holder: str) -> Exception:
+        holder = holder or self.unknown_holder
+        return Locked(holder) if self._busy is None else self._busy(holder)
 
     def release(self) -> None:
         if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+            if self.remove:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def writers_by_file() -> dict[tuple[int, int], int]:

@@ -31,7 +31,6 @@ import io
 import json
 import os
 import threading
-import tomllib
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -42,6 +41,7 @@ import numpy as np
 
 from stampbatch import fileio
 from stampbatch.errors import ModelError, UsageError
+from stampbatch.rundir import METRICS_FILE, MODEL_FILE, run_architecture
 
 BACKENDS = ("auto", "onnx", "tf")
 AGREEMENT_TOL = 1e-5          # ONNX Runtime vs Keras, max abs difference in P(source)
@@ -83,19 +83,6 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 # --------------------------------------------------------------------------- resolving
 
 
-def _architecture_of_run(run_dir: Path) -> str | None:
-    with contextlib.suppress(OSError, ValueError, tomllib.TOMLDecodeError):
-        with open(run_dir / "config.toml", "rb") as fh:
-            arch = tomllib.load(fh).get("architecture")
-        if isinstance(arch, str):
-            return arch
-    with contextlib.suppress(OSError, ValueError):
-        arch = json.loads((run_dir / "metrics.json").read_text()).get("architecture")
-        if isinstance(arch, str):
-            return arch
-    return None
-
-
 RUN_MODEL_KEY = "model_sha256"     # metrics.json: the sha256 of the model.keras it describes
 
 
@@ -107,18 +94,18 @@ def check_run_model(run_dir: Path | str, sha256: str | None = None, *,
     one-line error. ``sha256`` is the model file's digest when the caller has it already."""
     run_dir = Path(run_dir)
     try:
-        recorded = json.loads((run_dir / "metrics.json").read_text()).get(RUN_MODEL_KEY)
+        recorded = json.loads((run_dir / METRICS_FILE).read_text()).get(RUN_MODEL_KEY)
     except (OSError, ValueError, AttributeError):
         return False
     if not isinstance(recorded, str):
         return False
-    model = Path(model) if model is not None else run_dir / "model.keras"
+    model = Path(model) if model is not None else run_dir / MODEL_FILE
     try:
         sha256 = sha256 or fileio.sha256_file(model)
     except OSError as exc:
         raise ModelError(f"{model}: cannot read the model file ({exc.strerror})") from exc
     if sha256 != recorded:
-        raise ModelError(f"{model}: is not the model {run_dir / 'metrics.json'} describes "
+        raise ModelError(f"{model}: is not the model {run_dir / METRICS_FILE} describes "
                          f"(sha256 {sha256[:12]}, trained {recorded[:12]}): it was replaced "
                          "after training (or is another model), so the run's architecture, "
                          "thresholds and calibration do not apply to it; retrain, or score a "
@@ -141,7 +128,7 @@ def _check_keras_file(path: Path) -> None:
                          "save the model as .keras")
     if path.suffix != ".keras":
         raise ModelError(f"{path}: not a Keras model file (expected a .keras file or a run "
-                         "directory holding model.keras)")
+                         f"directory holding {MODEL_FILE})")
     if not zipfile.is_zipfile(path):
         raise ModelError(f"{path}: not a Keras model file (not a .keras zip archive)")
     with zipfile.ZipFile(path) as zf:
@@ -169,24 +156,24 @@ def resolve_model(path: Path | str, name: str | None = None) -> ModelSource:
     if not path.exists():
         raise ModelError(f"{path}: no such model file or run directory")
     if path.is_dir():
-        keras_path = path / "model.keras"
+        keras_path = path / MODEL_FILE
         if not keras_path.is_file():
-            raise ModelError(f"{path}: is a directory without model.keras "
+            raise ModelError(f"{path}: is a directory without {MODEL_FILE} "
                              "(not a finished training run)")
         default_name = path.resolve().name
-        arch = _architecture_of_run(path)
+        arch = run_architecture(path)
     else:
         keras_path = path
         default_name = path.stem
-        arch = _architecture_of_run(path.parent) if path.name == "model.keras" else None
-        if path.name == "model.keras":
+        arch = run_architecture(path.parent) if path.name == MODEL_FILE else None
+        if path.name == MODEL_FILE:
             default_name = path.resolve().parent.name
     _check_keras_file(keras_path)
     model_name = name or default_name
     if not model_name or "/" in model_name or model_name in (".", ".."):
         raise UsageError(f"invalid model name {model_name!r} (used as /scores/<name>)")
     sha = fileio.sha256_file(keras_path)
-    if keras_path.name == "model.keras":    # a run's model: the run must describe this file
+    if keras_path.name == MODEL_FILE:    # a run's model: the run must describe this file
         check_run_model(keras_path.parent, sha)
     return ModelSource(model_name, keras_path.resolve(), sha, arch)
 

@@ -28,7 +28,8 @@ from typing import Any, TextIO
 from submitit.core.utils import JobPaths
 
 from stampbatch.errors import LaunchError
-from stampbatch.fileio import TIMESTAMP_FORMAT, jsonable, write_json_atomic
+from stampbatch.fileio import TIMESTAMP_FORMAT, FileLock, jsonable, write_json_atomic
+from stampbatch.rundir import METRICS_FILE
 
 MANIFEST_NAME = "launch-manifest.json"  # in the runs directory: every launch and its jobs
 MANIFEST_VERSION = 1
@@ -367,10 +368,10 @@ def collect(runs_dir: Path | str) -> tuple[Path, list[JobStatus]]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise LaunchError(f"{runs_dir}: no such runs directory")
-    finished = [d for d in runs_dir.iterdir() if (d / "metrics.json").is_file()]
+    finished = [d for d in runs_dir.iterdir() if (d / METRICS_FILE).is_file()]
     if not finished:
         raise LaunchError(f"{runs_dir}: no finished runs yet (no run directory has "
-                          f"metrics.json); see stampbatch status {runs_dir}")
+                          f"{METRICS_FILE}); see stampbatch status {runs_dir}")
     path = report.write_report(runs_dir)
     unfinished = [s for s in job_statuses(runs_dir) if not s.completed]
     return path, unfinished
@@ -383,25 +384,15 @@ def manifest_path(runs_dir: Path | str) -> Path:
     return Path(runs_dir) / MANIFEST_NAME
 
 
-def manifest_lock_path(runs_dir: Path) -> Path:
+def _lock_path(runs_dir: Path) -> Path:
     """The lock file beside a runs directory's launch manifest."""
     return runs_dir / f".{MANIFEST_NAME}.lock"
 
 
-@contextlib.contextmanager
-def manifest_lock(runs_dir: Path):
-    """Exclusive lock of a runs directory's manifest (POSIX advisory lock)."""
-    with open(manifest_lock_path(runs_dir), "a") as fh:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no concurrent launches into one directory, then
-            yield
-            return
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def manifest_lock(runs_dir: Path) -> FileLock:
+    """The lock of a runs directory's manifest (one launch, one append at a time): blocking,
+    and its file stays (nothing is written into it)."""
+    return FileLock(_lock_path(runs_dir), blocking=True, record=False, remove=False)
 
 
 def read_manifest(runs_dir: Path | str) -> dict[str, Any]:

@@ -36,7 +36,6 @@ from stampbatch.job_status import (
     append_manifest,
     latest_jobs,
     manifest_lock,
-    manifest_lock_path,
     manifest_path,
     read_manifest,
     statuses_of,
@@ -409,12 +408,13 @@ def launch(spec: LaunchSpec, *, spec_file: Path | str | None = None,
     runs = spec.runs.expanduser().absolute()
     created = [d for d in (runs, runs / SUBMITIT_DIR) if not d.exists()]
     runs.mkdir(parents=True, exist_ok=True)
+    lock = manifest_lock(runs)
     try:
-        with manifest_lock(runs):  # one launch at a time per runs directory
+        with lock:  # one launch at a time per runs directory
             record = _submit(spec, plans, kind, runs, spec_file)
     except BaseException:
         if runs in created:  # leave no trace of a launch that did not happen
-            manifest_lock_path(runs).unlink(missing_ok=True)
+            lock.path.unlink(missing_ok=True)
         for d in reversed(created):
             with contextlib.suppress(OSError):
                 d.rmdir()

@@ -22,7 +22,7 @@ from typing import Any
 from stampbatch import __version__, fileio, inference, store
 from stampbatch.candidates import chunk_rows, dir_problem, read_only_reason
 from stampbatch.cluster import ClusterOptions
-from stampbatch.errors import Locked, ScoreError, StampbatchError, UsageError
+from stampbatch.errors import ScoreError, StampbatchError, UsageError
 from stampbatch.inference import ModelSource, ModelSpec
 from stampbatch.journal import (
     IDENTITY_KEYS,
@@ -106,16 +106,12 @@ class Plan(enum.Enum):
 
 def lock_target(target: Path) -> fileio.FileLock:
     """The target's write lock for a whole run, or a ScoreError naming the other scorer."""
-    lock = fileio.FileLock(target, store.LOCK_SUFFIX)
-    try:
-        lock.acquire()
-    except Locked as exc:
-        raise ScoreError(f"{target} is being scored by another stampbatch process "
-                         f"(pid {exc.holder}); refusing to interleave") from None
-    except OSError as exc:
-        raise ScoreError(f"{target}: cannot create the lock file {lock.path} "
-                         f"({exc.strerror}); use --out DIR") from exc
-    return lock
+    return fileio.FileLock(
+        target, store.LOCK_SUFFIX,
+        busy=lambda pid: ScoreError(f"{target} is being scored by another stampbatch process "
+                                    f"(pid {pid}); refusing to interleave"),
+        failed=lambda exc: ScoreError(f"{target}: cannot create the lock file {exc.filename} "
+                                      f"({exc.strerror}); use --out DIR")).acquire()
 
 
 # --------------------------------------------------------------------------- planning

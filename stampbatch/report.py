@@ -14,7 +14,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,11 @@ from urllib.parse import quote
 from stampbatch import __version__, fileio
 from stampbatch.errors import PlotError, ReportError
 from stampbatch.plots import plot_completeness_comparison, write_atomically
+from stampbatch.rundir import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, parse_config_text, read_config_text
 
 REPORT_NAME = "report.html"
 COMPARISON_NAME = "completeness_comparison.png"
-RUN_MARKERS = ("metrics.json", "history.json", "config.toml")
+RUN_MARKERS = (METRICS_FILE, HISTORY_FILE, CONFIG_FILE)
 FIGURES = (
     ("confusion_matrix.png", "Confusion matrix (test split, P ≥ 0.5)"),
     ("history.png", "Loss and accuracy per epoch"),
@@ -93,25 +93,24 @@ def load_runs(runs_dir: Path | str) -> list[dict[str, Any]]:
 
 def _load_run(run_dir: Path) -> dict[str, Any]:
     problems: list[str] = []
-    metrics, err = _read_json(run_dir / "metrics.json")
+    metrics, err = _read_json(run_dir / METRICS_FILE)
     if err:
         problems.append(err)
     elif metrics is not None and not isinstance(metrics, dict):
-        problems.append("metrics.json does not hold a JSON object")
+        problems.append(f"{METRICS_FILE} does not hold a JSON object")
         metrics = None
-    history, err = _read_json(run_dir / "history.json")
+    history, err = _read_json(run_dir / HISTORY_FILE)
     if err:
         problems.append(err)
     config, config_text = None, None
-    config_path = run_dir / "config.toml"
-    if config_path.is_file():
+    if (run_dir / CONFIG_FILE).is_file():
         try:
-            config_text = config_path.read_text(encoding="utf-8")
-            config = tomllib.loads(config_text)
+            config_text = read_config_text(run_dir)
+            config = parse_config_text(config_text)
         except (OSError, UnicodeDecodeError) as exc:
-            problems.append(f"config.toml unreadable ({exc})")
-        except tomllib.TOMLDecodeError as exc:
-            problems.append(f"config.toml is not valid TOML ({exc})")
+            problems.append(f"{CONFIG_FILE} unreadable ({exc})")
+        except ValueError as exc:  # tomllib.TOMLDecodeError
+            problems.append(f"{CONFIG_FILE} is not valid TOML ({exc})")
 
     epochs_done = None
     if isinstance(history, dict):
@@ -129,14 +128,14 @@ def _load_run(run_dir: Path) -> dict[str, Any]:
         message = f"finished after {_fmt_int(epochs_done)} of at most {_fmt_int(epochs)} epochs"
         if problems:
             message += "; " + "; ".join(problems)
-    elif any(p.startswith("metrics.json") for p in problems):
+    elif any(p.startswith(METRICS_FILE) for p in problems):
         status, message = "unreadable", "; ".join(problems)
     else:
         status = "incomplete"
         if epochs_done is not None:
             of = f" of {_fmt_int(epochs)}" if _is_number(epochs) else ""
             message = (f"no metrics yet (training, or stopped): {epochs_done}{of} epochs "
-                       "in history.json")
+                       f"in {HISTORY_FILE}")
         else:
             message = "no metrics yet (not started, or stopped before the first epoch)"
         if problems:
@@ -403,7 +402,7 @@ def _run_section(index: int, run: dict[str, Any]) -> str:
         out.append("</div>")
     out.append(_evaluations_html(run))
     if run["config_text"] is not None:
-        out.append(f"<details open><summary>config.toml</summary>"
+        out.append(f"<details open><summary>{CONFIG_FILE}</summary>"
                    f"<pre>{_e(run['config_text'])}</pre></details>")
     out.append("</section>")
     return "".join(out)

@@ -1,5 +1,12 @@
 """A training run's directory: its files, config.toml, the lock, the split, the state that a resumed
-run continues from, and the data record (the crash-safety protocol is in ARCHITECTURE.md)."""
+run continues from, and the data record (the crash-safety protocol is in ARCHITECTURE.md).
+
+The only module that knows the names of a run directory's files (``MODEL_FILE``,
+``METRICS_FILE``, ``CONFIG_FILE``, ...: every other module uses these constants,
+``tests/test_rundir.py`` checks it) and the only one that parses ``config.toml``
+(:func:`read_run_config`, :func:`read_config_text` and :func:`parse_config_text`,
+:func:`run_architecture`). It imports nothing heavy, so the command line's help can name
+the files too."""
 
 from __future__ import annotations
 
@@ -7,19 +14,20 @@ import contextlib
 import dataclasses
 import json
 import os
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stampbatch import fileio
 from stampbatch.config import from_mapping, load_toml, to_toml
-from stampbatch.dataset import (
-    Stores,
-)
 from stampbatch.errors import StampbatchError, TrainError
 from stampbatch.train_config import TrainConfig
+
+if TYPE_CHECKING:  # the CLI imports this module without the training data's dependencies
+    from stampbatch.dataset import Stores
 
 # Several stores: their resolved paths joined by this in config.toml's ``data``.
 DATA_SEPARATOR = " + "
@@ -74,6 +82,32 @@ def read_run_config(out_dir: Path) -> tuple[str, str, TrainConfig]:
     if not isinstance(arch, str) or not isinstance(store_path, str):
         raise TrainError(f"{path}: missing 'architecture' or 'data'")
     return arch, store_path, from_mapping(TrainConfig, data, str(path))
+
+
+def read_config_text(run_dir: Path) -> str:
+    """A run directory's config.toml as written (OSError or UnicodeDecodeError when unreadable)."""
+    return (Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8")
+
+
+def parse_config_text(text: str) -> dict[str, Any]:
+    """The TOML table of a config.toml's text, its keys unchecked (the report shows runs of any
+    version); ``tomllib.TOMLDecodeError`` (a ValueError) when it is not TOML."""
+    return tomllib.loads(text)
+
+
+def run_architecture(run_dir: Path) -> str | None:
+    """The architecture a run directory says it trained (its config.toml, else its
+    metrics.json), or None when neither says."""
+    run_dir = Path(run_dir)
+    with contextlib.suppress(OSError, ValueError, tomllib.TOMLDecodeError):
+        arch = parse_config_text(read_config_text(run_dir)).get("architecture")
+        if isinstance(arch, str):
+            return arch
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        arch = json.loads((run_dir / METRICS_FILE).read_text()).get("architecture")
+        if isinstance(arch, str):
+            return arch
+    return None
 
 
 def config_text(arch: str, data: str, config: TrainConfig) -> str:
@@ -183,31 +217,28 @@ def save_split(path: Path, split: dict[str, np.ndarray]) -> None:
 
 @contextlib.contextmanager
 def run_lock(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``out_dir``'s lock file (creating the directory); a
-    directory created here that is left holding nothing else is removed again."""
-    import fcntl
+    """Hold the run directory's lock (a non-blocking ``fileio.FileLock`` on its
+    ``LOCK_FILE``, creating the directory): a second trainer is refused with the holder's
+    pid and host. A directory created here that is left holding nothing else is removed again."""
     import socket
 
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainError(f"{out_dir}: exists and is not a directory")
+
+    def cannot(exc: OSError) -> TrainError:
+        return TrainError(f"{out_dir}: cannot create the run directory ({exc.strerror})")
+
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(out_dir / LOCK_FILE, "a+")
     except OSError as exc:
-        raise TrainError(f"{out_dir}: cannot create the run directory ({exc.strerror})") from exc
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise TrainError(f"{out_dir}: in use by {holder} (training into it now); wait for "
-                             f"it to end or choose another output directory") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        fh.flush()
+        raise cannot(exc) from exc
+    lock = fileio.FileLock(
+        out_dir / LOCK_FILE, text=f"pid {os.getpid()} on {socket.gethostname()}\n", remove=False,
+        unknown_holder="another process", failed=cannot,
+        busy=lambda holder: TrainError(f"{out_dir}: in use by {holder} (training into it now); wait "
+                                       f"for it to end or choose another output directory"))
+    with lock:
         try:
             yield
         finally:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,67 @@ def test_a_symlink_and_the_real_file_share_one_lock(tmp_path):
     finally:
         first.release()
     assert not (tmp_path / "cand.h5.lock").exists()
+
+
+def test_a_blocking_lock_waits_for_its_holder_until_sigkill_frees_it(tmp_path):
+    """A blocking lock (the launch manifest's) waits while another process holds it, and the
+    kernel frees a flock when its holder is killed: the waiter gets it then, and records itself."""
+    import signal
+    import threading
+
+    target = tmp_path / "runs" / ".launches.json.lock"
+    target.parent.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom stampbatch import fileio\n"
+         f"fileio.FileLock({str(target)!r}).acquire()\nprint('locked', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(fileio.Locked) as refused:
+            fileio.FileLock(target).acquire()
+        assert refused.value.holder == str(holder.pid)
+        waiter = fileio.FileLock(target, blocking=True)
+        done = threading.Thread(target=waiter.acquire, daemon=True)
+        done.start()
+        time.sleep(0.5)
+        assert done.is_alive() and not waiter.held  # still waiting for the holder
+        os.kill(holder.pid, signal.SIGKILL)
+        done.join(10)
+        assert waiter.held and target.read_text() == f"{os.getpid()}\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    waiter.release()
+    assert not target.exists()
+
+
+def test_lock_refusals_become_the_callers_errors_and_kept_files_keep_their_bytes(tmp_path):
+    data = tmp_path / "x.bin.part"
+    data.write_bytes(b"downloaded so far")
+    with fileio.FileLock(data, record=False, remove=False) as lock:
+        assert lock.held and os.get_inheritable(lock._fd) is False
+        with pytest.raises(ValueError, match=r"x\.bin\.part: busy \(holder '\?'\)"):
+            fileio.FileLock(data, record=False,
+                            busy=lambda holder: ValueError(f"{data.name}: busy (holder {holder!r})")).acquire()
+    assert data.read_bytes() == b"downloaded so far"  # nothing written into it, and it stays
+    assert fileio.FileLock(data, record=False, remove=False).acquire().held
+    missing = tmp_path / "no such dir" / "t.h5"
+    with pytest.raises(RuntimeError, match=r"no such dir/t\.h5\.lock: No such file") as err:
+        fileio.FileLock(missing, ".lock",
+                        failed=lambda exc: RuntimeError(f"{exc.filename}: {exc.strerror}")).acquire()
+    assert isinstance(err.value.__cause__, FileNotFoundError)
+
+
+def test_fileio_is_the_only_module_that_takes_a_flock():
+    """One lock class for the whole package: no other module calls flock/lockf itself."""
+    import stampbatch
+
+    package, home = Path(stampbatch.__file__).resolve().parent, Path(fileio.__file__).resolve()
+    found = [f"{p.relative_to(package)}: {line.strip()}" for p in sorted(package.rglob("*.py"))
+             if p != home
+             for line in p.read_text(encoding="utf-8").splitlines()
+             if "fcntl" in line or "flock(" in line or "lockf(" in line]
+    assert found == []
 
 
 def test_writers_are_found_by_inode_whatever_hdf5_locking_says(tmp_path):

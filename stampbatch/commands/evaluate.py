@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stampbatch.rundir import MODEL_FILE
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="score a labelled store with a run's model: AUC, completeness, by group",
-        description="Evaluate RUN/model.keras on a labelled store (or a candidate file with "
+        description=f"Evaluate RUN/{MODEL_FILE} on a labelled store (or a candidate file with "
                     "/meta/true_label): ROC AUC, completeness and false-positive rate at the "
                     "run's 1 %% and 0.1 %% FPR thresholds, completeness by SNR bin, per-group "
                     "AUC and FPR for /meta columns, confusion matrix, reliability diagram. "

@@ -21,6 +21,7 @@ from stampbatch.commands._types import (
     seed,
 )
 from stampbatch.errors import UsageError
+from stampbatch.rundir import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE
 
 # Stamp sides `models` can describe: smaller ones fit no architecture's convolutions, larger
 # ones make the dense layers of `simple` too big to build just to count them.
@@ -32,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train", help="train one architecture on a labelled store; write a run directory",
         description="Train a CNN on a labelled HDF5 stamp store (stratified 70/10/20 split, "
                     "streamed batches, a checkpoint every epoch), evaluate it on the test split "
-                    "and write OUT/: model.keras, config.toml, history.json, split.npz, "
-                    "metrics.json and PNG figures. Rerunning on the same OUT resumes an "
+                    f"and write OUT/: {MODEL_FILE}, {CONFIG_FILE}, {HISTORY_FILE}, {SPLIT_FILE}, "
+                    f"{METRICS_FILE} and PNG figures. Rerunning on the same OUT resumes an "
                     "interrupted run; a finished run is not retrained. Options override the "
                     "--config file.")
     p.add_argument("--data", type=path_arg, metavar="TRAIN.h5", action="append",
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="architecture (see 'stampbatch models'; or 'architecture' in --config)")
     p.add_argument("--out", type=path_arg, required=True, metavar="DIR", help="run directory")
     p.add_argument("--config", type=path_arg, metavar="FILE.toml",
-                   help="training settings (keys of TrainConfig; a run's config.toml works)")
+                   help=f"training settings (keys of TrainConfig; a run's {CONFIG_FILE} works)")
     p.add_argument("--epochs", type=positive_int, help="maximum epochs (default 20)")
     p.add_argument("--batch-size", type=positive_int, help="stamps per batch (default 256)")
     p.add_argument("--learning-rate", type=positive_float,
@@ -77,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_models)
 
     p = sub.add_parser("report", help="write RUNS_DIR/report.html comparing every finished run",
-                       description="Compare the runs (subdirectories with metrics.json) of "
+                       description=f"Compare the runs (subdirectories with {METRICS_FILE}) of "
                                    "RUNS_DIR side by side in one HTML page.")
     p.add_argument("runs_dir", type=path_arg, metavar="RUNS_DIR")
     p.set_defaults(func=run_report)

@@ -65,6 +65,7 @@ from stampbatch.kbmod.table import (
     results_format,
     stamp_geometry,
 )
+from stampbatch.rundir import METRICS_FILE, MODEL_FILE
 
 if TYPE_CHECKING:
     from stampbatch.inference import ModelSpec
@@ -185,7 +186,7 @@ def resolve_threshold(text: str, model: Path | str) -> tuple[float, str]:
     except ValueError:
         raise UsageError(f"--threshold {text!r}: expected fpr:F, e.g. fpr:0.01") from None
     run = Path(model)
-    metrics_file = run / "metrics.json" if run.is_dir() else run.parent / "metrics.json"
+    metrics_file = run / METRICS_FILE if run.is_dir() else run.parent / METRICS_FILE
     try:
         metrics = json.loads(metrics_file.read_text())
     except (OSError, ValueError) as exc:
@@ -198,7 +199,7 @@ def resolve_threshold(text: str, model: Path | str) -> tuple[float, str]:
                          f"{sorted(table) or 'none'}); use --threshold P")
     from stampbatch.inference import check_run_model
 
-    if not check_run_model(metrics_file.parent, model=run / "model.keras" if run.is_dir() else run):
+    if not check_run_model(metrics_file.parent, model=run / MODEL_FILE if run.is_dir() else run):
         print(f"warning: {metrics_file}: records no sha256 of its model (a run from before "
               f"they were recorded): --threshold {text} is used unchecked", file=sys.stderr)
     return match[0], f"{metrics_file.name}: FPR {target:g}"

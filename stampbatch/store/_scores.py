@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from stampbatch import fileio
-from stampbatch.errors import Locked, StampbatchError, StoreError
+from stampbatch.errors import StampbatchError, StoreError
 from stampbatch.store._schema import (
     ATTR_COMPLETE,
     ATTR_FINGERPRINT,
@@ -451,16 +451,12 @@ class ScoreWriter:
 
 def take_lock(target: Path | str) -> fileio.FileLock:
     """The target's write lock (one writer per file), or a StoreError naming the holder."""
-    lock = fileio.FileLock(target, LOCK_SUFFIX)
-    try:
-        lock.acquire()
-    except Locked as exc:
-        raise fail(target, f"is locked by another process (pid {exc.holder}; is a scorer "
-                            "still running on it?)") from None
-    except OSError as exc:
-        raise fail(target, f"cannot create the lock file {lock.path} "
-                            f"({exc.strerror}); use --out DIR") from exc
-    return lock
+    return fileio.FileLock(
+        target, LOCK_SUFFIX,
+        busy=lambda pid: fail(target, f"is locked by another process (pid {pid}; is a scorer "
+                                       "still running on it?)"),
+        failed=lambda exc: fail(target, f"cannot create the lock file {exc.filename} "
+                                         f"({exc.strerror}); use --out DIR")).acquire()
 
 
 def _locate(path: Path | str, model: str) -> tuple[ScoresReport, Path | str]:
