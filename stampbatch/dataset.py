@@ -28,16 +28,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from stampbatch import store
 from stampbatch.errors import TrainError
 from stampbatch.preprocess import UNUSABLE, normalize_with_mask
-
-if TYPE_CHECKING:
-    from stampbatch.train import TrainConfig
+from stampbatch.train_config import TrainConfig
 
 # Rows read per window of a training epoch, and per block of a prediction pass.
 READ_BLOCK_ROWS = 4096

@@ -23,7 +23,6 @@ import requests
 import urllib3
 
 from stampbatch.errors import FetchError, StampbatchError, UsageError
-from stampbatch.fetch import _fail
 from stampbatch.fileio import FileLock, fsync_dir, fsync_file, one_line, sha256_file
 from stampbatch.progress import Progress
 
@@ -35,6 +34,10 @@ _SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 _RETRY_STATUS = frozenset({408, 429})
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RE = re.compile(r"bytes\s+\*/(\d+)")
+
+
+def _fail(path: Path | str, problem: str) -> FetchError:
+    return FetchError(f"{path}: {problem}")
 
 
 @dataclass(frozen=True)

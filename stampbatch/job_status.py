@@ -88,7 +88,7 @@ class JobStatus:
         return self.state == "COMPLETED"
 
 
-def _latest_jobs(manifest: Mapping[str, Any]) -> list[tuple[dict, dict]]:
+def latest_jobs(manifest: Mapping[str, Any]) -> list[tuple[dict, dict]]:
     """(launch, job) for the latest job of each architecture, in first-launch order."""
     latest: dict[str, tuple[dict, dict]] = {}
     for record in manifest.get("launches", []):
@@ -286,7 +286,7 @@ def statuses_of(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) ->
 
 def job_statuses(runs_dir: Path | str) -> list[JobStatus]:
     """The latest job of each architecture launched into ``runs_dir``, with fresh states."""
-    return statuses_of(_latest_jobs(read_manifest(runs_dir)))
+    return statuses_of(latest_jobs(read_manifest(runs_dir)))
 
 
 def _fmt_metric(value: float | None) -> str:
@@ -385,6 +385,7 @@ def manifest_path(runs_dir: Path | str) -> Path:
 
 
 def _lock_path(runs_dir: Path) -> Path:
+    """The lock file beside a runs directory's launch manifest."""
     return runs_dir / f".{MANIFEST_NAME}.lock"
 
 

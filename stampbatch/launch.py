@@ -33,14 +33,14 @@ from stampbatch.config import from_mapping, load_toml
 from stampbatch.errors import LaunchError, StampbatchError, UsageError
 from stampbatch.fileio import COMPACT_TIMESTAMP, jsonable, telling_line, utc_now
 from stampbatch.job_status import (
-    _latest_jobs,
     append_manifest,
+    latest_jobs,
     manifest_lock,
     manifest_path,
     read_manifest,
     statuses_of,
 )
-from stampbatch.train import TrainConfig
+from stampbatch.train_config import TrainConfig
 from stampbatch.train_job import TrainJob, host_requeue_lines
 
 SUBMITIT_DIR = "submitit"  # RUNS/submitit/<launch id>/<job id>/: sbatch script, pickles, logs
@@ -477,7 +477,7 @@ def _submit(spec: LaunchSpec, plans: Sequence[JobPlan], kind: str, runs: Path,
             spec_file: Path | str | None) -> dict[str, Any]:
     archs = {p.arch for p in plans}
     manifest = read_manifest(runs)
-    busy = [s for s in statuses_of(_latest_jobs(manifest)) if s.arch in archs and s.active]
+    busy = [s for s in statuses_of(latest_jobs(manifest)) if s.arch in archs and s.active]
     if busy:
         b = busy[0]
         raise UsageError(f"{b.run_dir}: job {b.job_id} of an earlier launch is still "

@@ -24,10 +24,10 @@ import numpy as np
 from stampbatch import fileio
 from stampbatch.config import from_mapping, load_toml, to_toml
 from stampbatch.errors import StampbatchError, TrainError
+from stampbatch.train_config import TrainConfig
 
-if TYPE_CHECKING:  # train imports this module; TrainConfig and Stores are only hints here
+if TYPE_CHECKING:  # the CLI imports this module without the training data's dependencies
     from stampbatch.dataset import Stores
-    from stampbatch.train import TrainConfig
 
 # Several stores: their resolved paths joined by this in config.toml's ``data``.
 DATA_SEPARATOR = " + "
@@ -54,7 +54,7 @@ RESUMABLE_CHANGES = ("epochs", "patience", "target_fpr")
 # --------------------------------------------------------------------------- small helpers
 
 
-def _atomic(path: Path) -> contextlib.AbstractContextManager[Path]:
+def atomic_model_path(path: Path) -> contextlib.AbstractContextManager[Path]:
     """Yield a temporary path beside ``path`` (same suffix, as Keras insists on ``.keras`` and
     ``.weights.h5``); rename it onto ``path`` on success. A reader sees the old file or the
     complete new one, never a partial one."""
@@ -63,7 +63,8 @@ def _atomic(path: Path) -> contextlib.AbstractContextManager[Path]:
     return fileio.atomic_path(path, overwrite=True, suffix=suffix)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file of the run directory; TrainError naming it if it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -80,8 +81,6 @@ def read_run_config(out_dir: Path) -> tuple[str, str, TrainConfig]:
     arch, store_path = data.pop("architecture", None), data.pop("data", None)
     if not isinstance(arch, str) or not isinstance(store_path, str):
         raise TrainError(f"{path}: missing 'architecture' or 'data'")
-    from stampbatch.train import TrainConfig  # train imports this module: import at use
-
     return arch, store_path, from_mapping(TrainConfig, data, str(path))
 
 
@@ -111,7 +110,8 @@ def run_architecture(run_dir: Path) -> str | None:
     return None
 
 
-def _config_text(arch: str, data: str, config: TrainConfig) -> str:
+def config_text(arch: str, data: str, config: TrainConfig) -> str:
+    """The text of config.toml for a run (what :func:`read_run_config` reads back)."""
     return to_toml({"architecture": arch, "data": data, **dataclasses.asdict(config)})
 
 
@@ -129,7 +129,7 @@ def run_state(out_dir: Path) -> dict[str, Any]:
             state["status"] = "training"
     ckpt = out_dir / CHECKPOINT_DIR / STATE_FILE
     if ckpt.is_file():
-        saved = _read_json(ckpt)
+        saved = read_json(ckpt)
         state.update(status="training", epoch=int(saved.get("epoch", 0)),
                      epochs=int(saved.get("epochs", state["epochs"])),
                      best_val_loss=saved.get("best_val_loss"),
@@ -139,7 +139,7 @@ def run_state(out_dir: Path) -> dict[str, Any]:
         state["status"] = "failed"
         state["message"] = (out_dir / FAILED_FILE).read_text().strip()
     if (out_dir / METRICS_FILE).is_file():
-        metrics = _read_json(out_dir / METRICS_FILE)
+        metrics = read_json(out_dir / METRICS_FILE)
         state.update(status="done", epoch=int(metrics.get("epochs_run", 0)),
                      epochs=int(metrics.get("epochs", 0)),
                      best_val_loss=metrics.get("best_val_loss"),
@@ -149,7 +149,7 @@ def run_state(out_dir: Path) -> dict[str, Any]:
     return state
 
 
-def _check_run_dir(out_dir: Path, arch: str, data: str, config: TrainConfig) -> str:
+def check_run_dir(out_dir: Path, arch: str, data: str, config: TrainConfig) -> str:
     """Decide what to do with ``out_dir``: "new", "resume" or "done"; refuse clashes.
 
     A directory whose checkpoint holds no committed epoch (killed before the first epoch
@@ -185,14 +185,15 @@ def _check_run_dir(out_dir: Path, arch: str, data: str, config: TrainConfig) -> 
         raise TrainError(f"{out_dir}: holds {what} with other settings ({diff}); use the same "
                          f"settings to resume, or another output directory")
     if not finished:
-        done = int(_read_json(state_path).get("epoch", 0))
+        done = int(read_json(state_path).get("epoch", 0))
         if config.epochs < done:
             raise TrainError(f"{out_dir}: holds a checkpoint after {done} epochs; cannot resume "
                              f"it with epochs={config.epochs}")
     return "done" if finished else "resume"
 
 
-def _load_split(out_dir: Path, n_stamps: int) -> dict[str, np.ndarray]:
+def load_split(out_dir: Path, n_stamps: int) -> dict[str, np.ndarray]:
+    """The run's saved train/val/test row indices; TrainError if unreadable or out of range."""
     path = out_dir / SPLIT_FILE
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -205,7 +206,8 @@ def _load_split(out_dir: Path, n_stamps: int) -> dict[str, np.ndarray]:
     return split
 
 
-def _save_split(path: Path, split: dict[str, np.ndarray]) -> None:
+def save_split(path: Path, split: dict[str, np.ndarray]) -> None:
+    """Write the train/val/test row indices to ``path`` atomically."""
     import io
 
     buf = io.BytesIO()
@@ -246,14 +248,14 @@ def run_lock(out_dir: Path) -> Iterator[None]:
                     out_dir.rmdir()
 
 
-def _clear_partials(*dirs: Path) -> None:
+def clear_partials(*dirs: Path) -> None:
     """Remove temporary files of writes a kill interrupted (the lock is held)."""
     for d in dirs:
         for tmp in d.glob(".*.partial*"):
             tmp.unlink(missing_ok=True)
 
 
-def _clear_attempt(out_dir: Path) -> None:
+def clear_attempt(out_dir: Path) -> None:
     """Forget an attempt that committed no epoch: its checkpoint files and history."""
     ckpt_dir = out_dir / CHECKPOINT_DIR
     if ckpt_dir.is_dir():
@@ -263,12 +265,12 @@ def _clear_attempt(out_dir: Path) -> None:
     (out_dir / HISTORY_FILE).unlink(missing_ok=True)
 
 
-def _check_data_record(out_dir: Path, stores: Stores) -> None:
+def check_data_record(out_dir: Path, stores: Stores) -> None:
     """Refuse to resume (or reuse) a run whose stores, their sizes or weights changed."""
     path = out_dir / DATA_FILE
     if not path.is_file():
         return
-    old = _read_json(path)
+    old = read_json(path)
     was = ([(s["path"], s["n_stamps"]) for s in old.get("stores", [])], old.get("data_weights"))
     now = ([(str(p.resolve()), int(n)) for p, n in zip(stores.paths, stores.sizes, strict=True)],
            None if stores.weights is None else stores.weights.tolist())

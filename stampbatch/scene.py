@@ -1,7 +1,7 @@
 """The scene of each simulated stamp: what lies on it, and how it is observed.
 
 Used by :func:`stampbatch.simulate.simulate_stamps`, which describes the model (the
-settings are :class:`stampbatch.simulate.SimConfig`). Vectorised over stamps throughout:
+settings are :class:`stampbatch.sim_config.SimConfig`). Vectorised over stamps throughout:
 :func:`conditions` draws every stamp's class, kind, profile, background and observing
 conditions; a :class:`Scene` accumulates the noiseless signal of the centre source
 (:func:`centre_sources`), the hard negatives (:func:`hard_negatives`) and the field
@@ -12,7 +12,6 @@ sky, saturation and detector defects.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,9 +25,7 @@ from stampbatch.profiles import (
     render_trail,
     saturate,
 )
-
-if TYPE_CHECKING:
-    from stampbatch.simulate import SimConfig
+from stampbatch.sim_config import HARD_FRACTIONS, SimConfig
 
 KINDS = ("source", "background", "offcentre", "hot_pixel", "cosmic_ray", "streak", "dipole")
 PROFILES = ("none", "point", "galaxy", "saturated")
@@ -38,9 +35,6 @@ BACKGROUNDS = ("science", "sky_subtracted", "difference")
 # centre. Drawn with the same probabilities in both classes (see :func:`_companions`), so
 # none is evidence about the label.
 COMPANIONS = ("none", "offcentre", "streak", "hot_pixel", "cosmic_ray")
-# SimConfig fields giving each hard negative's share of the negatives, in KINDS order.
-HARD_FRACTIONS = ("offcentre_fraction", "hot_pixel_fraction", "cosmic_ray_fraction",
-                  "streak_fraction", "dipole_fraction")
 _SOURCE, _BACKGROUND, _OFFCENTRE, _HOT, _COSMIC, _STREAK, _DIPOLE = range(len(KINDS))
 _NONE, _POINT, _GALAXY, _SATURATED = range(len(PROFILES))
 _SCIENCE, _SKYSUB, _DIFFERENCE = range(len(BACKGROUNDS))

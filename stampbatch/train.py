@@ -37,20 +37,19 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stampbatch import fileio, store
-from stampbatch.dataset import (  # noqa: F401  (re-exported: the training API)
+from stampbatch.dataset import (  # names marked noqa: re-exported, the training API
     StampStream,
     Stores,
-    augment_dihedral,
+    augment_dihedral,  # noqa: F401
     class_weights,
-    predict_rows,
-    split_rows,
+    predict_rows,  # noqa: F401
+    split_rows,  # noqa: F401
     split_stores,
     split_summary,
 )
@@ -58,112 +57,37 @@ from stampbatch.errors import TrainError, UsageError
 from stampbatch.export import export_for_scoring
 from stampbatch.models import build_model, check_architecture
 from stampbatch.preprocess import UNUSABLE
-from stampbatch.rundir import (  # noqa: F401  (public run-directory names re-exported)
+from stampbatch.rundir import (  # names marked noqa: re-exported, the run directory's API
     CHECKPOINT_DIR,
     CONFIG_FILE,
     DATA_FILE,
     DATA_SEPARATOR,
     FAILED_FILE,
-    FIGURES,
+    FIGURES,  # noqa: F401
     HISTORY_FILE,
     HISTORY_KEYS,
-    LOCK_FILE,
+    LOCK_FILE,  # noqa: F401
     METRICS_FILE,
     MODEL_FILE,
-    PREDICTIONS_FILE,
-    RESUMABLE_CHANGES,
+    PREDICTIONS_FILE,  # noqa: F401
+    RESUMABLE_CHANGES,  # noqa: F401
     SPLIT_FILE,
     STATE_FILE,
-    _atomic,
-    _check_data_record,
-    _check_run_dir,
-    _clear_attempt,
-    _clear_partials,
-    _config_text,
-    _load_split,
-    _read_json,
-    _save_split,
-    read_run_config,
+    atomic_model_path,
+    check_data_record,
+    check_run_dir,
+    clear_attempt,
+    clear_partials,
+    config_text,
+    load_split,
+    read_json,
+    read_run_config,  # noqa: F401
     run_lock,
-    run_state,
+    run_state,  # noqa: F401
+    save_split,
 )
-from stampbatch.train_eval import (  # noqa: F401  (public run-directory names re-exported)
-    _calibrate,
-    _evaluate,
-)
-
-OPTIMIZERS = ("sgd", "adam")
-CLASS_WEIGHTS = ("balanced", "none")
-LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run.
-
-    The optimiser defaults to Adam at learning rate 0.003 decayed to zero by a cosine over
-    the run: on the populated-sky defaults (30,000 stamps, 15 epochs) it reaches a lower
-    validation loss than the notebook's SGD (0.01, here with momentum 0.9, which stays
-    available as ``optimizer="sgd"``) and +0.004-0.007 ROC AUC on the shifted sky of
-    ``benchmarks/bench_quality.py`` (BENCHMARKS.md); ``adam`` ignores ``momentum``.
-    ``class_weight="balanced"`` weights each class by N / (2 N_class) of the training split.
-    ``patience`` is the number of epochs without a lower validation loss before stopping
-    early (0: never stop early); the best weights are restored at the end either way.
-    ``augment`` applies random flips and rotations by multiples of 90 degrees to training
-    stamps. ``lr_schedule`` is ``constant`` or ``cosine`` (decay to zero over the run, see
-    :func:`compile_model`). ``train_stamps`` > 0 trains on that many stamps of the training
-    split (a seeded subset, stratified by class and shared among the stores in proportion),
-    for a quick run of a costly architecture; validation and test splits stay whole.
-    """
-
-    epochs: int = 20
-    batch_size: int = 256
-    optimizer: str = "adam"
-    learning_rate: float = 0.003
-    momentum: float = 0.9
-    class_weight: str = "balanced"
-    patience: int = 5
-    seed: int = 0
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    target_fpr: float = 0.01
-    augment: bool = True
-    lr_schedule: str = "cosine"
-    train_stamps: int = 0
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid option."""
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
-                             f"got {self.optimizer!r}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.class_weight not in CLASS_WEIGHTS:
-            raise ValueError(f"class_weight must be one of {', '.join(CLASS_WEIGHTS)}, "
-                             f"got {self.class_weight!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
-                             f"got {self.lr_schedule!r}")
-        if self.train_stamps < 0:
-            raise ValueError(f"train_stamps must be 0 (the whole training split) or more, "
-                             f"got {self.train_stamps}")
-        if self.patience < 0:
-            raise ValueError(f"patience must be 0 (no early stopping) or more, got {self.patience}")
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must be between 0 and 1, got {value}")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError(f"val_fraction + test_fraction must be below 1, got "
-                             f"{self.val_fraction} + {self.test_fraction}")
-        if not 0.0 < self.target_fpr < 1.0:
-            raise ValueError(f"target_fpr must be between 0 and 1, got {self.target_fpr}")
+from stampbatch.train_config import TrainConfig
+from stampbatch.train_eval import calibrate_model, write_evaluation
 
 
 def configure_tensorflow() -> None:
@@ -223,7 +147,7 @@ def _make_callbacks(out_dir: Path, state: dict[str, Any],
             elapsed = time.monotonic() - self._t0
             improved = _record_epoch(state, logs, epoch, elapsed, config, out_dir)
             if improved:
-                with _atomic(ckpt_dir / state["best_file"]) as tmp:
+                with atomic_model_path(ckpt_dir / state["best_file"]) as tmp:
                     self.model.save_weights(tmp)
             if state.get("stopped_early"):
                 self.model.stop_training = True
@@ -270,7 +194,7 @@ def _commit_epoch(model: Any, out_dir: Path, state: dict[str, Any], epoch: int) 
     drop the checkpoints that state.json no longer names."""
     ckpt_dir = out_dir / CHECKPOINT_DIR
     model_name = f"epoch-{epoch + 1:04d}.keras"
-    with _atomic(ckpt_dir / model_name) as tmp:
+    with atomic_model_path(ckpt_dir / model_name) as tmp:
         model.save(tmp)
     state["model_file"] = model_name
     # state.json (which holds the history) is the commit point of this epoch;
@@ -382,10 +306,10 @@ def _train_run_locked(store_path: Path | str | Sequence[Path | str], arch: str, 
         raise UsageError(f"training configuration: {exc}") from exc
     out_dir = Path(out_dir)
     stores, data = _open_stores(store_path, data_weights)
-    mode = _check_run_dir(out_dir, arch, data, config)
-    _check_data_record(out_dir, stores)
+    mode = check_run_dir(out_dir, arch, data, config)
+    check_data_record(out_dir, stores)
     if mode == "done":
-        return _read_json(out_dir / METRICS_FILE)
+        return read_json(out_dir / METRICS_FILE)
 
     labels_per_store = stores.labels()
     labels = np.concatenate(labels_per_store)
@@ -395,7 +319,7 @@ def _train_run_locked(store_path: Path | str | Sequence[Path | str], arch: str, 
         raise TrainError(f"{data}: every label is {present[0]} ({only}); training needs "
                          f"both classes")
     if mode == "resume" and (out_dir / SPLIT_FILE).is_file():
-        split = _load_split(out_dir, len(stores))
+        split = load_split(out_dir, len(stores))
     else:
         split = split_stores(labels_per_store, config, [str(p) for p in stores.paths])
     record = {"stores": split_summary(stores, labels_per_store, split),
@@ -405,15 +329,15 @@ def _train_run_locked(store_path: Path | str | Sequence[Path | str], arch: str, 
     import keras
 
     ckpt_dir = out_dir / CHECKPOINT_DIR
-    _clear_partials(out_dir, ckpt_dir)
+    clear_partials(out_dir, ckpt_dir)
     if mode == "new":
-        _clear_attempt(out_dir)
+        clear_attempt(out_dir)
     # config.toml first: any directory holding a checkpoint or a split also holds it.
-    fileio.write_bytes_atomic(out_dir / CONFIG_FILE, _config_text(arch, data, config).encode())
+    fileio.write_bytes_atomic(out_dir / CONFIG_FILE, config_text(arch, data, config).encode())
     fileio.write_json_atomic(out_dir / DATA_FILE, record)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if mode == "new" or not (out_dir / SPLIT_FILE).is_file():
-        _save_split(out_dir / SPLIT_FILE, split)
+        save_split(out_dir / SPLIT_FILE, split)
     (out_dir / FAILED_FILE).unlink(missing_ok=True)
     try:
         metrics = _train_and_evaluate(stores, arch, out_dir, config, stores.infos[0], labels,
@@ -435,7 +359,7 @@ def _train_and_evaluate(store_path: Stores, arch: str, out_dir: Path, config: Tr
     ckpt_dir = out_dir / CHECKPOINT_DIR
     state_path = ckpt_dir / STATE_FILE
     if state_path.is_file():
-        state = _read_json(state_path)
+        state = read_json(state_path)
         state["epochs"] = config.epochs
         model = keras.models.load_model(ckpt_dir / state["model_file"], safe_mode=True)
         extend_schedule(model, config, math.ceil(len(split["train"]) / config.batch_size))
@@ -487,12 +411,12 @@ def _train_and_evaluate(store_path: Stores, arch: str, out_dir: Path, config: Tr
                   f"have {UNUSABLE}; they carry weight 0 (no effect on training)", file=sys.stderr)
     if state.get("best_file"):
         model.load_weights(ckpt_dir / state["best_file"])
-    calibration = _calibrate(model, store_path, split["val"])
-    with _atomic(out_dir / MODEL_FILE) as tmp:
+    calibration = calibrate_model(model, store_path, split["val"])
+    with atomic_model_path(out_dir / MODEL_FILE) as tmp:
         model.save(tmp)
     fileio.write_json_atomic(out_dir / HISTORY_FILE, state["history"])
-    return _evaluate(model, store_path, arch, out_dir, config, info, split, data, state,
-                     t_run_start, calibration, figures=figures)
+    return write_evaluation(model, store_path, arch, out_dir, config, info, split, data, state,
+                            t_run_start, calibration, figures=figures)
 
 
 def _open_stores(paths: Path | str | Sequence[Path | str],

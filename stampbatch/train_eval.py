@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -25,14 +25,12 @@ from stampbatch.rundir import (
     METRICS_FILE,
     MODEL_FILE,
     PREDICTIONS_FILE,
-    _read_json,
+    read_json,
 )
-
-if TYPE_CHECKING:  # train imports this module; TrainConfig is only a hint here
-    from stampbatch.train import TrainConfig
+from stampbatch.train_config import TrainConfig
 
 
-def _calibrate(model, stores: Stores, val_rows: np.ndarray) -> dict[str, Any]:
+def calibrate_model(model, stores: Stores, val_rows: np.ndarray) -> dict[str, Any]:
     """Fit temperature scaling on the validation split and fold it into ``model``."""
     from stampbatch import calibrate
     from stampbatch.metrics import expected_calibration_error
@@ -49,10 +47,12 @@ def _calibrate(model, stores: Stores, val_rows: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def _evaluate(model, store_path: Stores, arch: str, out_dir: Path, config: TrainConfig,
-              info, split: dict[str, np.ndarray], data: str, state: dict[str, Any],
-              t_start: float, calibration: dict[str, Any], *,
-              figures: bool = True) -> dict[str, Any]:
+def write_evaluation(model, store_path: Stores, arch: str, out_dir: Path, config: TrainConfig,
+                     info, split: dict[str, np.ndarray], data: str, state: dict[str, Any],
+                     t_start: float, calibration: dict[str, Any], *,
+                     figures: bool = True) -> dict[str, Any]:
+    """Predict the test split and write the run's metrics.json (last), predictions and
+    figures; returns the metrics."""
     from stampbatch import plots
 
     test = split["test"]
@@ -78,7 +78,7 @@ def _evaluate(model, store_path: Stores, arch: str, out_dir: Path, config: Train
         **scores,
         "best_val_loss": state.get("best_val_loss"),
         "best_val_accuracy": state.get("best_val_accuracy"),
-        "stores": _read_json(out_dir / DATA_FILE)["stores"],
+        "stores": read_json(out_dir / DATA_FILE)["stores"],
         "calibration": {**calibration, "ece_test_after": scores["ece"],
                         "ece_test_before": _ece_uncalibrated(y, p, calibration["temperature"])},
     }

@@ -28,7 +28,7 @@ from pathlib import Path
 import submitit
 
 from stampbatch.fileio import telling_line, utc_now
-from stampbatch.train import TrainConfig
+from stampbatch.train_config import TrainConfig
 
 EVENTS_NAME = "launch.log"  # in each run directory: one line per job start, checkpoint, end
 REQUEUE_ENV = "STAMPBATCH_REQUEUE_REQUEST"  # file the job writes, the batch script reads

@@ -107,7 +107,7 @@ def _data_paths(data: Any) -> list[Path]:
 
 def _train_settings(args: argparse.Namespace) -> tuple[list[Path], str, Any, Any]:
     from stampbatch.config import from_mapping, load_toml
-    from stampbatch.train import TrainConfig
+    from stampbatch.train_config import TrainConfig
 
     settings: dict[str, Any] = {}
     source = "command line"

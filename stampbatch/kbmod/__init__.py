@@ -57,9 +57,9 @@ from stampbatch.kbmod.table import (
     NewColumns,
     ResultsTable,
     ResultsWriter,
-    _fail,
     check_uuids,
     crop_center,
+    fail,
     iter_batches,
     open_results,
     read_stamp_batches,
@@ -91,7 +91,7 @@ def _labels(path: Path, column: str, values: np.ndarray) -> np.ndarray:
         words = np.char.lower(np.char.strip(values.astype(str)))
         bad = ~np.isin(words, list(_TRUE | _FALSE))
         if bad.any():
-            raise _fail(path, f"label column '{column}' holds {sorted(set(words[bad]))[:5]}; "
+            raise fail(path, f"label column '{column}' holds {sorted(set(words[bad]))[:5]}; "
                               f"expected 0/1, true/false or real/bogus")
         return np.isin(words, list(_TRUE)).astype(np.int8)
     return store.check_labels(path, values, len(values))
@@ -124,7 +124,7 @@ def ingest_results(
     stamp_geometry(table, column, stamp_shape)
     check_uuids(table)
     if label_column is not None and table.cell_shapes.get(label_column) != ():
-        raise _fail(table.path, f"has no scalar label column '{label_column}'")
+        raise fail(table.path, f"has no scalar label column '{label_column}'")
     meta_cols = _meta_columns(table, [label_column] if label_column else [])
     return _write_store(table, out, column, stamp_shape, meta_cols, label_column,
                         chunk_rows=chunk_rows, compression=compression, overwrite=overwrite,
@@ -412,14 +412,14 @@ def score_results(
     table = open_results(results)
     output = output_path(table.path, out_dir)
     if output.exists() and not force:
-        raise _fail(output, "already exists (pass --force to replace it)")
+        raise fail(output, "already exists (pass --force to replace it)")
     had = [c for c in (*NEW_COLUMNS, f"occlusion_{name or Path(model).stem}") if c in table.columns]
     if had and not force:
-        raise _fail(table.path, f"already has column(s) {', '.join(had)} (scored before?); "
+        raise fail(table.path, f"already has column(s) {', '.join(had)} (scored before?); "
                                 "pass --force to replace them in the output")
     check_uuids(table)                               # the table's own checks before the model
     if not output.parent.is_dir():
-        raise _fail(output, f"directory {output.parent} does not exist")
+        raise fail(output, f"directory {output.parent} does not exist")
     source = inference.resolve_model(model, name)   # checks the run describes its model
     thr, origin = resolve_threshold(threshold, model)
     slurm = options.cluster.slurm

@@ -29,7 +29,8 @@ NEW_COLUMNS = ("prob_real", "prob_bogus", "cnn_class")
 META_KEY = "stampbatch"
 
 
-def _fail(path: Path | str, problem: str, cls: type[KbmodError] = KbmodError) -> KbmodError:
+def fail(path: Path | str, problem: str, cls: type[KbmodError] = KbmodError) -> KbmodError:
+    """The KbmodError (or ``cls``) for ``path``: one line naming the file and the problem."""
     return cls(f"{path}: {problem}")
 
 
@@ -92,7 +93,7 @@ def _yaml_header(path: Path, schema_metadata: dict | None) -> dict[str, Any]:
     try:
         return table_meta.get_header_from_yaml(schema_metadata[YAML_KEY].decode().splitlines())
     except Exception as exc:  # noqa: BLE001 - yaml raises many types
-        raise _fail(path, f"unreadable astropy table meta ({' '.join(str(exc).split())[:150]})") from exc
+        raise fail(path, f"unreadable astropy table meta ({' '.join(str(exc).split())[:150]})") from exc
 
 
 def _open_parquet(path: Path) -> ResultsTable:
@@ -104,11 +105,11 @@ def _open_parquet(path: Path) -> ResultsTable:
         # (pre-buffering holds whole row groups, which astropy writes up to 1 Mi rows long)
         pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
     except (OSError, pa.ArrowException) as exc:
-        raise _fail(path, f"not a readable Parquet file, truncated? ({' '.join(str(exc).split())[:150]})") from exc
+        raise fail(path, f"not a readable Parquet file, truncated? ({' '.join(str(exc).split())[:150]})") from exc
     names = pf.schema_arrow.names
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise _fail(path, f"column name(s) {', '.join(repr(n) for n in dup)} appear more than "
+        raise fail(path, f"column name(s) {', '.join(repr(n) for n in dup)} appear more than "
                           "once; a Results table needs unique column names")
     header = _yaml_header(path, pf.schema_arrow.metadata)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -141,7 +142,7 @@ def _open_astropy(path: Path, fmt: str) -> ResultsTable:
     try:
         table = Table.read(path, format="ascii.ecsv" if fmt == "ecsv" else "hdf5", **kwargs)
     except Exception as exc:  # noqa: BLE001 - astropy raises many types for a bad file
-        raise _fail(path, f"not a readable {fmt.upper()} results table "
+        raise fail(path, f"not a readable {fmt.upper()} results table "
                           f"({' '.join(str(exc).split())[:150]})") from exc
     shapes = {name: tuple(int(s) for s in table[name].shape[1:]) for name in table.colnames}
     return ResultsTable(path, fmt, len(table), tuple(table.colnames), dict(table.meta), shapes,
@@ -153,16 +154,16 @@ def open_results(path: Path | str) -> ResultsTable:
     path = Path(path)
     fmt = results_format(path)
     if fmt is None:
-        raise _fail(path, f"unsupported suffix '{path.suffix}': a KBMOD Results file is "
+        raise fail(path, f"unsupported suffix '{path.suffix}': a KBMOD Results file is "
                           f"{', '.join(FORMATS)}")
     if not path.is_file():
-        raise _fail(path, "no such file" if not path.exists() else "is not a file")
+        raise fail(path, "no such file" if not path.exists() else "is not a file")
     table = _open_parquet(path) if fmt == "parquet" else _open_astropy(path, fmt)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
-        raise _fail(path, f"not a KBMOD Results table: required column(s) {missing} missing")
+        raise fail(path, f"not a KBMOD Results table: required column(s) {missing} missing")
     if table.n_rows == 0:
-        raise _fail(path, "has no rows")
+        raise fail(path, "has no rows")
     return table
 
 
@@ -177,18 +178,18 @@ def _column_values(table: ResultsTable, batch: Any, name: str, first_row: int = 
         n = len(col)
         if col.null_count:
             row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise _fail(table.path, f"column '{name}' is null in {col.null_count:,} row(s) of "
+            raise fail(table.path, f"column '{name}' is null in {col.null_count:,} row(s) of "
                                     f"this batch, e.g. row {first_row + row:,} (no values); "
                                     "drop or fill those rows", TableDataError)
         if _nested(col.type):
-            raise _fail(table.path, f"column '{name}' holds nested lists ({col.type}); KBMOD "
+            raise fail(table.path, f"column '{name}' holds nested lists ({col.type}); KBMOD "
                                     "stores an image column as one flat list per row with its "
                                     f"shape in the table meta '{SHAPES_KEY}'", TableDataError)
         if pa.types.is_list(col.type) and n:
             lengths = col.value_lengths().to_numpy(zero_copy_only=False)
             if (lengths != lengths[0]).any():
                 row = int(np.flatnonzero(lengths != lengths[0])[0])
-                raise _fail(table.path, f"column '{name}' is ragged: row {first_row:,} holds "
+                raise fail(table.path, f"column '{name}' is ragged: row {first_row:,} holds "
                                         f"{int(lengths[0]):,} values, row {first_row + row:,} "
                                         f"{int(lengths[row]):,}", TableDataError)
         flat = col.flatten().to_numpy(zero_copy_only=False)
@@ -230,7 +231,7 @@ def _parquet_batches(table: ResultsTable, columns: Sequence[str],
             yield start, batch
             start += batch.num_rows
     except (OSError, pa.ArrowException) as exc:
-        raise _fail(table.path, f"unreadable Parquet data at row {start} "
+        raise fail(table.path, f"unreadable Parquet data at row {start} "
                                 f"({' '.join(str(exc).split())[:150]})",
                     TableDataError) from exc
 
@@ -256,35 +257,35 @@ def stamp_geometry(table: ResultsTable, column: str, stamp_shape: tuple[int, int
     """Check ``column`` holds one 2-D image per row that can be centre-cropped to stamp_shape."""
     if column not in table.columns:
         have = table.image_columns()
-        raise _fail(table.path, f"has no column '{column}' (image columns: "
+        raise fail(table.path, f"has no column '{column}' (image columns: "
                                 f"{', '.join(have) if have else 'none'})")
     shape = table.image_shape(column)
     stored = table.cell_shapes.get(column, ())
     if shape is None:
         if len(stored) == 1:
-            raise _fail(table.path, f"column '{column}' is flattened to {stored[0]} values per "
+            raise fail(table.path, f"column '{column}' is flattened to {stored[0]} values per "
                                     f"row and the table meta has no '{SHAPES_KEY}' entry for it")
-        raise _fail(table.path, f"column '{column}' is not an image column (image columns: "
+        raise fail(table.path, f"column '{column}' is not an image column (image columns: "
                                 f"{', '.join(table.image_columns()) or 'none'})")
     if stored == (-2,):
-        raise _fail(table.path, f"column '{column}' holds nested lists (a list of lists per "
+        raise fail(table.path, f"column '{column}' holds nested lists (a list of lists per "
                                 "row); KBMOD stores an image column as one flat list per row "
                                 f"with its shape in the table meta '{SHAPES_KEY}'")
     if len(shape) != 2:
-        raise _fail(table.path, f"column '{column}' holds {shape} arrays per row, not one 2-D "
+        raise fail(table.path, f"column '{column}' holds {shape} arrays per row, not one 2-D "
                                 "co-added stamp (choose a coadd_* column)")
     if stored == (-1,):
         pass    # a variable-length list: each batch checks its rows hold h*w values
     elif math.prod(stored) != math.prod(shape):
-        raise _fail(table.path, f"column '{column}' holds {math.prod(stored)} values per row but "
+        raise fail(table.path, f"column '{column}' holds {math.prod(stored)} values per row but "
                                 f"'{SHAPES_KEY}' says {shape[0]}x{shape[1]}")
     h, w = shape
     H, W = stamp_shape
     if h < H or w < W:
-        raise _fail(table.path, f"column '{column}' stamps are {h}x{w}, smaller than the "
+        raise fail(table.path, f"column '{column}' stamps are {h}x{w}, smaller than the "
                                 f"model's {H}x{W} input")
     if (h - H) % 2 or (w - W) % 2:
-        raise _fail(table.path, f"column '{column}' stamps are {h}x{w}: cannot centre-crop to "
+        raise fail(table.path, f"column '{column}' stamps are {h}x{w}: cannot centre-crop to "
                                 f"{H}x{W} (the difference must be even)")
     return h, w
 
@@ -306,18 +307,18 @@ def crop_center(stamps: np.ndarray, stamp_shape: tuple[int, int]) -> np.ndarray:
 def check_uuids(table: ResultsTable) -> None:
     """Refuse a table without ``uuid`` (the join key is never invented) or with duplicates."""
     if UUID not in table.columns:
-        raise _fail(table.path, "has no 'uuid' column, the join key (refused, not generated: "
+        raise fail(table.path, "has no 'uuid' column, the join key (refused, not generated: "
                                 "Results.read_table(f).write_table(f) in KBMOD adds one)")
     ids = np.concatenate([np.char.encode(b[UUID].astype(str), "utf-8")
                           for _, b in iter_batches(table, [UUID], MAX_BATCH_ROWS * 4)])
     empty = np.flatnonzero(np.char.strip(ids) == b"")
     if len(empty):
-        raise _fail(table.path, f"{len(empty):,} row(s) have a null or empty uuid, e.g. row "
+        raise fail(table.path, f"{len(empty):,} row(s) have a null or empty uuid, e.g. row "
                                 f"{int(empty[0]):,}; uuid must identify each row")
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):
         dup = uniq[counts > 1]
-        raise _fail(table.path, f"{len(dup):,} duplicate uuid(s), e.g. {dup[0].decode()!r}; "
+        raise fail(table.path, f"{len(dup):,} duplicate uuid(s), e.g. {dup[0].decode()!r}; "
                                 "uuid must identify each row")
 
 
@@ -342,7 +343,7 @@ def read_stamp_batches(table: ResultsTable, column: str, stamp_shape: tuple[int,
         yield start, batch if with_rows else None, crop_center(stamps, stamp_shape)
         read = start + batch.num_rows
     if read != table.n_rows:
-        raise _fail(table.path, f"read {read:,} rows of {table.n_rows:,} (truncated?)",
+        raise fail(table.path, f"read {read:,} rows of {table.n_rows:,} (truncated?)",
                     TableDataError)
 
 
@@ -443,7 +444,7 @@ class ResultsWriter:
             if self._writer is not None:
                 self._writer.close()
             if exc_type is None and self.rows != self.table.n_rows:
-                raise _fail(self.table.path, f"wrote {self.rows:,} rows of "
+                raise fail(self.table.path, f"wrote {self.rows:,} rows of "
                                              f"{self.table.n_rows:,} (truncated?)")
             if exc_type is None and self._writer is None:
                 new = {k: np.concatenate([p[k] for p in self._parts]) for k in self.scored.names}

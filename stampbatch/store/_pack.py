@@ -19,12 +19,12 @@ import h5py
 from stampbatch import fileio
 from stampbatch.errors import StoreError
 from stampbatch.store._schema import (
-    _SCORES,
-    _fail,
-    _open_h5,
+    SCORES,
+    fail,
+    open_h5,
 )
 from stampbatch.store._sidecar import open_model, scores_report
-from stampbatch.store._validate import _validate
+from stampbatch.store._validate import store_info
 from stampbatch.store._write import atomic_path
 
 PACKED_SUFFIX = ".packed.h5"     # the default output: <stem>.packed.h5 beside the input
@@ -59,7 +59,7 @@ def _models_to_pack(path: Path, h5: h5py.File) -> tuple[dict[str, Path | str], l
         line = report.broken or next(iter(report.problems.values()))
         raise StoreError(f"{line}; nothing packed")
     if not report.owned:
-        raise _fail(path, "has no scores to pack"
+        raise fail(path, "has no scores to pack"
                           + (f" ({', '.join(report.incomplete)} interrupted: rerun score)"
                              if report.incomplete else " (score it first)"))
     return dict(sorted(report.owned.items())), sorted(report.incomplete)
@@ -73,21 +73,21 @@ def check_packable(path: Path | str, out: Path | str | None = None, *,
     is the input itself, or whose folder is missing or not writable."""
     path = Path(path)
     out = packed_path(path) if out is None else Path(out)
-    with _open_h5(path) as h5:
-        info = _validate(path, h5)
+    with open_h5(path) as h5:
+        info = store_info(path, h5)
         if info.is_score_file:
-            raise _fail(path, "is a score side file (written with --out); pack the candidate "
+            raise fail(path, "is a score side file (written with --out); pack the candidate "
                               "file it scores instead")
         models, skipped = _models_to_pack(path, h5)
     if out.exists() and os.path.samefile(out, path):
-        raise _fail(out, "is the input itself; choose another output")
+        raise fail(out, "is the input itself; choose another output")
     if out.exists() and not overwrite:
-        raise _fail(out, "already exists (pass --overwrite to replace it)")
+        raise fail(out, "already exists (pass --overwrite to replace it)")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise _fail(out, f"directory {parent} does not exist")
+        raise fail(out, f"directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise _fail(out, f"directory {parent} is not writable")
+        raise fail(out, f"directory {parent} is not writable")
     return Packed(out, tuple(models), tuple(skipped))
 
 
@@ -104,14 +104,14 @@ def pack(path: Path | str, out: Path | str | None = None, *, overwrite: bool = F
     path = Path(path)
     plan = check_packable(path, out, overwrite=overwrite)
     fileio.remove_partials(plan.path)                    # what a killed pack left
-    with _open_h5(path) as h5, atomic_path(plan.path, overwrite=overwrite) as tmp, \
+    with open_h5(path) as h5, atomic_path(plan.path, overwrite=overwrite) as tmp, \
             h5py.File(tmp, "w") as dst:
         models, _ = _models_to_pack(path, h5)           # the same check, on the file as read
         dst.attrs.update(h5.attrs)
         for name in h5:
-            if name != _SCORES:
+            if name != SCORES:
                 h5.copy(h5[name], dst, name, expand_external=True, expand_soft=True)
-        scores = dst.create_group(_SCORES)
+        scores = dst.create_group(SCORES)
         for model, where in models.items():
             with open_model(path, h5, where) as grp:
                 grp.file.copy(grp, scores, model, expand_external=True, expand_soft=True)
@@ -119,6 +119,6 @@ def pack(path: Path | str, out: Path | str | None = None, *, overwrite: bool = F
         dst.visititems_links(lambda name, link: links.append(name)
                              if isinstance(link, h5py.ExternalLink) else None)
         if links:
-            raise _fail(path, f"cannot be packed: /{links[0]} is an external link that HDF5 "
+            raise fail(path, f"cannot be packed: /{links[0]} is an external link that HDF5 "
                               "did not copy")
     return Packed(plan.path, tuple(models), plan.skipped)

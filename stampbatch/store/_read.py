@@ -10,24 +10,24 @@ import h5py
 import numpy as np
 
 from stampbatch.store._schema import (
-    _LABELS,
-    _META,
-    _STAMPS,
-    _decode_attr,
-    _decode_column,
-    _fail,
-    _open_h5,
+    LABELS,
+    META,
+    STAMPS,
+    decode_attr,
+    decode_column,
+    fail,
+    open_h5,
 )
 from stampbatch.store._validate import (
-    _validate,
+    store_info,
 )
 
 
 def read_stamps(path: Path | str, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Read rows ``[start, stop)`` of /stamps as float32 (N, H, W)."""
-    with _open_h5(path) as h5:
-        _validate(Path(path), h5)
-        stamps: np.ndarray = h5[_STAMPS][start:stop]
+    with open_h5(path) as h5:
+        store_info(Path(path), h5)
+        stamps: np.ndarray = h5[STAMPS][start:stop]
         return stamps
 
 
@@ -39,12 +39,12 @@ def read_rows(path: Path | str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
-    with _open_h5(path) as h5:
-        info = _validate(Path(path), h5)
+    with open_h5(path) as h5:
+        info = store_info(Path(path), h5)
         if len(rows) and (sorted_rows[0] < 0 or sorted_rows[-1] >= info.n_stamps):
-            raise _fail(path, f"row index out of range 0..{info.n_stamps - 1}")
-        stamps = _read_sorted(h5[_STAMPS], sorted_rows)
-        labels = _read_sorted(h5[_LABELS], sorted_rows) if info.labelled else None
+            raise fail(path, f"row index out of range 0..{info.n_stamps - 1}")
+        stamps = _read_sorted(h5[STAMPS], sorted_rows)
+        labels = _read_sorted(h5[LABELS], sorted_rows) if info.labelled else None
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return stamps[inverse], (labels[inverse] if labels is not None else None)
@@ -87,27 +87,27 @@ def _read_sorted(ds: h5py.Dataset, sorted_rows: np.ndarray) -> np.ndarray:
 
 def read_labels(path: Path | str) -> np.ndarray:
     """All labels of a labelled store (int8, small: one byte per stamp)."""
-    with _open_h5(path) as h5:
-        info = _validate(Path(path), h5)
+    with open_h5(path) as h5:
+        info = store_info(Path(path), h5)
         if not info.labelled:
-            raise _fail(path, "has no /labels (a candidate file?); training needs a labelled store")
-        labels: np.ndarray = h5[_LABELS][:]
+            raise fail(path, "has no /labels (a candidate file?); training needs a labelled store")
+        labels: np.ndarray = h5[LABELS][:]
         return labels
 
 
 def read_meta(path: Path | str, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Whole metadata columns (1-D, small compared with the stamps); strings come back as str."""
-    with _open_h5(path) as h5:
-        info = _validate(Path(path), h5)
+    with open_h5(path) as h5:
+        info = store_info(Path(path), h5)
         names = info.meta_columns if columns is None else tuple(columns)
         missing = [c for c in names if c not in info.meta_columns]
         if missing:
-            raise _fail(path, f"has no metadata column(s) {missing} (has {list(info.meta_columns)})")
-        return {c: _decode_column(h5[_META][c][:]) for c in names}
+            raise fail(path, f"has no metadata column(s) {missing} (has {list(info.meta_columns)})")
+        return {c: decode_column(h5[META][c][:]) for c in names}
 
 
 def read_attrs(path: Path | str) -> dict[str, Any]:
     """The store's root attributes (schema version, stamp shape, simulator settings …)."""
-    with _open_h5(path) as h5:
-        _validate(Path(path), h5)
-        return {k: _decode_attr(v) for k, v in h5.attrs.items()}
+    with open_h5(path) as h5:
+        store_info(Path(path), h5)
+        return {k: decode_attr(v) for k, v in h5.attrs.items()}

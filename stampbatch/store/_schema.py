@@ -18,25 +18,26 @@ DEFAULT_STAMP_SHAPE = (21, 21)
 DEFAULT_CHUNK_ROWS = 4096
 COMPRESSIONS = (None, "lzf", "gzip")
 
-# Dataset and attribute names: private to this module.
-_STAMPS = "stamps"
-_LABELS = "labels"
-_META = "meta"
-_SCORES = "scores"
-_PROBABILITY = "probability"
-_OCCLUSION = "occlusion"
-_OCCLUSION_INDEX = "occlusion_index"
-_ATTR_SCHEMA = "stampbatch_schema"
-_ATTR_SHAPE = "stamp_shape"
-_ATTR_COMPLETE = "complete"
-_ATTR_SOURCE = "source_file"
-_ATTR_FINGERPRINT = "source_fingerprint"
-_ATTR_STORE_ID = "stampbatch_store_id"  # root: a random id, new whenever the stamps are written
-_ATTR_MODEL_STORE_ID = "store_id"        # a model's scores: the id of the file they belong to
-_ATTR_SOURCE_STORE_ID = "source_store_id"  # a --out side file: the id of the candidate file
-_INDEX = "index.h5"
-_MODEL_PREFIX = "model-"                # model-<name>.h5: never collides with index.h5
-_RETIRED = ".retired-"                  # <target>.scores/.retired-<id>-<rand>: being deleted
+# Dataset and attribute names: public to the store package's modules (which alone may use
+# them), never exported by ``stampbatch.store``.
+STAMPS = "stamps"
+LABELS = "labels"
+META = "meta"
+SCORES = "scores"
+PROBABILITY = "probability"
+OCCLUSION = "occlusion"
+OCCLUSION_INDEX = "occlusion_index"
+ATTR_SCHEMA = "stampbatch_schema"
+ATTR_SHAPE = "stamp_shape"
+ATTR_COMPLETE = "complete"
+ATTR_SOURCE = "source_file"
+ATTR_FINGERPRINT = "source_fingerprint"
+ATTR_STORE_ID = "stampbatch_store_id"  # root: a random id, new whenever the stamps are written
+ATTR_MODEL_STORE_ID = "store_id"        # a model's scores: the id of the file they belong to
+ATTR_SOURCE_STORE_ID = "source_store_id"  # a --out side file: the id of the candidate file
+INDEX = "index.h5"
+MODEL_PREFIX = "model-"                # model-<name>.h5: never collides with index.h5
+RETIRED = ".retired-"                  # <target>.scores/.retired-<id>-<rand>: being deleted
 SCORES_DIR_SUFFIX = ".scores"           # <target>.scores/<store id>/model-<model>.h5
 LOCK_SUFFIX = ".stampbatch.lock"        # <resolved target>.stampbatch.lock: one writer per file
 
@@ -86,11 +87,13 @@ class Scores:
 # --------------------------------------------------------------------------- helpers
 
 
-def _fail(path: Path | str, problem: str) -> StoreError:
+def fail(path: Path | str, problem: str) -> StoreError:
+    """The StoreError for ``path``: one line naming the file and the problem."""
     return StoreError(f"{path}: {problem}")
 
 
-def _decode_attr(value: Any) -> Any:
+def decode_attr(value: Any) -> Any:
+    """An HDF5 attribute value as plain Python (bytes decoded, arrays as lists)."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.ndarray):
@@ -100,7 +103,8 @@ def _decode_attr(value: Any) -> Any:
     return value
 
 
-def _decode_column(arr: np.ndarray) -> np.ndarray:
+def decode_column(arr: np.ndarray) -> np.ndarray:
+    """A /meta column with byte strings decoded to str."""
     if arr.dtype.kind == "S":
         return np.char.decode(arr, "utf-8")
     return arr
@@ -109,23 +113,24 @@ def _decode_column(arr: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- opening
 
 
-def _open_h5(path: Path | str, mode: str = "r") -> h5py.File:
+def open_h5(path: Path | str, mode: str = "r") -> h5py.File:
+    """Open an HDF5 file, every failure a StoreError naming the file (no checks of the schema)."""
     path = Path(path)
     if not path.exists():
-        raise _fail(path, "no such file")
+        raise fail(path, "no such file")
     if path.is_dir():
-        raise _fail(path, "is a directory, not an HDF5 file")
+        raise fail(path, "is a directory, not an HDF5 file")
     if not h5py.is_hdf5(path):
-        raise _fail(path, "not an HDF5 file")
+        raise fail(path, "not an HDF5 file")
     try:
         return h5py.File(path, mode)
     except PermissionError as exc:
-        raise _fail(path, f"cannot open for {'writing' if mode != 'r' else 'reading'}: permission denied") from exc
+        raise fail(path, f"cannot open for {'writing' if mode != 'r' else 'reading'}: permission denied") from exc
     except OSError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "unable to lock file" in first.lower() or "file locking" in first.lower():
-            raise _fail(path, "is locked by another process (is a scorer still running on it?)") from exc
-        raise _fail(path, f"unreadable or truncated HDF5 file ({first})") from exc
+            raise fail(path, "is locked by another process (is a scorer still running on it?)") from exc
+        raise fail(path, f"unreadable or truncated HDF5 file ({first})") from exc
 
 
 # --------------------------------------------------------------------------- scores
@@ -143,45 +148,50 @@ def _open_h5(path: Path | str, mode: str = "r") -> h5py.File:
 # working-directory fallback from finding any other store's folder.
 
 
-def _scores_link(h5: h5py.File) -> h5py.ExternalLink | None:
-    link = h5.get(_SCORES, getlink=True)
+def scores_link(h5: h5py.File) -> h5py.ExternalLink | None:
+    """The file's /scores external link, or None (no /scores, or an in-file group)."""
+    link = h5.get(SCORES, getlink=True)
     return link if isinstance(link, h5py.ExternalLink) else None
 
 
-def _new_store_id() -> str:
+def new_store_id() -> str:
+    """A fresh random store id."""
     import uuid
 
     return uuid.uuid4().hex
 
 
-def _store_id(h5: h5py.File) -> str | None:
-    value = h5.attrs.get(_ATTR_STORE_ID)
-    return None if value is None else str(_decode_attr(value))
+def read_store_id(h5: h5py.File) -> str | None:
+    """The store id of an open file (None: none recorded)."""
+    value = h5.attrs.get(ATTR_STORE_ID)
+    return None if value is None else str(decode_attr(value))
 
 
-def _link_target(final_name: str, store_id: str) -> str:
+def link_target(final_name: str, store_id: str) -> str:
     """Where the /scores link of a file named ``final_name`` with ``store_id`` points."""
-    return f"{final_name}{SCORES_DIR_SUFFIX}/{store_id}/{_INDEX}"
+    return f"{final_name}{SCORES_DIR_SUFFIX}/{store_id}/{INDEX}"
 
 
-def _add_scores_link(h5: h5py.File, final_name: str, store_id: str) -> None:
-    h5.attrs[_ATTR_STORE_ID] = store_id
-    h5[_SCORES] = h5py.ExternalLink(_link_target(final_name, store_id), "/")
+def add_scores_link(h5: h5py.File, final_name: str, store_id: str) -> None:
+    """Record ``store_id`` in the file and point its /scores at that id's scores folder."""
+    h5.attrs[ATTR_STORE_ID] = store_id
+    h5[SCORES] = h5py.ExternalLink(link_target(final_name, store_id), "/")
 
 
-def _model_file_name(model: str) -> str:
-    return f"{_MODEL_PREFIX}{model}.h5"
+def model_file_name(model: str) -> str:
+    """The name of the file holding ``model``'s scores in a scores folder."""
+    return f"{MODEL_PREFIX}{model}.h5"
 
 
-def _score_groups(h5: h5py.File) -> dict[str, h5py.Group]:
+def score_groups(h5: h5py.File) -> dict[str, h5py.Group]:
     """The /scores/<model> groups that resolve (a link to a missing file does not)."""
-    scores = h5.get(_SCORES)
+    scores = h5.get(SCORES)
     if not isinstance(scores, h5py.Group):
         return {}
-    return {name: obj for name, obj in _score_members(scores) if isinstance(obj, h5py.Group)}
+    return {name: obj for name, obj in score_members(scores) if isinstance(obj, h5py.Group)}
 
 
-def _score_members(scores: h5py.Group) -> Iterator[tuple[str, h5py.HLObject | None]]:
+def score_members(scores: h5py.Group) -> Iterator[tuple[str, h5py.HLObject | None]]:
     """Each member of /scores, resolved; None where it does not resolve (an external link
     to a missing or unreadable file)."""
     for name in scores:
@@ -191,5 +201,6 @@ def _score_members(scores: h5py.Group) -> Iterator[tuple[str, h5py.HLObject | No
             yield name, None
 
 
-def _complete(grp: h5py.Group) -> bool:
-    return bool(grp.attrs.get(_ATTR_COMPLETE, False))
+def is_complete(grp: h5py.Group) -> bool:
+    """Whether a model's scores group was marked complete."""
+    return bool(grp.attrs.get(ATTR_COMPLETE, False))

@@ -17,31 +17,31 @@ import numpy as np
 from stampbatch import fileio
 from stampbatch.errors import StampbatchError, StoreError
 from stampbatch.store._schema import (
-    _ATTR_COMPLETE,
-    _ATTR_FINGERPRINT,
-    _ATTR_MODEL_STORE_ID,
-    _ATTR_SCHEMA,
-    _ATTR_SHAPE,
-    _ATTR_SOURCE,
-    _ATTR_SOURCE_STORE_ID,
-    _INDEX,
-    _MODEL_PREFIX,
-    _OCCLUSION,
-    _OCCLUSION_INDEX,
-    _PROBABILITY,
-    _SCORES,
+    ATTR_COMPLETE,
+    ATTR_FINGERPRINT,
+    ATTR_MODEL_STORE_ID,
+    ATTR_SCHEMA,
+    ATTR_SHAPE,
+    ATTR_SOURCE,
+    ATTR_SOURCE_STORE_ID,
     DEFAULT_CHUNK_ROWS,
+    INDEX,
     LOCK_SUFFIX,
+    MODEL_PREFIX,
+    OCCLUSION,
+    OCCLUSION_INDEX,
+    PROBABILITY,
     SCHEMA_VERSION,
+    SCORES,
     Scores,
-    _add_scores_link,
-    _decode_attr,
-    _fail,
-    _model_file_name,
-    _new_store_id,
-    _open_h5,
-    _scores_link,
-    _store_id,
+    add_scores_link,
+    decode_attr,
+    fail,
+    model_file_name,
+    new_store_id,
+    open_h5,
+    read_store_id,
+    scores_link,
 )
 from stampbatch.store._sidecar import (
     ScoresReport,
@@ -52,14 +52,14 @@ from stampbatch.store._sidecar import (
     scores_report,
 )
 from stampbatch.store._validate import (
-    _check_scores,
-    _validate,
+    in_file_models,
+    store_info,
 )
 from stampbatch.store._write import (
-    _own_folder,
     atomic_path,
     discard_unfinished,
     home_folder,
+    own_folder,
     retire_folder,
     sweep_retired,
     write_index,
@@ -76,8 +76,8 @@ def scores_dir(target: Path | str) -> Path:
     real = _real(target)
     if not real.exists():                      # a side file not made yet
         return root_of(real)
-    with _open_h5(real) as h5:                 # an unreadable target is an error, not a guess
-        link = _scores_link(h5)
+    with open_h5(real) as h5:                 # an unreadable target is an error, not a guess
+        link = scores_link(h5)
         if link is not None:
             return real.parent / Path(link.filename).parent
     return root_of(real)
@@ -85,7 +85,7 @@ def scores_dir(target: Path | str) -> Path:
 
 def scores_file(target: Path | str, model: str) -> Path:
     """The file holding one model's scores of ``target``."""
-    return scores_dir(target) / _model_file_name(model)
+    return scores_dir(target) / model_file_name(model)
 
 
 def score_target(candidates: Path | str, out_dir: Path | str | None) -> Path:
@@ -103,17 +103,17 @@ def stamps_fingerprint(path: Path | str) -> str:
     copy (or a repack) of the same store keeps it.
     """
     path = Path(path)
-    with _open_h5(path) as h5:
-        info = _validate(path, h5)
+    with open_h5(path) as h5:
+        info = store_info(path, h5)
         if info.is_score_file:
-            raise _fail(path, "is a score side file, not a candidate file")
+            raise fail(path, "is a score side file, not a candidate file")
         return fingerprint_of(h5)
 
 
 def store_id(path: Path | str) -> str | None:
     """The store id of a file (None: written by an older stampbatch or another program)."""
-    with _open_h5(path) as h5:
-        return _store_id(h5)
+    with open_h5(path) as h5:
+        return read_store_id(h5)
 
 
 def create_score_file(path: Path | str, source: Path | str, n_stamps: int,
@@ -125,20 +125,20 @@ def create_score_file(path: Path | str, source: Path | str, n_stamps: int,
     scores folder retired.
     """
     path = Path(path)
-    sid = _new_store_id()
+    sid = new_store_id()
     real = _real(path)
-    old = _own_folder(real) if real.exists() else None
+    old = own_folder(real) if real.exists() else None
     src_id = store_id(source)
     with atomic_path(path, overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w") as h5:
-            h5.attrs[_ATTR_SCHEMA] = SCHEMA_VERSION
-            h5.attrs[_ATTR_SHAPE] = np.asarray(stamp_shape, dtype=np.int64)
-            h5.attrs[_ATTR_SOURCE] = str(Path(source).resolve())
-            h5.attrs[_ATTR_FINGERPRINT] = stamps_fingerprint(source)
+            h5.attrs[ATTR_SCHEMA] = SCHEMA_VERSION
+            h5.attrs[ATTR_SHAPE] = np.asarray(stamp_shape, dtype=np.int64)
+            h5.attrs[ATTR_SOURCE] = str(Path(source).resolve())
+            h5.attrs[ATTR_FINGERPRINT] = stamps_fingerprint(source)
             if src_id is not None:
-                h5.attrs[_ATTR_SOURCE_STORE_ID] = src_id
+                h5.attrs[ATTR_SOURCE_STORE_ID] = src_id
             h5.attrs["n_stamps"] = int(n_stamps)
-            _add_scores_link(h5, path.name, sid)
+            add_scores_link(h5, path.name, sid)
         write_index(home_folder(real, sid), [])
     if old is not None:
         retire_folder(old)
@@ -151,8 +151,8 @@ def check_scores(path: Path | str) -> ScoresReport:
 
 
 def _attrs_of(path: Path | str, where: Path | str) -> dict[str, Any]:
-    with _open_h5(path) as h5, open_model(path, h5, where) as grp:
-        return {k: _decode_attr(v) for k, v in grp.attrs.items()}
+    with open_h5(path) as h5, open_model(path, h5, where) as grp:
+        return {k: decode_attr(v) for k, v in grp.attrs.items()}
 
 
 def score_status(path: Path | str, model: str) -> dict[str, Any] | None:
@@ -233,7 +233,7 @@ def ensure_home(target: Path | str) -> list[str]:
         return []
     problem = home_problem(target)
     if problem is not None:
-        raise _fail(target, f"{problem}; left untouched: write its scores beside it with "
+        raise fail(target, f"{problem}; left untouched: write its scores beside it with "
                             f"--out DIR")
     return _convert(Path(target))
 
@@ -249,7 +249,7 @@ def repair_scores(target: Path | str) -> None:
     if root.exists() and not root.is_dir():
         root.unlink()
         fileio.fsync_dir(root.parent)
-    index = report.folder / _INDEX
+    index = report.folder / INDEX
     if index.is_dir():
         fileio.remove_tree(index)
     unlinked = scores_report(real).unlinked     # once, now that the index is out of the way
@@ -257,7 +257,7 @@ def repair_scores(target: Path | str) -> None:
 
 
 def _models_in(folder: Path) -> list[str]:
-    return [p.name[len(_MODEL_PREFIX):-3] for p in sorted(folder.glob(f"{_MODEL_PREFIX}*.h5"))]
+    return [p.name[len(MODEL_PREFIX):-3] for p in sorted(folder.glob(f"{MODEL_PREFIX}*.h5"))]
 
 
 def link_scores(target: Path | str, models: Sequence[str]) -> list[str]:
@@ -273,14 +273,14 @@ def link_scores(target: Path | str, models: Sequence[str]) -> list[str]:
     folder = scores_dir(target)
     have = _indexed(folder)
     missing = [m for m in models if m not in have]
-    if missing or not (folder / _INDEX).is_file():
+    if missing or not (folder / INDEX).is_file():
         write_index(folder, [*have, *models])
     return missing
 
 
 def _indexed(folder: Path) -> list[str]:
     """The models an index lists ([] for a missing or unreadable one: it is rebuilt)."""
-    index = folder / _INDEX
+    index = folder / INDEX
     if not index.is_file():
         return []
     try:
@@ -303,16 +303,16 @@ def _preserve(st: os.stat_result, real: Path, tmp: Path) -> None:
 def _carry(report: ScoresReport, path: Path, folder: Path, new_id: str) -> list[str]:
     """Copy each model's scores that belong to the file into its new folder (atomic files)."""
     moved = []
-    with _open_h5(path) as h5:
+    with open_h5(path) as h5:
         for model, where in sorted(report.owned.items()):
             with open_model(path, h5, where) as grp, \
-                    atomic_path(folder / _model_file_name(model), overwrite=True) as own, \
+                    atomic_path(folder / model_file_name(model), overwrite=True) as own, \
                     h5py.File(own, "w") as out:
                 for name, obj in grp.items():
                     grp.copy(obj, out, name)
                 out.attrs.update(grp.attrs)     # as they were (older scores may record
-                if _ATTR_MODEL_STORE_ID in grp.attrs:   # no id: checked by length alone)
-                    out.attrs[_ATTR_MODEL_STORE_ID] = new_id
+                if ATTR_MODEL_STORE_ID in grp.attrs:   # no id: checked by length alone)
+                    out.attrs[ATTR_MODEL_STORE_ID] = new_id
             moved.append(model)
     return moved
 
@@ -344,7 +344,7 @@ def _convert(target: Path) -> list[str]:
     new_id = _swap_id(real, report)
     folder = home_folder(real, new_id)
     if root_of(real).exists() and not root_of(real).is_dir():
-        raise _fail(target, f"{root_of(real)} is a file, not a scores folder; "
+        raise fail(target, f"{root_of(real)} is a file, not a scores folder; "
                             "`stampbatch score --force` removes it")
     folder.mkdir(parents=True, exist_ok=True)
     fileio.fsync_dir(folder.parent)
@@ -354,9 +354,9 @@ def _convert(target: Path) -> list[str]:
     with atomic_path(real, overwrite=True) as tmp:
         shutil.copyfile(real, tmp)
         with h5py.File(tmp, "r+") as h5:
-            if _SCORES in h5 or h5.get(_SCORES, getlink=True) is not None:
-                del h5[_SCORES]
-            _add_scores_link(h5, real.name, new_id)
+            if SCORES in h5 or h5.get(SCORES, getlink=True) is not None:
+                del h5[SCORES]
+            add_scores_link(h5, real.name, new_id)
         _preserve(st, real, tmp)
     return moved
 
@@ -378,28 +378,28 @@ class ScoreWriter:
         self.path = Path(path)
         self.model = model
         if not os.access(self.path, os.W_OK):
-            raise _fail(self.path, "is read-only; write the scores to a side file with --out DIR")
+            raise fail(self.path, "is read-only; write the scores to a side file with --out DIR")
         self._lock = None if locked else take_lock(self.path)
         self._h5: h5py.File | None = None
         self._ctx: contextlib.AbstractContextManager[Path] | None = None
         try:
             ensure_home(self.path)              # a copy or a foreign file: its own folder first
-            with _open_h5(self.path) as h5:
+            with open_h5(self.path) as h5:
                 self.owner = owner_of(h5)
             self.final = scores_file(self.path, model)
             if not self.final.parent.is_dir():
                 write_index(self.final.parent, [])
             self._ctx = atomic_path(self.final, overwrite=True)
             self._h5 = h5py.File(self._ctx.__enter__(), "w")
-            self._h5.attrs[_ATTR_SCHEMA] = SCHEMA_VERSION
-            self._h5.attrs[_ATTR_COMPLETE] = False
+            self._h5.attrs[ATTR_SCHEMA] = SCHEMA_VERSION
+            self._h5.attrs[ATTR_COMPLETE] = False
             h, w = stamp_shape
-            self._h5.create_dataset(_PROBABILITY, shape=(n_stamps,), dtype=np.float32,
+            self._h5.create_dataset(PROBABILITY, shape=(n_stamps,), dtype=np.float32,
                                     chunks=(min(max(chunk_rows, 1024), n_stamps),),
                                     fillvalue=np.nan)
-            self._h5.create_dataset(_OCCLUSION, shape=(0, h, w), maxshape=(None, h, w),
+            self._h5.create_dataset(OCCLUSION, shape=(0, h, w), maxshape=(None, h, w),
                                     dtype=np.float32, chunks=(min(chunk_rows, 1024), h, w))
-            self._h5.create_dataset(_OCCLUSION_INDEX, shape=(0,), maxshape=(None,),
+            self._h5.create_dataset(OCCLUSION_INDEX, shape=(0,), maxshape=(None,),
                                     dtype=np.int64, chunks=(4096,))
         except BaseException:
             self.close()
@@ -407,13 +407,13 @@ class ScoreWriter:
 
     def write_probability(self, start: int, probability: np.ndarray) -> None:
         assert self._h5 is not None, "ScoreWriter used after close"
-        self._h5[_PROBABILITY][start:start + len(probability)] = probability.astype(np.float32)
+        self._h5[PROBABILITY][start:start + len(probability)] = probability.astype(np.float32)
 
     def append_occlusion(self, rows: np.ndarray, maps: np.ndarray) -> None:
         if len(rows) == 0:
             return
         assert self._h5 is not None, "ScoreWriter used after close"
-        ds, ix = self._h5[_OCCLUSION], self._h5[_OCCLUSION_INDEX]
+        ds, ix = self._h5[OCCLUSION], self._h5[OCCLUSION_INDEX]
         m = ds.shape[0]
         ds.resize(m + len(rows), axis=0)
         ds[m:] = maps.astype(np.float32)
@@ -424,12 +424,12 @@ class ScoreWriter:
         """Provenance attributes, ``complete=True``, the file in place; then the link."""
         assert self._h5 is not None and self._ctx is not None, "commit once, before close"
         if self.owner.store_id is not None:
-            self._h5.attrs[_ATTR_MODEL_STORE_ID] = self.owner.store_id
+            self._h5.attrs[ATTR_MODEL_STORE_ID] = self.owner.store_id
         if self.owner.fingerprint is not None:
-            self._h5.attrs[_ATTR_FINGERPRINT] = self.owner.fingerprint
+            self._h5.attrs[ATTR_FINGERPRINT] = self.owner.fingerprint
         for key, value in attrs.items():
             self._h5.attrs[key] = value
-        self._h5.attrs[_ATTR_COMPLETE] = True
+        self._h5.attrs[ATTR_COMPLETE] = True
         self._h5.close()
         self._h5 = None
         ctx, self._ctx = self._ctx, None
@@ -455,9 +455,9 @@ def take_lock(target: Path | str) -> fileio.FileLock:
     """The target's write lock (one writer per file), or a StoreError naming the holder."""
     return fileio.FileLock(
         target, LOCK_SUFFIX,
-        busy=lambda pid: _fail(target, f"is locked by another process (pid {pid}; is a scorer "
+        busy=lambda pid: fail(target, f"is locked by another process (pid {pid}; is a scorer "
                                        "still running on it?)"),
-        failed=lambda exc: _fail(target, f"cannot create the lock file {exc.filename} "
+        failed=lambda exc: fail(target, f"cannot create the lock file {exc.filename} "
                                          f"({exc.strerror}); use --out DIR")).acquire()
 
 
@@ -470,19 +470,19 @@ def _locate(path: Path | str, model: str) -> tuple[ScoresReport, Path | str]:
     if model in report.problems:
         raise StoreError(report.problems[model])
     if model in report.incomplete:
-        raise _fail(path, f"scores for model '{model}' are incomplete (an interrupted run; "
+        raise fail(path, f"scores for model '{model}' are incomplete (an interrupted run; "
                           "rerun score)")
     if report.broken is not None:
         raise StoreError(report.broken)
-    raise _fail(path, f"has no scores for model '{model}' (has {sorted(report.owned)})")
+    raise fail(path, f"has no scores for model '{model}' (has {sorted(report.owned)})")
 
 
 @contextlib.contextmanager
 def _model_group(path: Path | str, model: str) -> Iterator[h5py.Group]:
-    with _open_h5(path) as h5:
-        _check_scores(Path(path), h5, None)
+    with open_h5(path) as h5:
+        in_file_models(Path(path), h5, None)
     _, where = _locate(path, model)
-    with _open_h5(path) as h5, open_model(path, h5, where) as grp:
+    with open_h5(path) as h5, open_model(path, h5, where) as grp:
         yield grp
 
 
@@ -495,22 +495,22 @@ def read_scores(path: Path | str, model: str, *, with_maps: bool = True) -> Scor
     with _model_group(path, model) as grp:
         return Scores(
             model=model,
-            probability=grp[_PROBABILITY][:],
-            occlusion_index=grp[_OCCLUSION_INDEX][:],
-            occlusion=grp[_OCCLUSION][:] if with_maps else None,
-            attrs={k: _decode_attr(v) for k, v in grp.attrs.items()},
+            probability=grp[PROBABILITY][:],
+            occlusion_index=grp[OCCLUSION_INDEX][:],
+            occlusion=grp[OCCLUSION][:] if with_maps else None,
+            attrs={k: decode_attr(v) for k, v in grp.attrs.items()},
         )
 
 
 def read_occlusion(path: Path | str, model: str, rows: Sequence[int]) -> dict[int, np.ndarray]:
     """Occlusion maps of the given stamp rows (those that have one), keyed by row."""
     with _model_group(path, model) as grp:
-        index = grp[_OCCLUSION_INDEX][:]
+        index = grp[OCCLUSION_INDEX][:]
         where = {int(r): i for i, r in enumerate(index)}
         out = {}
         for row in rows:
             if int(row) in where:
-                out[int(row)] = grp[_OCCLUSION][where[int(row)]]
+                out[int(row)] = grp[OCCLUSION][where[int(row)]]
         return out
 
 
@@ -521,6 +521,6 @@ def read_occlusion_range(path: Path | str, model: str, start: int, stop: int
     One slice read (the index is increasing), so memory is bounded by the maps in the range.
     """
     with _model_group(path, model) as grp:
-        index = grp[_OCCLUSION_INDEX][:]
+        index = grp[OCCLUSION_INDEX][:]
         lo, hi = np.searchsorted(index, [start, stop])
-        return index[lo:hi], grp[_OCCLUSION][lo:hi]
+        return index[lo:hi], grp[OCCLUSION][lo:hi]

@@ -21,22 +21,22 @@ import h5py
 import numpy as np
 
 from stampbatch.store._schema import (
-    _ATTR_FINGERPRINT,
-    _ATTR_MODEL_STORE_ID,
-    _ATTR_SOURCE,
-    _INDEX,
-    _MODEL_PREFIX,
-    _OCCLUSION,
-    _OCCLUSION_INDEX,
-    _PROBABILITY,
-    _SCORES,
-    _STAMPS,
+    ATTR_FINGERPRINT,
+    ATTR_MODEL_STORE_ID,
+    ATTR_SOURCE,
+    INDEX,
+    MODEL_PREFIX,
+    OCCLUSION,
+    OCCLUSION_INDEX,
+    PROBABILITY,
+    SCORES,
     SCORES_DIR_SUFFIX,
-    _complete,
-    _decode_attr,
-    _link_target,
-    _scores_link,
-    _store_id,
+    STAMPS,
+    decode_attr,
+    is_complete,
+    link_target,
+    read_store_id,
+    scores_link,
 )
 
 MOVED_ALONE = ("moved without `{root}/`? copy that folder beside it, or `stampbatch score "
@@ -46,7 +46,7 @@ REBUILD = "`stampbatch score --force` rebuilds it"
 
 def fingerprint_of(h5: h5py.File) -> str:
     """A digest of /stamps (shape, dtype and the first, middle and last 256 rows)."""
-    ds = h5[_STAMPS]
+    ds = h5[STAMPS]
     n = int(ds.shape[0])
     digest = hashlib.sha256(repr((tuple(ds.shape), str(ds.dtype))).encode())
     k = min(n, 256)
@@ -66,29 +66,29 @@ class Owner:
 
 def owner_of(h5: h5py.File) -> Owner:
     """The store's own identity; for a ``--out`` side file, the candidate's it recorded."""
-    sid = _store_id(h5)
-    if _STAMPS in h5 and isinstance(h5[_STAMPS], h5py.Dataset):
+    sid = read_store_id(h5)
+    if STAMPS in h5 and isinstance(h5[STAMPS], h5py.Dataset):
         try:
             fingerprint: str | None = fingerprint_of(h5)
         except OSError:     # damaged stamp chunks: the id and the length still decide, and
             fingerprint = None  # whatever reads the stamps says which file is damaged
-        return Owner(sid, fingerprint, int(h5[_STAMPS].shape[0]))
-    fp = h5.attrs.get(_ATTR_FINGERPRINT)
+        return Owner(sid, fingerprint, int(h5[STAMPS].shape[0]))
+    fp = h5.attrs.get(ATTR_FINGERPRINT)
     n = h5.attrs.get("n_stamps")
-    return Owner(sid, None if fp is None else str(_decode_attr(fp)),
+    return Owner(sid, None if fp is None else str(decode_attr(fp)),
                  None if n is None else int(np.asarray(n).item()) or None)
 
 
 def foreign_reason(attrs: Any, owner: Owner, grp: h5py.Group) -> str | None:
     """Why a complete model's scores do not belong to ``owner`` (None: they do)."""
-    sid = attrs.get(_ATTR_MODEL_STORE_ID)
-    if sid is not None and owner.store_id is not None and str(_decode_attr(sid)) != owner.store_id:
+    sid = attrs.get(ATTR_MODEL_STORE_ID)
+    if sid is not None and owner.store_id is not None and str(decode_attr(sid)) != owner.store_id:
         return "store id"
-    fp = attrs.get(_ATTR_FINGERPRINT)
+    fp = attrs.get(ATTR_FINGERPRINT)
     if fp is not None and owner.fingerprint is not None \
-            and str(_decode_attr(fp)) != owner.fingerprint:
+            and str(decode_attr(fp)) != owner.fingerprint:
         return "stamps fingerprint"
-    prob = grp.get(_PROBABILITY)
+    prob = grp.get(PROBABILITY)
     if isinstance(prob, h5py.Dataset) and owner.n_stamps is not None \
             and prob.shape != (owner.n_stamps,):
         return f"length {prob.shape[0] if prob.ndim else '?'}, the file has {owner.n_stamps}"
@@ -96,7 +96,7 @@ def foreign_reason(attrs: Any, owner: Owner, grp: h5py.Group) -> str | None:
 
 
 def _missing_dataset(grp: h5py.Group) -> str | None:
-    for name in (_PROBABILITY, _OCCLUSION_INDEX, _OCCLUSION):
+    for name in (PROBABILITY, OCCLUSION_INDEX, OCCLUSION):
         if not isinstance(grp.get(name), h5py.Dataset):
             return name
     return None
@@ -135,7 +135,7 @@ class ScoresReport:
 def _check_group(report: ScoresReport, model: str, grp: h5py.Group, where: Path | str,
                  label: str) -> None:
     assert report.owner is not None
-    if not _complete(grp):
+    if not is_complete(grp):
         report.incomplete.append(model)
         return
     missing = _missing_dataset(grp)
@@ -167,7 +167,7 @@ def _model_file(report: ScoresReport, model: str, file: Path, *, linked: bool) -
         return
     with h5:
         if not linked:
-            if not _complete(h5):
+            if not is_complete(h5):
                 return
             missing = _missing_dataset(h5)
             assert report.owner is not None
@@ -204,25 +204,25 @@ def scores_report(path: Path | str, h5: h5py.File | None = None) -> ScoresReport
             return scores_report(path, f)
     owner = owner_of(h5)
     report = ScoresReport(path, owner=owner)
-    link = _scores_link(h5)
+    link = scores_link(h5)
     if link is None:
         try:
-            scores = h5.get(_SCORES)
+            scores = h5.get(SCORES)
         except (KeyError, OSError):
             scores = None
         if isinstance(scores, h5py.Group):
             for model in scores:
                 grp = scores.get(model)
                 if isinstance(grp, h5py.Group):
-                    _check_group(report, model, grp, f"/{_SCORES}/{model}",
-                                 f"/{_SCORES}/{model}")
+                    _check_group(report, model, grp, f"/{SCORES}/{model}",
+                                 f"/{SCORES}/{model}")
         return report
     real = Path(os.path.realpath(path))
     rel = Path(link.filename)
     report.linked = True
     report.folder = real.parent / rel.parent
     sid = owner.store_id
-    report.at_home = sid is not None and link.filename == _link_target(real.name, sid)
+    report.at_home = sid is not None and link.filename == link_target(real.name, sid)
     root = real.parent / rel.parts[0] if len(rel.parts) > 1 else real.parent
     if root.exists() and not root.is_dir():
         report.problem("", f"{root} is a file, not the scores folder; {REBUILD}")
@@ -232,7 +232,7 @@ def scores_report(path: Path | str, h5: h5py.File | None = None) -> ScoresReport
             report.problem("", f"scores folder {report.folder} is missing: "
                                + MOVED_ALONE.format(root=rel.parts[0]))
         return report
-    index = report.folder / _INDEX
+    index = report.folder / INDEX
     if index.is_dir():
         report.problem("", f"{index} is a folder, not the scores index; {REBUILD}")
         return report
@@ -262,8 +262,8 @@ def scores_report(path: Path | str, h5: h5py.File | None = None) -> ScoresReport
 
 def _unlinked(report: ScoresReport, listed: set[str]) -> None:
     assert report.folder is not None
-    for file in sorted(report.folder.glob(f"{_MODEL_PREFIX}*.h5")):
-        model = file.name[len(_MODEL_PREFIX):-3]
+    for file in sorted(report.folder.glob(f"{MODEL_PREFIX}*.h5")):
+        model = file.name[len(MODEL_PREFIX):-3]
         if model not in listed:
             with contextlib.suppress(OSError):
                 _model_file(report, model, file, linked=False)
@@ -281,7 +281,7 @@ def open_model(path: Path | str, h5: h5py.File, where: Path | str) -> Iterator[h
 
 
 def is_side_file(h5: h5py.File) -> bool:
-    return _ATTR_SOURCE in h5.attrs and _STAMPS not in h5
+    return ATTR_SOURCE in h5.attrs and STAMPS not in h5
 
 
 def root_of(real: Path) -> Path:

@@ -15,25 +15,25 @@ import numpy as np
 
 from stampbatch import fileio
 from stampbatch.store._schema import (
-    _ATTR_SCHEMA,
-    _ATTR_SHAPE,
-    _INDEX,
-    _LABELS,
-    _META,
-    _RETIRED,
-    _STAMPS,
+    ATTR_SCHEMA,
+    ATTR_SHAPE,
     COMPRESSIONS,
     DEFAULT_CHUNK_ROWS,
     DEFAULT_STAMP_SHAPE,
+    INDEX,
+    LABELS,
+    META,
+    RETIRED,
     SCHEMA_VERSION,
+    STAMPS,
     StoreInfo,
-    _add_scores_link,
-    _fail,
-    _link_target,
-    _model_file_name,
-    _new_store_id,
-    _scores_link,
-    _store_id,
+    add_scores_link,
+    fail,
+    link_target,
+    model_file_name,
+    new_store_id,
+    read_store_id,
+    scores_link,
 )
 from stampbatch.store._validate import (
     check_labels,
@@ -46,13 +46,13 @@ def _as_storable_column(path: Path | str, name: str, values: Any, n: int) -> np.
     """Metadata columns are numeric, boolean or short strings (stored as fixed-width bytes)."""
     arr = np.asarray(values)
     if arr.ndim != 1 or len(arr) != n:
-        raise _fail(path, f"metadata column '{name}' has shape {arr.shape}, expected ({n},)")
+        raise fail(path, f"metadata column '{name}' has shape {arr.shape}, expected ({n},)")
     if arr.dtype.kind == "U":
         arr = np.char.encode(arr, "utf-8")
     if arr.dtype.kind == "O":
-        raise _fail(path, f"metadata column '{name}' holds Python objects; use numbers or strings")
+        raise fail(path, f"metadata column '{name}' holds Python objects; use numbers or strings")
     if arr.dtype.kind not in "fiubS":
-        raise _fail(path, f"metadata column '{name}' has unsupported dtype {arr.dtype}")
+        raise fail(path, f"metadata column '{name}' has unsupported dtype {arr.dtype}")
     return arr
 
 
@@ -62,7 +62,7 @@ def _as_storable_column(path: Path | str, name: str, values: Any, n: int) -> np.
 def atomic_path(path: Path | str, *, overwrite: bool = False,
                 suffix: str = ".h5") -> contextlib.AbstractContextManager[Path]:
     """:func:`stampbatch.fileio.atomic_path` with refusals as :class:`StoreError`."""
-    return fileio.atomic_path(path, overwrite=overwrite, suffix=suffix, fail=_fail)
+    return fileio.atomic_path(path, overwrite=overwrite, suffix=suffix, fail=fail)
 
 
 def discard_unfinished(h5: h5py.File | None, ctx: Any, exc: BaseException) -> None:
@@ -80,14 +80,14 @@ def write_index(folder: Path, models: Sequence[str]) -> None:
     """Replace the index of a scores folder by one linking ``models`` (atomic, durable); the
     folder is made if missing (and its making made durable)."""
     if folder.parent.exists() and not folder.parent.is_dir():
-        raise _fail(folder.parent, "is a file where stampbatch keeps scores; remove or rename it")
+        raise fail(folder.parent, "is a file where stampbatch keeps scores; remove or rename it")
     if not folder.is_dir():
         folder.mkdir(parents=True, exist_ok=True)
         fileio.fsync_dir(folder.parent)
         fileio.fsync_dir(folder.parent.parent)
-    with atomic_path(folder / _INDEX, overwrite=True) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_path(folder / INDEX, overwrite=True) as tmp, h5py.File(tmp, "w") as h5:
         for model in sorted(set(models)):
-            h5[model] = h5py.ExternalLink(_model_file_name(model), "/")
+            h5[model] = h5py.ExternalLink(model_file_name(model), "/")
 
 
 def retire_folder(folder: Path) -> None:
@@ -96,7 +96,7 @@ def retire_folder(folder: Path) -> None:
     deletion leaves the hidden name, which :func:`sweep_retired` clears."""
     if not folder.is_dir() or folder.is_symlink():
         return
-    doomed = folder.with_name(f"{_RETIRED}{folder.name}-{uuid.uuid4().hex[:8]}")
+    doomed = folder.with_name(f"{RETIRED}{folder.name}-{uuid.uuid4().hex[:8]}")
     os.replace(folder, doomed)
     fileio.fsync_dir(folder.parent)
     shutil.rmtree(doomed, ignore_errors=True)
@@ -104,20 +104,20 @@ def retire_folder(folder: Path) -> None:
 
 def sweep_retired(root: Path) -> None:
     """Finish the retirements under a ``<file>.scores/`` folder that a kill interrupted."""
-    for leftover in root.glob(f"{_RETIRED}*") if root.is_dir() else ():
+    for leftover in root.glob(f"{RETIRED}*") if root.is_dir() else ():
         shutil.rmtree(leftover, ignore_errors=True)
 
 
 def home_folder(real: Path, store_id: str) -> Path:
     """``<file>.scores/<store id>/``: where the scores of the file at ``real`` belong."""
-    return real.parent / Path(_link_target(real.name, store_id)).parent
+    return real.parent / Path(link_target(real.name, store_id)).parent
 
 
-def _own_folder(path: Path) -> Path | None:
+def own_folder(path: Path) -> Path | None:
     """The scores folder a stampbatch file at ``path`` owns (its link names it), or None."""
     with contextlib.suppress(Exception), h5py.File(path, "r") as h5:
-        sid, link = _store_id(h5), _scores_link(h5)
-        if sid is not None and link is not None and link.filename == _link_target(path.name, sid):
+        sid, link = read_store_id(h5), scores_link(h5)
+        if sid is not None and link is not None and link.filename == link_target(path.name, sid):
             return home_folder(path, sid)
     return None
 
@@ -147,9 +147,9 @@ class StoreWriter:
         attrs: Mapping[str, Any] | None = None,
     ) -> None:
         if compression not in COMPRESSIONS:
-            raise _fail(path, f"unknown compression {compression!r}; choose from none, lzf, gzip")
+            raise fail(path, f"unknown compression {compression!r}; choose from none, lzf, gzip")
         if chunk_rows < 1:
-            raise _fail(path, f"chunk_rows must be positive, got {chunk_rows}")
+            raise fail(path, f"chunk_rows must be positive, got {chunk_rows}")
         self.path = Path(path)
         self.labelled = labelled
         self.stamp_shape = (int(stamp_shape[0]), int(stamp_shape[1]))
@@ -161,7 +161,7 @@ class StoreWriter:
         self._meta_names: tuple[str, ...] | None = None
         self._ctx: contextlib.AbstractContextManager[Path] | None = None
         self._h5: h5py.File | None = None
-        self.store_id = _new_store_id()
+        self.store_id = new_store_id()
 
     def __enter__(self) -> StoreWriter:
         self._ctx = atomic_path(self.path, overwrite=self.overwrite)
@@ -170,16 +170,16 @@ class StoreWriter:
             self._h5 = h5py.File(tmp, "w")
             h, w = self.stamp_shape
             self._h5.create_dataset(
-                _STAMPS, shape=(0, h, w), maxshape=(None, h, w), dtype=np.float32,
+                STAMPS, shape=(0, h, w), maxshape=(None, h, w), dtype=np.float32,
                 chunks=(self.chunk_rows, h, w), compression=self.compression,
             )
             if self.labelled:
-                self._h5.create_dataset(_LABELS, shape=(0,), maxshape=(None,), dtype=np.int8,
+                self._h5.create_dataset(LABELS, shape=(0,), maxshape=(None,), dtype=np.int8,
                                         chunks=(max(self.chunk_rows, 1024),))
-            self._h5.create_group(_META)
-            _add_scores_link(self._h5, self.path.name, self.store_id)
-            self._h5.attrs[_ATTR_SCHEMA] = SCHEMA_VERSION
-            self._h5.attrs[_ATTR_SHAPE] = np.asarray(self.stamp_shape, dtype=np.int64)
+            self._h5.create_group(META)
+            add_scores_link(self._h5, self.path.name, self.store_id)
+            self._h5.attrs[ATTR_SCHEMA] = SCHEMA_VERSION
+            self._h5.attrs[ATTR_SHAPE] = np.asarray(self.stamp_shape, dtype=np.int64)
             for key, value in self.attrs.items():
                 self._h5.attrs[key] = value
         except BaseException as exc:
@@ -202,32 +202,32 @@ class StoreWriter:
         if self._meta_names is None:
             self._meta_names = names
         elif names != self._meta_names:
-            raise _fail(self.path, f"metadata columns changed between batches: "
+            raise fail(self.path, f"metadata columns changed between batches: "
                                    f"{list(self._meta_names)} then {list(names)}")
         columns = {k: _as_storable_column(self.path, k, v, n) for k, v in meta.items()}
         if self.labelled:
             if labels is None:
-                raise _fail(self.path, "labels are required for a labelled store")
+                raise fail(self.path, "labels are required for a labelled store")
             lab = check_labels(self.path, labels, n)
         elif labels is not None:
-            raise _fail(self.path, "labels given for an unlabelled (candidate) store")
+            raise fail(self.path, "labels given for an unlabelled (candidate) store")
         start, stop = self.n, self.n + n
-        ds = self._h5[_STAMPS]
+        ds = self._h5[STAMPS]
         ds.resize(stop, axis=0)
         ds[start:stop] = arr
         if self.labelled:
-            ds_l = self._h5[_LABELS]
+            ds_l = self._h5[LABELS]
             ds_l.resize(stop, axis=0)
             ds_l[start:stop] = lab
-        group = self._h5[_META]
+        group = self._h5[META]
         for name, col in columns.items():
             if name not in group:
                 if start != 0:
-                    raise _fail(self.path, f"metadata column '{name}' appeared after row 0")
+                    raise fail(self.path, f"metadata column '{name}' appeared after row 0")
                 group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=col.dtype,
                                      chunks=(max(self.chunk_rows, 1024),))
             elif group[name].dtype.kind == "S" and col.dtype.itemsize > group[name].dtype.itemsize:
-                raise _fail(self.path, f"metadata column '{name}' strings grew longer than "
+                raise fail(self.path, f"metadata column '{name}' strings grew longer than "
                                        f"{group[name].dtype.itemsize} bytes")
             group[name].resize(stop, axis=0)
             group[name][start:stop] = col
@@ -240,7 +240,7 @@ class StoreWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: object) -> None:
         if exc is None and self.n == 0:
-            exc = _fail(self.path, "no stamps were written")
+            exc = fail(self.path, "no stamps were written")
             self._abort(exc)
             raise exc
         if exc is not None:
@@ -252,7 +252,7 @@ class StoreWriter:
         real = Path(os.path.realpath(self.path))
         home = home_folder(real, self.store_id)
         try:
-            old = _own_folder(real) if real.exists() else None
+            old = own_folder(real) if real.exists() else None
             write_index(home, [])
         except BaseException as err:
             self._abort(err)
