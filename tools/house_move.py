@@ -133,6 +133,7 @@ TESTS: dict[str, str] = {
     "test_ingest_checks.py": "ingest/test_ingest_checks.py",
     "test_download.py": "ingest/test_download.py",
     "test_train.py": "train/test_train.py",
+    "test_rundir.py": "train/test_rundir.py",
     "test_train_cli.py": "train/test_train_cli.py",
     "test_dataset.py": "train/test_dataset.py",
     "test_models.py": "train/test_models.py",
