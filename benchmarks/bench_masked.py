@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_masked.py RUN STORE.h5 [--seed 0]
 
 Real stamps hold masked pixels (NaN, Inf, |x| >= 1e30): bad columns, cosmic-ray and
-saturation masks, the edge of a CCD. ``stampbatch.preprocess`` fills them with sky (the
+saturation masks, the edge of a CCD. ``stampbatch.train.preprocess`` fills them with sky (the
 quartiles of the stamp's other pixels in a checkerboard, which keeps its median and noise
 level) unless the central 3x3 is masked or over half of the stamp is.
 For each masking pattern (all off the central 3x3) the stamps of STORE are scored with RUN's
@@ -26,8 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from stampbatch import store  # noqa: E402
-from stampbatch.evaluate import store_truth  # noqa: E402
-from stampbatch.preprocess import normalize_with_mask  # noqa: E402
+from stampbatch.report.evaluate import store_truth  # noqa: E402
+from stampbatch.train.preprocess import normalize_with_mask  # noqa: E402
 
 
 def patterns(x: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -68,7 +68,7 @@ def main() -> int:
     args = parser.parse_args()
     import keras
 
-    from stampbatch.train import configure_tensorflow
+    from stampbatch.train.loop import configure_tensorflow
 
     configure_tensorflow()
     model = keras.models.load_model(args.run / "model.keras", safe_mode=True)

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from stampbatch import preprocess
+from stampbatch.train import preprocess
 
 
 def reference_loop(stamps: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ streamed HDF5, default TrainConfig but ``--epochs``, temperature scaling folded 
   could still win) and this reference's own shortfall (what the stamps and the architecture
   at this budget do not allow, whatever the simulator's defaults).
 
-Each is evaluated with ``stampbatch.evaluate.evaluate_run`` on stores it never saw (the
+Each is evaluated with ``stampbatch.report.evaluate.evaluate_run`` on stores it never saw (the
 shifted reference knows test_shifted's configuration, not its stamps):
 
 * ``test_shifted`` (``benchmarks/sim_shifted.toml``): denser fields, wider and mostly
@@ -50,10 +50,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from stampbatch.config import from_mapping, load_toml  # noqa: E402
-from stampbatch.evaluate import evaluate_run  # noqa: E402
-from stampbatch.models import architecture_names  # noqa: E402
-from stampbatch.simulate import SimConfig, write_simulated  # noqa: E402
-from stampbatch.train import TrainConfig, train_run  # noqa: E402
+from stampbatch.report.evaluate import evaluate_run  # noqa: E402
+from stampbatch.sim.simulate import SimConfig, write_simulated  # noqa: E402
+from stampbatch.train.loop import TrainConfig, train_run  # noqa: E402
+from stampbatch.train.models import architecture_names  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PRESETS = {"default": None, "neighbour_free": HERE / "sim_neighbour_free.toml",

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_read_rows.py [--n 750000] [--dir /tmp] [--repeats 3]
 
 Training reads each epoch in windows of up to 65,536 rows drawn at random from the training
-split (``stampbatch.dataset``), sorted for the read. When the store is more than four times
+split (``stampbatch.train.dataset``), sorted for the read. When the store is more than four times
 the window, the rows are too sparse to read as one covering slice. The straightforward
 reference is then one h5py fancy selection of all of them (``ds[rows]``, what ``read_rows``
 did up to the tenth session). ``read_rows`` reads block by block: for each block of the

@@ -68,7 +68,7 @@ def make_candidates(path: Path, n: int, seed: int = 0) -> Path:
 
 def make_model(path: Path) -> Path:
     if not path.exists():
-        from stampbatch import models
+        from stampbatch.train import models
 
         models.build_model("vgg6").save(path)
     return path
@@ -148,7 +148,8 @@ def baseline_main(cand: str, model_path: str, out: str) -> None:
     """The straightforward whole-process run (the teaching notebook's way, applied to a file)."""
     import keras
 
-    from stampbatch import preprocess, store
+    from stampbatch import store
+    from stampbatch.train import preprocess
 
     model = keras.models.load_model(model_path, safe_mode=True, compile=False)
     stamps = store.read_stamps(cand)                                   # whole file in memory
@@ -164,7 +165,8 @@ def baseline_main(cand: str, model_path: str, out: str) -> None:
 
 
 def bench_backends(model_path: Path, n: int = 65536) -> dict:
-    from stampbatch import inference, preprocess
+    from stampbatch.score import inference
+    from stampbatch.train import preprocess
 
     rng = np.random.default_rng(1)
     x = preprocess.normalize(rng.standard_normal((n, 21, 21), dtype=np.float32))
@@ -246,7 +248,9 @@ def bench_end_to_end(cand: Path, model: Path, work: Path, n: int, repeats: int) 
 def bench_occlusion(model_path: Path, cand: Path, work: Path, n_maps: int, n_ref: int) -> dict:
     import keras
 
-    from stampbatch import inference, occlusion, preprocess, store
+    from stampbatch import store
+    from stampbatch.score import inference, occlusion
+    from stampbatch.train import preprocess
 
     stamps, usable = preprocess.normalize_with_mask(store.read_stamps(cand, 0, n_maps))
     stamps = stamps[usable]   # a few simulated stamps are masked at the centre: unscorable
@@ -287,8 +291,8 @@ def bench_memory(model: Path, work: Path, big: int) -> dict:
 
 def fresh_run(work: Path, arch: str, n_train: int, epochs: int) -> tuple[Path, Path]:
     """A freshly trained run directory (train_run, so with its training-time ONNX export)."""
-    from stampbatch import simulate
-    from stampbatch.train import TrainConfig, train_run
+    from stampbatch.sim import simulate
+    from stampbatch.train.loop import TrainConfig, train_run
 
     data = work / f"train_{n_train}.h5"
     if not data.exists():
@@ -320,7 +324,8 @@ def inference_only(run: Path, n: int = 65536) -> float:
     """The scorer's inference alone, in memory: 2 pipelines x 1 thread, batch 128."""
     from precision import rate
 
-    from stampbatch import inference, preprocess
+    from stampbatch.score import inference
+    from stampbatch.train import preprocess
 
     x = preprocess.normalize(np.random.default_rng(1).standard_normal((n, 21, 21),
                                                                        dtype=np.float32))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stampbatch import simulate
+from stampbatch.sim import simulate
 
 
 def _peak_rss_mib() -> float:

@@ -29,9 +29,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 import numpy as np  # noqa: E402
 
 from stampbatch import store  # noqa: E402
-from stampbatch.models import build_model  # noqa: E402
-from stampbatch.preprocess import normalize_with_mask  # noqa: E402
-from stampbatch.train import (  # noqa: E402
+from stampbatch.train.loop import (  # noqa: E402
     StampStream,
     TrainConfig,
     class_weights,
@@ -39,13 +37,15 @@ from stampbatch.train import (  # noqa: E402
     configure_tensorflow,
     split_rows,
 )
+from stampbatch.train.models import build_model  # noqa: E402
+from stampbatch.train.preprocess import normalize_with_mask  # noqa: E402
 
 EPOCHS = 3  # per fit; the first (tracing) is not timed
 
 
 def make_store(path: Path, n: int) -> Path:
     try:
-        from stampbatch.simulate import write_simulated
+        from stampbatch.sim.simulate import write_simulated
     except ImportError:  # simulate.py not available: Gaussian sources in unit noise
         rng = np.random.default_rng(0)
         labels = (rng.random(n) < 0.5).astype(np.int8)

@@ -25,7 +25,9 @@ MIN_AGREEMENT = 0.999
 def compare(run: Path, candidates: Path, target: Path, n: int, dry_run: bool) -> int:
     import onnxruntime as ort
 
-    from stampbatch import inference, preprocess, store
+    from stampbatch import store
+    from stampbatch.score import inference
+    from stampbatch.train import preprocess
 
     providers = ort.get_available_providers()
     print(f"onnxruntime {ort.__version__} providers: {', '.join(providers)}")

@@ -36,8 +36,8 @@ from scipy.signal import fftconvolve  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from stampbatch import store  # noqa: E402
-from stampbatch.evaluate import store_truth  # noqa: E402
-from stampbatch.profiles import render_psf  # noqa: E402
+from stampbatch.report.evaluate import store_truth  # noqa: E402
+from stampbatch.sim.profiles import render_psf  # noqa: E402
 
 CENTRE_RADIUS_FWHM = 0.6   # peaks within this many FWHM of the centre are the centre's
 CENTRE_RADIUS_MIN = 1.5    # ... and never closer than this, px

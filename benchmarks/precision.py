@@ -90,7 +90,7 @@ def interleaved(predictors: dict[str, tuple[Predictor, int]], x: np.ndarray,
 
 
 def _ort(path: Path, batch: int) -> Predictor:
-    from stampbatch import inference
+    from stampbatch.score import inference
 
     session = inference._ort_session(str(path), 1, gpu=False)
     name = session.get_inputs()[0].name
@@ -132,7 +132,8 @@ def _tf(keras_path: Path, arch: str, bf16: bool) -> Predictor:
     import keras
     import tensorflow as tf
 
-    from stampbatch import inference, models
+    from stampbatch.score import inference
+    from stampbatch.train import models
 
     fp32 = inference.load_keras(keras_path)
     if bf16:
@@ -155,7 +156,7 @@ def _tf(keras_path: Path, arch: str, bf16: bool) -> Predictor:
 
 def candidates(run: Path, arch: str, calib: np.ndarray, work: Path) -> dict[str, tuple]:
     """{label: (predictor, pipelines)} for every path tried; FP32 ONNX first."""
-    from stampbatch import inference
+    from stampbatch.score import inference
 
     spec = inference.prepare_model(inference.resolve_model(run), "onnx")
     onnx = Path(str(spec.onnx_path))
@@ -210,7 +211,8 @@ def verdict(labels: np.ndarray, ref: np.ndarray, p: np.ndarray, threshold: float
 def trial(run: Path, arch: str, data: Path, work: Path, n_speed: int,
           rounds: int = 5, n_calib: int = 2048) -> dict:
     """Speed of every candidate and its agreement with FP32 on the run's test split."""
-    from stampbatch import preprocess, store
+    from stampbatch import store
+    from stampbatch.train import preprocess
 
     with np.load(run / "split.npz") as npz:
         test = np.sort(npz["test"])
@@ -251,8 +253,9 @@ def whole_process_main(kind: str, candidates: str, run: str) -> None:
     """One whole process: imports, model load, read + normalise + predict every chunk of the
     file on two pipelines (as the in-process scorer), no journal or write. ``kind``:
     ``fp32-onnx`` (the scorer's path) or ``bf16-tf`` (the bf16 candidate, TensorFlow)."""
-    from stampbatch import inference, store
-    from stampbatch.preprocess import normalize_with_mask
+    from stampbatch import store
+    from stampbatch.score import inference
+    from stampbatch.train.preprocess import normalize_with_mask
 
     spec = inference.prepare_model(inference.resolve_model(run), "onnx")
     if kind == "fp32-onnx":

@@ -53,7 +53,7 @@ from scipy.stats import norm  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from stampbatch import store  # noqa: E402
-from stampbatch.evaluate import store_truth  # noqa: E402
+from stampbatch.report.evaluate import store_truth  # noqa: E402
 
 SNR_BINS = ((3, 5), (5, 7), (7, 10), (10, 20), (20, 50), (50, np.inf))
 NN_FWHM_BINS = (0.0, 1.25, 1.5, 2.0, 3.0, np.inf)
@@ -73,14 +73,14 @@ def load_model(run: Path):
     """RUN's saved model (loaded once, for the plain and the --d4 scoring)."""
     import keras
 
-    from stampbatch.train import configure_tensorflow
+    from stampbatch.train.loop import configure_tensorflow
 
     configure_tensorflow()
     return keras.models.load_model(run / "model.keras", safe_mode=True)
 
 
 def probabilities(model, data: Path, n: int) -> np.ndarray:
-    from stampbatch.dataset import predict_rows
+    from stampbatch.train.dataset import predict_rows
 
     prob, _, finite = predict_rows(model, data, np.arange(n))
     return np.where(finite, prob, np.nan)
@@ -89,7 +89,7 @@ def probabilities(model, data: Path, n: int) -> np.ndarray:
 def d4_mean_probabilities(model, raw: np.ndarray) -> np.ndarray:
     """P(source) of the stamps ``raw`` (N, H, W), averaged over each one's eight flips and
     quarter-turns."""
-    from stampbatch.preprocess import normalize_with_mask
+    from stampbatch.train.preprocess import normalize_with_mask
 
     x, _ = normalize_with_mask(raw)
     total = np.zeros(len(x))
@@ -103,7 +103,7 @@ def d4_mean_probabilities(model, raw: np.ndarray) -> np.ndarray:
 def streak_crosses_centre(dx: np.ndarray, dy: np.ndarray, angle: np.ndarray, length: np.ndarray,
                           fwhm: np.ndarray) -> np.ndarray:
     """Whether a trail (midpoint ``dx, dy`` px from the centre, ``length`` px at ``angle``
-    radians, as :func:`stampbatch.profiles.render_trail` draws it) passes within FWHM/2 of
+    radians, as :func:`stampbatch.sim.profiles.render_trail` draws it) passes within FWHM/2 of
     the stamp's centre, i.e. puts its light where a centred source would be."""
     c, s = np.cos(angle), np.sin(angle)
     along, across = -(dx * c + dy * s), dx * s - dy * c

@@ -41,22 +41,22 @@ _EXPORTS: dict[str, str] = {
     "read_labels": "stampbatch.store",
     "read_meta": "stampbatch.store",
     # simulate
-    "SimConfig": "stampbatch.simulate",
-    "write_simulated": "stampbatch.simulate",
+    "SimConfig": "stampbatch.sim.simulate",
+    "write_simulated": "stampbatch.sim.simulate",
     # train
-    "TrainConfig": "stampbatch.train",
-    "train_run": "stampbatch.train",
+    "TrainConfig": "stampbatch.train.loop",
+    "train_run": "stampbatch.train.loop",
     # score
-    "ClusterOptions": "stampbatch.score",
-    "ScoreOptions": "stampbatch.score",
-    "ScoreSummary": "stampbatch.score",
-    "score_files": "stampbatch.score",
+    "ClusterOptions": "stampbatch.score.run",
+    "ScoreOptions": "stampbatch.score.run",
+    "ScoreSummary": "stampbatch.score.run",
+    "score_files": "stampbatch.score.run",
     # read scores
     "Scores": "stampbatch.store",
     "list_scores": "stampbatch.store",
     "read_scores": "stampbatch.store",
     # evaluate
-    "evaluate_run": "stampbatch.evaluate",
+    "evaluate_run": "stampbatch.report.evaluate",
     # errors
     "StampbatchError": "stampbatch.errors",
     "StoreError": "stampbatch.store",
@@ -64,9 +64,9 @@ _EXPORTS: dict[str, str] = {
 
 if TYPE_CHECKING:
     from stampbatch.errors import StampbatchError
-    from stampbatch.evaluate import evaluate_run
-    from stampbatch.score import ClusterOptions, ScoreOptions, ScoreSummary, score_files
-    from stampbatch.simulate import SimConfig, write_simulated
+    from stampbatch.report.evaluate import evaluate_run
+    from stampbatch.score.run import ClusterOptions, ScoreOptions, ScoreSummary, score_files
+    from stampbatch.sim.simulate import SimConfig, write_simulated
     from stampbatch.store import (
         Scores,
         StoreError,
@@ -78,7 +78,7 @@ if TYPE_CHECKING:
         read_scores,
         read_stamps,
     )
-    from stampbatch.train import TrainConfig, train_run
+    from stampbatch.train.loop import TrainConfig, train_run
 
 __all__ = [
     "ClusterOptions",

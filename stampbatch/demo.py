@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stampbatch import cli, rundir, store
+from stampbatch import cli, store
+from stampbatch.train import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SPEC = REPO / "jobs" / "demo.toml"

@@ -17,7 +17,7 @@ import pytest
 # them, and it closes its stream when that is not the current sys.stderr: under pytest, the
 # capture stream of an earlier test, so a later test that first imports submitit (any
 # `launch`) ended the whole run ("lost sys.stderr") in orders that imported keras first
-# (tests/test_models.py before tests/test_bad_input.py). Import it before any test can.
+# (tests/train/test_models.py before tests/test_bad_input.py). Import it before any test can.
 import submitit  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

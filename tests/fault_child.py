@@ -1,4 +1,4 @@
-"""The small process tests/test_faults.py kills: journal one model's scores, then finalise;
+"""The small process tests/score/test_faults.py kills: journal one model's scores, then finalise;
 or pack a scored store.
 
     python tests/fault_child.py CANDIDATES.h5 MODEL CHUNK_ROWS [SEED]
@@ -7,7 +7,7 @@ or pack a scored store.
 It does what the scorer's driver does after the compute (no model, no Dask, so it starts
 in a fraction of a second): start or resume the journal of ``MODEL`` with the same
 manifest checks as a run, record every missing chunk (deterministic stand-in results),
-then :func:`stampbatch.score.finish_journals` — commit the model's scores file in the
+then :func:`stampbatch.score.run.finish_journals` — commit the model's scores file in the
 candidate file's scores folder, remove the journal, add the model to the folder's index
 (and, for a file without the ``/scores`` link, give it the link by copy-and-swap). The
 candidate file's stamps are never written. ``--pack`` runs :func:`stampbatch.store.pack`.
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from stampbatch import __version__, fileio, store
-from stampbatch.journal import IDENTITY_KEYS, JOURNAL_FORMAT, SETTING_KEYS, ChunkResult, Journal
-from stampbatch.score import finish_journals
+from stampbatch.score.journal import IDENTITY_KEYS, JOURNAL_FORMAT, SETTING_KEYS, ChunkResult, Journal
+from stampbatch.score.run import finish_journals
 
 STARTED = "2026-01-01T00:00:00Z"      # fixed, so every run commits identical attributes
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 from conftest import write_labelled_store
 
-from stampbatch import demo, launch, models, rundir
+from stampbatch import demo
+from stampbatch.slurm import launch
+from stampbatch.train import models, rundir
 
 
 def test_demo_spec_trains_every_architecture_longest_first_with_resnet50_on_a_subset(tmp_path):

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from observers import observer_statistics  # noqa: E402
 
-from stampbatch.profiles import render_psf  # noqa: E402
+from stampbatch.sim.profiles import render_psf  # noqa: E402
 
 N, FWHM, SIGMA = 1500, 3.0, 10.0
 

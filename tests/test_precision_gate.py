@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO, gaussian_stamps
 from test_score import _train
 
-from stampbatch import inference, preprocess
+from stampbatch.score import inference
+from stampbatch.train import preprocess
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import precision  # noqa: E402

@@ -16,7 +16,7 @@ from quality_breakdown import (  # noqa: E402
     streak_crosses_centre,
 )
 
-from stampbatch.profiles import render_trail  # noqa: E402
+from stampbatch.sim.profiles import render_trail  # noqa: E402
 
 
 def test_the_auc_deficit_shares_add_up_to_one_minus_the_roc_auc():

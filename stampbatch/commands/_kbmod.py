@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from stampbatch.errors import UsageError
 
 if TYPE_CHECKING:
-    from stampbatch.plan import ScoreOptions
+    from stampbatch.score.plan import ScoreOptions
 
 NAN_HELP = ("masked pixels (NaN/Inf/fill) are filled with the stamp's sky; rows that cannot be "
             "classified honestly (a masked pixel in the central 3x3, over half masked, or no "
@@ -53,7 +53,7 @@ def run_score(args: argparse.Namespace, options: ScoreOptions) -> int:
     """Score each KBMOD Results file given with ``options`` (the command's, ``--out`` the
     directory of the scored tables); one summary block per file."""
     from stampbatch import kbmod
-    from stampbatch.preprocess import UNUSABLE
+    from stampbatch.train.preprocess import UNUSABLE
 
     if len(args.model) != 1:
         raise UsageError("a KBMOD Results file is scored by one --model at a time "

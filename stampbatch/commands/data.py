@@ -110,8 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # long: argparse declara
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from stampbatch import simulate
     from stampbatch.config import from_mapping, load_toml
+    from stampbatch.sim import simulate
 
     config = simulate.SimConfig()
     if args.config is not None:
@@ -119,7 +119,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.backgrounds is not None:
         if args.candidates:
             raise UsageError("--backgrounds writes a labelled store; drop --candidates")
-        from stampbatch.inject import write_injected
+        from stampbatch.sim.inject import write_injected
 
         info = write_injected(args.out, args.backgrounds, config=config, seed=args.seed,
                               n=args.n, chunk_rows=args.chunk_rows,
@@ -138,7 +138,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def run_ingest(args: argparse.Namespace) -> int:
-    from stampbatch import fetch
+    from stampbatch.ingest import arrays as fetch
 
     if args.kbmod is not None:
         from stampbatch.commands import _kbmod
@@ -161,7 +161,7 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from stampbatch.download import fetch_url, redact_url
+    from stampbatch.ingest.download import fetch_url, redact_url
 
     got = fetch_url(args.url, args.dest, args.sha256, retries=args.retries, timeout=args.timeout,
                     overwrite=args.overwrite, progress=not args.quiet)
@@ -175,7 +175,7 @@ def run_fetch(args: argparse.Namespace) -> int:
 def describe_store(path: Path) -> str:
     """A human summary of one store (used by ``inspect``)."""
     from stampbatch import store
-    from stampbatch.preprocess import UNUSABLE
+    from stampbatch.train.preprocess import UNUSABLE
 
     info = store.open_store(path, check_labels_values=True)
     lines = [f"{path}"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stampbatch.rundir import MODEL_FILE
+from stampbatch.train.rundir import MODEL_FILE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from stampbatch.evaluate import (
+    from stampbatch.report.evaluate import (
         EVAL_DIR,
         EVALUATION_FILE,
         evaluate_run,

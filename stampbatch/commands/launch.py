@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _time_limit(text: str) -> int:
-    from stampbatch.launch import slurm_minutes
+    from stampbatch.slurm.launch import slurm_minutes
 
     try:
         return slurm_minutes(text)
@@ -72,7 +72,7 @@ def _time_limit(text: str) -> int:
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from stampbatch import job_status, launch
+    from stampbatch.slurm import job_status, launch
 
     if args.spec is not None:
         spec = launch.load_spec(args.spec)
@@ -109,12 +109,12 @@ def run_launch(args: argparse.Namespace) -> int:
 
 
 def _summarise(runs: Path, statuses) -> int:
-    from stampbatch import job_status, launch
+    from stampbatch.slurm import job_status, launch
 
     print(job_status.format_status(statuses))
     done = [s for s in statuses if s.completed]
     if done:
-        from stampbatch import report
+        from stampbatch.report import html as report
 
         print(f"report: {report.write_report(runs)}")
     failed = [s for s in statuses if not s.completed]
@@ -126,7 +126,7 @@ def _summarise(runs: Path, statuses) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from stampbatch import job_status
+    from stampbatch.slurm import job_status
 
     if not args.runs_dir.is_dir():
         raise UsageError(f"{args.runs_dir}: no such runs directory")
@@ -139,7 +139,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_collect(args: argparse.Namespace) -> int:
-    from stampbatch import job_status
+    from stampbatch.slurm import job_status
 
     path, unfinished = job_status.collect(args.runs_dir)
     print(f"report: {path}")

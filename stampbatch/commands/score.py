@@ -17,7 +17,7 @@ from stampbatch.errors import UsageError
 
 def _occlusion(text: str) -> str:
     from stampbatch.errors import StampbatchError
-    from stampbatch.tasks import OcclusionMode
+    from stampbatch.score.tasks import OcclusionMode
 
     try:
         return str(OcclusionMode.parse(text))
@@ -27,8 +27,8 @@ def _occlusion(text: str) -> str:
 
 def _walltime(text: str) -> str:
     """A Slurm time limit, read as Slurm reads it: a bare number is minutes."""
-    from stampbatch.cluster import walltime_seconds
     from stampbatch.errors import StampbatchError
+    from stampbatch.score.cluster import walltime_seconds
 
     try:
         seconds = walltime_seconds(text)
@@ -220,8 +220,8 @@ def _refuse_ignored_options(args: argparse.Namespace) -> None:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from stampbatch import score
-    from stampbatch.cluster import START_TIMEOUT
+    from stampbatch.score import run as score
+    from stampbatch.score.cluster import START_TIMEOUT
 
     _check_list_files(args.candidates)
     _refuse_ignored_options(args)
@@ -256,7 +256,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 def format_summary(summary) -> str:  # noqa: ANN001 - score.ScoreSummary
     """The end-of-run report: stamps, per-model counts, unscorable rows, time, rate."""
-    from stampbatch.preprocess import UNUSABLE
+    from stampbatch.train.preprocess import UNUSABLE
 
     lines = []
     if summary.stamps_scored:
@@ -288,8 +288,9 @@ def format_summary(summary) -> str:  # noqa: ANN001 - score.ScoreSummary
 def run_plot_occlusion(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from stampbatch import plots, store
+    from stampbatch import store
     from stampbatch.errors import StampbatchError
+    from stampbatch.report import plots
 
     scores = store.read_scores(args.file, args.model, with_maps=False)
     index = scores.occlusion_index

@@ -21,7 +21,7 @@ from stampbatch.commands._types import (
     seed,
 )
 from stampbatch.errors import UsageError
-from stampbatch.rundir import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE
+from stampbatch.train.rundir import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE
 
 # Stamp sides `models` can describe: smaller ones fit no architecture's convolutions, larger
 # ones make the dense layers of `simple` too big to build just to count them.
@@ -96,7 +96,7 @@ def _weights(text: str) -> list[float]:
 
 def _data_paths(data: Any) -> list[Path]:
     """'data' as given: one path, a list of paths, or a run's joined string."""
-    from stampbatch.train import DATA_SEPARATOR
+    from stampbatch.train.loop import DATA_SEPARATOR
 
     if isinstance(data, (list, tuple)):
         return [Path(d) for d in data]
@@ -107,7 +107,7 @@ def _data_paths(data: Any) -> list[Path]:
 
 def _train_settings(args: argparse.Namespace) -> tuple[list[Path], str, Any, Any]:
     from stampbatch.config import from_mapping, load_toml
-    from stampbatch.train_config import TrainConfig
+    from stampbatch.train.config import TrainConfig
 
     settings: dict[str, Any] = {}
     source = "command line"
@@ -171,12 +171,12 @@ def _check_batch_size(data: Sequence[Path], config: Any) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from stampbatch.models import check_architecture
+    from stampbatch.train.models import check_architecture
 
     data, arch, config, weights = _train_settings(args)
     check_architecture(arch)
     _check_batch_size(data, config)
-    from stampbatch.train import train_run
+    from stampbatch.train.loop import train_run
 
     metrics = train_run(data, arch, args.out, config, data_weights=weights,
                         progress=not args.quiet)
@@ -195,7 +195,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_models(args: argparse.Namespace) -> int:
     from stampbatch.errors import StampbatchError
-    from stampbatch.models import architecture_names, describe
+    from stampbatch.train.models import architecture_names, describe
 
     try:
         rows = [describe(name, (args.stamp_size, args.stamp_size)) for name in architecture_names()]
@@ -211,7 +211,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from stampbatch.report import write_report
+    from stampbatch.report.html import write_report
 
     path = write_report(args.runs_dir)
     print(path)

@@ -18,15 +18,15 @@ here): nothing else in stampbatch knows it.
   not streamable formats; they are read whole, as KBMOD reads them.
 * Scoring is one pass over the table: each batch is read once (all its columns), its
   stamps cropped and scored in chunks by the scorer's own chunk task
-  (:func:`stampbatch.tasks.score_stamps`, through the scorer's own executor,
-  :mod:`stampbatch.executor`: on threads of this process or on the Dask cluster
+  (:func:`stampbatch.score.tasks.score_stamps`, through the scorer's own executor,
+  :mod:`stampbatch.score.executor`: on threads of this process or on the Dask cluster
   ``stampbatch score`` would use, several chunks in flight), and written with its
   new columns into the output under a temporary name, fsynced and renamed when every row
   is in. Each finished chunk is journaled durably beside the output
-  (:mod:`stampbatch.journal`, ``<out>.stampbatch-journal/<model>/``), so a killed run
+  (:mod:`stampbatch.score.journal`, ``<out>.stampbatch-journal/<model>/``), so a killed run
   resumes: journaled chunks are read back, not scored again; the journal is removed last.
 * Masked pixels (NaN, Inf, fill values) are filled with the stamp's sky by
-  :func:`stampbatch.preprocess.normalize_with_mask`, as every scoring path does (KBMOD's own
+  :func:`stampbatch.train.preprocess.normalize_with_mask`, as every scoring path does (KBMOD's own
   filter sets NaN to 0 first, flux-free pixels far below an unsubtracted sky). Stamps it
   cannot classify honestly (a masked pixel in the central 3x3, over half masked, no noise
   to measure) are never fed to the model: ``prob_real`` and ``prob_bogus`` are NaN,
@@ -66,12 +66,12 @@ from stampbatch.kbmod.table import (
     results_format,
     stamp_geometry,
 )
-from stampbatch.rundir import METRICS_FILE, MODEL_FILE
+from stampbatch.train.rundir import METRICS_FILE, MODEL_FILE
 
 if TYPE_CHECKING:
-    from stampbatch.inference import ModelSpec
-    from stampbatch.journal import Journal
-    from stampbatch.plan import ScoreOptions
+    from stampbatch.score.inference import ModelSpec
+    from stampbatch.score.journal import Journal
+    from stampbatch.score.plan import ScoreOptions
 
 __all__ = ["FORMATS", "REQUIRED_COLUMNS", "SHAPES_KEY", "KbmodError", "KbmodSummary",
            "ResultsTable", "ResultsWriter", "check_uuids", "crop_center", "ingest_results",
@@ -200,7 +200,7 @@ def resolve_threshold(text: str, model: Path | str) -> tuple[float, str]:
     if not match:
         raise KbmodError(f"{metrics_file}: no threshold stored for FPR {target:g} (has "
                          f"{sorted(table) or 'none'}); use --threshold P")
-    from stampbatch.inference import check_run_model
+    from stampbatch.score.inference import check_run_model
 
     if not check_run_model(metrics_file.parent, model=run / MODEL_FILE if run.is_dir() else run):
         print(f"warning: {metrics_file}: records no sha256 of its model (a run from before "
@@ -251,7 +251,7 @@ def _manifest(table: ResultsTable, column: str, spec: ModelSpec, options: ScoreO
               batch_rows: int) -> dict[str, Any]:
     """What identifies a KBMOD run's journal: another input file (path, size, mtime), column,
     batching, model, backend, precision or occlusion setting starts over; the same resumes."""
-    from stampbatch.plan import journal_manifest
+    from stampbatch.score.plan import journal_manifest
 
     st = table.path.stat()
     return journal_manifest(spec, options, source=table.path,
@@ -274,15 +274,15 @@ def _score_stream(table: ResultsTable, column: str, spec: ModelSpec, options: Sc
                   batch_rows: int) -> tuple[_Counts, str]:
     """One pass over the table: each batch's stamps are cropped and scored in chunks of
     ``options.chunk_size`` rows (on threads or on Dask, several chunks in flight while this
-    thread reads and writes; :func:`stampbatch.executor.chunk_executor`), each chunk's
+    thread reads and writes; :func:`stampbatch.score.executor.chunk_executor`), each chunk's
     result is journaled durably, and the batch is
     written with its new columns in row order. Chunks journaled by a killed run are read
     back instead of scored."""
     from collections import deque
 
-    from stampbatch.executor import chunk_executor, chunk_result
     from stampbatch.progress import Progress
-    from stampbatch.tasks import score_stamps
+    from stampbatch.score.executor import chunk_executor, chunk_result
+    from stampbatch.score.tasks import score_stamps
 
     done = journal.finished_chunks()
     rows = options.chunk_size
@@ -359,7 +359,7 @@ def _provenance(source: Any, spec: ModelSpec, column: str, threshold: float, ori
 def _options(options: ScoreOptions | None, fields: Mapping[str, Any] | None,
              **keywords: Any) -> ScoreOptions:
     """``options`` (default ones) changed by ``fields`` and by the keywords given (not None)."""
-    from stampbatch.plan import ScoreOptions
+    from stampbatch.score.plan import ScoreOptions
 
     changes = dict(fields or {})
     for key, value in keywords.items():
@@ -396,14 +396,14 @@ def score_results(
     ``stampbatch``. Everything is checked before anything is written. One pass over the
     table; finished chunks are journaled beside the output, so a killed run resumes.
 
-    How to score is ``options`` (a :class:`stampbatch.plan.ScoreOptions`, as ``stampbatch
+    How to score is ``options`` (a :class:`stampbatch.score.plan.ScoreOptions`, as ``stampbatch
     score`` builds it: ``out_dir`` is the output's directory, beside the input by
     default). ``out_dir``, ``occlusion``, ``patch``, ``name``, ``backend``, ``force`` and the
     fields named in ``scorer_options`` change those options; a name that is no field, or a
     field given twice, is refused.
     """
-    from stampbatch import inference
-    from stampbatch.journal import Journal
+    from stampbatch.score import inference
+    from stampbatch.score.journal import Journal
 
     t0 = time.monotonic()
     options = _options(options, scorer_options, out_dir=out_dir, occlusion=occlusion,

@@ -292,7 +292,7 @@ def stamp_geometry(table: ResultsTable, column: str, stamp_shape: tuple[int, int
 
 def crop_center(stamps: np.ndarray, stamp_shape: tuple[int, int]) -> np.ndarray:
     """The central ``stamp_shape`` pixels of (N, h, w) stamps (h - H and w - W even)."""
-    from stampbatch.preprocess import SENTINEL_ABS
+    from stampbatch.train.preprocess import SENTINEL_ABS
 
     h, w = stamps.shape[1:]
     dy, dx = (h - stamp_shape[0]) // 2, (w - stamp_shape[1]) // 2
