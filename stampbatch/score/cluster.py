@@ -277,6 +277,25 @@ def _close_slurm_cluster(cluster: Any, *, hung: bool) -> None:
     _mark_unsubmitted_failed(cluster, Status)
     with contextlib.suppress(TimeoutError, OSError, RuntimeError):
         cluster.close(timeout=10)
+    if hung:  # one still ending, or one dask-jobqueue started while the first were killed
+        _end_children("sbatch")
+
+
+def _end_children(name: str, wait_s: float = 5.0) -> None:
+    """SIGKILL our children running ``name`` until none is left running (a killed process
+    still shows its command until the kernel has ended it; one may be started meanwhile),
+    for at most ``wait_s`` seconds. Ended children are zombies without a command line,
+    reaped by whoever started them."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while pids := _children_named(name):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def _mark_unsubmitted_failed(cluster: Any, status: Any) -> None:
