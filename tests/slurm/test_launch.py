@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -534,22 +535,6 @@ def test_slurm_trains_two_architectures(slurm_cluster, tmp_path, train_store, ca
 FAKE_APPTAINER = REPO / "tests" / "slurm" / "fake-apptainer"
 
 
-def epochs_lasting(data: Path, seconds: float, tmp_path: Path) -> int:
-    """How many epochs of the test jobs' training (``simple``, batch 64, ``data``) take about
-    ``seconds`` on this machine now: the difference of a 2- and a 6-epoch run after a warm-up
-    run, so TensorFlow's start-up and tracing do not count. Kept within [100, 600]: a job
-    slower than measured (a loaded machine) only requeues more often."""
-    config = train.TrainConfig(epochs=1, batch_size=64, patience=0)
-    took = []
-    for epochs in (1, 2, 6):
-        t0 = time.monotonic()
-        train.train_run(data, "simple", tmp_path / f"calibrate-{epochs}",
-                        dataclasses.replace(config, epochs=epochs), progress=False)
-        took.append(time.monotonic() - t0)
-    per_epoch = (took[2] - took[1]) / 4
-    return min(600, max(100, round(seconds / per_epoch))) if per_epoch > 0 else 150
-
-
 def read_loss(run_dir: Path) -> list[float] | None:
     with contextlib.suppress(OSError, ValueError):
         return json.loads((run_dir / "history.json").read_text())["loss"]
@@ -592,10 +577,15 @@ class WatchedJob:
     second_launch: str = ""
     preempted_at: float = 0.0
     urgent_job: str = ""
+    # the freeze (see freeze): seconds from the submission to it and to Slurm's USR2
+    frozen_at: float = 0.0
+    signalled_at: float = 0.0
+    hold_error: str | None = None
 
     def wait(self, timeout_s: float) -> list[list[float]]:
         assert self.done.wait(timeout_s), f"job still running after {timeout_s} s"
         assert self.error is None, self.error
+        assert self.hold_error is None, self.hold_error
         return self.seen
 
 
@@ -623,6 +613,92 @@ def follow_in_background(jobs: list[WatchedJob], timeout_s: float) -> None:
                 job.done.set()
 
     threading.Thread(target=poll, name="follow-slurm-jobs", daemon=True).start()
+
+
+USR2 = 1 << (signal.SIGUSR2 - 1)  # its bit in /proc/PID/status's pending-signal masks
+
+
+def job_python(job_id: str) -> list[int]:
+    """The job's Python process (submitit's ``_submit``, the task of step 0; the container
+    stand-in execs it), from ``scontrol listpids``; empty while the job is not running. Not
+    the batch step's srun, whose command line names it too: a stopped srun loses its step."""
+    out = subprocess.run(["scontrol", "listpids", job_id], capture_output=True,
+                         text=True).stdout
+    pids = []
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 3 or fields[2] == "batch":
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            argv = Path(f"/proc/{fields[0]}/cmdline").read_bytes().split(b"\0")
+            if Path(os.fsdecode(argv[0])).name.startswith("python") and \
+                    b"submitit.core._submit" in argv:
+                pids.append(int(fields[0]))
+    return pids
+
+
+def waiting_frozen(pid: int) -> bool:
+    """Whether process ``pid`` is still stopped with no USR2 pending. Slurm sends SIGCONT
+    with the signals it delivers (its time limit's and preemption's USR2 included), so the
+    process may run again before USR2 is seen pending: either ends the wait."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:  # it ran again and ended
+        return False
+    status = dict(line.split(":", 1) for line in lines if ":" in line)
+    pending = int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
+    return status["State"].split()[0] == "T" and not pending & USR2
+
+
+def freeze(job: WatchedJob) -> list[int]:
+    """SIGSTOP the job's Python: it holds its allocation but no CPU, like a job whose
+    training is slower than its time limit, so real limits and preemptions can be waited
+    for with a few epochs of training instead of minutes of it."""
+    pids = job_python(job.record["jobs"][0]["job_id"])
+    assert pids, f"no Python process of job {job.record['jobs'][0]['job_id']}"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while not all(waiting_frozen(pid) for pid in pids):  # SIGSTOP is delivered asynchronously
+        assert time.monotonic() < deadline, f"job {job.record['jobs'][0]['job_id']} never stopped"
+        time.sleep(0.01)
+    job.frozen_at = time.monotonic() - job.launched_at
+    return pids
+
+
+def thaw_on_usr2(job: WatchedJob, pids: list[int], timeout_s: float) -> None:
+    """Wait until Slurm's USR2 (the time limit's or the preemption's) has come for every
+    frozen process (``waiting_frozen``), then SIGCONT them: each wakes into the signal in the
+    middle of an epoch, as a running job takes it. ``job.signalled_at``: when it came."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if not any(waiting_frozen(pid) for pid in pids):
+                job.signalled_at = time.monotonic() - job.launched_at
+                return
+            assert time.monotonic() < deadline, f"no USR2 within {timeout_s} s of the freeze"
+            time.sleep(0.1)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def hold_until_signalled(jobs: list[WatchedJob], after_epoch: int, timeout_s: float) -> None:
+    """In one background thread per job: once its run directory has checkpointed
+    ``after_epoch``, freeze the job until Slurm's USR2 is pending, then let it take it."""
+    def hold(job: WatchedJob) -> None:
+        try:
+            deadline = time.monotonic() + timeout_s
+            while train.run_state(job.run_dir)["epoch"] < after_epoch:
+                assert time.monotonic() < deadline, f"epoch {after_epoch} never checkpointed"
+                time.sleep(0.1)
+            thaw_on_usr2(job, freeze(job), deadline - time.monotonic())
+        except BaseException as exc:  # reported by the test waiting for the job
+            job.hold_error = f"holding the job failed: {exc!r}"
+
+    for job in jobs:
+        threading.Thread(target=hold, args=(job,), name="hold-slurm-job", daemon=True).start()
 
 
 def wait_for_idle_node(timeout_s: float = 900) -> None:
@@ -661,28 +737,29 @@ def container_lines(tmp_path: Path) -> tuple[str, Path]:
     return f'container_image = "{image}"\ncontainer_python = "{sys.executable}"\n', bin_dir
 
 
+TIMELIMIT_EPOCHS = 6  # the requeued allocation trains the epochs after the freeze: seconds
+
+
 @pytest.fixture(scope="session")
 def timelimit_jobs(slurm_cluster, tmp_path_factory) -> dict[str, WatchedJob]:
-    """The three ``--time=2`` jobs, submitted together so that their waits overlap (they
-    once ran one after the other, 8-11 min): a host and a container job that must requeue
-    (``max_requeues = 20``: on a loaded machine an allocation trains little after TensorFlow's
-    start; 8 requeues were seen) and one that may not (``max_requeues = 0``). Their training is
-    sized once (``epochs_lasting``, three calibration runs) to ~150 s, more than one
-    ``--time=2`` allocation holds. Two run at once on the node's 2 CPUs, the third waits."""
+    """The three ``--time=2`` jobs, submitted together so that their waits overlap: a host
+    and a container job that must requeue (``max_requeues = 20``) and one that may not
+    (``max_requeues = 0``). Each is frozen once it has checkpointed epoch 1 (``freeze``) and
+    let go when the time limit's USR2 is pending: the limit is real and lands mid-epoch,
+    without minutes of training sized to outlast it (that cost ~390 CPU-s per suite run).
+    Two run at once on the node's 2 CPUs, the third waits for a slot."""
     root = tmp_path_factory.mktemp("timelimit")
     data = make_store(root / "train.h5", 6000)
-    epochs = epochs_lasting(data, 150, root)
     jobs = {}
-    for name in ("host", "container"):
+    for name in ("host", "container", "exhausted"):
         work = root / name
         work.mkdir()
         lines, bin_dir = container_lines(work) if name == "container" else ("", None)
-        jobs[name] = launch_tiny(work, data, epochs=epochs, time_min=2,
-                                 slurm="max_requeues = 20\n" + lines, path_prefix=bin_dir)
-    follow_in_background([jobs["host"], jobs["container"]], 2400)
-    (root / "exhausted").mkdir()
-    jobs["exhausted"] = launch_tiny(root / "exhausted", data, epochs=epochs, time_min=2,
-                                    slurm="max_requeues = 0")
+        requeues = "max_requeues = 0\n" if name == "exhausted" else "max_requeues = 20\n"
+        jobs[name] = launch_tiny(work, data, epochs=TIMELIMIT_EPOCHS, time_min=2,
+                                 slurm=requeues + lines, path_prefix=bin_dir)
+    hold_until_signalled(list(jobs.values()), after_epoch=1, timeout_s=900)
+    follow_in_background([jobs["host"], jobs["container"]], 900)
     return jobs
 
 
@@ -714,14 +791,18 @@ def assert_resumed_run(record: dict, run_dir: Path, epochs: int, seen: list[list
 @pytest.mark.timelimit
 @pytest.mark.parametrize("container", [False, True], ids=["host", "container"])
 def test_slurm_time_limit_requeues_and_resumes(timelimit_jobs, container):
-    """Waits out real ``--time=2`` limits (~4-6 min, shared with the other timelimit_jobs).
+    """Waits out real ``--time=2`` limits (~2-4 min, shared with the other timelimit_jobs).
 
     A real time limit: --time=2 with USR2 30 s before it (Slurm sends it 70-90 s after the
-    start here); training sized to ~150 s cannot fit in one run, so the job must requeue."""
+    start here); the job, frozen after epoch 1 until then, takes the signal mid-epoch,
+    checkpoints, requeues and trains the remaining epochs in its next allocation."""
     job = timelimit_jobs["container" if container else "host"]
-    seen = job.wait(2400)
+    seen = job.wait(900)
+    assert job.signalled_at > job.frozen_at > 0  # USR2 came while it trained (frozen)
     events = assert_resumed_run(job.record, job.run_dir, job.epochs, seen, container)
-    print(f"time limit ({'container' if container else 'host'}): "
+    assert re.search(r"interrupted after epoch [1-5];", events), events
+    print(f"time limit ({'container' if container else 'host'}): frozen at "
+          f"{job.frozen_at:.0f} s, USR2 at {job.signalled_at:.0f} s, "
           f"{events.count('interrupted after epoch')} requeue(s), done in "
           f"{time.monotonic() - job.launched_at:.0f} s")
 
@@ -731,8 +812,10 @@ def test_slurm_time_limit_requeues_and_resumes(timelimit_jobs, container):
 @pytest.mark.timelimit
 def test_slurm_exhausted_requeues_end_with_one_line_naming_the_log(timelimit_jobs, capsys):
     """Waits out a real ``--time=2`` limit (~2-4 min, overlapping the other timelimit_jobs)."""
-    job = timelimit_jobs["exhausted"]  # longer than --time=2 allows, max_requeues = 0
+    job = timelimit_jobs["exhausted"]  # frozen past --time=2's USR2, max_requeues = 0
     status = job_status.wait_for_jobs(job.record, poll_s=1.0, timeout_s=900)[0]
+    assert job.hold_error is None, job.hold_error
+    assert job.signalled_at > job.frozen_at > 0
     assert status.state == "FAILED"
     assert "(max_requeues = 0)" in status.error and str(status.log) in status.error
     assert re.match(rf"stopped at epoch \d+/{job.epochs}: preempted or timed out again",
@@ -745,11 +828,12 @@ def test_slurm_exhausted_requeues_end_with_one_line_naming_the_log(timelimit_job
 
 @pytest.fixture(scope="session")
 def preempted_jobs(slurm_cluster, tmp_path_factory) -> dict[str, WatchedJob]:
-    """Real preemption of a host and a container job at once: both train (25 epochs of 6000
-    stamps) until each has checkpointed epoch 2, a second launch of the same architecture is
-    tried, then one job in partition 'urgent' (higher priority tier) asks for both CPUs and
-    Slurm sends both USR2 (preempt_send_user_signal) and requeues them. Waits first for the
-    node to be idle: the urgent job would preempt any other test's job too."""
+    """Real preemption of a host and a container job at once: both train (8 epochs of 6000
+    stamps) until each has checkpointed epoch 2 and is frozen there (``freeze``), a second
+    launch of the same architecture is tried, then one job in partition 'urgent' (higher
+    priority tier) asks for both CPUs and Slurm sends both USR2 (preempt_send_user_signal),
+    which each takes mid-epoch when let go, and requeues them. Waits first for the node to be
+    idle: the urgent job would preempt any other test's job too."""
     wait_for_idle_node()
     root = tmp_path_factory.mktemp("preempt")
     data = make_store(root / "train.h5", 6000)
@@ -758,13 +842,19 @@ def preempted_jobs(slurm_cluster, tmp_path_factory) -> dict[str, WatchedJob]:
         work = root / name
         work.mkdir()
         lines, bin_dir = container_lines(work) if name == "container" else ("", None)
-        jobs[name] = launch_tiny(work, data, epochs=25, time_min=10, slurm=lines,
+        jobs[name] = launch_tiny(work, data, epochs=8, time_min=10, slurm=lines,
                                  path_prefix=bin_dir)
-    for name in ("host", "container"):
-        job = jobs[name]
-        job.seen = follow_history(job.record, job.run_dir, 300, until_epoch=2)
-        job.committed = train.run_state(job.run_dir)["epoch"]  # checkpointed before preemption
-        # a second launch for the same architecture must not race the running job
+    frozen: dict[str, list[int]] = {}
+    deadline = time.monotonic() + 300
+    while len(frozen) < len(jobs):  # each frozen as soon as it has checkpointed epoch 2
+        for name, job in jobs.items():
+            if name not in frozen and train.run_state(job.run_dir)["epoch"] >= 2:
+                frozen[name] = freeze(job)
+                job.seen = [loss] if (loss := read_loss(job.run_dir)) else []
+                job.committed = train.run_state(job.run_dir)["epoch"]  # before preemption
+        assert time.monotonic() < deadline, f"epoch 2 never checkpointed: {sorted(frozen)}"
+        time.sleep(0.1)
+    for job in jobs.values():  # a second launch of the same architecture must not race it
         spec_file = job.run_dir.parent.parent / "job.toml"
         with pytest.raises(UsageError) as again:
             launch.launch(launch.load_spec(spec_file), spec_file=spec_file)
@@ -775,6 +865,14 @@ def preempted_jobs(slurm_cluster, tmp_path_factory) -> dict[str, WatchedJob]:
     for job in jobs.values():
         job.preempted_at = time.monotonic() - job.launched_at
         job.urgent_job = urgent
+    threads = [threading.Thread(target=thaw_on_usr2, args=(job, frozen[name], 120))
+               for name, job in jobs.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for job in jobs.values():
+        assert job.signalled_at > job.preempted_at, "the preemption's USR2 never came"
     follow_in_background(list(jobs.values()), 900)
     return jobs
 
@@ -784,7 +882,7 @@ def preempted_jobs(slurm_cluster, tmp_path_factory) -> dict[str, WatchedJob]:
 @pytest.mark.timelimit
 @pytest.mark.parametrize("container", [False, True], ids=["host", "container"])
 def test_slurm_preempted_job_resumes_from_its_checkpoint(preempted_jobs, container):
-    """Waits for a real preemption and requeue (~2-4 min, host and container together)."""
+    """Waits for a real preemption and requeue (~1-2 min, host and container together)."""
     job = preempted_jobs["container" if container else "host"]
     assert re.search("job .* of an earlier launch is still", job.second_launch), \
         job.second_launch
