@@ -580,7 +580,10 @@ class _WatchedStop(threading.Event):
 def test_a_simulation_looks_for_a_stop_often_and_ends_once_it_is_set():
     """iter_blocks, closed early (an error, SIGTERM, Ctrl-C), sets ``stop`` for its blocks in
     flight rather than waiting for them (tests/test_cli_process.py times that): the default
-    simulator, galaxies' FFTs included, must look at it every few percent of a block's work."""
+    simulator, galaxies' FFTs included, must look at it every few percent of a block's work.
+    Half a block (~6 CPU-s, up to 25 s of wall time on 2 busy cores): fewer stamps have too
+    few pieces for a gap to be a small share of the whole."""
+    simulate_stamps(64, SimConfig(), np.random.default_rng(3))  # the first use's imports
     stop = _WatchedStop()
     start = time.thread_time()
     simulate_stamps(8192, SimConfig(), np.random.default_rng(3), stop=stop)
