@@ -204,10 +204,12 @@ def sersic_b(n: np.ndarray | float) -> np.ndarray:
 
 def _psf_transform(size: tuple[int, int], step: float, fwhm: np.ndarray,
                    beta: np.ndarray, ellip: np.ndarray | None = None,
-                   pa: np.ndarray | None = None) -> np.ndarray:
+                   pa: np.ndarray | None = None, *,
+                   check: Callable[[], None] | None = None) -> np.ndarray:
     """The PSFs' discrete Fourier transforms on the sub-pixel grid (unit sum): Gaussian in
     closed form, Moffat sampled (centred on sample (0, 0)) and transformed; elliptical
-    where ``ellip`` > 0 (as in :func:`render_psf`)."""
+    where ``ellip`` > 0 (as in :func:`render_psf`). ``check`` as in :func:`render_sersic`."""
+    check = check or _go_on
     if ellip is None or not np.any(np.asarray(ellip) > 0):
         return _round_psf_transform(size, step, fwhm, beta)
     ellip = np.asarray(ellip, dtype=np.float64)
@@ -224,6 +226,7 @@ def _psf_transform(size: tuple[int, int], step: float, fwhm: np.ndarray,
     out = np.exp(np.float32(-2.0 * np.pi**2) * k2).astype(np.complex64)
     moffat = np.flatnonzero(beta > 1.0)  # NaN compares False: Gaussian
     if moffat.size:
+        check()
         gy = (np.fft.fftfreq(size[0], 1.0 / size[0]) * step)[None, :, None].astype(np.float32)
         gx = (np.fft.fftfreq(size[1], 1.0 / size[1]) * step)[None, None, :].astype(np.float32)
         cm, sm = c[moffat], s[moffat]
@@ -234,6 +237,7 @@ def _psf_transform(size: tuple[int, int], step: float, fwhm: np.ndarray,
             + gb * gb / (alpha2 * minor[moffat] ** 2).astype(np.float32)[:, None, None]
         img = np.power(1.0 + r2, (-b).astype(np.float32)[:, None, None])
         img /= img.sum(axis=(1, 2), keepdims=True)
+        check()
         out[moffat] = np.fft.rfft2(img)
     return out
 
@@ -320,7 +324,7 @@ def _sersic_batch(shape, dx, dy, r_e, n, q, pa, fwhm, beta, psf_ellip, psf_pa, *
                  + gammaln(2.0 * n))
     img *= (step * step * np.exp(-log_total)).astype(np.float32)[:, None, None]
     check()
-    psf = _psf_transform(size, step, fwhm, beta, psf_ellip, psf_pa)
+    psf = _psf_transform(size, step, fwhm, beta, psf_ellip, psf_pa, check=check)
     check()
     transform = np.fft.rfft2(img)
     check()
