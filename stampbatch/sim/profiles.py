@@ -25,6 +25,7 @@ i - (H-1)/2)`` from the stamp centre: ``dx`` runs along columns, ``dy`` along ro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -203,10 +204,12 @@ def sersic_b(n: np.ndarray | float) -> np.ndarray:
 
 def _psf_transform(size: tuple[int, int], step: float, fwhm: np.ndarray,
                    beta: np.ndarray, ellip: np.ndarray | None = None,
-                   pa: np.ndarray | None = None) -> np.ndarray:
+                   pa: np.ndarray | None = None, *,
+                   check: Callable[[], None] | None = None) -> np.ndarray:
     """The PSFs' discrete Fourier transforms on the sub-pixel grid (unit sum): Gaussian in
     closed form, Moffat sampled (centred on sample (0, 0)) and transformed; elliptical
-    where ``ellip`` > 0 (as in :func:`render_psf`)."""
+    where ``ellip`` > 0 (as in :func:`render_psf`). ``check`` as in :func:`render_sersic`."""
+    check = check or _go_on
     if ellip is None or not np.any(np.asarray(ellip) > 0):
         return _round_psf_transform(size, step, fwhm, beta)
     ellip = np.asarray(ellip, dtype=np.float64)
@@ -223,6 +226,7 @@ def _psf_transform(size: tuple[int, int], step: float, fwhm: np.ndarray,
     out = np.exp(np.float32(-2.0 * np.pi**2) * k2).astype(np.complex64)
     moffat = np.flatnonzero(beta > 1.0)  # NaN compares False: Gaussian
     if moffat.size:
+        check()
         gy = (np.fft.fftfreq(size[0], 1.0 / size[0]) * step)[None, :, None].astype(np.float32)
         gx = (np.fft.fftfreq(size[1], 1.0 / size[1]) * step)[None, None, :].astype(np.float32)
         cm, sm = c[moffat], s[moffat]
@@ -233,6 +237,7 @@ def _psf_transform(size: tuple[int, int], step: float, fwhm: np.ndarray,
             + gb * gb / (alpha2 * minor[moffat] ** 2).astype(np.float32)[:, None, None]
         img = np.power(1.0 + r2, (-b).astype(np.float32)[:, None, None])
         img /= img.sum(axis=(1, 2), keepdims=True)
+        check()
         out[moffat] = np.fft.rfft2(img)
     return out
 
@@ -262,13 +267,15 @@ def _round_psf_transform(size: tuple[int, int], step: float, fwhm: np.ndarray,
 def render_sersic(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, r_e: np.ndarray,
                   n: np.ndarray, q: np.ndarray, pa: np.ndarray, fwhm: np.ndarray,
                   beta: np.ndarray | None = None, psf_ellip: np.ndarray | None = None,
-                  psf_pa: np.ndarray | None = None) -> np.ndarray:
+                  psf_pa: np.ndarray | None = None, *,
+                  check: Callable[[], None] | None = None) -> np.ndarray:
     """Unit-flux Sérsic galaxies convolved with each stamp's PSF, float32 (m, H, W).
 
     ``r_e`` (px) is the half-light semi-major axis, ``n`` the Sérsic index (1 exponential,
     4 de Vaucouleurs), ``q`` the axis ratio b/a, ``pa`` the major axis's angle from +x
     (radians); ``fwhm``/``beta``/``psf_ellip``/``psf_pa`` the PSF as in :func:`render_psf`.
-    Done in batches of ``SERSIC_BATCH`` galaxies (vectorised within a batch).
+    Done in batches of ``SERSIC_BATCH`` galaxies (vectorised within a batch); ``check``, if
+    given, is called between the steps of each batch (it may raise to stop the rendering).
     """
     args = [np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in (dx, dy, r_e, n, q, pa, fwhm)]
     m = len(args[0])
@@ -280,13 +287,20 @@ def render_sersic(shape: tuple[int, int], dx: np.ndarray, dy: np.ndarray, r_e: n
     out = np.empty((m, h, w), dtype=np.float32)
     for lo in range(0, m, SERSIC_BATCH):
         sl = slice(lo, lo + SERSIC_BATCH)
-        out[sl] = _sersic_batch((h, w), *(a[sl] for a in (*args, beta, psf_ellip, psf_pa)))
+        out[sl] = _sersic_batch((h, w), *(a[sl] for a in (*args, beta, psf_ellip, psf_pa)),
+                                check=check or _go_on)
     return out
 
 
-def _sersic_batch(shape, dx, dy, r_e, n, q, pa, fwhm, beta, psf_ellip, psf_pa) -> np.ndarray:
+def _go_on() -> None:
+    """The ``check`` of a rendering nobody stops."""
+
+
+def _sersic_batch(shape, dx, dy, r_e, n, q, pa, fwhm, beta, psf_ellip, psf_pa, *,
+                  check: Callable[[], None]) -> np.ndarray:
     from scipy.special import gammaln
 
+    check()
     h, w = shape
     os_, pad = SERSIC_OVERSAMPLE, SERSIC_PAD
     size = ((h + 2 * pad) * os_, (w + 2 * pad) * os_)
@@ -309,8 +323,13 @@ def _sersic_batch(shape, dx, dy, r_e, n, q, pa, fwhm, beta, psf_ellip, psf_pa) -
     log_total = (np.log(2.0 * np.pi * q * n) + 2.0 * np.log(r_e) + b - 2.0 * n * np.log(b)
                  + gammaln(2.0 * n))
     img *= (step * step * np.exp(-log_total)).astype(np.float32)[:, None, None]
-    conv = np.fft.irfft2(np.fft.rfft2(img) * _psf_transform(size, step, fwhm, beta, psf_ellip,
-                                                            psf_pa), s=size)
+    check()
+    psf = _psf_transform(size, step, fwhm, beta, psf_ellip, psf_pa, check=check)
+    check()
+    transform = np.fft.rfft2(img)
+    check()
+    conv = np.fft.irfft2(transform * psf, s=size)
+    check()
     binned = conv.reshape(len(dx), h + 2 * pad, os_, w + 2 * pad, os_).sum(axis=(2, 4))
     return binned[:, pad:pad + h, pad:pad + w]
 

@@ -12,6 +12,8 @@ sky, saturation and detector defects.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,6 +46,16 @@ _NO_COMPANION, _OFFCENTRE_COMPANION, _STREAK_COMPANION, _HOT_COMPANION, _COSMIC_
 # A negative's hard kind -> the companion it is (the same thing beside a positive's source).
 _KIND_COMPANION = {_OFFCENTRE: _OFFCENTRE_COMPANION, _STREAK: _STREAK_COMPANION,
                    _HOT: _HOT_COMPANION, _COSMIC: _COSMIC_COMPANION}
+
+
+# Shapes rendered between two checks for a stop (:meth:`Scene.check`): a fraction of a
+# second. Renderers work stamp by stamp, so a piece renders exactly as the whole would.
+RENDER_ROWS = 4096
+
+
+class Stopped(Exception):
+    """A simulation whose ``stop`` event was set ends here (internal: raised in the threads of
+    :func:`stampbatch.sim.simulate.iter_blocks` once it is closed early, never retrieved)."""
 
 
 def log_uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
@@ -169,7 +181,9 @@ def _companions(rng: np.random.Generator, labels: np.ndarray, drawn: np.ndarray,
 class Scene:
     """The noiseless signal of every stamp, built up source by source, and its truth."""
 
-    def __init__(self, n: int, shape: tuple[int, int], cond: dict[str, np.ndarray]) -> None:
+    def __init__(self, n: int, shape: tuple[int, int], cond: dict[str, np.ndarray],
+                 stop: threading.Event | None = None) -> None:
+        self.stop = stop
         self.shape = shape
         self.cond = cond
         self.signal = np.zeros((n, *shape), dtype=np.float32)
@@ -178,10 +192,34 @@ class Scene:
         self.centre: list[tuple[np.ndarray, np.ndarray]] = []  # (stamps, unit shapes) to place
         self.dx = np.full(n, np.nan)
         self.dy = np.full(n, np.nan)
-        centred = render_psf(shape, np.zeros(n), np.zeros(n), cond["fwhm"], cond["beta"],
-                             cond["psf_e"], cond["psf_pa"])
+        centred = self.psf(np.arange(n), np.zeros(n), np.zeros(n))
         self.psf_norm = np.sqrt(np.einsum("nij,nij->n", centred, centred, dtype=np.float64))
         self.psf_peak = centred.max(axis=(1, 2)).astype(np.float64)  # of a unit-flux star
+
+    def check(self) -> None:
+        """Raise :class:`Stopped` if the ``stop`` event is set: called between the stages and
+        between pieces of the heavy renders, so a stopped simulation ends within a fraction of
+        a second rather than at the end of its block."""
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped
+
+    def in_pieces(self, m: int, rows: int,
+                  render: Callable[[slice], np.ndarray]) -> np.ndarray:
+        """``m`` shapes rendered ``rows`` at a time (``render(piece)`` of consecutive slices),
+        checking for a stop before each piece."""
+        out = np.empty((m, *self.shape), dtype=np.float32)
+        for lo in range(0, m, rows):
+            self.check()
+            piece = slice(lo, min(lo + rows, m))
+            out[piece] = render(piece)
+        return out
+
+    def psf(self, idx: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+        """Unit-flux PSFs of stamps ``idx`` at (dx, dy), :data:`RENDER_ROWS` at a time."""
+        c = self.cond
+        fwhm, beta, ellip, pa = (c[k][idx] for k in ("fwhm", "beta", "psf_e", "psf_pa"))
+        return self.in_pieces(len(idx), RENDER_ROWS, lambda p: render_psf(
+            self.shape, dx[p], dy[p], fwhm[p], beta[p], ellip[p], pa[p]))
 
     def residual_shift(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s, a = self.cond["shift"][idx], self.cond["shift_angle"][idx]
@@ -232,6 +270,7 @@ class Scene:
         """
         c = self.cond
         for idx, unit in self.centre:
+            self.check()
             other = self.signal[idx].astype(np.float64)
             sigma = c["sigma"][idx][:, None, None]
             var = sigma**2 + (np.abs(other) if shot_noise else 0.0)
@@ -275,10 +314,10 @@ def _shapes(scene: Scene, stamp: np.ndarray, dx: np.ndarray, dy: np.ndarray,
 
     def render(x: np.ndarray, y: np.ndarray, sel: np.ndarray) -> np.ndarray:
         if galaxy is None:
-            return render_psf(scene.shape, x, y, fwhm[sel], beta[sel], psf_e[sel], psf_pa[sel])
+            return scene.psf(stamp[sel], x, y)
         return render_sersic(scene.shape, x, y, galaxy["r_e"][sel], galaxy["n"][sel],
                              galaxy["q"][sel], galaxy["pa"][sel], fwhm[sel], beta[sel],
-                             psf_e[sel], psf_pa[sel])
+                             psf_e[sel], psf_pa[sel], check=scene.check)
 
     out = np.empty((len(stamp), *scene.shape), dtype=np.float32)
     diff = c["background"][stamp] == _DIFFERENCE
@@ -332,9 +371,7 @@ def centre_sources(rng: np.random.Generator, scene: Scene, c: SimConfig,
             continue
         scene.dx[idx], scene.dy[idx] = _in_disc(rng, idx.size, c.max_centre_offset)
         if kind_id == _POINT:  # new light: not in a difference image's template
-            scene.centre.append((idx, render_psf(scene.shape, scene.dx[idx], scene.dy[idx],
-                                                 cond["fwhm"][idx], cond["beta"][idx],
-                                                 cond["psf_e"][idx], cond["psf_pa"][idx])))
+            scene.centre.append((idx, scene.psf(idx, scene.dx[idx], scene.dy[idx])))
             continue
         gal = _galaxy_params(rng, idx.size, c, c.centre_galaxy_re_max)
         truth[store.META_HALF_LIGHT_RADIUS][idx] = gal["r_e"] * np.sqrt(gal["q"])  # circularised
@@ -461,6 +498,7 @@ def _render_field(rng: np.random.Generator, scene: Scene, fs: FieldSources,
     stamps, with spikes on the saturating point stars of ``spiky`` stamps."""
     cond = scene.cond
     for sel in (np.flatnonzero(~galaxy), np.flatnonzero(galaxy)):
+        scene.check()
         if not sel.size:
             continue
         params = (_galaxy_params(rng, sel.size, c, c.galaxy_re_max)
@@ -484,6 +522,7 @@ def observe(rng: np.random.Generator, scene: Scene, c: SimConfig,
     """Noise (with the signals' shot noise), sky, saturation and detector defects."""
     cond, shape = scene.cond, scene.shape
     n = len(scene.flux)
+    scene.check()
     sigma32 = cond["sigma"].astype(np.float32)[:, None, None]
     stamps = backgrounds.noise(rng, cond["noise_corr"], shape) * sigma32
     if c.source_shot_noise:

@@ -135,6 +135,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections import deque
 from collections.abc import Generator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -217,11 +218,14 @@ def matched_filter_snr(stamps: np.ndarray, shapes: np.ndarray, sigma: np.ndarray
 
 
 def simulate_stamps(n: int, config: SimConfig | None = None,
-                    rng: np.random.Generator | int | None = None) -> SimulatedBatch:
+                    rng: np.random.Generator | int | None = None, *,
+                    stop: threading.Event | None = None) -> SimulatedBatch:
     """Simulate ``n`` stamps in memory (vectorised over stamps).
 
     ``rng`` is a numpy Generator (or a seed). See the module docstring for the model, the
-    SNR definition and the metadata columns.
+    SNR definition and the metadata columns. Once ``stop`` is set the simulation ends within
+    a fraction of a second, raising the internal :class:`stampbatch.sim.scene.Stopped`
+    (:func:`iter_blocks` sets it when closed early).
     """
     config = SimConfig() if config is None else config
     config.validate()
@@ -230,16 +234,19 @@ def simulate_stamps(n: int, config: SimConfig | None = None,
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     shape = (int(config.stamp_shape[0]), int(config.stamp_shape[1]))
     cond = conditions(rng, n, config)
-    scene = Scene(n, shape, cond)
+    scene = Scene(n, shape, cond, stop)
     truth = {name: np.full(n, np.nan)
              for name in (store.META_HALF_LIGHT_RADIUS, "sersic_n", "axis_ratio")}
     truth["trail_length"] = np.zeros(n)
     truth["trail_angle"] = np.full(n, np.nan)
     centre_sources(rng, scene, config, truth)
+    scene.check()
     hard_negatives(rng, scene, config, truth)
+    scene.check()
     fs = field_population(rng, scene, config)
     scene.place_centre(config.source_shot_noise, MAX_SNR)
     stamps = observe(rng, scene, config, truth)
+    scene.check()
     n_field, nn_distance, nn_snr = nearest(fs, n)
     f32 = np.float32
     meta = {
@@ -274,13 +281,16 @@ def iter_blocks(n: int, config: SimConfig, seed: int, *,
     With ``workers`` > 1, blocks are simulated ahead in that many threads (numpy releases
     the GIL in the heavy loops) and still yielded in order; at most ``workers + 1`` blocks
     (the one yielded and those being simulated) are held at once, so memory stays bounded.
-    The contents do not depend on ``workers``.
+    The contents do not depend on ``workers``. Closed early (an error, SIGTERM, Ctrl-C), it
+    stops the blocks in flight at their next check (:meth:`stampbatch.sim.scene.Scene.check`)
+    and returns within about a second, rather than waiting for them to finish.
     """
     starts = range(0, n, SIM_BLOCK_ROWS)
+    stop = threading.Event()
 
     def make(block: int) -> SimulatedBatch:
         return simulate_stamps(min(SIM_BLOCK_ROWS, n - starts[block]), config,
-                               block_rng(seed, block))
+                               block_rng(seed, block), stop=stop)
 
     if workers <= 1 or len(starts) == 1:
         yield from map(make, range(len(starts)))
@@ -299,6 +309,7 @@ def iter_blocks(n: int, config: SimConfig, seed: int, *,
                 submitted += 1
             yield batch
     finally:
+        stop.set()  # the blocks in flight raise Stopped at their next check; nobody reads it
         pool.shutdown(wait=True, cancel_futures=True)
 
 

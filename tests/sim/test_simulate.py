@@ -6,6 +6,8 @@ import dataclasses
 import itertools
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from stampbatch.cli import main
 from stampbatch.config import from_mapping, to_toml
 from stampbatch.errors import SimConfigError, UsageError
 from stampbatch.sim import simulate
+from stampbatch.sim.scene import Stopped
 from stampbatch.sim.simulate import SimConfig, simulate_stamps
 from stampbatch.train.preprocess import normalize
 
@@ -551,15 +554,46 @@ def test_a_failure_midway_leaves_no_file(tmp_path, monkeypatch, workers):
     real = simulate.simulate_stamps
     calls = itertools.count()  # next() is atomic: safe from the simulation threads
 
-    def failing(n, config, rng):
+    def failing(n, config, rng, **options):
         if next(calls) == 3:
             raise MemoryError("simulated failure in block 3")
-        return real(n, config, rng)
+        return real(n, config, rng, **options)
 
     monkeypatch.setattr(simulate, "simulate_stamps", failing)
     with pytest.raises(MemoryError, match="block 3"):
         simulate.write_simulated(tmp_path / "sim.h5", 1000, progress=False, workers=workers)
     assert list(tmp_path.iterdir()) == []
+
+
+class _WatchedStop(threading.Event):
+    """A stop event that notes, in the simulating thread's CPU time, each look at it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks: list[float] = []
+
+    def is_set(self) -> bool:
+        self.looks.append(time.thread_time())
+        return super().is_set()
+
+
+def test_a_simulation_looks_for_a_stop_often_and_ends_once_it_is_set():
+    """iter_blocks, closed early (an error, SIGTERM, Ctrl-C), sets ``stop`` for its blocks in
+    flight rather than waiting for them (tests/test_cli_process.py times that): the default
+    simulator, galaxies' FFTs included, must look at it every few percent of a block's work.
+    Half a block (~6 CPU-s, up to 25 s of wall time on 2 busy cores): fewer stamps have too
+    few pieces for a gap to be a small share of the whole."""
+    simulate_stamps(64, SimConfig(), np.random.default_rng(3))  # the first use's imports
+    stop = _WatchedStop()
+    start = time.thread_time()
+    simulate_stamps(8192, SimConfig(), np.random.default_rng(3), stop=stop)
+    gaps = np.diff([start, *stop.looks, time.thread_time()])
+    assert len(stop.looks) > 20 and gaps.max() < 0.1 * gaps.sum(), (len(gaps), gaps.max(), gaps.sum())
+    stop.set()
+    looked = len(stop.looks)
+    with pytest.raises(Stopped):
+        simulate_stamps(8192, SimConfig(), np.random.default_rng(3), stop=stop)
+    assert len(stop.looks) == looked + 1  # at its first look, before the first render
 
 
 def test_progress_line_on_stderr(tmp_path, capsys):
