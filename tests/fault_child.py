@@ -14,6 +14,9 @@ candidate file's stamps are never written. ``--pack`` runs :func:`stampbatch.sto
 
 With ``FAULT_CHILD_MARKER=1`` it prints ``started`` once its imports are done, just before
 the work, so that a parent timing a random kill can aim it at the work, not at start-up.
+With ``FAULT_CHILD_MARKER=wait`` it prints ``started`` and then waits for a line on stdin
+before the work: the parent attaches ``strace -p`` meanwhile, so that the imports (thousands
+of system calls) do not run under ptrace, and releases it once the attach is in place.
 """
 
 from __future__ import annotations
@@ -66,8 +69,12 @@ def run(target: Path, model: str, chunk_rows: int, seed: int = 7) -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("FAULT_CHILD_MARKER") == "1":
+    marker = os.environ.get("FAULT_CHILD_MARKER")
+    if marker in ("1", "wait"):
         print("started", flush=True)
+    if marker == "wait":             # until the parent's strace is attached: one read(0, ...)
+        if not os.read(0, 64).endswith(b"\n"):
+            sys.exit("fault_child: stdin closed before the parent released the work")
     if sys.argv[1] == "--pack":
         store.pack(Path(sys.argv[2]), Path(sys.argv[3]), overwrite=True)
     else:

@@ -13,10 +13,20 @@ for pack, the original and its scores folder are byte-identical and the output i
 or complete and equal. The figures of the last run are printed and recorded in
 RELIABILITY.md.
 
-These tests are slow (45-135 s a case, about 6 min for the four on a loaded 2-core machine,
-as long as the three cases of the harness before plus 45 s for pack): each kill is a fresh
-Python process (about a second, mostly imports) and a check with a rerun, and the proof
-needs every call, not a sample. The kills run in parallel processes; every check and rerun runs
+strace attaches after the imports (``_Traced``): the child prints ``started`` and waits,
+``strace -p PID -f`` attaches with the same ``-e trace/inject`` (K counted from the attach,
+in the probe that lists the calls as in every kill), and the child is released once strace
+says it is attached and every thread's TracerPid is strace. Python's start-up and imports
+(thousands of syscalls, most of a child's) thus run without a ptrace stop at each syscall
+(``--seccomp-bpf`` would avoid those stops, but strace 6.1 cannot inject a signal with it).
+A second probe traces a whole run from its exec, as before: the attached run's calls must be
+its last ones, same order and phases; the few file-changing calls before them (start-up: the
+/dev/null that Python's platform module opens for ``uname -p``) are swept as before, with
+strace starting the child. The sweep is thus the same set of kill points as before.
+
+These tests are slow (45-105 s a case on a loaded 2-core machine, 19-63 CPU-s, 170 for the
+four): each kill is a fresh Python process (about 0.4 CPU-s, mostly imports) and a check with
+a rerun, and the proof needs every call, not a sample. The kills run in parallel processes; every check and rerun runs
 in the one thread that also starts them, because a fork while this process holds an HDF5
 file open hands its file lock to the child until that execs (RELIABILITY.md, "the foreign
 failure").
@@ -28,6 +38,8 @@ import collections
 import hashlib
 import os
 import random
+import re
+import select
 import shutil
 import subprocess
 import sys
@@ -111,19 +123,89 @@ def _files(work: Path) -> dict[str, str]:
 PACKED = "cand.packed.h5"
 
 
-def _child(work: Path, kind: str, strace_args: list[str], *,
-           marker: bool = False) -> subprocess.Popen:
-    """The killed process on the copy ``work`` of the case: score 'new' or pack."""
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", FAULT_CHILD_MARKER=str(int(marker)),
+def _child(work: Path, kind: str, *, marker: str = "0",
+           prefix: list[str] | None = None) -> subprocess.Popen:
+    """The killed process on the copy ``work`` of the case: score 'new' or pack, run by the
+    command ``prefix`` (strace) if given. ``marker`` is tests/fault_child.py's
+    FAULT_CHILD_MARKER: "1" prints ``started`` after the imports, "wait" also waits there for
+    a line on stdin."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", FAULT_CHILD_MARKER=marker,
+               OPENBLAS_NUM_THREADS="1",        # numpy's idle BLAS thread: one fewer to attach
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     args = ["--pack", str(work / "cand.h5"), str(work / PACKED)] if kind == "pack" else \
         [str(work / "cand.h5"), "new", str(ROWS), str(SEED)]
     err = open(work.parent / "stderr.txt", "wb")           # noqa: SIM115 - closed by the caller
-    proc = subprocess.Popen([*strace_args, sys.executable, CHILD, *args], env=env,
-                            stdout=subprocess.PIPE if marker else subprocess.DEVNULL,
+    proc = subprocess.Popen([*(prefix or []), sys.executable, CHILD, *args], env=env,
+                            stdin=subprocess.PIPE if marker == "wait" else subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL if marker == "0" else subprocess.PIPE,
                             stderr=err)
     err.close()
     return proc
+
+
+class _Traced:
+    """A child with strace attached after its imports, before its work: the child prints
+    ``started`` and waits; ``strace -p PID -f OPTIONS`` attaches (K counts from there, so the
+    probe and every kill count from the same point); once strace says the process is attached
+    (printed after PTRACE_SEIZE and PTRACE_INTERRUPT of every thread: no later syscall can
+    pass untraced) and /proc says every thread's tracer is that strace, the child is released.
+    Python's start-up and imports, most of a child's syscalls, thus run without ptrace's stop
+    at every syscall (strace 6.1 cannot inject a signal with --seccomp-bpf). ``step`` moves it
+    on without blocking; ``fds`` are what it waits for."""
+
+    def __init__(self, work: Path, kind: str, options: list[str]):
+        self.work, self.options = work, options
+        self.child = _child(work, kind, marker="wait")
+        self.strace: subprocess.Popen | None = None
+        self.released = False
+
+    def _stderr(self) -> str:
+        return (self.work.parent / "stderr.txt").read_text()[-1500:]
+
+    def fds(self) -> list:
+        return [self.child.stdout if self.strace is None or self.released
+                else self.strace.stderr]
+
+    def step(self) -> bool:
+        """Advance if what it waits for is there; True once the child and strace have ended."""
+        if not select.select(self.fds(), [], [], 0)[0]:
+            return False
+        pid = self.child.pid
+        if self.strace is None:
+            assert self.child.stdout.readline() == b"started\n", self._stderr()
+            self.strace = subprocess.Popen(
+                [STRACE, "-p", str(pid), "-f", "--quiet=exit,personality", *self.options],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            return False
+        if not self.released:
+            said = self.strace.stderr.readline()
+            assert re.fullmatch(rb"(?:.*/)?strace: Process %d attached( with \d+ threads)?\n" % pid,
+                                said), said
+            tracers = {}
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                status = (task / "status").read_text()
+                tracers[task.name] = int(re.search(r"^TracerPid:\s*(\d+)", status, re.M)[1])
+            assert set(tracers.values()) == {self.strace.pid}, tracers
+            self.child.stdin.write(b"go\n")
+            self.child.stdin.close()
+            self.released = True
+            return False
+        assert self.child.stdout.read() == b""         # EOF: the child has ended
+        self.child.wait()
+        self.child.stdout.close()
+        _, said = self.strace.communicate(timeout=60)
+        assert self.strace.returncode == 0 and said == b"", said
+        return True
+
+
+def _traced_run(work: Path, kind: str, options: list[str]) -> subprocess.Popen:
+    """Run a ``_Traced`` child to its end; the child's Popen."""
+    traced = _Traced(work, kind, options)
+    deadline = time.monotonic() + 120
+    while not traced.step():
+        assert time.monotonic() < deadline, "the traced child did not end in 120 s"
+        select.select(traced.fds(), [], [], 0.5)
+    return traced.child
 
 
 def _phase(line: str) -> str:
@@ -136,31 +218,51 @@ def _phase(line: str) -> str:
     return "other"
 
 
-def _calls(case: Path, kind: str, tmp: Path) -> tuple[list[tuple[str, int, str]], dict]:
-    """(syscall, K, phase) of every file-changing call of an uninterrupted run, and the count
-    of every traced syscall (``openat`` counted whole, swept only where it opens for writing)."""
-    work = tmp / "probe" / "work"
-    shutil.copytree(case.parent, work)
-    trace = tmp / "trace.txt"
-    proc = _child(work, kind, [STRACE, "-f", "-qq", "-y", "-o", str(trace),
-                               "-e", "trace=" + ",".join(SYSCALLS)])
-    proc.wait(timeout=120)
-    assert proc.returncode == 0, (work.parent / "stderr.txt").read_text()[-2000:]
+def _parse(trace: Path, main: str) -> tuple[list[tuple[str, int, str]], dict]:
+    """(syscall, K, phase) of every file-changing call of process ``main`` in an strace -f -y
+    log, and the count of every traced syscall (``openat`` counted whole, swept only where it
+    opens for writing). strace counts K per process: only the child's own calls are counted
+    and swept (the `uname -p` that Python's platform module runs at start-up writes to a pipe)."""
     counts: collections.Counter = collections.Counter({name: 0 for name in SYSCALLS})
     calls = []
-    lines = trace.read_text().splitlines()
-    main = lines[0].split(None, 1)[0]
-    for line in lines:
+    for line in trace.read_text().splitlines():
         pid, rest = line.split(None, 1) if " " in line else ("", "")
         name = rest.split("(", 1)[0]
-        # strace counts K per process: only the child's own calls are counted and swept (the
-        # `uname -p` that Python's platform module runs at start-up writes to a pipe)
         if name in SYSCALLS and pid == main:
             counts[name] += 1
             if name != "openat" or any(flag in line for flag in WRITE_OPEN):
                 calls.append((name, counts[name], _phase(line)))
-    shutil.rmtree(work.parent)
     return calls, dict(counts)
+
+
+def _calls(case: Path, kind: str, tmp: Path) -> tuple[list[tuple[str, int, str, bool]], dict]:
+    """(syscall, K, phase, attached) of every file-changing call of an uninterrupted run, and
+    the count of every traced syscall in it. Two probes: the whole run traced from its exec
+    (as the sweep did before it attached after the imports), and a run traced from the attach
+    after its imports (``_Traced``). The attached run's calls must be the last calls of the
+    whole run, in the same order and phases: the work is the same. The whole run's calls
+    before them (start-up: the /dev/null that Python's platform module opens for `uname -p`)
+    are swept as before, strace starting the child (attached False, K from the exec); the
+    work's with strace attached after the imports (attached True, K from the attach)."""
+    work = tmp / "probe" / "work"
+    every = ["-e", "trace=" + ",".join(SYSCALLS)]
+    shutil.copytree(case.parent, work)
+    trace = tmp / "trace.txt"
+    proc = _child(work, kind, prefix=[STRACE, "-f", "-qq", "-y", "-o", str(trace), *every])
+    assert proc.wait(timeout=120) == 0, (work.parent / "stderr.txt").read_text()[-2000:]
+    whole, counts = _parse(trace, trace.read_text().split(None, 1)[0])
+    shutil.rmtree(work.parent)
+    shutil.copytree(case.parent, work)
+    proc = _traced_run(work, kind, ["-y", "-o", str(trace), *every])
+    assert proc.returncode == 0, (work.parent / "stderr.txt").read_text()[-2000:]
+    attached, after = _parse(trace, str(proc.pid))
+    shutil.rmtree(work.parent)
+    before = {name: counts[name] - after[name] for name in SYSCALLS}
+    assert min(before.values()) >= 0, (counts, after)
+    startup = [(name, k, phase, False) for name, k, phase in whole if k <= before[name]]
+    assert [(name, k - before[name], phase) for name, k, phase in whole
+            if k > before[name]] == attached, "the attached run's calls are not the whole run's last"
+    return startup + [(name, k, phase, True) for name, k, phase in attached], counts
 
 
 def _check_after_kill(work: Path, kind: str, before: dict, reference, previous) -> None:
@@ -242,22 +344,26 @@ def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tm
     outcomes: list[int] = [0] * len(calls)
     while todo or running:
         while free and todo:
-            i, (name, k, _) = todo.pop(0)
+            i, (name, k, _, attach) = todo.pop(0)
             work = free.pop()
             shutil.copytree(case.parent, work)
-            running[work] = (i, f"{name} call {k}", _child(
-                work, kind, [STRACE, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={name}",
-                             "-e", f"inject={name}:signal=KILL:when={k}"]))
-        done = [w for w, (_, _, proc) in running.items() if proc.poll() is not None]
-        if not done:
-            time.sleep(0.005)
+            kill = ["-o", "/dev/null", "-e", f"trace={name}",
+                    "-e", f"inject={name}:signal=KILL:when={k}"]
+            running[work] = (i, f"{name} call {k}" + (" after the imports" if attach else ""),
+                             _Traced(work, kind, kill) if attach
+                             else _child(work, kind, prefix=[STRACE, "-f", "-qq", *kill]))
+        select.select([fd for _, _, t in running.values() if isinstance(t, _Traced)
+                       for fd in t.fds()], [], [], 0.005)
+        done = [w for w, (_, _, t) in running.items()
+                if (t.step() if isinstance(t, _Traced) else t.poll() is not None)]
         for work in done:
-            i, where, proc = running.pop(work)
+            i, where, t = running.pop(work)
+            proc = t.child if isinstance(t, _Traced) else t
             check(work, proc, where)
             outcomes[i] = proc.returncode
             free.append(work)
     missed_at = []
-    for (name, k, phase), code in zip(calls, outcomes):
+    for (name, k, phase, _), code in zip(calls, outcomes):
         if code == 0:                 # the run ended before its K-th call: none expected
             missed += 1
             missed_at.append(f"{name} {k}")
@@ -275,7 +381,7 @@ def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tm
         return time.monotonic()
 
     shutil.copytree(case.parent, work)
-    p = _child(work, kind, [], marker=True)
+    p = _child(work, kind, marker="1")
     begun = started(p)
     assert p.wait(timeout=120) == 0
     span = time.monotonic() - begun
@@ -285,7 +391,7 @@ def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tm
     while kills["random time"] < 12:
         assert early < 24, f"{early} random-time kills came after the run ended (span {span:.3f} s)"
         shutil.copytree(case.parent, work)
-        proc = _child(work, kind, [], marker=True)
+        proc = _child(work, kind, marker="1")
         begun = started(proc)
         time.sleep(rng.uniform(0.0, 1.0) * span)
         proc.kill()
@@ -303,7 +409,8 @@ def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tm
           f"past the run's end, {early} random-time retries, work span {span:.3f} s): "
           + ", ".join(f"{k} {v}" for k, v in sorted(kills.items()))
           + "\ncalls traced: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-          + f"; openat swept: {sum(1 for c in calls if c[0] == 'openat')}; journal calls left "
+          + f"; openat swept: {sum(1 for c in calls if c[0] == 'openat')}; swept with strace "
+          + f"from the exec (start-up): {sum(1 for c in calls if not c[3])}; journal calls left "
           + f"to 'new': {len(shared)}; past the end: "
           + ", ".join(missed_at))
     assert total >= least + 10
