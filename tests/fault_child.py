@@ -88,7 +88,9 @@ def _forked(argv: list[str], stderr: str, release: int) -> None:
         null = os.open(os.devnull, os.O_RDWR)
         for fd, to in ((null, 0), (null, 1), (err, 2)):
             os.dup2(fd, to)
-        os.read(release, 64)
+        if not os.read(release, 64):    # the zygote ended before releasing it: no work
+            code = 1
+            return
         work(argv)
     except BaseException:               # the traceback goes to the child's stderr file
         traceback.print_exc()
@@ -105,10 +107,10 @@ def serve() -> None:
     sends its stdin and stdout to /dev/null and its stderr to STDERR_FILE, then waits to be
     released; ``started PID`` is printed. ``["go", PID]`` releases it: it does what ``ARGS``
     ask (as this script's command line would), then ends. ``["kill", PID]`` sends it SIGKILL
-    if it has not been reaped yet. ``ended PID CODE`` is printed once
-    it has ended (CODE as subprocess gives it: -9 for SIGKILL). EOF: wait for the children,
-    end. The children need no imports (about 0.4 CPU-s each), and a parent can attach strace
-    to one before releasing it."""
+    if it has not been reaped yet. ``ended PID CODE`` is printed once it has ended (CODE as
+    subprocess gives it: -9 for SIGKILL). EOF: the children not yet released end without
+    their work; wait for all, end. The children need no imports (about 0.4 CPU-s each), and
+    a parent can attach strace to one before releasing it."""
     os.set_blocking(0, False)
     pending: bytes | None = b""            # None once stdin is closed
     releases: dict[int, int] = {}          # pid: the write end of its release pipe
@@ -123,8 +125,11 @@ def serve() -> None:
                 print(f"ended {pid} {code}", flush=True)
                 continue
             data = os.read(0, 65536)
-            if not data:
+            if not data:                   # the parent is gone or done: unreleased runs end
                 pending = None
+                for w in releases.values():
+                    os.close(w)
+                releases.clear()
                 continue
             pending += data
             while b"\n" in pending:

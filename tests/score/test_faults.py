@@ -26,8 +26,8 @@ either way), and the file-changing calls before them (start-up: the /dev/null th
 platform module opens for ``uname -p``) are swept as before, with strace starting a fresh
 Python. The sweep is the same set of kill points as before: the counts are unchanged.
 
-These tests are slow (11-55 s a case on a loaded 2-core machine, 6-31 CPU-s, 75 for the
-four, 218 before the zygote): each kill is a check with a rerun in this process, and the
+These tests are slow (5-35 s a case on a loaded 2-core machine, 5-31 CPU-s, 66-76 for the
+four; 205-218 before the zygote): each kill is a check with a rerun in this process, and the
 proof needs every call, not a sample. The kills run in parallel processes; every check and
 rerun runs in the one thread that also starts them, because a fork while this process holds
 an HDF5 file open hands its file lock to the child until that execs (RELIABILITY.md, "the
