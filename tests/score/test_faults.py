@@ -6,28 +6,43 @@ journal-and-finalise pass (tests/fault_child.py: record the chunks, commit the s
 remove the journal, update the index, and — for a file made elsewhere — the one
 copy-and-swap that gives it its /scores link) and of a whole ``store.pack``, for every
 syscall that changes a file (``openat`` only where it opens for writing). Random-time kills
-are added on top, aimed after the child says it has started its work. After each kill: the
-candidate file opens, its /stamps and the other model's scores are byte-identical, and a
-rerun ends bit-identical to an uninterrupted run, with no journal or temporary file left;
-for pack, the original and its scores folder are byte-identical and the output is absent
-or complete and equal. The figures of the last run are printed and recorded in
+are added on top, sent a random time after the child is released to its work. After each
+kill: the candidate file opens, its /stamps and the other model's scores are byte-identical,
+and a rerun ends bit-identical to an uninterrupted run, with no journal or temporary file
+left; for pack, the original and its scores folder are byte-identical and the output is
+absent or complete and equal. The figures of the last run are printed and recorded in
 RELIABILITY.md.
 
-These tests are slow (45-135 s a case, about 6 min for the four on a loaded 2-core machine,
-as long as the three cases of the harness before plus 45 s for pack): each kill is a fresh
-Python process (about a second, mostly imports) and a check with a rerun, and the proof
-needs every call, not a sample. The kills run in parallel processes; every check and rerun runs
-in the one thread that also starts them, because a fork while this process holds an HDF5
-file open hands its file lock to the child until that execs (RELIABILITY.md, "the foreign
-failure").
+The killed processes skip Python's start-up (``_Zygote``): ``fault_child.py --serve``
+imports once and forks each run, which waits; ``strace -p PID -f`` attaches to it with the
+``-e trace/inject`` of the kill (K counted from the attach, in the probe that lists the
+calls as in every kill), and the run is released once strace says it is attached and every
+thread's TracerPid is strace. Before, each kill was a fresh Python under strace from its
+exec: its imports (thousands of syscalls) ran with a ptrace stop at each (``--seccomp-bpf``
+would avoid the stops, but strace 6.1 cannot inject a signal with it), about 0.5-1 CPU-s a
+kill. A second probe still traces a fresh Python's whole run from its exec: the forked run's
+calls must be its last ones, in the same order and phases (the work does the same syscalls
+either way), and the file-changing calls before them (start-up: the /dev/null that Python's
+platform module opens for ``uname -p``) are swept as before, with strace starting a fresh
+Python. The sweep is the same set of kill points as before: the counts are unchanged.
+
+These tests are slow (5-35 s a case on a loaded 2-core machine, 5-31 CPU-s, 66-76 for the
+four; 205-218 before the zygote): each kill is a check with a rerun in this process, and the
+proof needs every call, not a sample. The kills run in parallel processes; every check and
+rerun runs in the one thread that also starts them, because a fork while this process holds
+an HDF5 file open hands its file lock to the child until that execs (RELIABILITY.md, "the
+foreign failure"); the zygote that forks the runs never opens an HDF5 file.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 import random
+import re
+import select
 import shutil
 import subprocess
 import sys
@@ -111,19 +126,132 @@ def _files(work: Path) -> dict[str, str]:
 PACKED = "cand.packed.h5"
 
 
-def _child(work: Path, kind: str, strace_args: list[str], *,
-           marker: bool = False) -> subprocess.Popen:
-    """The killed process on the copy ``work`` of the case: score 'new' or pack."""
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", FAULT_CHILD_MARKER=str(int(marker)),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    args = ["--pack", str(work / "cand.h5"), str(work / PACKED)] if kind == "pack" else \
+def _env() -> dict:
+    return dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
+                OPENBLAS_NUM_THREADS="1",       # numpy's idle BLAS thread: nothing to attach
+                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
+def _args(work: Path, kind: str) -> list[str]:
+    return ["--pack", str(work / "cand.h5"), str(work / PACKED)] if kind == "pack" else \
         [str(work / "cand.h5"), "new", str(ROWS), str(SEED)]
-    err = open(work.parent / "stderr.txt", "wb")           # noqa: SIM115 - closed by the caller
-    proc = subprocess.Popen([*strace_args, sys.executable, CHILD, *args], env=env,
-                            stdout=subprocess.PIPE if marker else subprocess.DEVNULL,
-                            stderr=err)
+
+
+def _child(work: Path, kind: str, strace: list[str]) -> subprocess.Popen:
+    """A fresh Python process that strace (the command ``strace``) starts and traces from
+    its exec on the copy ``work`` of the case: score 'new' or pack."""
+    err = open(work.parent / "stderr.txt", "wb")           # noqa: SIM115 - closed here
+    proc = subprocess.Popen([*strace, sys.executable, CHILD, *_args(work, kind)], env=_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     err.close()
     return proc
+
+
+class _Forked:
+    """One run forked by the ``_Zygote`` on the copy ``work``, strace attached before its
+    work; ``returncode`` as subprocess gives it once it has ended, None before."""
+
+    def __init__(self, work: Path, options: list[str] | None):
+        self.work, self.options = work, options
+        self.begun = self.ended = 0.0           # when it was released, when it was reaped
+        self.pid = 0
+        self.strace: subprocess.Popen | None = None
+        self.released = False
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+class _Zygote:
+    """tests/fault_child.py --serve, which imports once and forks a run per request: the runs
+    strace kills need no imports of their own. For each: the zygote forks the child, which
+    waits; ``strace -p PID -f OPTIONS`` attaches (K counts from there, in the probe that lists
+    the calls as in every kill); once strace says the process is attached (printed after
+    PTRACE_SEIZE and PTRACE_INTERRUPT of every thread: no later syscall passes untraced) and
+    every thread's TracerPid is that strace, the child is released to do its work. ``poll``
+    moves every run on without blocking longer than ``timeout``."""
+
+    def __init__(self, tmp: Path):
+        self.stderr = tmp / "zygote-stderr.txt"
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, CHILD, "--serve"], env=_env(),
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=err)
+        self.said, self.waiting, self.runs = b"", [], {}
+
+    def _send(self, *request) -> None:
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def start(self, work: Path, kind: str, options: list[str] | None) -> _Forked:
+        """A run; strace ``options`` None: no strace, released at once."""
+        run = _Forked(work, options)
+        self._send("run", str(work.parent / "stderr.txt"), *_args(work, kind))
+        self.waiting.append(run)
+        return run
+
+    def poll(self, timeout: float) -> None:
+        attaching = {r.strace.stderr: r for r in self.runs.values()
+                     if r.strace is not None and not r.released}
+        for fd in select.select([self.proc.stdout, *attaching], [], [], timeout)[0]:
+            if fd in attaching:
+                self._release(attaching[fd])
+                continue
+            data = os.read(self.proc.stdout.fileno(), 65536)
+            assert data, f"the zygote ended: {self.stderr.read_text()[-1500:]}"
+            self.said += data
+            while b"\n" in self.said:
+                line, self.said = self.said.split(b"\n", 1)
+                word, pid, *code = line.decode().split()
+                if word == "started":
+                    run = self.waiting.pop(0)
+                    run.pid = int(pid)
+                    self.runs[run.pid] = run
+                    if run.options is None:
+                        self._send("go", run.pid)
+                        run.released, run.begun = True, time.monotonic()
+                        continue
+                    run.strace = subprocess.Popen(
+                        [STRACE, "-p", pid, "-f", "--quiet=exit,personality", *run.options],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE)
+                else:
+                    run = self.runs.pop(int(pid))
+                    assert word == "ended" and run.released, line
+                    run.ended = time.monotonic()
+                    if run.strace is not None:
+                        _, said = run.strace.communicate(timeout=60)
+                        assert run.strace.returncode == 0 and said == b"", said
+                    run.returncode = int(code[0])
+
+    def _release(self, run: _Forked) -> None:
+        said = run.strace.stderr.readline()
+        assert re.fullmatch(rb"(?:.*/)?strace: Process %d attached( with \d+ threads)?\n"
+                            % run.pid, said), said
+        tracers = {}
+        for task in Path(f"/proc/{run.pid}/task").iterdir():
+            status = (task / "status").read_text()
+            tracers[task.name] = int(re.search(r"^TracerPid:\s*(\d+)", status, re.M)[1])
+        assert set(tracers.values()) == {run.strace.pid}, tracers
+        self._send("go", run.pid)
+        run.released = True
+
+    def wait(self, run: _Forked, released: bool = False) -> _Forked:
+        """Until ``run`` has ended (or only been released)."""
+        deadline = time.monotonic() + 120
+        while not run.released if released else run.returncode is None:
+            assert time.monotonic() < deadline, "the forked run did not end in 120 s"
+            self.poll(0.5)
+        return run
+
+    def kill(self, run: _Forked) -> None:
+        self._send("kill", run.pid)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=60) == 0, self.stderr.read_text()[-1500:]
+        self.proc.stdout.close()
 
 
 def _phase(line: str) -> str:
@@ -136,31 +264,52 @@ def _phase(line: str) -> str:
     return "other"
 
 
-def _calls(case: Path, kind: str, tmp: Path) -> tuple[list[tuple[str, int, str]], dict]:
-    """(syscall, K, phase) of every file-changing call of an uninterrupted run, and the count
-    of every traced syscall (``openat`` counted whole, swept only where it opens for writing)."""
-    work = tmp / "probe" / "work"
-    shutil.copytree(case.parent, work)
-    trace = tmp / "trace.txt"
-    proc = _child(work, kind, [STRACE, "-f", "-qq", "-y", "-o", str(trace),
-                               "-e", "trace=" + ",".join(SYSCALLS)])
-    proc.wait(timeout=120)
-    assert proc.returncode == 0, (work.parent / "stderr.txt").read_text()[-2000:]
+def _parse(trace: Path, main: str) -> tuple[list[tuple[str, int, str]], dict]:
+    """(syscall, K, phase) of every file-changing call of process ``main`` in an strace -f -y
+    log, and the count of every traced syscall (``openat`` counted whole, swept only where it
+    opens for writing). strace counts K per process: only the child's own calls are counted
+    and swept (the `uname -p` that Python's platform module runs at start-up writes to a pipe)."""
     counts: collections.Counter = collections.Counter({name: 0 for name in SYSCALLS})
     calls = []
-    lines = trace.read_text().splitlines()
-    main = lines[0].split(None, 1)[0]
-    for line in lines:
+    for line in trace.read_text().splitlines():
         pid, rest = line.split(None, 1) if " " in line else ("", "")
         name = rest.split("(", 1)[0]
-        # strace counts K per process: only the child's own calls are counted and swept (the
-        # `uname -p` that Python's platform module runs at start-up writes to a pipe)
         if name in SYSCALLS and pid == main:
             counts[name] += 1
             if name != "openat" or any(flag in line for flag in WRITE_OPEN):
                 calls.append((name, counts[name], _phase(line)))
-    shutil.rmtree(work.parent)
     return calls, dict(counts)
+
+
+def _calls(case: Path, kind: str, tmp: Path,
+           zygote: _Zygote) -> tuple[list[tuple[str, int, str, bool]], dict]:
+    """(syscall, K, phase, attached) of every file-changing call of an uninterrupted run, and
+    the count of every traced syscall in it. Two probes: a fresh Python's whole run traced
+    from its exec (as every kill was before), and a run forked by the ``zygote``, traced from
+    the attach. The forked run's calls must be the whole run's last calls, in the same order
+    and phases: the work is the same. The whole run's calls before them (start-up: the
+    /dev/null that Python's platform module opens for `uname -p`) are swept as before, strace
+    starting a fresh Python (attached False, K from the exec); the work's in forked runs with
+    strace attached (attached True, K from the attach)."""
+    work = tmp / "probe" / "work"
+    every = ["-e", "trace=" + ",".join(SYSCALLS)]
+    shutil.copytree(case.parent, work)
+    trace = tmp / "trace.txt"
+    proc = _child(work, kind, [STRACE, "-f", "-qq", "-y", "-o", str(trace), *every])
+    assert proc.wait(timeout=120) == 0, (work.parent / "stderr.txt").read_text()[-2000:]
+    whole, counts = _parse(trace, trace.read_text().split(None, 1)[0])
+    shutil.rmtree(work.parent)
+    shutil.copytree(case.parent, work)
+    proc = zygote.wait(zygote.start(work, kind, ["-y", "-o", str(trace), *every]))
+    assert proc.returncode == 0, (work.parent / "stderr.txt").read_text()[-2000:]
+    attached, after = _parse(trace, str(proc.pid))
+    shutil.rmtree(work.parent)
+    before = {name: counts[name] - after[name] for name in SYSCALLS}
+    assert min(before.values()) >= 0, (counts, after)
+    startup = [(name, k, phase, False) for name, k, phase in whole if k <= before[name]]
+    assert [(name, k - before[name], phase) for name, k, phase in whole
+            if k > before[name]] == attached, "forked run's calls != whole run's last"
+    return startup + [(name, k, phase, True) for name, k, phase in attached], counts
 
 
 def _check_after_kill(work: Path, kind: str, before: dict, reference, previous) -> None:
@@ -212,7 +361,8 @@ def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tm
         shutil.copytree(case.parent, work)
         refs[work] = _reference(work, kind)
         shutil.rmtree(work)
-    calls, counts = _calls(case, kind, tmp_path)
+    zygote = _Zygote(tmp_path)
+    calls, counts = _calls(case, kind, tmp_path, zygote)
     # Recording the journal (same stamps, same chunks, before the lock of the finalisation is
     # taken and the scores folder touched) is the same code on the same bytes in the three
     # scoring cases: swept in "new" only, which keeps the four cases' time near the three of
@@ -242,68 +392,66 @@ def test_sigkill_at_every_write_leaves_the_file_whole_and_the_rerun_identical(tm
     outcomes: list[int] = [0] * len(calls)
     while todo or running:
         while free and todo:
-            i, (name, k, _) = todo.pop(0)
+            i, (name, k, _, attach) = todo.pop(0)
             work = free.pop()
             shutil.copytree(case.parent, work)
-            running[work] = (i, f"{name} call {k}", _child(
-                work, kind, [STRACE, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={name}",
-                             "-e", f"inject={name}:signal=KILL:when={k}"]))
+            kill = ["-o", "/dev/null", "-e", f"trace={name}",
+                    "-e", f"inject={name}:signal=KILL:when={k}"]
+            running[work] = (i, f"{name} call {k}" + (" after the imports" if attach else ""),
+                             zygote.start(work, kind, kill) if attach
+                             else _child(work, kind, [STRACE, "-f", "-qq", *kill]))
+        zygote.poll(0.005)
         done = [w for w, (_, _, proc) in running.items() if proc.poll() is not None]
-        if not done:
-            time.sleep(0.005)
         for work in done:
             i, where, proc = running.pop(work)
             check(work, proc, where)
             outcomes[i] = proc.returncode
             free.append(work)
     missed_at = []
-    for (name, k, phase), code in zip(calls, outcomes):
+    for (name, k, phase, _), code in zip(calls, outcomes):
         if code == 0:                 # the run ended before its K-th call: none expected
             missed += 1
             missed_at.append(f"{name} {k}")
         else:
             kills[phase] += 1
     work = free[0]
-    # Random-time kills on top: anywhere in the work, including between syscalls, aimed
-    # after the child prints that its imports are done. Each must land: a run that ends
-    # before its kill (a loaded machine runs faster or slower than the probe) is checked,
-    # then tried again with the window shrunk to that run's length.
+    # Random-time kills on top: anywhere in the work, including between syscalls, sent
+    # (by the zygote, to a child it has not reaped) a random time after the release. Each
+    # must land: a run that ends before its kill (a loaded machine runs faster or slower than
+    # the probe) is checked, then tried again with the window shrunk to that run's length.
     rng = random.Random(12)
 
-    def started(proc: subprocess.Popen) -> float:
-        assert proc.stdout is not None and proc.stdout.readline() == b"started\n"
-        return time.monotonic()
+    def timed(after: float | None) -> _Forked:
+        shutil.copytree(case.parent, work)
+        run = zygote.wait(zygote.start(work, kind, None), released=True)
+        if after is not None:
+            time.sleep(after)
+            zygote.kill(run)
+        return zygote.wait(run)
 
-    shutil.copytree(case.parent, work)
-    p = _child(work, kind, [], marker=True)
-    begun = started(p)
-    assert p.wait(timeout=120) == 0
-    span = time.monotonic() - begun
-    p.stdout.close()
+    first = timed(None)
+    assert first.returncode == 0, (work.parent / "stderr.txt").read_text()[-1500:]
+    span = first.ended - first.begun
     shutil.rmtree(work)
     early = 0
     while kills["random time"] < 12:
         assert early < 24, f"{early} random-time kills came after the run ended (span {span:.3f} s)"
-        shutil.copytree(case.parent, work)
-        proc = _child(work, kind, [], marker=True)
-        begun = started(proc)
-        time.sleep(rng.uniform(0.0, 1.0) * span)
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
+        run = timed(rng.uniform(0.0, 1.0) * span)
         check_at = f"random time {kills['random time'] + early}"
-        if proc.returncode == -9:
+        if run.returncode == -9:
             kills["random time"] += 1
         else:                         # finished before the kill came: checked, aimed again
             early += 1
-            span = min(span, time.monotonic() - begun)
-        check(work, proc, check_at)
+            span = min(span, run.ended - run.begun)
+        check(work, run, check_at)
+    zygote.close()
     total = sum(kills.values())
     print(f"\nkills ({kind}): {total} in {time.monotonic() - t0:.0f} s ({missed} syscall counts "
           f"past the run's end, {early} random-time retries, work span {span:.3f} s): "
           + ", ".join(f"{k} {v}" for k, v in sorted(kills.items()))
           + "\ncalls traced: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-          + f"; openat swept: {sum(1 for c in calls if c[0] == 'openat')}; journal calls left "
+          + f"; openat swept: {sum(1 for c in calls if c[0] == 'openat')}; swept with strace "
+          + f"from the exec (start-up): {sum(1 for c in calls if not c[3])}; journal calls left "
           + f"to 'new': {len(shared)}; past the end: "
           + ", ".join(missed_at))
     assert total >= least + 10
