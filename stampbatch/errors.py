@@ -37,6 +37,11 @@ class Terminated(KeyboardInterrupt):
     its signal handler so that SIGTERM unwinds like Ctrl-C."""
 
 
+class SimulationStopped(Exception):
+    """A simulation whose ``stop`` event was set ends here (internal: raised in the threads of
+    :func:`stampbatch.sim.simulate.iter_blocks` once it is closed early, never retrieved)."""
+
+
 # ---------------------------------------------------------------- files and stores
 
 

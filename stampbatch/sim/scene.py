@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from stampbatch import store
+from stampbatch.errors import SimulationStopped
 from stampbatch.sim import backgrounds
 from stampbatch.sim.config import HARD_FRACTIONS, SimConfig
 from stampbatch.sim.field import FieldSources, draw_field, draw_margin
@@ -51,11 +52,6 @@ _KIND_COMPANION = {_OFFCENTRE: _OFFCENTRE_COMPANION, _STREAK: _STREAK_COMPANION,
 # Shapes rendered between two checks for a stop (:meth:`Scene.check`): a fraction of a
 # second. Renderers work stamp by stamp, so a piece renders exactly as the whole would.
 RENDER_ROWS = 4096
-
-
-class Stopped(Exception):
-    """A simulation whose ``stop`` event was set ends here (internal: raised in the threads of
-    :func:`stampbatch.sim.simulate.iter_blocks` once it is closed early, never retrieved)."""
 
 
 def log_uniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
@@ -197,11 +193,11 @@ class Scene:
         self.psf_peak = centred.max(axis=(1, 2)).astype(np.float64)  # of a unit-flux star
 
     def check(self) -> None:
-        """Raise :class:`Stopped` if the ``stop`` event is set: called between the stages and
-        between pieces of the heavy renders, so a stopped simulation ends within a fraction of
-        a second rather than at the end of its block."""
+        """Raise :class:`~stampbatch.errors.SimulationStopped` if the ``stop`` event is set:
+        called between the stages and between pieces of the heavy renders, so a stopped
+        simulation ends within a fraction of a second rather than at the end of its block."""
         if self.stop is not None and self.stop.is_set():
-            raise Stopped
+            raise SimulationStopped
 
     def in_pieces(self, m: int, rows: int,
                   render: Callable[[slice], np.ndarray]) -> np.ndarray:

@@ -224,7 +224,7 @@ def simulate_stamps(n: int, config: SimConfig | None = None,
 
     ``rng`` is a numpy Generator (or a seed). See the module docstring for the model, the
     SNR definition and the metadata columns. Once ``stop`` is set the simulation ends within
-    a fraction of a second, raising the internal :class:`stampbatch.sim.scene.Stopped`
+    a fraction of a second, raising the internal :class:`stampbatch.errors.SimulationStopped`
     (:func:`iter_blocks` sets it when closed early).
     """
     config = SimConfig() if config is None else config
@@ -309,7 +309,7 @@ def iter_blocks(n: int, config: SimConfig, seed: int, *,
                 submitted += 1
             yield batch
     finally:
-        stop.set()  # the blocks in flight raise Stopped at their next check; nobody reads it
+        stop.set()  # the blocks in flight raise SimulationStopped at their next check; nobody reads it
         pool.shutdown(wait=True, cancel_futures=True)
 
 

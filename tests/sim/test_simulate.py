@@ -16,9 +16,8 @@ import pytest
 from stampbatch import store
 from stampbatch.cli import main
 from stampbatch.config import from_mapping, to_toml
-from stampbatch.errors import SimConfigError, UsageError
+from stampbatch.errors import SimConfigError, SimulationStopped, UsageError
 from stampbatch.sim import simulate
-from stampbatch.sim.scene import Stopped
 from stampbatch.sim.simulate import SimConfig, simulate_stamps
 from stampbatch.train.preprocess import normalize
 
@@ -591,7 +590,7 @@ def test_a_simulation_looks_for_a_stop_often_and_ends_once_it_is_set():
     assert len(stop.looks) > 20 and gaps.max() < 0.1 * gaps.sum(), (len(gaps), gaps.max(), gaps.sum())
     stop.set()
     looked = len(stop.looks)
-    with pytest.raises(Stopped):
+    with pytest.raises(SimulationStopped):
         simulate_stamps(8192, SimConfig(), np.random.default_rng(3), stop=stop)
     assert len(stop.looks) == looked + 1  # at its first look, before the first render
 
