@@ -122,7 +122,8 @@ def test_wall_time_is_the_clock_of_the_run(data, tmp_path):
     """wall_time_s counts each epoch once: at least the epochs' own time, at most the clock
     around the call (it once added this call's epochs twice)."""
     t0 = time.monotonic()
-    metrics = train_run(data, "simple", tmp_path / "r", tiny(epochs=3), progress=False)
+    metrics = train_run(data, "simple", tmp_path / "r", tiny(epochs=3), progress=False,
+                        figures=False, export=False)  # not what this test reads
     elapsed = time.monotonic() - t0
     epochs = json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["train_time_s"]
     assert 0 < epochs <= metrics["wall_time_s"] <= elapsed
@@ -233,7 +234,8 @@ def test_finished_run_is_not_retrained(vgg6_run, data):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["simple", "simple_bn"])
 def test_small_architectures_train_and_learn(data, tmp_path, arch):
-    metrics = train_run(data, arch, tmp_path / arch, tiny(epochs=3), progress=False)
+    metrics = train_run(data, arch, tmp_path / arch, tiny(epochs=3), progress=False,
+                        figures=False, export=False)  # vgg6_run's tests check those
     assert metrics["architecture"] == arch and metrics["epochs_run"] == 3
     assert metrics["roc_auc"] > 0.95  # bright centred sources: easy
     model = keras.models.load_model(tmp_path / arch / "model.keras", safe_mode=True)
@@ -591,7 +593,8 @@ def test_resume_may_extend_epochs_but_not_change_settings(data, tmp_path):
     with pytest.raises(TrainError, match="learning_rate 0.003 -> 0.1"):
         train_run(data, "simple", out, tiny(epochs=2, learning_rate=0.1), progress=False)
     assert snapshot(out) == before
-    metrics = train_run(data, "simple", out, tiny(epochs=3), progress=False)
+    metrics = train_run(data, "simple", out, tiny(epochs=3), progress=False, figures=False,
+                        export=False)
     assert metrics["epochs_run"] == 3 and metrics["epochs"] == 3
     assert read_run_config(out)[2].epochs == 3
 
@@ -599,7 +602,8 @@ def test_resume_may_extend_epochs_but_not_change_settings(data, tmp_path):
 @pytest.mark.slow
 def test_nonfinite_stamps_are_skipped_and_counted(tmp_path, capfd):
     path = write_labelled_store(tmp_path / "nan.h5", 300, nan_rows=range(0, 300, 25))
-    metrics = train_run(path, "simple", tmp_path / "run", tiny(), progress=False)
+    metrics = train_run(path, "simple", tmp_path / "run", tiny(), progress=False,
+                        figures=False, export=False)
     with np.load(tmp_path / "run" / "split.npz") as split:
         n_bad_test = np.isin(split["test"], np.arange(0, 300, 25)).sum()
         n_bad_train = np.isin(split["train"], np.arange(0, 300, 25)).sum()
