@@ -44,7 +44,7 @@ def test_host_requeue_lines_quote_the_folder(tmp_path):
                          env={**os.environ, "SLURM_JOB_ID": "42"})
     assert out.returncode == 0, out.stderr
     assert out.stdout == "requeue asked: requeue 5_1\n"
-    assert "stampbatch: requeued job 5_1 from the host" in out.stderr
+    assert out.stderr == "stampbatch: requeueing job 5_1 from the host\n"
     assert not (folder / "requeue-42").exists()
 
 
