@@ -277,7 +277,7 @@ def test_dry_run_script_requeues_from_the_host_after_srun(tmp_path, train_store,
     srun = next(i for i, ln in enumerate(lines) if ln.startswith("srun "))
     assert lines.index(f"export {train_job.REQUEUE_ENV}={request}") < srun
     check = lines.index(f"if [ -s {request} ]; then")
-    assert check > srun and 'if scontrol requeue "$_sb_job"; then' in map(str.strip, lines[check:])
+    assert check > srun and 'if ! scontrol requeue "$_sb_job"; then' in map(str.strip, lines[check:])
 
 
 @pytest.mark.parametrize("text, minutes", [
