@@ -541,29 +541,10 @@ def read_loss(run_dir: Path) -> list[float] | None:
     return None
 
 
-def follow_history(record: dict, run_dir: Path, timeout_s: float, *,
-                   until_epoch: int | None = None) -> list[list[float]]:
-    """Poll the job (and the run directory's history.json) until it ends, or until the
-    checkpoint reaches ``until_epoch``; return every distinct loss history seen."""
-    seen: list[list[float]] = []
-    deadline = time.monotonic() + timeout_s
-    while True:
-        loss = read_loss(run_dir)
-        if loss is not None and (not seen or loss != seen[-1]):
-            seen.append(loss)
-        if until_epoch is not None and train.run_state(run_dir)["epoch"] >= until_epoch:
-            return seen
-        status = job_status.statuses_of([(record, record["jobs"][0])])[0]
-        if not status.active:
-            return seen
-        assert time.monotonic() < deadline, f"job still {status.state} after {timeout_s} s"
-        time.sleep(0.5)
-
-
 @dataclasses.dataclass
 class WatchedJob:
     """A launched one-job training run, its history followed in the background from its
-    submission to its end (what ``follow_history`` sees when a test polls it itself)."""
+    submission to its end (``follow_in_background``): every distinct loss history seen."""
     record: dict
     run_dir: Path
     epochs: int
@@ -590,7 +571,8 @@ class WatchedJob:
 
 
 def follow_in_background(jobs: list[WatchedJob], timeout_s: float) -> None:
-    """One thread polling every job of ``jobs`` as ``follow_history`` does, until each ends."""
+    """One thread polling every job of ``jobs`` (its history.json and its Slurm state) until
+    each ends, recording every distinct loss history it sees."""
     def poll() -> None:
         deadline = time.monotonic() + timeout_s
         active = list(jobs)
